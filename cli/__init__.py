@@ -1,0 +1,1 @@
+"""The `loopscope` command-line tool."""

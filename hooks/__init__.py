@@ -1,0 +1,1 @@
+"""Finding the loop in a model, hooking it, and labelling each iteration."""

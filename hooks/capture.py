@@ -1,0 +1,373 @@
+"""The Capture handle: hooks on the loop, iteration and token bookkeeping, hand-off to the writer.
+
+Labels are the point of the product, so this module owns them:
+
+* a *run* is one batch row of one ``forward()`` call, or of one whole ``generate()`` call (prefill and every
+  decoded token in order);
+* within one forward of the model, the exit module's k-th call is step k of every token that forward computes;
+  step 0 is s0, read before the first iteration;
+* token ids come from the forward's ``input_ids``; positions from ``cache_position``/``position_ids``.
+
+Hooks only read tensors (detached, copied into host slabs), so the model's outputs are bit-identical with and
+without loopscope.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..storage import capture_file, writer as w
+from ..storage.buffers import HostBufferPool
+from ..storage.errors import LoopscopeError
+from . import metadata
+from .adapters import LoopAdapter, LoopSpec
+from .detect import resolve_adapter
+
+DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class _Session:
+    """Runs being filled by one forward() or generate() call."""
+
+    call: str
+    run_ids: list[int]
+    offset: int = 0
+    forwards: int = 0
+
+
+@dataclass
+class _Forward:
+    """Bookkeeping for one pass through the model's top-level forward."""
+
+    batch: int
+    tokens: int
+    steps: dict[str, int] = field(default_factory=dict)
+    s0_taken: set[str] = field(default_factory=set)
+
+
+class Capture:
+    """Hooks attached to one model, writing to one file. Close it (or use ``with``) to flush and detach."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | os.PathLike,
+        *,
+        tokenizer=None,
+        loop: str | list[str] | LoopAdapter | None = None,
+        mode: str = "w-",
+        dtype: str = "keep",
+        buffer_mb: float = 64,
+        compression: str | None = None,
+        chunks: tuple[int, int] | None = None,
+        locking: bool | str | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise LoopscopeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
+        if dtype not in DTYPES:
+            raise LoopscopeError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+        if buffer_mb <= 0:
+            raise LoopscopeError(f"buffer_mb={buffer_mb} must be positive")
+        self.model = model
+        self.path = os.fspath(path)
+        self.tokenizer = tokenizer
+        self.adapter = resolve_adapter(model, loop)
+        self._cast = DTYPES[dtype]
+        options = {
+            "mode": mode,
+            "dtype": dtype,
+            "buffer_mb": buffer_mb,
+            "compression": compression,
+            "chunks": list(chunks) if chunks else None,
+            "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
+        }
+        self._file = capture_file.open_for_write(self.path, mode, locking=locking)
+        try:
+            if mode != "a" or "format" not in self._file.attrs:
+                capture_file.write_header(self._file, metadata.describe(model, self.adapter, options))
+                capture_file.write_readout(self._file, metadata.readout_params(model, self.adapter))
+            self._next_run = capture_file.next_run_index(self._file)
+        except BaseException:
+            self._file.close()
+            raise
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        self.pool = HostBufferPool(int(buffer_mb * (1 << 20)), pin_memory=on_cuda)
+        self.writer = w.CaptureWriter(self._file, self.pool, compression=compression, chunk_shape=chunks)
+        self._session: _Session | None = None
+        self._forward: _Forward | None = None
+        self._in_generate = 0
+        self._orphan_calls = 0
+        self._handles: list[Any] = []
+        self._closed = False
+        self._install()
+
+    # ---- public --------------------------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Remove every hook, finish open runs, flush and close the file. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._uninstall()
+        if self._session is not None:
+            self._end_session(complete=False)
+        self.writer.close()
+        self.pool.close()
+        try:
+            if self.writer.error is None:
+                stats = self.pool.stats
+                self._file.attrs["buffer_peak_bytes"] = stats.peak_bytes
+                self._file.attrs["backpressure_waits"] = stats.waits
+                self._file.attrs["backpressure_seconds"] = stats.wait_seconds
+                self._file.attrs["orphan_loop_calls"] = self._orphan_calls
+        finally:
+            self._file.close()
+        if self._orphan_calls:
+            warnings.warn(
+                f"loopscope: {self._orphan_calls} loop call(s) happened outside the model's forward() and were not "
+                "recorded (e.g. a custom decoding loop calling sub-modules directly)",
+                stacklevel=2,
+            )
+        self.writer.raise_if_failed()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "recording"
+        return f"<loopscope.Capture {self.path!r} {state}, loops {[s.exit for s in self.adapter.loops]}>"
+
+    # ---- hook installation ---------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        model = self.model
+        self._handles.append(model.register_forward_pre_hook(self._on_model_enter, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._on_model_exit, with_kwargs=True))
+        for spec in self.adapter.loops:
+            exit_module = model.get_submodule(spec.exit)
+            entry_module = model.get_submodule(spec.entry) if spec.entry else exit_module
+            self._handles.append(entry_module.register_forward_pre_hook(self._entry_hook(spec), with_kwargs=True))
+            self._handles.append(exit_module.register_forward_hook(self._exit_hook(spec)))
+        original = getattr(model, "generate", None)
+        if callable(original):
+            had_instance_attr = "generate" in vars(model)
+
+            def generate(*args, **kwargs):
+                return self._generate(original, *args, **kwargs)
+
+            generate.__wrapped__ = original
+            model.generate = generate
+            self._restore_generate = (had_instance_attr, original)
+        else:
+            self._restore_generate = None
+
+    def _uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._restore_generate is not None:
+            had_instance_attr, original = self._restore_generate
+            if had_instance_attr:
+                self.model.generate = original
+            else:
+                vars(self.model).pop("generate", None)
+            self._restore_generate = None
+
+    # ---- calls -------------------------------------------------------------------------------------------------------
+    def _generate(self, original, *args, **kwargs):
+        if self._in_generate:  # a generate() that calls generate() (dispatchers) is still one call
+            return original(*args, **kwargs)
+        self._in_generate += 1
+        ok = False
+        try:
+            result = original(*args, **kwargs)
+            ok = True
+            return result
+        finally:
+            self._in_generate -= 1
+            if self._session is not None:
+                self._end_session(complete=ok)
+
+    def _on_model_enter(self, module, args, kwargs):
+        if self._forward is not None:  # the previous forward raised before finishing: its runs are incomplete
+            self._forward = None
+            if self._session is not None:
+                self._end_session(complete=False)
+        self.writer.raise_if_failed()
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            input_ids = args[0]
+        embeds = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))
+        if input_ids is not None:
+            ids = input_ids.detach().to("cpu", torch.int64)
+            if ids.dim() == 1:
+                ids = ids.unsqueeze(0)
+        elif isinstance(embeds, torch.Tensor):
+            ids = torch.full(embeds.shape[:2], -1, dtype=torch.int64)
+        else:
+            raise LoopscopeError("loopscope could not find input_ids or inputs_embeds in the model's forward call")
+        batch, tokens = ids.shape
+        if self._session is None:
+            call = "generate" if self._in_generate else "forward"
+            run_ids = list(range(self._next_run, self._next_run + batch))
+            self._next_run += batch
+            self._session = _Session(call=call, run_ids=run_ids)
+            self.writer.put(
+                w.OpenRuns(
+                    run_ids,
+                    [{"call": call, "batch_row": b, "batch_size": batch, "loops": [s.name for s in self.adapter.loops]}
+                     for b in range(batch)],
+                )
+            )
+        session = self._session
+        if len(session.run_ids) != batch:
+            raise LoopscopeError(
+                f"batch size changed from {len(session.run_ids)} to {batch} inside one generate() call; "
+                "loopscope records one run per batch row and cannot follow rows being dropped"
+            )
+        self.writer.put(
+            w.Tokens(
+                run_ids=session.run_ids,
+                offset=session.offset,
+                token_ids=ids.numpy(),
+                attention_mask=_mask_for(kwargs.get("attention_mask"), batch, tokens),
+                positions=_positions_for(kwargs, batch, tokens, session.offset),
+                forward_index=session.forwards,
+                strings=self._strings(ids) if self.tokenizer is not None else None,
+            )
+        )
+        self._forward = _Forward(batch=batch, tokens=tokens)
+
+    def _on_model_exit(self, module, args, kwargs, output):
+        forward, session = self._forward, self._session
+        if forward is None or session is None:
+            return
+        for spec in self.adapter.loops:
+            steps = forward.steps.get(spec.name, 0)
+            self.writer.put(
+                w.Steps(
+                    session.run_ids,
+                    spec.name,
+                    session.offset,
+                    np.full((forward.batch, forward.tokens), steps, dtype=np.int32),
+                )
+            )
+        session.offset += forward.tokens
+        session.forwards += 1
+        self._forward = None
+        if not self._in_generate:
+            self._end_session(complete=True)
+
+    def _end_session(self, complete: bool) -> None:
+        session, self._session, self._forward = self._session, None, None
+        self.writer.put(w.CloseRuns(session.run_ids, complete=complete, attrs={"forwards": session.forwards}))
+
+    def _entry_hook(self, spec: LoopSpec):
+        def hook(module, args, kwargs):
+            forward = self._forward
+            if forward is None or spec.name in forward.s0_taken or forward.steps.get(spec.name, 0):
+                return
+            forward.s0_taken.add(spec.name)
+            value = _argument(args, kwargs, spec.entry_arg)
+            if not isinstance(value, torch.Tensor):
+                return
+            if spec.entry_channels is not None:
+                value = value[..., : spec.entry_channels]
+            self._record(spec, 0, value)
+
+        return hook
+
+    def _exit_hook(self, spec: LoopSpec):
+        def hook(module, args, output):
+            forward = self._forward
+            if forward is None:
+                self._orphan_calls += 1
+                return
+            step = forward.steps.get(spec.name, 0) + 1
+            forward.steps[spec.name] = step
+            state = output[spec.output_index] if isinstance(output, (tuple, list)) else output
+            self._record(spec, step, state)
+
+        return hook
+
+    # ---- the copy ------------------------------------------------------------------------------------------------
+    def _record(self, spec: LoopSpec, step: int, state: torch.Tensor) -> None:
+        forward, session = self._forward, self._session
+        state = state.detach()
+        if state.dim() == 2 and forward.batch == 1:
+            state = state.unsqueeze(0)
+        if state.dim() != 3 or tuple(state.shape[:2]) != (forward.batch, forward.tokens):
+            raise LoopscopeError(
+                f"loop {spec.exit!r} produced a state of shape {tuple(state.shape)}, expected "
+                f"({forward.batch}, {forward.tokens}, hidden); pass loop= with the module that outputs the state"
+            )
+        if self._cast is not None and state.dtype != self._cast:
+            state = state.to(self._cast)
+        logical = str(state.dtype).replace("torch.", "")
+        if logical not in ("bfloat16", "float16", "float32", "float64"):
+            raise LoopscopeError(f"loop {spec.exit!r} produced {logical} states; only floating point is recorded")
+        hidden = state.shape[2]
+        per_token = forward.batch * hidden * state.element_size()
+        block = max(self.pool.max_slab_bytes() // per_token, 1)
+        for t0 in range(0, forward.tokens, block):
+            t1 = min(t0 + block, forward.tokens)
+            slab = self.pool.acquire((forward.batch, t1 - t0, hidden), state.dtype)
+            with torch.no_grad():
+                slab.copy_(state[:, t0:t1])
+            self.writer.put(w.State(session.run_ids, spec.name, session.offset + t0, step, slab, logical))
+
+    def _strings(self, ids: torch.Tensor) -> list[list[str]]:
+        decode = self.tokenizer.decode
+        return [[decode([int(i)]) if i >= 0 else "" for i in row] for row in ids.tolist()]
+
+
+def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
+    """Record every iteration of ``model``'s loop into the HDF5 file ``path``; returns the :class:`Capture`.
+
+    Options: ``tokenizer`` (stores token strings), ``loop`` (dotted module path(s) overriding detection),
+    ``mode`` ("w-" refuses an existing file, "w" overwrites, "a" appends runs), ``dtype`` ("keep", "float32",
+    "float16", "bfloat16"), ``buffer_mb`` (host staging budget), ``compression`` (an h5py filter name such as
+    "gzip"), ``chunks`` ((tokens, steps) per chunk), ``locking`` (h5py file locking).
+    """
+    unknown = set(options) - {"tokenizer", "loop", "mode", "dtype", "buffer_mb", "compression", "chunks", "locking"}
+    if unknown:
+        raise LoopscopeError(f"attach() got unknown option(s) {sorted(unknown)}")
+    return Capture(model, path, **options)
+
+
+def _argument(args, kwargs, where: int | str):
+    if isinstance(where, str):
+        return kwargs.get(where)
+    if len(args) > where:
+        return args[where]
+    return kwargs.get("hidden_states", next(iter(kwargs.values()), None) if kwargs else None)
+
+
+def _mask_for(mask, batch: int, tokens: int) -> np.ndarray:
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= tokens:
+        return mask[:, -tokens:].detach().to("cpu", torch.int8).numpy()
+    return np.ones((batch, tokens), dtype=np.int8)
+
+
+def _positions_for(kwargs, batch: int, tokens: int, offset: int) -> np.ndarray:
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == tokens:
+        pos = position_ids.detach().to("cpu", torch.int64).reshape(-1, tokens)
+        return pos.expand(batch, tokens).numpy().copy() if pos.shape[0] == 1 else pos.numpy()
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel() == tokens:
+        return cache_position.detach().to("cpu", torch.int64).reshape(1, tokens).expand(batch, tokens).numpy().copy()
+    return np.broadcast_to(np.arange(offset, offset + tokens, dtype=np.int64), (batch, tokens)).copy()

@@ -1,0 +1,1 @@
+"""The capture file: schema, device-aware buffers, background writer and reader."""

@@ -1,0 +1,109 @@
+"""Host staging buffers with a hard memory budget.
+
+The hook copies each iteration's state into a preallocated host slab and hands the slab to the writer thread; the
+writer gives it back once the bytes are in HDF5. Slabs are reused by shape, so a long generation allocates a few
+slabs once and then recycles them: extra host memory stays under ``budget_bytes`` however many tokens are captured.
+When every slab is in flight the hook waits (back-pressure); the waits are counted and reported at close.
+
+On CUDA the slabs are pinned, so the device-to-host copy can run at full bandwidth.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BufferStats:
+    """What the pool did: reported in the capture file and by ``Capture.close()``."""
+
+    allocated_bytes: int = 0
+    peak_bytes: int = 0
+    slabs_allocated: int = 0
+    slabs_reused: int = 0
+    waits: int = 0
+    wait_seconds: float = 0.0
+
+
+class HostBufferPool:
+    """A budgeted pool of host tensors keyed by (shape, dtype)."""
+
+    def __init__(self, budget_bytes: int, pin_memory: bool = False):
+        self.budget_bytes = int(budget_bytes)
+        self.pin_memory = pin_memory
+        self.stats = BufferStats()
+        self._free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        self._lock = threading.Condition()
+        self._closed = False
+
+    def max_slab_bytes(self) -> int:
+        """The largest slab one hook call may take; larger states are split along the token axis."""
+        return max(self.budget_bytes // 4, 1)
+
+    def acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor of ``shape``/``dtype`` to copy into; blocks while the budget is used up."""
+        key = (tuple(shape), dtype)
+        nbytes = _nbytes(shape, dtype)
+        with self._lock:
+            waited_since = None
+            while True:
+                if self._free[key]:
+                    self.stats.slabs_reused += 1
+                    slab = self._free[key].pop()
+                    break
+                if self.stats.allocated_bytes + nbytes <= self.budget_bytes or self.stats.allocated_bytes == 0:
+                    slab = self._allocate(shape, dtype, nbytes)
+                    break
+                if self._drop_free_slab():
+                    continue  # freed an idle slab of another shape; try again
+                if waited_since is None:
+                    waited_since = time.perf_counter()
+                    self.stats.waits += 1
+                if self._closed:
+                    slab = self._allocate(shape, dtype, nbytes)
+                    break
+                self._lock.wait(timeout=1.0)
+            if waited_since is not None:
+                self.stats.wait_seconds += time.perf_counter() - waited_since
+            return slab
+
+    def release(self, slab: torch.Tensor) -> None:
+        """Give a slab back once its bytes are written."""
+        with self._lock:
+            self._free[(tuple(slab.shape), slab.dtype)].append(slab)
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        """Drop every slab and wake any waiter (it then allocates past the budget rather than hang)."""
+        with self._lock:
+            self._closed = True
+            self._free.clear()
+            self.stats.allocated_bytes = 0
+            self._lock.notify_all()
+
+    def _allocate(self, shape, dtype, nbytes) -> torch.Tensor:
+        slab = torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+        self.stats.slabs_allocated += 1
+        self.stats.allocated_bytes += nbytes
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.allocated_bytes)
+        return slab
+
+    def _drop_free_slab(self) -> bool:
+        for key, slabs in self._free.items():
+            if slabs:
+                slab = slabs.pop()
+                self.stats.allocated_bytes -= _nbytes(slab.shape, slab.dtype)
+                return True
+        return False
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,21 @@
+"""The exceptions loopscope raises on purpose.
+
+Every error a user can cause (a bad file, a model without a loop, a full disk) is one of these, with a message
+that fits on one line and says what to do. The CLI prints ``str(error)`` and exits non-zero instead of a traceback.
+"""
+
+
+class LoopscopeError(Exception):
+    """Base class: anything loopscope raises deliberately."""
+
+
+class CaptureFileError(LoopscopeError):
+    """A file is missing, is not a loopscope capture, is damaged, or has a newer format version."""
+
+
+class LoopNotFoundError(LoopscopeError):
+    """No recurrent block could be found in the model (or the ``loop=`` path is wrong)."""
+
+
+class CaptureWriteError(LoopscopeError):
+    """Writing the capture failed (disk full, permissions); the hooks were removed and earlier runs kept."""

@@ -1,0 +1,278 @@
+"""Reading capture files back, without torch.
+
+``CaptureFile`` validates the file once (format name and version) so that every later access can trust the layout;
+anything unexpected becomes a one-line :class:`CaptureFileError`. ``Run`` reads lazily: asking for one token's
+trajectory or one iteration touches only the chunks that hold it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import h5py
+import numpy as np
+
+from . import schema
+from .errors import CaptureFileError
+
+
+@dataclass(frozen=True)
+class ReadoutNorm:
+    """The model's final norm (e.g. Huginn's ``ln_f``), so analysis can work in the space the paper plots."""
+
+    kind: str  # "rmsnorm", "layernorm" or "none"
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    eps: float
+    weight_offset: float  # 1.0 for norms that scale by (1 + weight), else 0.0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Apply the norm over the last axis, in float64."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.kind == "none":
+            return x
+        if self.kind == "rmsnorm":
+            y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        elif self.kind == "layernorm":
+            centred = x - x.mean(axis=-1, keepdims=True)
+            y = centred / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        else:
+            raise CaptureFileError(f"unknown readout norm kind {self.kind!r}; upgrade loopscope to read this file")
+        if self.weight is not None:
+            y = y * (self.weight.astype(np.float64) + self.weight_offset)
+        if self.bias is not None:
+            y = y + self.bias.astype(np.float64)
+        return y
+
+
+class CaptureFile:
+    """A capture file opened for reading. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike, *, locking: bool | str | None = None):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise CaptureFileError(f"{self.path}: no such file; check the path")
+        if os.path.isdir(self.path):
+            raise CaptureFileError(f"{self.path} is a directory; pass the .h5 capture file inside it")
+        try:
+            kwargs = {} if locking is None else {"locking": locking}
+            self._file = h5py.File(self.path, "r", **kwargs)
+        except OSError as exc:
+            raise CaptureFileError(f"{self.path} is not a readable HDF5 file ({_first_line(exc)})") from None
+        try:
+            self._validate()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _validate(self) -> None:
+        attrs = self._file.attrs
+        if attrs.get("format") != schema.FORMAT_NAME:
+            raise CaptureFileError(f"{self.path} is an HDF5 file but not a loopscope capture (no 'format' attribute)")
+        version = int(attrs.get("format_version", -1))
+        if version > schema.FORMAT_VERSION:
+            raise CaptureFileError(
+                f"{self.path} has capture format version {version}, newer than this loopscope reads "
+                f"({schema.FORMAT_VERSION}); upgrade loopscope"
+            )
+        if version < 1:
+            raise CaptureFileError(f"{self.path} has an invalid capture format version {version}")
+
+    # ---- file-level metadata ---------------------------------------------------------------------------------------
+    @cached_property
+    def meta(self) -> dict:
+        """Every root attribute, JSON strings decoded."""
+        out = {}
+        for key, value in self._file.attrs.items():
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, str) and key.endswith("_json"):
+                value = json.loads(value)
+            elif isinstance(value, np.generic):
+                value = value.item()
+            out[key] = value
+        return out
+
+    @property
+    def loop_names(self) -> list[str]:
+        """The loops this capture recorded, the primary one first."""
+        return list(json.loads(self._file.attrs.get("loops_json", "[]")))
+
+    @cached_property
+    def readout(self) -> ReadoutNorm:
+        group = self._file.get(schema.READOUT)
+        if group is None:
+            return ReadoutNorm("none", None, None, 0.0, 0.0)
+        return ReadoutNorm(
+            kind=str(group.attrs.get("kind", "none")),
+            weight=group["weight"][()] if "weight" in group else None,
+            bias=group["bias"][()] if "bias" in group else None,
+            eps=float(group.attrs.get("eps", 0.0)),
+            weight_offset=float(group.attrs.get("weight_offset", 0.0)),
+        )
+
+    @cached_property
+    def runs(self) -> list[Run]:
+        """Completed runs in capture order (one per batch row of each forward or generate call)."""
+        return [Run(self, name, self._runs_group[name]) for name in self._run_names if self._complete(name)]
+
+    @property
+    def incomplete_runs(self) -> list[str]:
+        """Names of runs that were still being written (the writer was killed or is still running)."""
+        return [name for name in self._run_names if not self._complete(name)]
+
+    def run(self, index: int) -> Run:
+        """Run ``index`` with a clear error when it does not exist."""
+        runs = self.runs
+        if not -len(runs) <= index < len(runs):
+            raise CaptureFileError(
+                f"{self.path} has {len(runs)} complete run(s); run index {index} is out of range (use 0..{len(runs) - 1})"
+            )
+        return runs[index]
+
+    @property
+    def _runs_group(self) -> h5py.Group:
+        return self._file.get(schema.RUNS) or {}
+
+    @property
+    def _run_names(self) -> list[str]:
+        return sorted(self._runs_group.keys()) if schema.RUNS in self._file else []
+
+    def _complete(self, name: str) -> bool:
+        return bool(self._runs_group[name].attrs.get("complete", False))
+
+    @property
+    def h5(self) -> h5py.File:
+        """The underlying h5py file, for anything this reader does not cover."""
+        return self._file
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<loopscope capture {self.path!r}: {len(self.runs)} run(s), loops {self.loop_names}>"
+
+
+class Run:
+    """One sequence's capture: its tokens and, for each loop, every iteration's state."""
+
+    def __init__(self, capture: CaptureFile, name: str, group: h5py.Group):
+        self.capture = capture
+        self.name = name
+        self.group = group
+        self.index = int(name)
+
+    @property
+    def attrs(self) -> dict:
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.group.attrs.items()}
+
+    @property
+    def loops(self) -> list[str]:
+        present = set(self.group[schema.LOOPS].keys())
+        ordered = [name for name in self.capture.loop_names if name in present]
+        return ordered + sorted(present - set(ordered))
+
+    @cached_property
+    def token_ids(self) -> np.ndarray:
+        return self.group["token_ids"][()]
+
+    @cached_property
+    def tokens(self) -> list[str] | None:
+        if "tokens" not in self.group:
+            return None
+        return [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in self.group["tokens"][()]]
+
+    @cached_property
+    def attention_mask(self) -> np.ndarray:
+        return self.group["attention_mask"][()]
+
+    @cached_property
+    def positions(self) -> np.ndarray:
+        return self.group["positions"][()]
+
+    @cached_property
+    def forward_index(self) -> np.ndarray:
+        return self.group["forward_index"][()]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.group["token_ids"].shape[0])
+
+    @property
+    def num_steps(self) -> np.ndarray:
+        """Iterations each token ran in the primary loop ([T] int)."""
+        return self.steps_of(None)
+
+    def steps_of(self, loop: str | None) -> np.ndarray:
+        return self._loop(loop)["num_steps"][()]
+
+    def dataset(self, loop: str | None = None) -> h5py.Dataset:
+        """The raw states dataset [T, K, H] of ``loop`` (stored dtype; bf16 as uint16 bits)."""
+        return self._loop(loop)["states"]
+
+    def logical_dtype(self, loop: str | None = None) -> str:
+        value = self.dataset(loop).attrs.get("logical_dtype", "float32")
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def hidden_size(self, loop: str | None = None) -> int:
+        return int(self.dataset(loop).shape[2])
+
+    def states(
+        self, token: int | None = None, step: int | None = None, *, loop: str | None = None, raw: bool = False
+    ) -> np.ndarray:
+        """States as a numpy array.
+
+        ``token=i`` -> [num_steps[i] + 1, H] (s0, s1, ..., s_n); ``step=k`` -> [T, H] (NaN for tokens that stopped
+        earlier); both -> [H]; neither -> [T, K, H]. bfloat16 captures are widened to float32 (exact) unless
+        ``raw=True``, which returns the stored 16-bit patterns.
+        """
+        ds = self.dataset(loop)
+        n_tokens, n_slots = ds.shape[0], ds.shape[1]
+        if token is not None:
+            if not -n_tokens <= token < n_tokens:
+                raise IndexError(f"token {token} out of range: run {self.index} has {n_tokens} tokens")
+            token = token % n_tokens
+        if step is not None and not 0 <= step < n_slots:
+            raise IndexError(f"step {step} out of range: loop holds steps 0..{n_slots - 1}")
+        if token is not None and step is not None:
+            data = ds[token, step, :]
+        elif token is not None:
+            data = ds[token, : int(self.steps_of(loop)[token]) + 1, :]
+        elif step is not None:
+            data = ds[:, step, :]
+        else:
+            data = ds[()]
+        return data if raw else self.decode(data, loop)
+
+    def decode(self, data: np.ndarray, loop: str | None = None) -> np.ndarray:
+        """Stored representation -> float array (bf16 bit patterns become exact float32)."""
+        if self.logical_dtype(loop) == "bfloat16":
+            return (data.astype(np.uint32) << 16).view(np.float32)
+        return data
+
+    def _loop(self, loop: str | None) -> h5py.Group:
+        loops = self.group[schema.LOOPS]
+        names = self.loops
+        if loop is None:
+            if not names:
+                raise CaptureFileError(f"run {self.index} recorded no loop iterations (the loop never ran)")
+            loop = names[0]
+        if loop not in loops:
+            raise CaptureFileError(f"run {self.index} has no loop {loop!r}; it has {names}")
+        return loops[loop]
+
+    def __repr__(self) -> str:
+        return f"<Run {self.index}: {self.num_tokens} tokens, loops {self.loops}>"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

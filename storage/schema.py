@@ -1,0 +1,73 @@
+"""The capture file's layout: the contract between the capture side and the offline side.
+
+::
+
+    /                         attrs: format, format_version, versions, model, config JSON, loop adapter, options
+    /readout/                 attrs: kind (rmsnorm | layernorm | none), eps, weight_offset; datasets weight [, bias]
+    /runs/000000/             one group per batch row of one forward() or generate() call; attrs below
+        token_ids   [T]       int64, from the forward's input_ids (-1 when the model got embeddings only)
+        tokens      [T]       utf-8 strings (only when a tokenizer was given)
+        attention_mask [T]    int8, as the caller passed it (1 when none was passed)
+        positions   [T]       int64, the token's position in the sequence (cache_position / position_ids)
+        forward_index [T]     int32, which forward call of the run computed the token (0 = prefill)
+        loops/<name>/
+            states    [T, K, H]   K = max steps + 1; states[t, 0] = s0, states[t, k] = state after iteration k
+            num_steps [T]         int32, iterations the token actually ran (entries past it are fill)
+            step_labels [K, D]    optional: nested-loop labels, e.g. (h, l) for HRM
+
+States are chunked as (tokens, steps, H) blocks, so one token's trajectory and one iteration across all tokens are
+both cheap to read. bfloat16 states are stored as their raw 16-bit patterns (uint16) with ``logical_dtype`` set to
+``bfloat16``; the reader widens them to float32, which is exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FORMAT_NAME = "loopscope-capture"
+FORMAT_VERSION = 1
+
+RUNS = "runs"
+READOUT = "readout"
+LOOPS = "loops"
+
+# Fill for steps a token never ran: NaN, so analysis cannot mistake it for a state.
+BF16_NAN_BITS = np.uint16(0x7FC0)
+
+# A chunk of states aims at this many bytes: large enough for few HDF5 index entries, small enough that reading one
+# token's trajectory or one iteration reads little else.
+TARGET_CHUNK_BYTES = 256 * 1024
+MAX_CHUNK_STEPS = 32
+
+
+def run_name(index: int) -> str:
+    """The group name of run ``index`` (zero-padded so names sort in capture order)."""
+    return f"{index:06d}"
+
+
+def stored_numpy_dtype(logical: str) -> np.dtype:
+    """The numpy dtype that holds a tensor of ``logical`` dtype losslessly in HDF5."""
+    return np.dtype(
+        {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32, "float64": np.float64}[logical]
+    )
+
+
+def fill_value(logical: str):
+    """NaN in the stored representation of ``logical``."""
+    return BF16_NAN_BITS if logical == "bfloat16" else np.nan
+
+
+def state_chunks(hidden: int, itemsize: int) -> tuple[int, int, int]:
+    """Chunk shape (tokens, steps, hidden) for a states dataset.
+
+    A row of ``hidden`` values is never split. Rows are grouped into a square block of tokens x steps of about
+    TARGET_CHUNK_BYTES, so that reading one token's trajectory and reading one iteration across tokens cost about
+    the same; the block is never deeper than MAX_CHUNK_STEPS so short captures do not pay for unused steps.
+    """
+    row = max(hidden * itemsize, 1)
+    rows = max(TARGET_CHUNK_BYTES // row, 1)
+    steps = max(min(int(math.sqrt(rows)), MAX_CHUNK_STEPS), 1)
+    tokens = max(rows // steps, 1)
+    return tokens, steps, hidden

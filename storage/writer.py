@@ -1,0 +1,282 @@
+"""The single background thread that owns all HDF5 writes of one capture file.
+
+h5py serialises every call behind one global lock, so parallel writers gain nothing; one thread fed by a bounded
+queue keeps the model's thread free of file I/O. The model side (``hooks/capture.py``) only ever puts messages;
+this thread creates groups and datasets, grows them in large blocks, writes slabs and hands them back to the pool,
+trims and flushes each run when it completes. A failure here (disk full, permissions) is kept and re-raised on the
+model's thread at its next hook call, so the user sees one clear error instead of a silent gap.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from . import schema
+from .buffers import HostBufferPool
+from .errors import CaptureWriteError
+
+TOKEN_CHUNK = 1024
+
+
+@dataclass
+class OpenRuns:
+    run_ids: list[int]
+    attrs: list[dict[str, Any]]
+
+
+@dataclass
+class Tokens:
+    run_ids: list[int]
+    offset: int
+    token_ids: np.ndarray  # [B, T] int64
+    attention_mask: np.ndarray  # [B, T] int8
+    positions: np.ndarray  # [B, T] int64
+    forward_index: int
+    strings: list[list[str]] | None = None
+
+
+@dataclass
+class State:
+    """One iteration's state for a block of tokens of every run in a batch: slab[b] belongs to run_ids[b]."""
+
+    run_ids: list[int]
+    loop: str
+    offset: int
+    step: int
+    slab: torch.Tensor  # [B, T, H] host tensor from the pool
+    logical_dtype: str
+    ready: Any = None  # a CUDA event to wait on before reading the slab, when the copy was asynchronous
+
+
+@dataclass
+class Steps:
+    run_ids: list[int]
+    loop: str
+    offset: int
+    num_steps: np.ndarray  # [B, T] int32
+
+
+@dataclass
+class CloseRuns:
+    """End runs: trim datasets to what was written, flush. ``complete=False`` marks runs cut short by an error."""
+
+    run_ids: list[int]
+    complete: bool = True
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Stop:
+    pass
+
+
+@dataclass
+class _RunHandles:
+    group: h5py.Group
+    capacity: int = 0
+    n_tokens: int = 0
+    token_sets: dict[str, h5py.Dataset] = field(default_factory=dict)
+    loops: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class CaptureWriter:
+    """Owns the open ``h5py.File`` and the thread that writes into it."""
+
+    def __init__(
+        self,
+        file: h5py.File,
+        pool: HostBufferPool,
+        *,
+        queue_size: int = 256,
+        compression: str | None = None,
+        chunk_shape: tuple[int, int] | None = None,
+        loop_labels: dict[str, np.ndarray] | None = None,
+    ):
+        self.file = file
+        self.pool = pool
+        self.compression = compression
+        self.chunk_shape = chunk_shape
+        self.loop_labels = loop_labels or {}
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._runs: dict[int, _RunHandles] = {}
+        self._thread = threading.Thread(target=self._loop, name="loopscope-writer", daemon=True)
+        self._thread.start()
+
+    # ---- model-thread side -------------------------------------------------------------------------------------
+    def put(self, message) -> None:
+        """Queue a message (blocks when the queue is full, which bounds memory together with the pool)."""
+        self.raise_if_failed()
+        self._queue.put(message)
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise CaptureWriteError(
+                f"writing {self.file.filename} failed: {self.error}; runs completed before the failure are kept"
+            ) from self.error
+
+    def close(self) -> None:
+        """Drain the queue, stop the thread; leaves the file open for the caller to finish and close."""
+        if self._thread.is_alive():
+            self._queue.put(_Stop())
+            self._thread.join()
+
+    # ---- writer-thread side -------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            message = self._queue.get()
+            if isinstance(message, _Stop):
+                return
+            try:
+                if self.error is None:
+                    self._handle(message)
+            except BaseException as exc:  # kept and re-raised on the model's thread
+                self.error = exc
+            finally:
+                if isinstance(message, State):
+                    self.pool.release(message.slab)
+
+    def _handle(self, message) -> None:
+        if isinstance(message, OpenRuns):
+            self._open_runs(message)
+        elif isinstance(message, Tokens):
+            self._write_tokens(message)
+        elif isinstance(message, State):
+            self._write_state(message)
+        elif isinstance(message, Steps):
+            self._write_steps(message)
+        elif isinstance(message, CloseRuns):
+            self._close_runs(message)
+        else:  # pragma: no cover - programming error
+            raise TypeError(f"unknown writer message {type(message).__name__}")
+
+    def _open_runs(self, m: OpenRuns) -> None:
+        runs = self.file.require_group(schema.RUNS)
+        for run_id, attrs in zip(m.run_ids, m.attrs):
+            group = runs.create_group(schema.run_name(run_id))
+            group.attrs.update(attrs)
+            group.attrs["complete"] = False
+            handles = _RunHandles(group)
+            specs = {
+                "token_ids": np.int64,
+                "attention_mask": np.int8,
+                "positions": np.int64,
+                "forward_index": np.int32,
+            }
+            for name, dtype in specs.items():
+                handles.token_sets[name] = group.create_dataset(
+                    name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(TOKEN_CHUNK,)
+                )
+            group.create_group(schema.LOOPS)
+            self._runs[run_id] = handles
+
+    def _grow_tokens(self, handles: _RunHandles, needed: int) -> None:
+        if needed <= handles.capacity:
+            return
+        capacity = max(needed, 2 * handles.capacity, TOKEN_CHUNK)
+        for ds in handles.token_sets.values():
+            ds.resize((capacity,))
+        for loop in handles.loops.values():
+            loop["num_steps"].resize((capacity,))
+            states = loop["states"]
+            states.resize((capacity,) + states.shape[1:])
+        handles.capacity = capacity
+
+    def _write_tokens(self, m: Tokens) -> None:
+        t = m.token_ids.shape[1]
+        end = m.offset + t
+        for b, run_id in enumerate(m.run_ids):
+            h = self._runs[run_id]
+            if m.strings is not None and "tokens" not in h.token_sets:
+                h.token_sets["tokens"] = h.group.create_dataset(
+                    "tokens", shape=(h.capacity,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(TOKEN_CHUNK,)
+                )
+            self._grow_tokens(h, end)
+            h.token_sets["token_ids"][m.offset : end] = m.token_ids[b]
+            h.token_sets["attention_mask"][m.offset : end] = m.attention_mask[b]
+            h.token_sets["positions"][m.offset : end] = m.positions[b]
+            h.token_sets["forward_index"][m.offset : end] = m.forward_index
+            if m.strings is not None:
+                h.token_sets["tokens"][m.offset : end] = m.strings[b]
+            h.n_tokens = max(h.n_tokens, end)
+
+    def _loop_handles(self, h: _RunHandles, loop: str, hidden: int, logical_dtype: str):
+        if loop in h.loops:
+            return h.loops[loop]
+        dtype = schema.stored_numpy_dtype(logical_dtype)
+        if self.chunk_shape is not None:
+            chunks = (self.chunk_shape[0], self.chunk_shape[1], hidden)
+        else:
+            chunks = schema.state_chunks(hidden, dtype.itemsize)
+        group = h.group[schema.LOOPS].create_group(loop)
+        states = group.create_dataset(
+            "states",
+            shape=(h.capacity, chunks[1], hidden),
+            maxshape=(None, None, hidden),
+            dtype=dtype,
+            chunks=chunks,
+            fillvalue=schema.fill_value(logical_dtype),
+            compression=self.compression,
+        )
+        states.attrs["logical_dtype"] = logical_dtype
+        num_steps = group.create_dataset(
+            "num_steps", shape=(h.capacity,), maxshape=(None,), dtype=np.int32, chunks=(TOKEN_CHUNK,)
+        )
+        if loop in self.loop_labels:
+            group.create_dataset("step_labels", data=self.loop_labels[loop])
+        h.loops[loop] = {"group": group, "states": states, "num_steps": num_steps, "max_step": 0}
+        return h.loops[loop]
+
+    def _write_state(self, m: State) -> None:
+        if m.ready is not None:
+            m.ready.synchronize()
+        slab = m.slab
+        if m.logical_dtype == "bfloat16":
+            array = slab.view(torch.int16).numpy().view(np.uint16)
+        else:
+            array = slab.numpy()
+        t = array.shape[1]
+        for b, run_id in enumerate(m.run_ids):
+            h = self._runs[run_id]
+            self._grow_tokens(h, m.offset + t)
+            loop = self._loop_handles(h, m.loop, array.shape[2], m.logical_dtype)
+            states = loop["states"]
+            if m.step >= states.shape[1]:
+                chunk_steps = states.chunks[1]
+                new_steps = -(-(m.step + 1) // chunk_steps) * chunk_steps
+                states.resize((states.shape[0], max(new_steps, 2 * states.shape[1]), states.shape[2]))
+            states[m.offset : m.offset + t, m.step, :] = array[b]
+            loop["max_step"] = max(loop["max_step"], m.step)
+            self.bytes_written += array[b].nbytes
+
+    def _write_steps(self, m: Steps) -> None:
+        t = m.num_steps.shape[1]
+        for b, run_id in enumerate(m.run_ids):
+            h = self._runs[run_id]
+            loop = h.loops.get(m.loop)
+            if loop is None:  # the loop never ran for these tokens (e.g. zero iterations): nothing but s0 to say
+                continue
+            loop["num_steps"][m.offset : m.offset + t] = m.num_steps[b]
+
+    def _close_runs(self, m: CloseRuns) -> None:
+        for run_id in m.run_ids:
+            h = self._runs.pop(run_id)
+            n = h.n_tokens
+            for ds in h.token_sets.values():
+                ds.resize((n,))
+            for loop in h.loops.values():
+                loop["num_steps"].resize((n,))
+                states = loop["states"]
+                states.resize((n, loop["max_step"] + 1, states.shape[2]))
+            h.group.attrs.update(m.attrs)
+            h.group.attrs["n_tokens"] = n
+            h.group.attrs["complete"] = m.complete
+        self.file.flush()

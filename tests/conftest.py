@@ -1,0 +1,67 @@
+"""Shared fixtures: the Huginn-shaped reference model and its tokenizer, built offline from tiny configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loopscope.examples.demo_tokenizer import build_tokenizer
+from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def reference_model(tokenizer):
+    """A fresh tiny reference model (fixed seed) per test, so hooks from one test never leak into another."""
+    register()
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(tokenizer), padded_vocab_size=len(tokenizer))
+    return RavenReferenceForCausalLM(config).eval()
+
+
+@pytest.fixture
+def prompt_ids(tokenizer):
+    return tokenizer("Looped models think by iterating.", return_tensors="pt").input_ids
+
+
+class ReferenceRecorder:
+    """A hand-written capture to compare loopscope against: plain hooks that clone what they see."""
+
+    def __init__(self, model):
+        self.s0: list[torch.Tensor] = []
+        self.states: list[torch.Tensor] = []
+        hidden = model.config.n_embd
+        self._first = True
+
+        def on_adapter(module, args):
+            self.s0.append(args[0][..., :hidden].detach().clone())
+
+        def on_exit(module, args, output):
+            self.states.append(output.detach().clone())
+
+        self.handles = [
+            model.transformer.adapter.register_forward_pre_hook(on_adapter),
+            model.transformer.core_block[-1].register_forward_hook(on_exit),
+        ]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.fixture
+def reference_recorder():
+    recorders = []
+
+    def make(model):
+        recorder = ReferenceRecorder(model)
+        recorders.append(recorder)
+        return recorder
+
+    yield make
+    for recorder in recorders:
+        recorder.remove()

@@ -1,0 +1,222 @@
+"""The capture spine on the Huginn-shaped reference model: outputs untouched, states exact, labels right."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import loopscope
+from loopscope.storage.errors import CaptureFileError, LoopNotFoundError, LoopscopeError
+
+
+def _forward_logits(model, ids, steps, seed=1):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model(ids, num_steps=steps).logits
+
+
+def test_forward_logits_bit_identical(reference_model, prompt_ids, tmp_path):
+    plain = _forward_logits(reference_model, prompt_ids, 6)
+    with loopscope.attach(reference_model, tmp_path / "run.h5"):
+        hooked = _forward_logits(reference_model, prompt_ids, 6)
+    assert torch.equal(plain, hooked)
+
+
+def test_generate_tokens_bit_identical(reference_model, prompt_ids, tmp_path):
+    torch.manual_seed(3)
+    plain = reference_model.generate(prompt_ids, num_steps=5, max_new_tokens=6, do_sample=True, top_k=20)
+    with loopscope.attach(reference_model, tmp_path / "run.h5"):
+        torch.manual_seed(3)
+        hooked = reference_model.generate(prompt_ids, num_steps=5, max_new_tokens=6, do_sample=True, top_k=20)
+    assert torch.equal(plain, hooked)
+
+
+def test_forward_states_equal_hand_written_capture(reference_model, prompt_ids, reference_recorder, tmp_path):
+    steps = 7
+    recorder = reference_recorder(reference_model)
+    with loopscope.attach(reference_model, tmp_path / "run.h5"):
+        _forward_logits(reference_model, prompt_ids, steps)
+    recorder.remove()
+    expected = torch.stack([recorder.s0[0]] + recorder.states, dim=2)[0]  # [T, steps+1, H]
+    with loopscope.open(tmp_path / "run.h5") as capture:
+        (run,) = capture.runs
+        assert run.num_tokens == prompt_ids.shape[1]
+        np.testing.assert_array_equal(run.token_ids, prompt_ids[0].numpy())
+        np.testing.assert_array_equal(run.num_steps, np.full(prompt_ids.shape[1], steps))
+        np.testing.assert_array_equal(run.states(), expected.numpy())  # exact, not close
+        for t in range(run.num_tokens):
+            np.testing.assert_array_equal(run.states(token=t), expected[t].numpy())
+        np.testing.assert_array_equal(run.states(step=0), expected[:, 0].numpy())
+
+
+def test_generate_labels_and_states(reference_model, prompt_ids, reference_recorder, tmp_path):
+    steps, new = 4, 5
+    recorder = reference_recorder(reference_model)
+    with loopscope.attach(reference_model, tmp_path / "gen.h5"):
+        torch.manual_seed(0)
+        out = reference_model.generate(prompt_ids, num_steps=steps, max_new_tokens=new, do_sample=False)
+    recorder.remove()
+    prompt_len = prompt_ids.shape[1]
+    with loopscope.open(tmp_path / "gen.h5") as capture:
+        (run,) = capture.runs
+        assert run.attrs["call"] == "generate"
+        # prefill tokens, then one token per decode forward (the last sampled token is never fed back)
+        assert run.num_tokens == prompt_len + new - 1
+        np.testing.assert_array_equal(run.token_ids, out[0, : prompt_len + new - 1].numpy())
+        np.testing.assert_array_equal(run.num_steps, np.full(run.num_tokens, steps))
+        np.testing.assert_array_equal(run.forward_index, [0] * prompt_len + list(range(1, new)))
+        np.testing.assert_array_equal(run.positions, np.arange(run.num_tokens))
+        # the hand-written capture saw forwards of [1, prompt_len] then [1, 1]; rebuild per token
+        forwards = len(recorder.states) // steps
+        assert forwards == new
+        rows = []
+        for f in range(forwards):
+            s0 = recorder.s0[f * steps]
+            trajectory = [s0] + recorder.states[f * steps : (f + 1) * steps]
+            rows.append(torch.stack(trajectory, dim=2)[0])
+        expected = torch.cat(rows, dim=0)
+        np.testing.assert_array_equal(run.states(), expected.numpy())
+
+
+def test_batch_rows_become_runs(reference_model, tokenizer, tmp_path):
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    torch.manual_seed(0)
+    with loopscope.attach(reference_model, tmp_path / "b.h5", tokenizer=tokenizer):
+        with torch.no_grad():
+            reference_model(ids, attention_mask=mask, num_steps=3)
+    with loopscope.open(tmp_path / "b.h5") as capture:
+        assert [r.attrs["batch_row"] for r in capture.runs] == [0, 1]
+        for row, run in enumerate(capture.runs):
+            np.testing.assert_array_equal(run.token_ids, ids[row].numpy())
+            np.testing.assert_array_equal(run.attention_mask, mask[row].numpy())
+            assert run.tokens == [tokenizer.decode([int(i)]) for i in ids[row]]
+            assert run.states().shape == (4, 4, reference_model.config.n_embd)
+
+
+def test_num_steps_forms(reference_model, prompt_ids, tmp_path):
+    """int, tensor, (no_grad, grad) pair and the config default all label steps by exit-module calls."""
+    forms = [3, torch.tensor(4), (2, 3), None]
+    expected = [3, 4, 5, reference_model.config.mean_recurrence]
+    with loopscope.attach(reference_model, tmp_path / "n.h5"):
+        for form in forms:
+            with torch.no_grad():
+                reference_model(prompt_ids, num_steps=form)
+    with loopscope.open(tmp_path / "n.h5") as capture:
+        assert [int(r.num_steps[0]) for r in capture.runs] == expected
+        assert [r.dataset().shape[1] for r in capture.runs] == [n + 1 for n in expected]
+
+
+def test_hooks_removed_after_close(reference_model, prompt_ids, tmp_path):
+    had_generate = "generate" in vars(reference_model)
+    capture = loopscope.attach(reference_model, tmp_path / "h.h5")
+    assert any(m._forward_hooks or m._forward_pre_hooks for m in reference_model.modules())
+    capture.close()
+    capture.close()  # idempotent
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in reference_model.modules())
+    assert ("generate" in vars(reference_model)) == had_generate
+    with torch.no_grad():
+        reference_model(prompt_ids, num_steps=2)  # nothing recorded, nothing raised
+    with loopscope.open(tmp_path / "h.h5") as f:
+        assert f.runs == []
+
+
+def test_file_is_self_describing_in_plain_h5py(reference_model, prompt_ids, tmp_path):
+    with loopscope.attach(reference_model, tmp_path / "m.h5", tokenizer=None) as cap:
+        assert cap._file.libver[0] not in ("earliest", "v108")  # "latest": new-style chunk indexes for the resizable datasets
+        _forward_logits(reference_model, prompt_ids, 2)
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        attrs = dict(f.attrs)
+        assert attrs["format"] == "loopscope-capture" and attrs["format_version"] == 1
+        for key in ("loopscope_version", "torch_version", "transformers_version", "model_class", "created",
+                    "config_json", "loop_json", "options_json", "model_dtype"):
+            assert key in attrs, key
+        assert "RavenReferenceForCausalLM" in attrs["model_class"]
+        assert '"core_block.1"' not in attrs["loop_json"]  # full paths, not fragments
+        assert "transformer.core_block.1" in attrs["loop_json"]
+        np.testing.assert_array_equal(
+            f["readout/weight"][()], reference_model.transformer.ln_f.weight.detach().numpy()
+        )
+        assert f["readout"].attrs["kind"] == "rmsnorm"
+        states = f["runs/000000/loops/core/states"]
+        assert states.chunks is not None and states.maxshape[0] is None
+
+
+def test_bfloat16_stored_losslessly(reference_model, prompt_ids, reference_recorder, tmp_path):
+    model = reference_model.to(torch.bfloat16)
+    recorder = reference_recorder(model)
+    with loopscope.attach(model, tmp_path / "bf.h5"):
+        _forward_logits(model, prompt_ids, 3)
+    recorder.remove()
+    last = recorder.states[-1][0]
+    with loopscope.open(tmp_path / "bf.h5") as capture:
+        run = capture.runs[0]
+        assert run.logical_dtype() == "bfloat16"
+        raw = run.states(step=3, raw=True)
+        assert raw.dtype == np.uint16
+        np.testing.assert_array_equal(raw, last.view(torch.int16).numpy().view(np.uint16))
+        np.testing.assert_array_equal(run.states(step=3), last.float().numpy())
+
+
+def test_readout_space_matches_model_norm(reference_model, prompt_ids, tmp_path):
+    with loopscope.attach(reference_model, tmp_path / "r.h5"):
+        _forward_logits(reference_model, prompt_ids, 5)
+    with loopscope.open(tmp_path / "r.h5") as capture:
+        run = capture.runs[0]
+        states = run.states()
+        with torch.no_grad():
+            expected = reference_model.transformer.ln_f(torch.from_numpy(states)).double().numpy()
+        np.testing.assert_allclose(capture.readout(states), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_small_buffer_budget_splits_and_still_exact(reference_model, prompt_ids, reference_recorder, tmp_path):
+    recorder = reference_recorder(reference_model)
+    with loopscope.attach(reference_model, tmp_path / "s.h5", buffer_mb=0.001) as cap:
+        _forward_logits(reference_model, prompt_ids, 3)
+    recorder.remove()
+    assert 0 < cap.pool.stats.peak_bytes <= int(0.001 * (1 << 20))
+    with loopscope.open(tmp_path / "s.h5") as capture:
+        np.testing.assert_array_equal(capture.runs[0].states(step=3), recorder.states[-1][0].numpy())
+
+
+def test_loop_override_and_errors(reference_model, prompt_ids, tmp_path):
+    with loopscope.attach(reference_model, tmp_path / "o.h5", loop="transformer.core_block.1") as cap:
+        _forward_logits(reference_model, prompt_ids, 2)
+    assert cap.adapter.family == "custom"
+    with pytest.raises(LoopNotFoundError, match="ModuleList"):
+        loopscope.attach(reference_model, tmp_path / "x.h5", loop="transformer.core_block")
+    with pytest.raises(LoopNotFoundError, match="no such module"):
+        loopscope.attach(reference_model, tmp_path / "x.h5", loop="transformer.nope")
+    with pytest.raises(CaptureFileError, match="already exists"):
+        loopscope.attach(reference_model, tmp_path / "o.h5")
+    with pytest.raises(CaptureFileError, match="does not exist"):
+        loopscope.attach(reference_model, tmp_path / "missing" / "o.h5")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in reference_model.modules())
+
+
+def test_model_without_loop_lists_candidates(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 10))
+    with pytest.raises(LoopNotFoundError, match="no loop found") as info:
+        loopscope.attach(model, tmp_path / "none.h5")
+    assert "considered" in str(info.value)
+    assert not (tmp_path / "none.h5").exists()
+
+
+def test_append_mode_continues_run_numbers(reference_model, prompt_ids, tmp_path):
+    path = tmp_path / "a.h5"
+    with loopscope.attach(reference_model, path):
+        _forward_logits(reference_model, prompt_ids, 2)
+    with loopscope.attach(reference_model, path, mode="a"):
+        _forward_logits(reference_model, prompt_ids, 3)
+    with loopscope.open(path) as capture:
+        assert [r.index for r in capture.runs] == [0, 1]
+        assert [int(r.num_steps[0]) for r in capture.runs] == [2, 3]
+
+
+def test_bad_options_are_one_line_errors(reference_model, tmp_path):
+    for kwargs, pattern in [({"dtype": "int8"}, "dtype"), ({"mode": "r"}, "mode"), ({"bogus": 1}, "unknown")]:
+        with pytest.raises(LoopscopeError, match=pattern):
+            loopscope.attach(reference_model, tmp_path / "e.h5", **kwargs)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in reference_model.modules())
