@@ -12,14 +12,14 @@ import numpy as np
 from ..storage.errors import LoopscopeError
 from ..storage.reader import Run
 
-SPACES = ("readout", "state")
+SPACES = ("auto", "readout", "state")
 BLOCK_BYTES = 64 << 20
 
 
 def convergence(
     run: Run,
     reference: str | Run = "final",
-    space: str = "readout",
+    space: str = "auto",
     *,
     loop: str | None = None,
 ) -> np.ndarray:
@@ -30,6 +30,7 @@ def convergence(
     """
     if space not in SPACES:
         raise LoopscopeError(f"space={space!r} is not one of {', '.join(SPACES)}")
+    space = resolve_space(run, space)
     norm = _space_fn(run, space)
     steps = run.steps_of(loop)
     ds = run.dataset(loop)
@@ -46,6 +47,13 @@ def convergence(
         valid = np.arange(n_slots)[None, :] <= steps[t0:t1, None]
         out[t0:t1] = np.where(valid, dist, np.nan)
     return out
+
+
+def resolve_space(run: Run, space: str) -> str:
+    """'auto' -> 'readout' when the capture stored a readout norm, else 'state'."""
+    if space == "auto":
+        return "state" if run.capture.readout.kind == "none" else "readout"
+    return space
 
 
 def _space_fn(run: Run, space: str):

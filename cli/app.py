@@ -93,18 +93,21 @@ def plot(
     file: Path = typer.Argument(..., help="A capture file (.h5)."),
     run: int = typer.Option(0, "--run", help="Run index (see `loopscope info`)."),
     out: Path = typer.Option(Path("convergence.png"), "--out", help="Output figure (.png, .pdf or .svg)."),
-    space: str = typer.Option("readout", "--space", help="readout (final norm applied, as in the paper) or state."),
+    space: str = typer.Option(
+        "auto", "--space", help="readout (final norm applied, as in the paper), state, or auto (readout if stored)."
+    ),
     loop: Optional[str] = typer.Option(None, "--loop", help="Which loop, for models with several."),
 ):
     """Draw the convergence heatmap of one run."""
     from ..storage.reader import CaptureFile
     from ..analysis.figures import heatmap
-    from ..analysis.convergence import convergence
+    from ..analysis.convergence import convergence, resolve_space
 
     _check_figure_path(out)
     with CaptureFile(file) as capture:
         chosen = capture.run(run)
         distances = convergence(chosen, space=space, loop=loop)
+        space = resolve_space(chosen, space)
         heatmap(
             distances,
             out,

@@ -21,6 +21,7 @@ class LoopSpec:
     entry: str | None = None  # module whose input at the first iteration holds s0 (None: the exit module's own input)
     entry_channels: int | None = None  # keep only the first N channels of that input (Huginn's adapter sees [s, e])
     entry_arg: int | str = 0  # positional index or keyword name of the entry input that carries s0
+    s0_parameter: str | None = None  # s0 is this (learned or frozen) parameter broadcast over tokens, e.g. HRM's z_L_init
     output_index: int = 0  # element of a tuple output that is the state
     nesting: tuple[str, ...] = ()  # label names for nested loops, e.g. ("h", "l")
     inner_steps: int | None = None  # iterations of this loop per outer iteration, for nested labels
@@ -85,4 +86,58 @@ def raven(model: nn.Module) -> LoopAdapter | None:
     )
 
 
-KNOWN_FAMILIES = (raven,)
+def hrm_text(model: nn.Module) -> LoopAdapter | None:
+    """transformers-native HRM-Text: a slow H stream and a fast L stream, L_cycles L-steps per H-step."""
+    config = getattr(model, "config", None)
+    if config is None or not (hasattr(config, "H_cycles") and hasattr(config, "L_cycles")):
+        return None
+    prefix = next((p for p in ("model.", "") if _has(model, p + "H_module") and _has(model, p + "L_module")), None)
+    if prefix is None:
+        return None
+    return LoopAdapter(
+        family="hrm_text",
+        loops=(
+            # z_H starts as the scaled input embeddings, which the rotary embedding receives first.
+            LoopSpec(name="H", exit=prefix + "H_module", entry=prefix + "rotary_emb", entry_arg=0),
+            LoopSpec(
+                name="L",
+                exit=prefix + "L_module",
+                s0_parameter=prefix + "z_L_init",
+                nesting=("h", "l"),
+                inner_steps=int(config.L_cycles),
+            ),
+        ),
+        # Both stacks end in an unweighted RMSNorm and lm_head reads z_H directly: states are already readouts.
+        readout="identity",
+        steps_from="config.H_cycles (H) and config.H_cycles * config.L_cycles (L)",
+        notes=("L step k is cycle (h, l) = divmod(k - 1, L_cycles); see loops/L/step_labels",),
+    )
+
+
+def inkling2_loop(model: nn.Module) -> LoopAdapter | None:
+    """transformers-native Inkling-2 loop: ``layers[start:end]`` run ``loop_num_passes`` times.
+
+    The looped range is a slice of ``model.layers``, not a module, so its last layer is the exit (one call per
+    pass) and its first layer's input at the first pass is s0. Passes 2+ restart from those pre-loop states plus
+    messages from the previous pass, so s0 is also where every pass begins.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not all(
+        hasattr(config, k) for k in ("loop_layer_index_start", "loop_layer_index_end", "loop_num_passes")
+    ):
+        return None
+    prefix = next((p for p in ("model.", "model.language_model.", "") if _has(model, p + "layers")), None)
+    if prefix is None:
+        return None
+    start, end = int(config.loop_layer_index_start), int(config.loop_layer_index_end)
+    return LoopAdapter(
+        family="inkling2_loop",
+        loops=(LoopSpec(name="core", exit=f"{prefix}layers.{end - 1}", entry=f"{prefix}layers.{start}", entry_arg=0),),
+        # The final norm reads the output of post-loop layers and block residuals, not the loop state itself.
+        readout=None,
+        steps_from="config.loop_num_passes",
+        notes=(f"looped slice layers[{start}:{end}]; one iteration = one pass",),
+    )
+
+
+KNOWN_FAMILIES = (raven, hrm_text, inkling2_loop)

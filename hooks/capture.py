@@ -100,7 +100,13 @@ class Capture:
             raise
         on_cuda = any(p.is_cuda for p in model.parameters())
         self.pool = HostBufferPool(int(buffer_mb * (1 << 20)), pin_memory=on_cuda)
-        self.writer = w.CaptureWriter(self._file, self.pool, compression=compression, chunk_shape=chunks)
+        self.writer = w.CaptureWriter(
+            self._file,
+            self.pool,
+            compression=compression,
+            chunk_shape=chunks,
+            inner_steps={s.name: s.inner_steps for s in self.adapter.loops if s.inner_steps},
+        )
         self._session: _Session | None = None
         self._forward: _Forward | None = None
         self._in_generate = 0
@@ -281,7 +287,10 @@ class Capture:
             if forward is None or spec.name in forward.s0_taken or forward.steps.get(spec.name, 0):
                 return
             forward.s0_taken.add(spec.name)
-            value = _argument(args, kwargs, spec.entry_arg)
+            if spec.s0_parameter:
+                value = self.model.get_parameter(spec.s0_parameter).expand(forward.batch, forward.tokens, -1)
+            else:
+                value = _argument(args, kwargs, spec.entry_arg)
             if not isinstance(value, torch.Tensor):
                 return
             if spec.entry_channels is not None:

@@ -46,6 +46,8 @@ def readout_params(model: nn.Module, adapter: LoopAdapter) -> dict[str, Any] | N
     """Kind, eps and parameters of the adapter's readout norm, or None when it has none we can reproduce."""
     if not adapter.readout:
         return None
+    if adapter.readout == "identity":
+        return {"kind": "identity", "module": ""}
     module = model.get_submodule(adapter.readout)
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)

@@ -23,7 +23,7 @@ from .errors import CaptureFileError
 class ReadoutNorm:
     """The model's final norm (e.g. Huginn's ``ln_f``), so analysis can work in the space the paper plots."""
 
-    kind: str  # "rmsnorm", "layernorm" or "none"
+    kind: str  # "rmsnorm", "layernorm", "identity" (states are read out as they are) or "none" (unknown)
     weight: np.ndarray | None
     bias: np.ndarray | None
     eps: float
@@ -32,7 +32,7 @@ class ReadoutNorm:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Apply the norm over the last axis, in float64."""
         x = np.asarray(x, dtype=np.float64)
-        if self.kind == "none":
+        if self.kind in ("none", "identity"):
             return x
         if self.kind == "rmsnorm":
             y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)

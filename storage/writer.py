@@ -97,13 +97,13 @@ class CaptureWriter:
         queue_size: int = 256,
         compression: str | None = None,
         chunk_shape: tuple[int, int] | None = None,
-        loop_labels: dict[str, np.ndarray] | None = None,
+        inner_steps: dict[str, int] | None = None,
     ):
         self.file = file
         self.pool = pool
         self.compression = compression
         self.chunk_shape = chunk_shape
-        self.loop_labels = loop_labels or {}
+        self.inner_steps = inner_steps or {}
         self.error: BaseException | None = None
         self.bytes_written = 0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -230,8 +230,6 @@ class CaptureWriter:
         num_steps = group.create_dataset(
             "num_steps", shape=(h.capacity,), maxshape=(None,), dtype=np.int32, chunks=(TOKEN_CHUNK,)
         )
-        if loop in self.loop_labels:
-            group.create_dataset("step_labels", data=self.loop_labels[loop])
         h.loops[loop] = {"group": group, "states": states, "num_steps": num_steps, "max_step": 0}
         return h.loops[loop]
 
@@ -272,11 +270,22 @@ class CaptureWriter:
             n = h.n_tokens
             for ds in h.token_sets.values():
                 ds.resize((n,))
-            for loop in h.loops.values():
+            for name, loop in h.loops.items():
                 loop["num_steps"].resize((n,))
                 states = loop["states"]
                 states.resize((n, loop["max_step"] + 1, states.shape[2]))
+                inner = self.inner_steps.get(name)
+                if inner:
+                    loop["group"].create_dataset("step_labels", data=nested_labels(loop["max_step"], inner))
             h.group.attrs.update(m.attrs)
             h.group.attrs["n_tokens"] = n
             h.group.attrs["complete"] = m.complete
         self.file.flush()
+
+
+def nested_labels(max_step: int, inner: int) -> np.ndarray:
+    """[max_step + 1, 2] (outer, inner) cycle of each step of a nested loop; step 0 (s0) is (-1, -1)."""
+    steps = np.arange(max_step + 1)
+    labels = np.stack([(steps - 1) // inner, (steps - 1) % inner], axis=1).astype(np.int32)
+    labels[0] = -1
+    return labels
