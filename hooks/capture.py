@@ -89,31 +89,35 @@ class Capture:
             "chunks": list(chunks) if chunks else None,
             "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
         }
+        self._session: _Session | None = None
+        self._forward: _Forward | None = None
+        self._in_generate = 0
+        self._orphan_calls = 0
+        self._handles: list[Any] = []
+        self._restore_generate = None
+        self._closed = False
         self._file = capture_file.open_for_write(self.path, mode, locking=locking)
         try:
             if mode != "a" or "format" not in self._file.attrs:
                 capture_file.write_header(self._file, metadata.describe(model, self.adapter, options))
                 capture_file.write_readout(self._file, metadata.readout_params(model, self.adapter))
             self._next_run = capture_file.next_run_index(self._file)
+            on_cuda = any(p.is_cuda for p in model.parameters())
+            self.pool = HostBufferPool(int(buffer_mb * (1 << 20)), pin_memory=on_cuda)
+            self.writer = w.CaptureWriter(
+                self._file,
+                self.pool,
+                compression=compression,
+                chunk_shape=chunks,
+                inner_steps={s.name: s.inner_steps for s in self.adapter.loops if s.inner_steps},
+            )
+            self._install()
         except BaseException:
+            self._uninstall()
+            if hasattr(self, "writer"):
+                self.writer.close()
             self._file.close()
             raise
-        on_cuda = any(p.is_cuda for p in model.parameters())
-        self.pool = HostBufferPool(int(buffer_mb * (1 << 20)), pin_memory=on_cuda)
-        self.writer = w.CaptureWriter(
-            self._file,
-            self.pool,
-            compression=compression,
-            chunk_shape=chunks,
-            inner_steps={s.name: s.inner_steps for s in self.adapter.loops if s.inner_steps},
-        )
-        self._session: _Session | None = None
-        self._forward: _Forward | None = None
-        self._in_generate = 0
-        self._orphan_calls = 0
-        self._handles: list[Any] = []
-        self._closed = False
-        self._install()
 
     # ---- public --------------------------------------------------------------------------------------------------
     @property
@@ -177,8 +181,6 @@ class Capture:
             generate.__wrapped__ = original
             model.generate = generate
             self._restore_generate = (had_instance_attr, original)
-        else:
-            self._restore_generate = None
 
     def _uninstall(self) -> None:
         for handle in self._handles:
@@ -212,7 +214,7 @@ class Capture:
             self._forward = None
             if self._session is not None:
                 self._end_session(complete=False)
-        self.writer.raise_if_failed()
+        self._check_writer()
         input_ids = kwargs.get("input_ids")
         if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             input_ids = args[0]
@@ -336,7 +338,14 @@ class Capture:
             slab = self.pool.acquire((forward.batch, t1 - t0, hidden), state.dtype)
             with torch.no_grad():
                 slab.copy_(state[:, t0:t1])
+            self._check_writer()
             self.writer.put(w.State(session.run_ids, spec.name, session.offset + t0, step, slab, logical))
+
+    def _check_writer(self) -> None:
+        """After a write failure (disk full, ...) stop recording: detach the hooks, then raise the clear error."""
+        if self.writer.error is not None:
+            self._uninstall()
+            self.writer.raise_if_failed()
 
     def _strings(self, ids: torch.Tensor) -> list[list[str]]:
         decode = self.tokenizer.decode

@@ -100,6 +100,7 @@ class CaptureWriter:
         inner_steps: dict[str, int] | None = None,
     ):
         self.file = file
+        self._filename = file.filename
         self.pool = pool
         self.compression = compression
         self.chunk_shape = chunk_shape
@@ -119,8 +120,9 @@ class CaptureWriter:
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
+            reason = str(self.error).strip().splitlines()[0] if str(self.error).strip() else type(self.error).__name__
             raise CaptureWriteError(
-                f"writing {self.file.filename} failed: {self.error}; runs completed before the failure are kept"
+                f"writing {self._filename} failed, recording stopped and hooks removed: {reason[:200]}"
             ) from self.error
 
     def close(self) -> None:
