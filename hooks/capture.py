@@ -96,27 +96,29 @@ class Capture:
         self._handles: list[Any] = []
         self._restore_generate = None
         self._closed = False
-        self._file = capture_file.open_for_write(self.path, mode, locking=locking)
+        self._locking = locking
+        capture_file.create_index(
+            self.path,
+            mode,
+            header=metadata.describe(model, self.adapter, options),
+            readout=metadata.readout_params(model, self.adapter),
+            locking=locking,
+        )
+        self._next_run = capture_file.next_run_index(self.path)
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        self.pool = HostBufferPool(int(buffer_mb * (1 << 20)), pin_memory=on_cuda)
+        self.writer = w.CaptureWriter(
+            capture_file.RunFiles(self.path, locking=locking),
+            self.pool,
+            compression=compression,
+            chunk_shape=chunks,
+            inner_steps={s.name: s.inner_steps for s in self.adapter.loops if s.inner_steps},
+        )
         try:
-            if mode != "a" or "format" not in self._file.attrs:
-                capture_file.write_header(self._file, metadata.describe(model, self.adapter, options))
-                capture_file.write_readout(self._file, metadata.readout_params(model, self.adapter))
-            self._next_run = capture_file.next_run_index(self._file)
-            on_cuda = any(p.is_cuda for p in model.parameters())
-            self.pool = HostBufferPool(int(buffer_mb * (1 << 20)), pin_memory=on_cuda)
-            self.writer = w.CaptureWriter(
-                self._file,
-                self.pool,
-                compression=compression,
-                chunk_shape=chunks,
-                inner_steps={s.name: s.inner_steps for s in self.adapter.loops if s.inner_steps},
-            )
             self._install()
         except BaseException:
             self._uninstall()
-            if hasattr(self, "writer"):
-                self.writer.close()
-            self._file.close()
+            self.writer.close()
             raise
 
     # ---- public --------------------------------------------------------------------------------------------------
@@ -124,8 +126,13 @@ class Capture:
     def closed(self) -> bool:
         return self._closed
 
+    def flush(self) -> None:
+        """Wait until everything captured so far is on disk: completed runs are then readable by other processes."""
+        if not self._closed:
+            self.writer.drain()
+
     def close(self) -> None:
-        """Remove every hook, finish open runs, flush and close the file. Safe to call twice."""
+        """Remove every hook, finish open runs, link them into the index file. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
@@ -134,15 +141,21 @@ class Capture:
             self._end_session(complete=False)
         self.writer.close()
         self.pool.close()
+        stats = self.pool.stats
         try:
-            if self.writer.error is None:
-                stats = self.pool.stats
-                self._file.attrs["buffer_peak_bytes"] = stats.peak_bytes
-                self._file.attrs["backpressure_waits"] = stats.waits
-                self._file.attrs["backpressure_seconds"] = stats.wait_seconds
-                self._file.attrs["orphan_loop_calls"] = self._orphan_calls
-        finally:
-            self._file.close()
+            capture_file.finish_index(
+                self.path,
+                {
+                    "buffer_peak_bytes": stats.peak_bytes,
+                    "backpressure_waits": stats.waits,
+                    "backpressure_seconds": stats.wait_seconds,
+                    "orphan_loop_calls": self._orphan_calls,
+                },
+                locking=self._locking,
+            )
+        except OSError:
+            if self.writer.error is None:  # else the writer's error (e.g. disk full) is the one to report
+                raise
         if self._orphan_calls:
             warnings.warn(
                 f"loopscope: {self._orphan_calls} loop call(s) happened outside the model's forward() and were not "

@@ -1,9 +1,24 @@
-"""Creating a capture file for writing: path checks, h5py options, the header and the readout norm."""
+"""Where a capture lives on disk, and how it is created and finished.
+
+A capture named ``run.h5`` is an *index* file plus one HDF5 file per run::
+
+    run.h5                  header (format, versions, model, config, loop adapter, options) and /readout;
+                            after a clean close also /runs/NNNNNN as external links to the run files
+    run.h5.runs/NNNNNN.h5   one finished run (its root group is the run)
+    run.h5.runs/NNNNNN.partial.h5   a run being written, or cut short by a crash or an error
+
+Why not one file: an HDF5 file that is open for writing when its process is killed, or whose disk fills up, can be
+left unreadable as a whole (truncated superblock), taking every earlier run with it. Here a run's file is closed
+and atomically renamed when the run completes, and the index is only open for a moment at the start and at the
+end, so a killed or failed capture keeps every completed run, and another process can read completed runs while
+the capture goes on. The reader finds runs by listing the directory; the links are a convenience for plain h5py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import h5py
@@ -13,15 +28,54 @@ from . import schema
 from .errors import CaptureFileError
 
 MODES = ("w-", "x", "w", "a")
+RUN_FILE = re.compile(r"^(\d{6,})(\.partial)?\.h5$")
 
 
-def open_for_write(
-    path: str | os.PathLike, mode: str = "w-", *, locking: bool | str | None = None, cache_bytes: int = 64 << 20
-) -> h5py.File:
-    """Open ``path`` for a new capture, refusing to clobber data unless asked.
+def runs_dir(index_path: str) -> str:
+    """The directory holding the run files of the capture whose index is ``index_path``."""
+    return index_path + ".runs"
 
-    ``mode`` follows h5py: ``"w-"``/``"x"`` (default) refuse an existing file, ``"w"`` overwrites it, ``"a"`` appends
-    runs to an existing loopscope capture. ``locking`` is passed to h5py (``False`` on network file systems
+
+def list_run_files(index_path: str) -> dict[int, tuple[str, bool]]:
+    """{run index: (file path, complete)} for every run file present."""
+    folder = runs_dir(index_path)
+    found: dict[int, tuple[str, bool]] = {}
+    if not os.path.isdir(folder):
+        return found
+    for name in os.listdir(folder):
+        match = RUN_FILE.match(name)
+        if match:
+            index, complete = int(match.group(1)), match.group(2) is None
+            if complete or index not in found:
+                found[index] = (os.path.join(folder, name), complete)
+    return dict(sorted(found.items()))
+
+
+def _h5_kwargs(locking, cache_bytes: int | None = None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"libver": "latest"}
+    if cache_bytes:
+        kwargs.update(rdcc_nbytes=cache_bytes, rdcc_w0=1.0)
+    if locking is not None:
+        kwargs["locking"] = locking
+    return kwargs
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def create_index(
+    path: str | os.PathLike,
+    mode: str = "w-",
+    *,
+    header: dict[str, Any],
+    readout: dict[str, Any] | None,
+    locking: bool | str | None = None,
+) -> str:
+    """Create (or, with mode "a", validate) the index file; returns its path. Nothing stays open.
+
+    ``mode`` follows h5py: "w-"/"x" (default) refuse an existing capture, "w" replaces it (its run files too),
+    "a" adds runs to an existing loopscope capture. ``locking`` is passed to h5py (False on network file systems
     whose locks fail).
     """
     path = os.fspath(path)
@@ -32,26 +86,76 @@ def open_for_write(
         raise CaptureFileError(f"cannot create {path}: directory {parent} does not exist; create it first")
     if os.path.isdir(path):
         raise CaptureFileError(f"cannot write {path}: it is a directory; pass a file name such as {path}/run.h5")
-    exists = os.path.exists(path)
+    exists = os.path.exists(path) or bool(list_run_files(path))
     if exists and mode in ("w-", "x"):
         raise CaptureFileError(f"{path} already exists; pass mode='w' to overwrite it or mode='a' to add runs to it")
     if exists and mode == "a":
         from .reader import CaptureFile
 
         CaptureFile(path, locking=locking).close()  # validates that it is a capture we can extend
-    kwargs: dict[str, Any] = {"libver": "latest", "rdcc_nbytes": cache_bytes, "rdcc_w0": 1.0}
-    if locking is not None:
-        kwargs["locking"] = locking
+        return path
+    if mode == "w":
+        for run_path, _ in list_run_files(path).values():
+            os.remove(run_path)
     try:
-        return h5py.File(path, mode, **kwargs)
+        with h5py.File(path, "w", **_h5_kwargs(locking)) as index:
+            _write_header(index, header)
+            _write_readout(index, readout)
+        os.makedirs(runs_dir(path), exist_ok=True)
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureFileError(
-            f"cannot open {path} for writing ({first}); on a network file system try locking=False"
+            f"cannot create {path} ({_first_line(exc)}); on a network file system try locking=False"
         ) from None
+    return path
 
 
-def write_header(file: h5py.File, header: dict[str, Any]) -> None:
+def finish_index(path: str, attrs: dict[str, Any], locking: bool | str | None = None) -> None:
+    """At a clean close: link every completed run into the index (so plain h5py sees them) and store stats."""
+    with h5py.File(path, "a", **_h5_kwargs(locking)) as index:
+        runs = index.require_group(schema.RUNS)
+        for number, (run_path, complete) in list_run_files(path).items():
+            name = schema.run_name(number)
+            if complete and name not in runs:
+                relative = os.path.relpath(run_path, os.path.dirname(os.path.abspath(path)))
+                runs[name] = h5py.ExternalLink(relative, "/")
+        index.attrs.update(attrs)
+
+
+def next_run_index(path: str) -> int:
+    """The first free run number (appending continues the numbering)."""
+    return max(list_run_files(path), default=-1) + 1
+
+
+class RunFiles:
+    """Creates run files as ``.partial.h5`` and renames them into place when they complete."""
+
+    def __init__(self, index_path: str, *, locking: bool | str | None = None, cache_bytes: int = 64 << 20):
+        self.index_path = index_path
+        self.folder = runs_dir(index_path)
+        self.locking = locking
+        self.cache_bytes = cache_bytes
+
+    def partial_path(self, run_id: int) -> str:
+        return os.path.join(self.folder, f"{schema.run_name(run_id)}.partial.h5")
+
+    def final_path(self, run_id: int) -> str:
+        return os.path.join(self.folder, f"{schema.run_name(run_id)}.h5")
+
+    def create_run(self, run_id: int) -> h5py.File:
+        os.makedirs(self.folder, exist_ok=True)
+        run = h5py.File(self.partial_path(run_id), "w", **_h5_kwargs(self.locking, self.cache_bytes))
+        run.attrs["format"] = schema.RUN_FORMAT_NAME
+        run.attrs["format_version"] = schema.FORMAT_VERSION
+        return run
+
+    def finish_run(self, run_id: int, run: h5py.File, *, complete: bool) -> None:
+        """Close the run's file; a complete run is renamed atomically to its final name."""
+        run.close()
+        if complete:
+            os.replace(self.partial_path(run_id), self.final_path(run_id))
+
+
+def _write_header(file: h5py.File, header: dict[str, Any]) -> None:
     """Root attributes: format, versions, model, options. Dicts and lists are stored as ``*_json`` strings."""
     file.attrs["format"] = schema.FORMAT_NAME
     file.attrs["format_version"] = schema.FORMAT_VERSION
@@ -66,10 +170,8 @@ def write_header(file: h5py.File, header: dict[str, Any]) -> None:
             file.attrs[key] = value
 
 
-def write_readout(file: h5py.File, readout: dict[str, Any] | None) -> None:
+def _write_readout(file: h5py.File, readout: dict[str, Any] | None) -> None:
     """Store the final norm's kind, eps and parameters (float32) so analysis can apply it without the model."""
-    if schema.READOUT in file:
-        del file[schema.READOUT]
     group = file.create_group(schema.READOUT)
     if not readout:
         group.attrs["kind"] = "none"
@@ -81,11 +183,3 @@ def write_readout(file: h5py.File, readout: dict[str, Any] | None) -> None:
     for name in ("weight", "bias"):
         if readout.get(name) is not None:
             group.create_dataset(name, data=np.asarray(readout[name], dtype=np.float32))
-
-
-def next_run_index(file: h5py.File) -> int:
-    """The first free run number (appending continues the numbering)."""
-    if schema.RUNS not in file:
-        return 0
-    names = list(file[schema.RUNS].keys())
-    return max((int(n) for n in names), default=-1) + 1

@@ -15,7 +15,7 @@ from functools import cached_property
 import h5py
 import numpy as np
 
-from . import schema
+from . import capture_file, schema
 from .errors import CaptureFileError
 
 
@@ -57,19 +57,23 @@ class CaptureFile:
             raise CaptureFileError(f"{self.path}: no such file; check the path")
         if os.path.isdir(self.path):
             raise CaptureFileError(f"{self.path} is a directory; pass the .h5 capture file inside it")
+        self._open_kwargs = {} if locking is None else {"locking": locking}
         try:
-            kwargs = {} if locking is None else {"locking": locking}
-            self._file = h5py.File(self.path, "r", **kwargs)
+            self._file = h5py.File(self.path, "r", **self._open_kwargs)
         except OSError as exc:
             raise CaptureFileError(f"{self.path} is not a readable HDF5 file ({_first_line(exc)})") from None
+        # Read the whole (small) index now and let go of it, so a capture still running can link its runs in.
         try:
             self._validate()
-        except BaseException:
+            self._attrs = dict(self._file.attrs)
+            self.readout = self._read_readout()
+        finally:
             self._file.close()
-            raise
 
     def _validate(self) -> None:
         attrs = self._file.attrs
+        if attrs.get("format") == schema.RUN_FORMAT_NAME:
+            raise CaptureFileError(f"{self.path} is one run's file; open the capture's index file (the .h5 beside {os.path.dirname(self.path)})")
         if attrs.get("format") != schema.FORMAT_NAME:
             raise CaptureFileError(f"{self.path} is an HDF5 file but not a loopscope capture (no 'format' attribute)")
         version = int(attrs.get("format_version", -1))
@@ -86,7 +90,7 @@ class CaptureFile:
     def meta(self) -> dict:
         """Every root attribute, JSON strings decoded."""
         out = {}
-        for key, value in self._file.attrs.items():
+        for key, value in self._attrs.items():
             if isinstance(value, bytes):
                 value = value.decode()
             if isinstance(value, str) and key.endswith("_json"):
@@ -99,10 +103,9 @@ class CaptureFile:
     @property
     def loop_names(self) -> list[str]:
         """The loops this capture recorded, the primary one first."""
-        return list(json.loads(self._file.attrs.get("loops_json", "[]")))
+        return list(json.loads(self._attrs.get("loops_json", "[]")))
 
-    @cached_property
-    def readout(self) -> ReadoutNorm:
+    def _read_readout(self) -> ReadoutNorm:
         group = self._file.get(schema.READOUT)
         if group is None:
             return ReadoutNorm("none", None, None, 0.0, 0.0)
@@ -117,40 +120,31 @@ class CaptureFile:
     @cached_property
     def runs(self) -> list[Run]:
         """Completed runs in capture order (one per batch row of each forward or generate call)."""
-        return [Run(self, name, self._runs_group[name]) for name in self._run_names if self._complete(name)]
+        return [
+            Run(self, number, path)
+            for number, (path, complete) in capture_file.list_run_files(self.path).items()
+            if complete
+        ]
 
     @property
     def incomplete_runs(self) -> list[str]:
-        """Names of runs that were still being written (the writer was killed or is still running)."""
-        return [name for name in self._run_names if not self._complete(name)]
+        """Files of runs still being written, or cut short (the writer was killed or failed)."""
+        return [path for path, complete in capture_file.list_run_files(self.path).values() if not complete]
 
     def run(self, index: int) -> Run:
-        """Run ``index`` with a clear error when it does not exist."""
+        """The ``index``-th completed run, with a clear error when it does not exist."""
         runs = self.runs
         if not -len(runs) <= index < len(runs):
+            if not runs:
+                raise CaptureFileError(f"{self.path} has no complete runs")
             raise CaptureFileError(
                 f"{self.path} has {len(runs)} complete run(s); run index {index} is out of range (use 0..{len(runs) - 1})"
             )
         return runs[index]
 
-    @property
-    def _runs_group(self) -> h5py.Group:
-        return self._file.get(schema.RUNS) or {}
-
-    @property
-    def _run_names(self) -> list[str]:
-        return sorted(self._runs_group.keys()) if schema.RUNS in self._file else []
-
-    def _complete(self, name: str) -> bool:
-        return bool(self._runs_group[name].attrs.get("complete", False))
-
-    @property
-    def h5(self) -> h5py.File:
-        """The underlying h5py file, for anything this reader does not cover."""
-        return self._file
-
     def close(self) -> None:
-        self._file.close()
+        for run in self.__dict__.get("runs", []):
+            run.close()
 
     def __enter__(self):
         return self
@@ -165,11 +159,31 @@ class CaptureFile:
 class Run:
     """One sequence's capture: its tokens and, for each loop, every iteration's state."""
 
-    def __init__(self, capture: CaptureFile, name: str, group: h5py.Group):
+    def __init__(self, capture: CaptureFile, index: int, path: str):
         self.capture = capture
-        self.name = name
-        self.group = group
-        self.index = int(name)
+        self.index = index
+        self.name = schema.run_name(index)
+        self.path = path
+        self._group: h5py.File | None = None
+
+    @property
+    def group(self) -> h5py.File:
+        """The run's HDF5 group (the root of its run file), opened on first use."""
+        if self._group is None:
+            try:
+                self._group = h5py.File(self.path, "r", **self.capture._open_kwargs)
+            except OSError as exc:
+                raise CaptureFileError(f"run file {self.path} is unreadable ({_first_line(exc)})") from None
+            if self._group.attrs.get("format") != schema.RUN_FORMAT_NAME:
+                self._group.close()
+                self._group = None
+                raise CaptureFileError(f"{self.path} is not a loopscope run file")
+        return self._group
+
+    def close(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
 
     @property
     def attrs(self) -> dict:

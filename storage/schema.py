@@ -1,10 +1,11 @@
 """The capture file's layout: the contract between the capture side and the offline side.
 
-::
+The index file (``run.h5``) holds the header and the readout norm; each run is its own file (see
+``capture_file.py``), linked into the index as ``/runs/NNNNNN`` once the capture closes cleanly::
 
     /                         attrs: format, format_version, versions, model, config JSON, loop adapter, options
-    /readout/                 attrs: kind (rmsnorm | layernorm | none), eps, weight_offset; datasets weight [, bias]
-    /runs/000000/             one group per batch row of one forward() or generate() call; attrs below
+    /readout/                 attrs: kind (rmsnorm | layernorm | identity | none), eps, weight_offset; weight [, bias]
+    /runs/000000/             one run per batch row of one forward() or generate() call (root of its run file)
         token_ids   [T]       int64, from the forward's input_ids (-1 when the model got embeddings only)
         tokens      [T]       utf-8 strings (only when a tokenizer was given)
         attention_mask [T]    int8, as the caller passed it (1 when none was passed)
@@ -27,6 +28,7 @@ import math
 import numpy as np
 
 FORMAT_NAME = "loopscope-capture"
+RUN_FORMAT_NAME = "loopscope-run"
 FORMAT_VERSION = 1
 
 RUNS = "runs"
@@ -38,7 +40,7 @@ BF16_NAN_BITS = np.uint16(0x7FC0)
 
 # A chunk of states aims at this many bytes: large enough for few HDF5 index entries, small enough that reading one
 # token's trajectory or one iteration reads little else.
-TARGET_CHUNK_BYTES = 256 * 1024
+TARGET_CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_STEPS = 32
 
 

@@ -1,15 +1,17 @@
-"""The single background thread that owns all HDF5 writes of one capture file.
+"""The single background thread that owns all HDF5 writes of one capture.
 
 h5py serialises every call behind one global lock, so parallel writers gain nothing; one thread fed by a bounded
 queue keeps the model's thread free of file I/O. The model side (``hooks/capture.py``) only ever puts messages;
-this thread creates groups and datasets, grows them in large blocks, writes slabs and hands them back to the pool,
-trims and flushes each run when it completes. A failure here (disk full, permissions) is kept and re-raised on the
-model's thread at its next hook call, so the user sees one clear error instead of a silent gap.
+this thread creates one file per run, grows its datasets in large blocks, writes slabs and hands them back to the
+pool, and when the run completes trims it, closes it and renames it into place (see ``capture_file.py`` for why).
+A failure here (disk full, permissions) is kept and re-raised on the model's thread at its next hook call, so the
+user sees one clear error instead of a silent gap.
 """
 
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 
 from . import schema
 from .buffers import HostBufferPool
+from .capture_file import RunFiles
 from .errors import CaptureWriteError
 
 TOKEN_CHUNK = 1024
@@ -79,7 +82,7 @@ class _Stop:
 
 @dataclass
 class _RunHandles:
-    group: h5py.Group
+    group: h5py.File  # the run's own file; its root is the run group
     capacity: int = 0
     n_tokens: int = 0
     token_sets: dict[str, h5py.Dataset] = field(default_factory=dict)
@@ -91,7 +94,7 @@ class CaptureWriter:
 
     def __init__(
         self,
-        file: h5py.File,
+        layout: RunFiles,
         pool: HostBufferPool,
         *,
         queue_size: int = 256,
@@ -99,8 +102,8 @@ class CaptureWriter:
         chunk_shape: tuple[int, int] | None = None,
         inner_steps: dict[str, int] | None = None,
     ):
-        self.file = file
-        self._filename = file.filename
+        self.layout = layout
+        self._filename = layout.index_path
         self.pool = pool
         self.compression = compression
         self.chunk_shape = chunk_shape
@@ -120,22 +123,30 @@ class CaptureWriter:
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
-            reason = str(self.error).strip().splitlines()[0] if str(self.error).strip() else type(self.error).__name__
+            reason = _one_line(self.error)
             raise CaptureWriteError(
                 f"writing {self._filename} failed, recording stopped and hooks removed: {reason[:200]}"
             ) from self.error
 
+    def drain(self) -> None:
+        """Block until every queued message is written (completed runs are then renamed into place)."""
+        if self._thread.is_alive():
+            self._queue.join()
+        self.raise_if_failed()
+
     def close(self) -> None:
-        """Drain the queue, stop the thread; leaves the file open for the caller to finish and close."""
+        """Drain the queue, stop the thread, close the files of any run left unfinished."""
         if self._thread.is_alive():
             self._queue.put(_Stop())
             self._thread.join()
+        self.abandon_open_runs()
 
     # ---- writer-thread side -------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             message = self._queue.get()
             if isinstance(message, _Stop):
+                self._queue.task_done()
                 return
             try:
                 if self.error is None:
@@ -145,6 +156,7 @@ class CaptureWriter:
             finally:
                 if isinstance(message, State):
                     self.pool.release(message.slab)
+                self._queue.task_done()
 
     def _handle(self, message) -> None:
         if isinstance(message, OpenRuns):
@@ -161,9 +173,8 @@ class CaptureWriter:
             raise TypeError(f"unknown writer message {type(message).__name__}")
 
     def _open_runs(self, m: OpenRuns) -> None:
-        runs = self.file.require_group(schema.RUNS)
         for run_id, attrs in zip(m.run_ids, m.attrs):
-            group = runs.create_group(schema.run_name(run_id))
+            group = self.layout.create_run(run_id)
             group.attrs.update(attrs)
             group.attrs["complete"] = False
             handles = _RunHandles(group)
@@ -282,7 +293,29 @@ class CaptureWriter:
             h.group.attrs.update(m.attrs)
             h.group.attrs["n_tokens"] = n
             h.group.attrs["complete"] = m.complete
-        self.file.flush()
+            self.layout.finish_run(run_id, h.group, complete=m.complete)
+
+    def abandon_open_runs(self) -> None:
+        """Close files of runs that never completed (after a failure), leaving them marked partial."""
+        for run_id, h in list(self._runs.items()):
+            # Drop our dataset handles first, so none outlives its file (HDF5 can crash at exit on such orphans).
+            h.loops.clear()
+            h.token_sets.clear()
+            try:
+                h.group.close()
+            except Exception:  # the file may be unwritable (disk full): it stays a .partial file either way
+                pass
+            self._runs.pop(run_id)
+
+
+def _one_line(error: BaseException) -> str:
+    """HDF5 errors span lines and bury the OS reason ("File too large", "No space left on device"): surface it."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    first = text.splitlines()[0].split(" (file write failed")[0]
+    os_reason = re.search(r"error message = '([^']+)'", text)
+    return f"{first} ({os_reason.group(1)})" if os_reason else first
 
 
 def nested_labels(max_step: int, inner: int) -> np.ndarray:

@@ -1,0 +1,99 @@
+"""What does recording every iteration cost a ``generate()`` call, against doing nothing and against the two
+recorders people write by hand?
+
+    python benchmarks/overhead.py            # ~4 min on 2 CPU cores
+    python benchmarks/overhead.py --small    # ~20 s smoke run
+
+Variants (same model, prompt, seed; greedy decoding; default init_scale, so s0 is random but seeded):
+
+* plain         no hooks;
+* loopscope     ``loopscope.attach(model, path, mode="w")`` ... ``close()`` (close waits for the last write);
+* naive         a forward hook on ``transformer.core_block[-1]`` appending ``output.detach().cpu()`` to a list,
+                then one h5py dataset written at the end;
+* non_blocking  the same with ``.to("cpu", non_blocking=True)``.
+
+On CPU, ``.cpu()`` and ``.to("cpu", non_blocking=True)`` return the model's own tensor without copying, so the two
+hand-written baselines only differ on CUDA (``--device cuda``); on CPU they cost one list append per iteration plus
+the write at the end, and keep every state alive until then (see memory.py).
+
+Two sizes: ``tiny`` (tiny_config defaults, 8 steps, 256 new tokens) and ``large`` (n_embd=1024, 8 heads,
+intermediate 2816, 32 steps). The large model decodes at ~0.3 s per token on 2 CPU cores, so 256 new tokens would
+take ~80 s per run and ~17 min for the 13 runs; it generates 32 new tokens by default instead
+(``--large-new-tokens``). Each variant gets a short warm-up run, then ``--repeats`` timed runs in rotating order;
+the table shows medians. "total" is what the user waits for: attach/hooks + generate + close/final write.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
+import torch
+
+
+def bench_size(name: str, size: dict, new_tokens: int, prompt_len: int, repeats: int, device: str, note: str):
+    model = c.build_model(size["config"], device)
+    ids = c.prompt(model, prompt_len)
+    steps = size["steps"]
+    with c.workdir() as work:
+        for v in c.VARIANTS:  # warm-up: first-call costs (allocator, h5py, hook paths) out of the timings
+            c.run_variant(v, model, ids, steps, 2, work)
+        results = c.interleaved(c.VARIANTS, repeats, lambda v: c.run_variant(v, model, ids, steps, new_tokens, work))
+
+    plain = c.median(r.total_s for r in results["plain"])
+    rows = []
+    for v in c.VARIANTS:
+        rs = results[v]
+        total = c.median(r.total_s for r in rs)
+        spread = (max(r.total_s for r in rs) - min(r.total_s for r in rs)) / total
+        nbytes = rs[0].bytes
+        rows.append(
+            [
+                v,
+                f"{c.median(r.generate_s for r in rs):.3f}",
+                f"{total:.3f}",
+                f"{total / plain:.3f}",
+                f"±{100 * spread / 2:.0f}%",
+                c.fmt_bytes(nbytes) if nbytes else "-",
+                c.fmt_rate(nbytes, total),
+            ]
+        )
+    outputs = [r.output for rs in results.values() for r in rs]
+    same = all(torch.equal(outputs[0], o) for o in outputs)
+    cfg = model.config
+    c.table(
+        f"{name}: n_embd={cfg.n_embd}, {cfg.n_heads} heads, intermediate {cfg.intermediate_size}, "
+        f"{cfg.n_layers_in_recurrent_block} core blocks, {steps} steps, prompt {prompt_len} + {new_tokens} new tokens"
+        f"{note}; median of {repeats}",
+        ["variant", "generate s", "total s", "x plain", "spread", "states captured", "MB/s"],
+        rows,
+        caption=f"greedy outputs identical across all runs: {'yes' if same else 'NO'}",
+    )
+    return {v: c.median(r.total_s for r in results[v]) / plain for v in c.VARIANTS}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="~20 s smoke run: fewer tokens, 1 repeat")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 3, --small 1)")
+    p.add_argument("--tiny-new-tokens", type=int, default=None, help="default 256 (--small 32)")
+    p.add_argument("--large-new-tokens", type=int, default=None, help="default 32 (--small 4)")
+    p.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
+    p.add_argument("--sizes", default="tiny,large", help="comma-separated subset of: " + ",".join(c.SIZES))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the CUDA path was not run for the README)")
+    a = p.parse_args()
+    repeats = a.repeats or (1 if a.small else 3)
+    tokens = {
+        "tiny": a.tiny_new_tokens or (32 if a.small else 256),
+        "large": a.large_new_tokens or (4 if a.small else 32),
+    }
+    c.console.print(f"[bold]loopscope overhead[/bold] - {c.machine_line()}")
+    for v in c.VARIANTS:
+        c.console.print(f"  {v:13s} {c.VARIANT_NOTES[v]}")
+    for name in a.sizes.split(","):
+        note = " (256 requested; reduced for CPU run time)" if name == "large" and tokens[name] < 256 else ""
+        bench_size(name, c.SIZES[name], tokens[name], a.prompt, repeats, a.device, note)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""How fast can loopscope get states onto disk, against writing the same bytes the fastest ways there are?
+
+    python benchmarks/write_rate.py            # ~1 min
+    python benchmarks/write_rate.py --small    # ~15 s smoke run
+
+Why a replay: on a CPU the model computes far slower than any disk writes (the n_embd=1024 reference model makes
+~8 MB/s of states on 2 cores), so timing a real generate() measures the model, not the writer. On a GPU the
+balance flips and the writer's ceiling is what matters. So the states are real -- one prefill of the reference
+model at n_embd=1024, 32 steps, recorded with a plain hook -- and are then *replayed* through a looped module
+whose iterations cost nothing (``Replay`` below: block k returns the recorded s_k). loopscope attaches to it with
+``loop="block"`` and does all its real work: hook, copy into a host slab, queue, writer thread, chunked h5py
+writes, run file rename. Two shapes:
+
+* prefill  one forward of ``--tokens`` tokens: steps+1 writes of [tokens, H] each (big slabs);
+* decode   ``--tokens`` forwards of one token inside one generate(): (steps+1) x tokens writes of [1, H]
+           (what generate() produces after the prompt).
+
+Baselines write the same number of bytes to the same directory, no fsync (both sides end in the page cache):
+``np.ndarray.tofile`` and one h5py contiguous dataset. A third row, "h5py, same writes", issues loopscope's write
+pattern (its chunk shape, one ``dataset[...] = slab`` per iteration) from this thread with no hooks, queue or
+threads, to split loopscope's cost into "h5py doing chunked writes" and "the pipeline around them".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+import loopscope
+
+
+class _Block(nn.Module):
+    def forward(self, x, k):
+        return self.states[k]
+
+
+class Replay(nn.Module):
+    """A looped model whose iterations cost nothing: forward i replays recorded states [steps+1, 1, T, H]."""
+
+    def __init__(self, forwards: list[torch.Tensor]):
+        super().__init__()
+        self.block = _Block()
+        self.forwards = forwards
+        self.calls = 0
+
+    def forward(self, input_ids):
+        states = self.forwards[self.calls % len(self.forwards)]
+        self.calls += 1
+        self.block.states = states
+        x = states[0]  # s0: the block's input at its first call
+        for k in range(1, states.shape[0]):
+            x = self.block(x, k)
+        return x
+
+    def generate(self, input_ids, forwards: int):
+        """One token per forward, like decoding: loopscope records all of it as one run."""
+        for i in range(forwards):
+            self(input_ids=input_ids[:, i : i + 1])
+
+
+def record_states(tokens: int, record: int, steps: int) -> torch.Tensor:
+    """Real states [steps+1, 1, tokens, H] of the n_embd=1024 reference model: one prefill of ``record`` tokens
+    (s0 from the adapter's input, s_k from core_block[-1]), tiled along tokens up to ``tokens``."""
+    model = c.build_model(c.SIZES["large"]["config"])
+    hidden = model.config.n_embd
+    seen: list[torch.Tensor] = []
+    hooks = [
+        model.transformer.adapter.register_forward_pre_hook(
+            lambda m, args: None if seen else seen.append(args[0][..., :hidden].clone())
+        ),
+        model.transformer.core_block[-1].register_forward_hook(lambda m, args, out: seen.append(out.clone())),
+    ]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(c.prompt(model, record), num_steps=steps)
+    for h in hooks:
+        h.remove()
+    states = torch.stack(seen)  # [steps+1, 1, record, H]
+    reps = -(-tokens // record)
+    return states.repeat(1, 1, reps, 1)[:, :, :tokens].contiguous()
+
+
+def capture(model: Replay, path: str, shape: str, ids: torch.Tensor) -> None:
+    with loopscope.attach(model, path, loop="block", mode="w"):
+        if shape == "prefill":
+            model(input_ids=ids)
+        else:
+            model.generate(ids, ids.shape[1])
+
+
+def same_writes(path: str, states: torch.Tensor, shape: str, chunks) -> None:
+    """loopscope's write pattern without loopscope: chunked dataset, one write per iteration, this thread only."""
+    steps1, _, tokens, hidden = states.shape
+    arrays = states[:, 0].numpy()  # [steps+1, tokens, H]
+    with h5py.File(path, "w", libver="latest", rdcc_nbytes=64 << 20, rdcc_w0=1.0) as f:
+        ds = f.create_dataset("states", shape=(tokens, steps1, hidden), dtype=np.float32, chunks=chunks)
+        if shape == "prefill":
+            for k in range(steps1):
+                ds[:, k, :] = arrays[k]
+        else:
+            for t in range(tokens):
+                for k in range(steps1):
+                    ds[t, k, :] = arrays[k, t]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="~15 s smoke run")
+    p.add_argument("--tokens", type=int, default=None, help="tokens replayed per shape (default 512, --small 64)")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--record", type=int, default=None, help="prefill length actually computed (default 64)")
+    p.add_argument("--repeats", type=int, default=None, help="default 5 (--small 1)")
+    a = p.parse_args()
+    tokens = a.tokens or (64 if a.small else 512)
+    record = a.record or (16 if a.small else 64)
+    repeats = a.repeats or (1 if a.small else 5)
+    c.console.print(f"[bold]loopscope write rate[/bold] - {c.machine_line()}")
+
+    t0 = time.perf_counter()
+    states = record_states(tokens, min(record, tokens), a.steps)
+    steps1, _, _, hidden = states.shape
+    nbytes = states.numel() * states.element_size()
+    c.console.print(
+        f"recorded {record} prefill tokens of the n_embd={hidden} reference model at {a.steps} steps in "
+        f"{time.perf_counter() - t0:.1f} s; replaying {tokens} tokens x {steps1} states x {hidden} float32 = "
+        f"{c.fmt_bytes(nbytes)} per run"
+    )
+    prefill_model = Replay([states])
+    decode_model = Replay([states[:, :, t : t + 1] for t in range(tokens)])
+    ids = torch.arange(tokens).remainder(256).unsqueeze(0)
+    flat = states.numpy().reshape(-1)
+
+    with c.workdir() as work:
+        path = os.path.join(work, "run.h5")
+        capture(prefill_model, path, "prefill", ids)  # warm-up, and the chunk shape loopscope picks
+        with loopscope.open(path) as f:
+            chunks = f.runs[0].dataset().chunks
+            written = c.states_bytes(path)
+        assert written == nbytes, (written, nbytes)
+        c.clear_dir(work)
+
+        def timed(fn) -> float:
+            t = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t
+            c.clear_dir(work)
+            return dt
+
+        cases = {
+            "tofile": lambda: flat.tofile(path),
+            "h5py contiguous": lambda: h5py.File(path, "w").create_dataset("states", data=flat).file.close(),
+            "loopscope prefill": lambda: capture(prefill_model, path, "prefill", ids),
+            "h5py, same writes: prefill": lambda: same_writes(path, states, "prefill", chunks),
+            "loopscope decode": lambda: capture(decode_model, path, "decode", ids),
+            "h5py, same writes: decode": lambda: same_writes(path, states, "decode", chunks),
+        }
+        for fn in cases.values():
+            timed(fn)
+        times = c.interleaved(list(cases), repeats, lambda name: timed(cases[name]))
+
+    raw = {name: nbytes / c.median(times[name]) for name in ("tofile", "h5py contiguous")}
+    rows = []
+    for name in cases:
+        rate = nbytes / c.median(times[name])
+        rows.append(
+            [
+                name,
+                f"{c.median(times[name]):.3f}",
+                f"{rate / c.MB:,.0f}",
+                f"{rate / raw['tofile']:.3f}",
+                f"{rate / raw['h5py contiguous']:.3f}",
+            ]
+        )
+    c.table(
+        f"{c.fmt_bytes(nbytes)} per run ({tokens} tokens x {steps1} states x H={hidden}, float32), chunks "
+        f"{chunks}; median of {repeats}",
+        ["writer", "seconds", "MB/s", "/ tofile", "/ h5py contiguous"],
+        rows,
+        caption="writes end in the page cache (no fsync); decode = one forward per token, as in generate()",
+    )
+
+
+if __name__ == "__main__":
+    main()

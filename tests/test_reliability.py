@@ -1,0 +1,145 @@
+"""Failures that must not cost data: a write that fails mid-capture, and a reader while capture goes on.
+
+Both run a real capture in a child process (real files, real h5py, real OS limits).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import loopscope
+
+CHILD_PRELUDE = textwrap.dedent(
+    """
+    import resource, signal, sys, time, torch
+    import loopscope
+    from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+    from loopscope.storage.errors import CaptureWriteError
+    register(); torch.manual_seed(0)
+    model = RavenReferenceForCausalLM(tiny_config()).eval()
+    path = sys.argv[1]
+    """
+)
+
+
+def _run_child(body: str, path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(body), str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+FULL_DISK_BODY = """
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    cap = loopscope.attach(model, path)
+    short = torch.arange(3, 11).unsqueeze(0)
+    errors = []
+    with torch.no_grad():
+        model(short, num_steps=4); model(short, num_steps=5)
+        try:  # the writer trails the model, so the error surfaces at this call, the next one, or close()
+            model(torch.arange(3, 259).unsqueeze(0), num_steps=16)  # ~1 MB of states: over the limit
+            for _ in range(50):
+                model(short, num_steps=3)
+        except CaptureWriteError as exc:
+            errors.append(str(exc))
+        print("HOOKS", any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()))
+        torch.manual_seed(5); after = model(short, num_steps=3).logits
+    try:
+        cap.close()
+    except CaptureWriteError as exc:
+        errors.append(str(exc))
+    print("ERROR", errors[0] if errors else "none")
+    torch.manual_seed(5); print("SAME", torch.equal(after, model(short, num_steps=3).logits), flush=True)
+    """
+
+
+def test_failed_write_keeps_earlier_runs_and_detaches(tmp_path):
+    """A file-size limit (as a full quota would) hits the third run: one clear error, hooks gone, runs 0-1 intact."""
+    child = _run_child(FULL_DISK_BODY, tmp_path / "full.h5")
+    out, err = child.communicate(timeout=120)
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert "SAME" in lines, err  # the child got through capture, failure, close and a clean model call
+    assert lines["ERROR"].startswith("writing") and "File too large" in lines["ERROR"]
+    assert "\n" not in lines["ERROR"]
+    assert lines["HOOKS"] == "False" and lines["SAME"] == "True"
+    with loopscope.open(tmp_path / "full.h5") as capture:
+        assert [int(r.num_steps[0]) for r in capture.runs] == [4, 5]
+        for run in capture.runs:
+            assert not np.isnan(run.states()).any()
+        assert len(capture.incomplete_runs) == 1
+
+
+@pytest.mark.xfail(strict=False, reason="after a failed HDF5 write the interpreter sometimes segfaults at exit")
+def test_process_exits_cleanly_after_failed_write(tmp_path):
+    for _ in range(3):
+        child = _run_child(FULL_DISK_BODY, tmp_path / "exit.h5")
+        child.communicate(timeout=120)
+        assert child.returncode == 0
+        for leftover in (tmp_path / "exit.h5.runs").iterdir():
+            leftover.unlink()
+        (tmp_path / "exit.h5").unlink()
+
+
+def test_reader_sees_completed_runs_while_capture_runs(tmp_path):
+    body = """
+    cap = loopscope.attach(model, path)
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        for i in range(3):
+            model(ids, num_steps=i + 2)
+    cap.flush()  # the writer trails the model; wait for it
+    print("READY", flush=True)
+    sys.stdin.readline()  # wait while the parent reads
+    with torch.no_grad():
+        model(ids, num_steps=9)
+    cap.close()
+    print("DONE", flush=True)
+    """
+    path = tmp_path / "live.h5"
+    child = _run_child(body, path, stdin=subprocess.PIPE)
+    assert child.stdout.readline().strip() == "READY", child.stderr.read()
+    with loopscope.open(path) as capture:  # the capture is still open in the child
+        assert [int(r.num_steps[0]) for r in capture.runs] == [2, 3, 4]
+        assert capture.runs[2].states().shape == (16, 5, 64)
+    child.stdin.write("\n")
+    child.stdin.flush()
+    out, err = child.communicate(timeout=60)
+    assert "DONE" in out, err
+    with loopscope.open(path) as capture:
+        assert [int(r.num_steps[0]) for r in capture.runs] == [2, 3, 4, 9]
+
+
+def test_killed_writer_keeps_completed_runs(tmp_path):
+    body = """
+    cap = loopscope.attach(model, path)
+    ids = torch.arange(3, 35).unsqueeze(0)
+    with torch.no_grad():
+        for i in range(10_000):
+            model(ids, num_steps=6)
+            print("RUN", i, flush=True)
+    """
+    path = tmp_path / "killed.h5"
+    child = _run_child(body, path)
+    finished = 0
+    deadline = time.monotonic() + 60
+    while finished < 5 and time.monotonic() < deadline:
+        if child.stdout.readline().startswith("RUN"):
+            finished += 1
+    child.kill()  # SIGKILL, mid-capture
+    child.wait(timeout=30)
+    assert finished == 5
+    with loopscope.open(path) as capture:
+        # the model's forward returns once its states are queued; the writer may trail by a run
+        assert len(capture.runs) >= finished - 1
+        for run in capture.runs:
+            assert run.states().shape == (32, 7, 64) and not np.isnan(run.states()).any()
