@@ -128,7 +128,10 @@ def _check_figure_path(out: Path) -> None:
 
 
 def _size(path: Path) -> str:
-    size = float(os.path.getsize(path))
+    """Size of the index plus its run files."""
+    from ..storage.capture_file import list_run_files
+
+    size = float(os.path.getsize(path) + sum(os.path.getsize(p) for p, _ in list_run_files(str(path)).values()))
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
