@@ -245,12 +245,16 @@ def machine_line() -> str:
 
 
 def table(title: str, columns: list[str], rows: list[list], caption: str | None = None) -> None:
-    t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    """A rich table; the title and caption are printed as plain lines so they never wrap to the table's width."""
+    console.print(f"\n[bold]{title}[/bold]")
+    t = Table()
     for i, c in enumerate(columns):
         t.add_column(c, justify="left" if i == 0 else "right")
     for row in rows:
         t.add_row(*[str(x) for x in row])
     console.print(t)
+    if caption:
+        console.print(caption)
 
 
 def fmt_bytes(n: float) -> str:

@@ -69,7 +69,6 @@ def bench_size(name: str, size: dict, new_tokens: int, prompt_len: int, repeats:
         rows,
         caption=f"greedy outputs identical across all runs: {'yes' if same else 'NO'}",
     )
-    return {v: c.median(r.total_s for r in results[v]) / plain for v in c.VARIANTS}
 
 
 def main() -> None:

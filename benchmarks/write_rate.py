@@ -4,7 +4,7 @@
     python benchmarks/write_rate.py --small    # ~15 s smoke run
 
 Why a replay: on a CPU the model computes far slower than any disk writes (the n_embd=1024 reference model makes
-~8 MB/s of states on 2 cores), so timing a real generate() measures the model, not the writer. On a GPU the
+~1 MB/s of states decoding, ~4 MB/s in prefill, on 2 cores), so timing a real generate() measures the model, not the writer. On a GPU the
 balance flips and the writer's ceiling is what matters. So the states are real -- one prefill of the reference
 model at n_embd=1024, 32 steps, recorded with a plain hook -- and are then *replayed* through a looped module
 whose iterations cost nothing (``Replay`` below: block k returns the recorded s_k). loopscope attaches to it with
@@ -19,6 +19,7 @@ Baselines write the same number of bytes to the same directory, no fsync (both s
 ``np.ndarray.tofile`` and one h5py contiguous dataset. A third row, "h5py, same writes", issues loopscope's write
 pattern (its chunk shape, one ``dataset[...] = slab`` per iteration) from this thread with no hooks, queue or
 threads, to split loopscope's cost into "h5py doing chunked writes" and "the pipeline around them".
+Rates use the best of ``--repeats`` interleaved runs (medians shown beside them).
 """
 
 from __future__ import annotations
@@ -165,13 +166,17 @@ def main() -> None:
             timed(fn)
         times = c.interleaved(list(cases), repeats, lambda name: timed(cases[name]))
 
-    raw = {name: nbytes / c.median(times[name]) for name in ("tofile", "h5py contiguous")}
+    # Best of N: a 10 ms raw write is at the mercy of the kernel's background work on this VM (one in three took
+    # 0.15 s), and the question is each writer's speed, not the machine's hiccups. Medians are shown too.
+    best = {name: min(ts) for name, ts in times.items()}
+    raw = {name: nbytes / best[name] for name in ("tofile", "h5py contiguous")}
     rows = []
     for name in cases:
-        rate = nbytes / c.median(times[name])
+        rate = nbytes / best[name]
         rows.append(
             [
                 name,
+                f"{best[name]:.3f}",
                 f"{c.median(times[name]):.3f}",
                 f"{rate / c.MB:,.0f}",
                 f"{rate / raw['tofile']:.3f}",
@@ -179,9 +184,9 @@ def main() -> None:
             ]
         )
     c.table(
-        f"{c.fmt_bytes(nbytes)} per run ({tokens} tokens x {steps1} states x H={hidden}, float32), chunks "
-        f"{chunks}; median of {repeats}",
-        ["writer", "seconds", "MB/s", "/ tofile", "/ h5py contiguous"],
+        f"{c.fmt_bytes(nbytes)} per run ({tokens} tokens x {steps1} states x H={hidden}, float32), loopscope's "
+        f"chunks {chunks}; best of {repeats}",
+        ["writer", "best s", "median s", "MB/s", "/ tofile", "/ h5py contiguous"],
         rows,
         caption="writes end in the page cache (no fsync); decode = one forward per token, as in generate()",
     )

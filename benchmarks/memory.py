@@ -1,0 +1,115 @@
+"""Does host memory stay flat while loopscope records a long generation, where a hand-written recorder grows?
+
+    python benchmarks/memory.py            # ~4 min on 2 CPU cores
+    python benchmarks/memory.py --small    # ~20 s smoke run
+
+For each variant and each number of generated tokens, a fresh subprocess builds the model, warms the variant up
+(2 tokens), resets its peak RSS (``/proc/self/clear_refs``), generates, and reports VmHWM minus the RSS just before
+generate(). Fresh processes keep one run's peak from hiding in another's. Variants: plain (no hooks: the KV cache
+and the outputs grow with every token in all three), loopscope (attach ... close) and naive (hook appending
+``.detach().cpu()``, h5py write at the end; ``non_blocking`` behaves the same on CPU). The columns "- plain"
+subtract the plain run of the same length, leaving what recording adds.
+
+The model: the reference model at n_embd=256, 4 heads, intermediate 512, one core block, 32 steps: 33 KB of
+states per token, cheap enough per token on a CPU to reach 1024 tokens in the time budget. Children run two at a
+time (``--jobs``): RSS is per process, and nothing here is timed. Each cell runs in ``--repeats`` processes
+(default 2) because naive's peak is a lottery: the same run peaked at 66 MiB four times and 217 and 353 MiB twice.
+
+What to expect (see README.md): loopscope's extra memory is bounded, not zero -- it grows with the capture until
+HDF5's chunk cache of the open run file (64 MiB, ``RunFiles.cache_bytes``) is full, plus at most ``buffer_mb`` of
+staging slabs. naive grows faster than the states it keeps: thousands of small tensors kept alive pin glibc heap
+pages between the KV cache's freed buffers (``MALLOC_MMAP_THRESHOLD_=131072`` removes most of that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
+
+MODEL = dict(n_embd=256, num_attention_heads=4, intermediate_size=512, n_layers_in_recurrent_block=1, block_size=4096)
+STEPS = 32
+PROMPT = 16
+VARIANTS = ("plain", "loopscope", "naive")
+
+
+def child(variant: str, tokens: int) -> None:
+    """Runs in the subprocess: one measurement, printed as one JSON line."""
+    model = c.build_model(MODEL)
+    ids = c.prompt(model, PROMPT)
+    with c.workdir() as work:
+        c.run_variant(variant, model, ids, STEPS, 2, work)  # warm-up: imports, allocator, first-call paths
+        gc.collect()
+        reset = c.reset_peak_rss()
+        rss0 = c.proc_status_kb("VmRSS")
+        hwm0 = c.proc_status_kb("VmHWM")
+        result = c.run_variant(variant, model, ids, STEPS, tokens, work)
+        hwm1 = c.proc_status_kb("VmHWM")
+    # Without a reset, a peak reached before generate() (model init) can hide growth: say so.
+    print(json.dumps(dict(growth_kb=hwm1 - rss0, reset=reset, hwm_before_kb=hwm0, bytes=result.bytes,
+                          seconds=result.total_s)))
+
+
+def measure(variant: str, tokens: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", variant, str(tokens)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="~20 s smoke run: 16 and 64 tokens, one process per cell")
+    p.add_argument("--tokens", default=None, help="comma-separated counts (default 32,128,512,1024)")
+    p.add_argument("--repeats", type=int, default=None, help="processes per cell (default 2, --small 1)")
+    p.add_argument("--jobs", type=int, default=2, help="subprocesses at a time (default 2)")
+    p.add_argument("--child", nargs=2, metavar=("VARIANT", "TOKENS"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        child(a.child[0], int(a.child[1]))
+        return
+    repeats = a.repeats or (1 if a.small else 2)
+    counts = [int(t) for t in (a.tokens or ("16,64" if a.small else "32,128,512,1024")).split(",")]
+    c.console.print(f"[bold]loopscope memory[/bold] - {c.machine_line()}")
+    c.console.print(
+        f"model: n_embd={MODEL['n_embd']}, intermediate {MODEL['intermediate_size']}, 1 core block, {STEPS} steps, "
+        f"prompt {PROMPT}; peak RSS growth during generate(), one fresh process per cell"
+    )
+    cells = [(v, t) for t in counts for v in VARIANTS for _ in range(repeats)]
+    # Two children at a time: each measures only its own RSS, and the machine has the cores for it.
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        measured = list(pool.map(lambda cell: measure(*cell), cells))
+    results: dict[tuple, list[dict]] = {}
+    for cell, r in zip(cells, measured):
+        results.setdefault(cell, []).append(r)
+    if not all(r["reset"] for r in measured):
+        c.console.print("[yellow]could not reset VmHWM (/proc/self/clear_refs): growth may be understated[/yellow]")
+
+    def mib(v, t):
+        return sorted(r["growth_kb"] / 1024 for r in results[v, t])
+
+    def cell(values):
+        return f"{values[0]:.1f}" if len(values) == 1 or values[-1] - values[0] < 1 else f"{values[0]:.1f}-{values[-1]:.1f}"
+
+    rows = []
+    for t in counts:
+        low = {v: mib(v, t)[0] for v in VARIANTS}
+        rows.append(
+            [t, f"{results['loopscope', t][0]['bytes'] / 2**20:.1f}"]
+            + [cell(mib(v, t)) for v in VARIANTS]
+            + [f"{low['loopscope'] - low['plain']:+.1f}", f"{low['naive'] - low['plain']:+.1f}"]
+        )
+    c.table(
+        f"peak RSS growth during generate(), MiB (min-max over {repeats} process(es) per cell; differences use the minimums)",
+        ["new tokens", "states", "plain", "loopscope", "naive", "loopscope - plain", "naive - plain"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
