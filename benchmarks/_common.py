@@ -24,7 +24,6 @@ import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import h5py  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -196,7 +195,7 @@ def median(values) -> float:
 
 @contextlib.contextmanager
 def workdir(prefix: str = "loopscope-bench-"):
-    """A temporary directory for captures, removed at the end (in the system temp dir unless --dir says)."""
+    """A temporary directory for captures, removed at the end (under $LOOPSCOPE_BENCH_DIR, else the system's)."""
     path = tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("LOOPSCOPE_BENCH_DIR"))
     try:
         yield path

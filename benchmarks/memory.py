@@ -1,7 +1,7 @@
 """Does host memory stay flat while loopscope records a long generation, where a hand-written recorder grows?
 
-    python benchmarks/memory.py            # ~4 min on 2 CPU cores
-    python benchmarks/memory.py --small    # ~20 s smoke run
+    python benchmarks/memory.py            # ~2.5 min on 2 CPU cores (--repeats 2: ~5 min)
+    python benchmarks/memory.py --small    # ~20 s smoke run (3 processes; importing torch takes 4 s each)
 
 For each variant and each number of generated tokens, a fresh subprocess builds the model, warms the variant up
 (2 tokens), resets its peak RSS (``/proc/self/clear_refs``), generates, and reports VmHWM minus the RSS just before
@@ -12,13 +12,15 @@ subtract the plain run of the same length, leaving what recording adds.
 
 The model: the reference model at n_embd=256, 4 heads, intermediate 512, one core block, 32 steps: 33 KB of
 states per token, cheap enough per token on a CPU to reach 1024 tokens in the time budget. Children run two at a
-time (``--jobs``): RSS is per process, and nothing here is timed. Each cell runs in ``--repeats`` processes
-(default 2) because naive's peak is a lottery: the same run peaked at 66 MiB four times and 217 and 353 MiB twice.
+time (``--jobs``): RSS is per process, and nothing here is timed.
 
 What to expect (see README.md): loopscope's extra memory is bounded, not zero -- it grows with the capture until
 HDF5's chunk cache of the open run file (64 MiB, ``RunFiles.cache_bytes``) is full, plus at most ``buffer_mb`` of
-staging slabs. naive grows faster than the states it keeps: thousands of small tensors kept alive pin glibc heap
-pages between the KV cache's freed buffers (``MALLOC_MMAP_THRESHOLD_=131072`` removes most of that).
+staging slabs. naive keeps every state, and its peak is erratic on top of that: tens of thousands of small
+tensors kept alive fragment glibc's heap arenas (the OpenMP worker threads allocate in arenas of their own), so
+the same 512-token run peaked anywhere from 66 to 353 MiB over 11 processes, and 1024 tokens from 0.13 to 1.3 GiB
+over 5; ``MALLOC_ARENA_MAX=1`` or ``MALLOC_MMAP_THRESHOLD_=131072`` brings 1024 tokens back to ~130 MiB. Use
+``--repeats 2`` to see the spread.
 """
 
 from __future__ import annotations
@@ -64,17 +66,17 @@ def measure(variant: str, tokens: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--small", action="store_true", help="~20 s smoke run: 16 and 64 tokens, one process per cell")
+    p.add_argument("--small", action="store_true", help="smoke run: 64 tokens only")
     p.add_argument("--tokens", default=None, help="comma-separated counts (default 32,128,512,1024)")
-    p.add_argument("--repeats", type=int, default=None, help="processes per cell (default 2, --small 1)")
+    p.add_argument("--repeats", type=int, default=None, help="processes per cell (default 1)")
     p.add_argument("--jobs", type=int, default=2, help="subprocesses at a time (default 2)")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "TOKENS"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         child(a.child[0], int(a.child[1]))
         return
-    repeats = a.repeats or (1 if a.small else 2)
-    counts = [int(t) for t in (a.tokens or ("16,64" if a.small else "32,128,512,1024")).split(",")]
+    repeats = a.repeats or 1
+    counts = [int(t) for t in (a.tokens or ("64" if a.small else "32,128,512,1024")).split(",")]
     c.console.print(f"[bold]loopscope memory[/bold] - {c.machine_line()}")
     c.console.print(
         f"model: n_embd={MODEL['n_embd']}, intermediate {MODEL['intermediate_size']}, 1 core block, {STEPS} steps, "
@@ -94,7 +96,9 @@ def main() -> None:
         return sorted(r["growth_kb"] / 1024 for r in results[v, t])
 
     def cell(values):
-        return f"{values[0]:.1f}" if len(values) == 1 or values[-1] - values[0] < 1 else f"{values[0]:.1f}-{values[-1]:.1f}"
+        if len(values) == 1 or values[-1] - values[0] < 1:
+            return f"{values[0]:.1f}"
+        return f"{values[0]:.1f}-{values[-1]:.1f}"
 
     rows = []
     for t in counts:
@@ -105,7 +109,8 @@ def main() -> None:
             + [f"{low['loopscope'] - low['plain']:+.1f}", f"{low['naive'] - low['plain']:+.1f}"]
         )
     c.table(
-        f"peak RSS growth during generate(), MiB (min-max over {repeats} process(es) per cell; differences use the minimums)",
+        "peak RSS growth during generate(), MiB"
+        + (f" (min-max over {repeats} processes per cell; differences use the minimums)" if repeats > 1 else ""),
         ["new tokens", "states", "plain", "loopscope", "naive", "loopscope - plain", "naive - plain"],
         rows,
     )

@@ -1,7 +1,7 @@
 """What does recording every iteration cost a ``generate()`` call, against doing nothing and against the two
 recorders people write by hand?
 
-    python benchmarks/overhead.py            # ~4 min on 2 CPU cores
+    python benchmarks/overhead.py            # ~3 min on 2 CPU cores
     python benchmarks/overhead.py --small    # ~20 s smoke run
 
 Variants (same model, prompt, seed; greedy decoding; default init_scale, so s0 is random but seeded):
@@ -18,7 +18,7 @@ the write at the end, and keep every state alive until then (see memory.py).
 
 Two sizes: ``tiny`` (tiny_config defaults, 8 steps, 256 new tokens) and ``large`` (n_embd=1024, 8 heads,
 intermediate 2816, 32 steps). The large model decodes at ~0.3 s per token on 2 CPU cores, so 256 new tokens would
-take ~80 s per run and ~17 min for the 13 runs; it generates 32 new tokens by default instead
+take ~80 s per run and ~16 min for the 12 timed runs; it generates 32 new tokens by default instead
 (``--large-new-tokens``). Each variant gets a short warm-up run, then ``--repeats`` timed runs in rotating order;
 the table shows medians. "total" is what the user waits for: attach/hooks + generate + close/final write.
 """

@@ -1,15 +1,15 @@
 """How fast can loopscope get states onto disk, against writing the same bytes the fastest ways there are?
 
-    python benchmarks/write_rate.py            # ~1 min
-    python benchmarks/write_rate.py --small    # ~15 s smoke run
+    python benchmarks/write_rate.py            # ~45 s
+    python benchmarks/write_rate.py --small    # ~10 s smoke run
 
-Why a replay: on a CPU the model computes far slower than any disk writes (the n_embd=1024 reference model makes
-~1 MB/s of states decoding, ~4 MB/s in prefill, on 2 cores), so timing a real generate() measures the model, not the writer. On a GPU the
-balance flips and the writer's ceiling is what matters. So the states are real -- one prefill of the reference
-model at n_embd=1024, 32 steps, recorded with a plain hook -- and are then *replayed* through a looped module
-whose iterations cost nothing (``Replay`` below: block k returns the recorded s_k). loopscope attaches to it with
-``loop="block"`` and does all its real work: hook, copy into a host slab, queue, writer thread, chunked h5py
-writes, run file rename. Two shapes:
+Why a replay: on a CPU the model computes far slower than any disk writes (the n_embd=1024 reference model
+makes ~1 MB/s of states decoding, ~4 MB/s in prefill, on 2 cores), so timing a real generate() measures the model,
+not the writer. On a GPU the balance flips and the writer's ceiling is what matters. So the states are real -- one prefill
+of the reference model at n_embd=1024, 32 steps, recorded with a plain hook -- and are then *replayed* through a
+looped module whose iterations cost nothing (``Replay`` below: block k returns the recorded s_k). loopscope
+attaches to it with ``loop="block"`` and does all its real work: hook, copy into a host slab, queue, writer thread,
+chunked h5py writes, run file rename. Two shapes:
 
 * prefill  one forward of ``--tokens`` tokens: steps+1 writes of [tokens, H] each (big slabs);
 * decode   ``--tokens`` forwards of one token inside one generate(): (steps+1) x tokens writes of [1, H]
@@ -113,7 +113,7 @@ def same_writes(path: str, states: torch.Tensor, shape: str, chunks) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--small", action="store_true", help="~15 s smoke run")
+    p.add_argument("--small", action="store_true", help="~10 s smoke run")
     p.add_argument("--tokens", type=int, default=None, help="tokens replayed per shape (default 512, --small 64)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--record", type=int, default=None, help="prefill length actually computed (default 64)")
