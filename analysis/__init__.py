@@ -1,12 +1,24 @@
-"""Offline analysis of capture files (no torch import needed)."""
+"""Offline analysis of capture files (no torch import needed): s*, per-token measures, PCA, figures."""
 
-from .convergence import convergence
+from .metrics import METRICS, TokenMetrics, convergence, step_profile, token_metrics
+from .pca import TrajectoryPCA, trajectory_pca
 
-__all__ = ["convergence", "heatmap"]
+__all__ = [
+    "METRICS",
+    "TokenMetrics",
+    "TrajectoryPCA",
+    "convergence",
+    "figures",
+    "step_profile",
+    "token_metrics",
+    "trajectory_pca",
+]
 
 
-def heatmap(*args, **kwargs):
-    """See :func:`loopscope.analysis.figures.heatmap` (imported lazily: matplotlib is slow to import)."""
-    from .figures import heatmap as _heatmap
+def __getattr__(name):
+    # matplotlib is slow to import: the figures module loads on first use.
+    if name == "figures":
+        import importlib
 
-    return _heatmap(*args, **kwargs)
+        return importlib.import_module(".figures", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

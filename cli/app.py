@@ -5,15 +5,18 @@ Every expected failure is a :class:`LoopscopeError` and becomes one red line and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..analysis.metrics import DEFAULT_TOL, METRIC_HELP, METRICS
 from ..storage.errors import LoopscopeError
 
 app = typer.Typer(
@@ -22,8 +25,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True)
+console = Console(soft_wrap=True)  # paths are printed whole, never wrapped
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def _friendly(fn):
@@ -89,42 +92,225 @@ def info(file: Path = typer.Argument(..., help="A capture file (.h5).")):
 
 @app.command()
 @_friendly
+def capture(
+    model: str = typer.Argument(..., help="A local model directory or a hub id (loaded with AutoModelForCausalLM)."),
+    out: Path = typer.Option(..., "--out", help="Capture file to write (.h5)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (one run)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="One prompt per line (one run each)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Iterations per token (num_steps); default: the model's."),
+    max_new_tokens: int = typer.Option(0, "--max-new-tokens", help="Tokens to generate; 0 records one forward."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (Huginn)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    mode: str = typer.Option("w-", "--mode", help="w- refuses an existing file, w overwrites, a appends runs."),
+    seed: int = typer.Option(0, "--seed", help="torch seed set before each prompt (Huginn draws s0 at random)."),
+):
+    """Load a model, run the prompts through it with loopscope attached, and write the capture."""
+    from transformers.utils import logging as hf_logging
+
+    from ..hooks.pretrained import capture_prompts, check_counts, load_pretrained, read_prompts
+
+    prompts = read_prompts(prompt, prompt_file)
+    check_counts(steps, max_new_tokens)
+    if out.exists() and mode == "w-":
+        raise LoopscopeError(f"{out} exists; pass --mode w to overwrite or --mode a to append runs")
+    hf_logging.disable_progress_bar()  # our own status line says what is loading
+    with console.status(f"loading {model}…"):
+        loaded, tokenizer = load_pretrained(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+    with _progress("capturing prompts", len(prompts)) as advance:
+        summary = capture_prompts(
+            loaded, tokenizer, prompts, out, steps=steps, max_new_tokens=max_new_tokens, mode=mode, seed=seed,
+            on_prompt=lambda i: advance(1),
+        )
+    console.print(
+        f"wrote [bold]{summary.path}[/bold]: {summary.prompts} prompt(s), {summary.tokens} tokens, on {summary.device}"
+    )
+
+
+@app.command()
+@_friendly
 def plot(
     file: Path = typer.Argument(..., help="A capture file (.h5)."),
-    run: int = typer.Option(0, "--run", help="Run index (see `loopscope info`)."),
-    out: Path = typer.Option(Path("convergence.png"), "--out", help="Output figure (.png, .pdf or .svg)."),
+    kind: str = typer.Option("heatmap", "--kind", help="heatmap, pca, curves, exits or compare."),
+    run: List[int] = typer.Option([0], "--run", help="Run index (see `loopscope info`); repeat for curves."),
+    reference: str = typer.Option(
+        "final", "--reference", help="s*: final (each token's last state), a run index, or FILE[:RUN]."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Figure file (.png, .pdf or .svg); default KIND.png."),
     space: str = typer.Option(
         "auto", "--space", help="readout (final norm applied, as in the paper), state, or auto (readout if stored)."
     ),
     loop: Optional[str] = typer.Option(None, "--loop", help="Which loop, for models with several."),
+    zeros: str = typer.Option("clip", "--zeros", help="heatmap: show s* itself (distance 0) at the floor (clip) or blank (drop)."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="pca: token indices, e.g. 3,7,12 (default: fastest, median and slowest to converge)."),
+    basis: str = typer.Option("token", "--basis", help="pca: components per token, or shared by the tokens shown."),
+    metric: str = typer.Option("distance", "--metric", help="curves: " + ", ".join(METRICS) + "."),
+    tol: float = typer.Option(DEFAULT_TOL, "--tol", help="exits/pca: relative distance that counts as converged."),
+    other: Optional[str] = typer.Option(None, "--other", help="compare: the second run, as a run index or FILE[:RUN]."),
 ):
-    """Draw the convergence heatmap of one run."""
+    """Draw a figure of one run (or several, for curves): heatmap, PCA trajectories, curves, exits, compare."""
+    from ..analysis import figures
+    from ..analysis.pca import trajectory_pca
+    from ..analysis.reference import open_reference_run, parse_reference
     from ..storage.reader import CaptureFile
-    from ..analysis.figures import heatmap
-    from ..analysis.convergence import convergence, resolve_space
 
-    _check_figure_path(out)
-    with CaptureFile(file) as capture:
-        chosen = capture.run(run)
-        distances = convergence(chosen, space=space, loop=loop)
-        space = resolve_space(chosen, space)
-        heatmap(
-            distances,
-            out,
-            tokens=chosen.tokens,
-            positions=chosen.positions,
-            space=space,
-            title=f"{Path(file).name}, run {chosen.index}",
-        )
-    console.print(f"wrote [bold]{out}[/bold]")
+    if kind not in PLOT_KINDS:
+        raise LoopscopeError(f"--kind {kind}: use one of {', '.join(PLOT_KINDS)}")
+    out = figures.check_figure_path(out if out is not None else Path(f"{kind}.png"))
+    if len(run) > 1 and kind != "curves":
+        raise LoopscopeError(f"--kind {kind} draws one run; repeat --run only for curves")
+    ref = parse_reference(reference)
+    with CaptureFile(file) as capture, contextlib.ExitStack() as stack:
+        chosen = [capture.run(i) for i in run]
+        first = chosen[0]
+        name = Path(file).name
+        if kind == "heatmap":
+            m = _metrics(first, ref, space, loop)
+            written = figures.heatmap(
+                m.distance, out, tokens=first.tokens, positions=first.positions, reference=m.reference,
+                space=m.space, zeros=zeros, title=f"{name}, run {first.index}: convergence of the latent state",
+            )
+        elif kind == "compare":
+            if other is None:
+                raise LoopscopeError("--kind compare needs --other: a run index or FILE[:RUN]")
+            second = open_reference_run(first, parse_reference(other), stack)
+            a, b = _metrics(first, ref, space, loop), _metrics(second, ref, space, loop)
+            written = figures.compare(
+                a.distance, b.distance, out, tokens=first.tokens, reference=a.reference, space=a.space, zeros=zeros,
+                titles=(_run_title(first), _run_title(second)),
+            )
+        elif kind == "curves":
+            if metric not in METRICS:
+                raise LoopscopeError(f"--metric {metric}: use one of {', '.join(METRICS)}")
+            series = [(_run_title(r), _metrics(r, ref, space, loop)[metric]) for r in chosen]
+            written = figures.curves(
+                series, out, ylabel=METRIC_HELP[metric], log=metric not in ("cosine", "norm"),
+                title=f"{name}: {METRIC_HELP[metric]} per iteration, s* = {reference}",
+            )
+        elif kind == "exits":
+            steps = first.steps_of(loop)
+            if np.unique(steps).size > 1:
+                written = figures.exits(steps, out, title=f"{_run_title(first)}: steps to exit (adaptive depth)")
+            else:
+                converged = _metrics(first, ref, space, loop).convergence_steps(tol)
+                written = figures.exits(
+                    converged, out, xlabel=f"First step with ||s - s*|| / ||s*|| <= {tol:g} from then on",
+                    title=f"{_run_title(first)}: fixed depth {int(steps.max()) if steps.size else 0}, convergence step per token",
+                )
+        else:
+            selected = _parse_tokens(tokens) if tokens else _typical_tokens(_metrics(first, ref, space, loop), tol)
+            trajectories = trajectory_pca(first, selected, space=space, loop=loop, basis=basis)
+            written = figures.pca_trajectories(
+                trajectories, out, title=f"{_run_title(first)}: latent trajectories, principal components"
+            )
+    for path in written:
+        console.print(f"wrote [bold]{path}[/bold]")
 
 
-def _check_figure_path(out: Path) -> None:
-    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise LoopscopeError(f"--out {out}: use a .png, .pdf or .svg file name")
+@app.command("convergence")
+@_friendly
+def convergence_table(
+    file: Path = typer.Argument(..., help="A capture file (.h5)."),
+    out: Path = typer.Option(..., "--out", help="CSV to write: one row per run, token and step."),
+    run: Optional[List[int]] = typer.Option(None, "--run", help="Run index; repeat for several (default: all)."),
+    reference: str = typer.Option("final", "--reference", help="s*: final, a run index, or FILE[:RUN]."),
+    space: str = typer.Option("auto", "--space", help="readout, state, or auto (readout if stored)."),
+    loop: Optional[str] = typer.Option(None, "--loop", help="Which loop, for models with several."),
+    tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Relative distance that counts as converged."),
+):
+    """Every measure per token and step (distance, relative distance, step delta, cosine, norm) as CSV."""
+    from ..analysis.reference import parse_reference
+    from ..storage.reader import CaptureFile
+
+    if out.suffix.lower() != ".csv":
+        raise LoopscopeError(f"--out {out}: use a .csv file name")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise LoopscopeError(f"--out {out}: directory {parent} does not exist; create it first")
+    table = Table("run", "tokens", "steps", "converged at (median)", "never converged", "last step delta (mean)")
+    rows = 0
+    with CaptureFile(file) as capture:
+        chosen = capture.runs if not run else [capture.run(i) for i in run]
+        if not chosen:
+            raise LoopscopeError(f"{file} has no complete runs")
+        for i, r in enumerate(chosen):
+            m = _metrics(r, parse_reference(reference), space, loop)
+            rows += m.to_csv(out, tol=tol, append=i > 0)
+            converged = m.convergence_steps(tol)
+            done = converged[converged >= 0]
+            last = m.step_delta[np.arange(len(m.num_steps)), m.num_steps] if len(m.num_steps) else np.array([])
+            table.add_row(
+                str(r.index), str(r.num_tokens), f"{m.num_steps.min()}-{m.num_steps.max()}" if r.num_tokens else "-",
+                f"{np.median(done):g}" if done.size else "-", str(int(np.sum(converged < 0))),
+                f"{np.nanmean(last):.3g}" if last.size else "-",
+            )
+    console.print(table)
+    console.print(f"wrote [bold]{out}[/bold] ({rows} rows, s* = {reference}, tolerance {tol:g})")
+
+
+@app.command()
+@_friendly
+def export(
+    file: Path = typer.Argument(..., help="A capture file (.h5)."),
+    format: str = typer.Option(..., "--format", help="npz or safetensors."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (default: FILE with the format's suffix)."),
+    run: Optional[List[int]] = typer.Option(None, "--run", help="Run index; repeat for several (default: all)."),
+):
+    """Write the states and token data to .npz or .safetensors, streamed (bf16 stays bf16 in safetensors)."""
+    from ..storage.export import FORMATS, export as export_capture
+    from ..storage.reader import CaptureFile
+
+    if format not in FORMATS:
+        raise LoopscopeError(f"--format {format}: use one of {', '.join(FORMATS)}")
+    out = out if out is not None else Path(file).with_suffix("." + format)
+    with CaptureFile(file) as capture:
+        chosen = capture.runs if not run else [capture.run(i) for i in run]
+        total = sum(r.dataset(loop).size * r.dataset(loop).dtype.itemsize for r in chosen for loop in r.loops)
+        with _progress(f"exporting to {out.name}", max(total, 1)) as advance:
+            names = export_capture(capture, out, format, runs=[r.index for r in chosen], progress=advance)
+    console.print(f"wrote [bold]{out}[/bold] ({len(names)} arrays from {len(chosen)} run(s))")
+
+
+PLOT_KINDS = ("heatmap", "pca", "curves", "exits", "compare")
+
+
+def _metrics(run, reference, space, loop):
+    """Every measure of ``run``, with a progress bar while the states stream in."""
+    from ..analysis.metrics import token_metrics
+
+    with _progress(f"run {run.index}: reading states", max(run.num_tokens, 1)) as advance:
+        return token_metrics(run, reference, space, loop=loop, progress=advance)
+
+
+@contextlib.contextmanager
+def _progress(description: str, total: int):
+    """A transient rich progress bar on stderr; yields ``advance(n)``."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=errors, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _run_title(run) -> str:
+    steps = run.num_steps
+    depth = f"{int(steps.max())} steps" if steps.size else "no steps"
+    return f"{Path(run.capture.path).name} run {run.index} ({depth})"
+
+
+def _parse_tokens(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise LoopscopeError(f"--tokens {text}: give token indices separated by commas, e.g. 3,7,12") from None
+
+
+def _typical_tokens(m, tol: float) -> list[int]:
+    """The fastest, median and slowest token to converge: three different behaviours to look at."""
+    order = np.argsort(m.convergence_steps(tol), kind="stable")
+    picks = [int(order[0]), int(order[len(order) // 2]), int(order[-1])] if len(order) else []
+    return list(dict.fromkeys(picks))
 
 
 def _size(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Offline analysis and the CLI on real captures of the reference model."""
+"""The `loopscope` command on real captures of the reference model (typer's CliRunner)."""
 
 from __future__ import annotations
 
@@ -8,47 +8,25 @@ import torch
 from typer.testing import CliRunner
 
 import loopscope
-from loopscope.analysis import convergence
 from loopscope.cli.app import app
+from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
 from loopscope.storage.errors import LoopscopeError
 
 
-@pytest.fixture
-def capture_path(reference_model, tokenizer, tmp_path):
-    path = tmp_path / "cap.h5"
+@pytest.fixture(scope="module")
+def capture_path(tokenizer, tmp_path_factory):
+    """Run 0: generate at 6 steps; run 1: forward at 4 steps. Shared by the module: tests only read it."""
+    register()
+    torch.manual_seed(0)
+    model = RavenReferenceForCausalLM(tiny_config(vocab_size=len(tokenizer), padded_vocab_size=len(tokenizer))).eval()
+    path = tmp_path_factory.mktemp("cli") / "cap.h5"
     ids = tokenizer("Tokens settle at different speeds.", return_tensors="pt").input_ids
-    with loopscope.attach(reference_model, path, tokenizer=tokenizer):
+    with loopscope.attach(model, path, tokenizer=tokenizer):
         torch.manual_seed(0)
-        reference_model.generate(ids, num_steps=6, max_new_tokens=3, do_sample=False)
+        model.generate(ids, num_steps=6, max_new_tokens=3, do_sample=False)
         with torch.no_grad():
-            reference_model(ids, num_steps=4)
+            model(ids, num_steps=4)
     return path
-
-
-def test_convergence_matches_direct_numpy(capture_path):
-    with loopscope.open(capture_path) as capture:
-        for run in capture.runs:
-            states = run.states().astype(np.float64)  # [T, K, H]
-            steps = run.num_steps
-            for space, f in (("state", lambda x: x), ("readout", capture.readout)):
-                got = convergence(run, space=space)
-                mapped = f(states)
-                star = mapped[np.arange(len(steps)), steps]
-                want = np.linalg.norm(mapped - star[:, None, :], axis=-1)
-                assert got.shape == (run.num_tokens, steps.max() + 1)
-                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-                assert np.all(got[np.arange(len(steps)), steps] == 0)
-
-
-def test_convergence_against_another_run(capture_path, reference_model, tokenizer, tmp_path):
-    with loopscope.open(capture_path) as capture:
-        short = capture.runs[1]
-        d = convergence(short, reference=short)
-        np.testing.assert_allclose(d, convergence(short))
-        with pytest.raises(LoopscopeError, match="other tokens"):
-            convergence(short, reference=capture.runs[0])
-        with pytest.raises(LoopscopeError, match="space"):
-            convergence(short, space="pca")
 
 
 def test_cli_info_and_plot(capture_path, tmp_path):
@@ -62,23 +40,159 @@ def test_cli_info_and_plot(capture_path, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_errors_are_one_line(capture_path, tmp_path):
-    runner = CliRunner()
+MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}
+
+
+def _ok(args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize(
+    "kind, extra, suffix",
+    [
+        ("heatmap", [], ".pdf"),
+        ("heatmap", [], ".svg"),
+        ("heatmap", ["--zeros", "drop"], ".png"),
+        ("heatmap", ["--reference", "1", "--run", "1"], ".png"),
+        ("pca", [], ".png"),
+        ("pca", ["--tokens", "0,2", "--basis", "shared"], ".png"),
+        ("curves", ["--run", "0", "--run", "1", "--metric", "step_delta"], ".png"),
+        ("exits", [], ".png"),
+        ("compare", ["--other", "1"], ".png"),
+    ],
+)
+def test_cli_plot_every_kind_and_format(capture_path, tmp_path, kind, extra, suffix):
+    out = tmp_path / f"fig{suffix}"
+    output = _ok(["plot", capture_path, "--kind", kind, "--out", out, *extra])
+    assert str(out) in output.replace("\n", "")
+    assert out.read_bytes()[:5].startswith(MAGIC[suffix])
+
+
+def test_heatmap_pages_for_long_sequences(tmp_path):
+    from loopscope.analysis import figures
+
+    d = np.random.default_rng(0).random((300, 9)) + 0.1
+    d[:, -1] = 0
+    pngs = figures.heatmap(d, tmp_path / "h.png", rows_per_page=128)
+    assert [p.rsplit("/", 1)[-1] for p in pngs] == ["h-p01.png", "h-p02.png", "h-p03.png"]
+    (pdf,) = figures.heatmap(d, tmp_path / "h.pdf", rows_per_page=128, zeros="drop")
+    assert open(pdf, "rb").read().count(b"/Type /Page\n") + open(pdf, "rb").read().count(b"/Type /Page ") >= 3
+
+
+def test_cli_convergence_csv(capture_path, tmp_path):
+    out = tmp_path / "m.csv"
+    output = _ok(["convergence", capture_path, "--out", out, "--tol", "0.05"])
+    assert "converged at" in output
+    with loopscope.open(capture_path) as capture:
+        expected = sum(int(np.sum(r.num_steps + 1)) for r in capture.runs)
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("run,token_index,position,token_id,token,step,num_steps,distance")
+    assert len(lines) == expected + 1
+    assert {line.split(",")[0] for line in lines[1:]} == {"0", "1"}
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
+def test_cli_export_npz_and_safetensors(reference_model, prompt_ids, tmp_path, dtype):
+    from safetensors import safe_open
+
+    path = tmp_path / "cap.h5"
+    with loopscope.attach(reference_model, path, dtype=dtype):
+        with torch.no_grad():
+            reference_model(prompt_ids, num_steps=5)
+            reference_model(prompt_ids[:, :4], num_steps=3)
+    _ok(["export", path, "--format", "npz"])
+    _ok(["export", path, "--format", "safetensors", "--out", tmp_path / "one.safetensors", "--run", "1"])
+    with loopscope.open(path) as capture, np.load(tmp_path / "cap.npz") as npz:
+        for run in capture.runs:
+            prefix = f"runs/{run.name}"
+            np.testing.assert_array_equal(npz[f"{prefix}/loops/core/states"], run.states())  # bf16 widened exactly
+            np.testing.assert_array_equal(npz[f"{prefix}/loops/core/num_steps"], run.num_steps)
+            np.testing.assert_array_equal(npz[f"{prefix}/token_ids"], run.token_ids)
+        assert '"format": "loopscope-capture"' in str(npz["meta"])
+        run = capture.runs[1]
+        with safe_open(tmp_path / "one.safetensors", framework="pt") as st:
+            assert set(st.keys()) == {
+                f"runs/{run.name}/{k}"
+                for k in ("token_ids", "attention_mask", "positions", "forward_index", "loops/core/num_steps", "loops/core/states")
+            }
+            states = st.get_tensor(f"runs/{run.name}/loops/core/states")
+            assert states.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+            np.testing.assert_array_equal(states.float().numpy(), run.states())
+            assert "tokens" in st.metadata()["loopscope"]
+
+
+def test_cli_capture_a_saved_model(reference_model, tokenizer, tmp_path):
+    model_dir = tmp_path / "tiny-looped"
+    reference_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("First prompt here.\n\nA second, longer prompt follows.\n")
+    out = tmp_path / "cli.h5"
+    output = _ok(["capture", model_dir, "--prompt", "Hello loop.", "--prompt-file", prompts, "--steps", "5",
+                  "--max-new-tokens", "3", "--out", out, "--device", "cpu", "--dtype", "float32"])
+    assert "3 prompt(s)" in output
+    # the same capture by hand: same model, same seed per prompt -> the same tokens and states, bit for bit
+    by_hand = tmp_path / "hand.h5"
+    with loopscope.attach(reference_model, by_hand, tokenizer=tokenizer):
+        for text in ("Hello loop.", "First prompt here.", "A second, longer prompt follows."):
+            torch.manual_seed(0)
+            ids = tokenizer(text, return_tensors="pt").input_ids
+            reference_model.generate(ids, num_steps=5, max_new_tokens=3, do_sample=False)
+    with loopscope.open(out) as got, loopscope.open(by_hand) as want:
+        assert len(got.runs) == len(want.runs) == 3
+        for a, b in zip(got.runs, want.runs):
+            np.testing.assert_array_equal(a.token_ids, b.token_ids)
+            np.testing.assert_array_equal(a.num_steps, np.full(a.num_tokens, 5))
+            np.testing.assert_array_equal(a.states(), b.states())
+        assert got.meta["name_or_path"] == str(model_dir)
+    forward_only = tmp_path / "fwd.h5"
+    _ok(["capture", model_dir, "--prompt", "Just one forward.", "--out", forward_only])
+    with loopscope.open(forward_only) as capture:
+        assert capture.runs[0].attrs["call"] == "forward"
+
+
+def test_cli_errors_are_one_line(capture_path, tmp_path, reference_model, tokenizer):
+    model_dir = tmp_path / "m"
+    reference_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
     not_h5 = tmp_path / "text.h5"
     not_h5.write_text("hello")
+    cap = str(capture_path)
     cases = [
         ["info", str(tmp_path / "missing.h5")],
         ["info", str(not_h5)],
-        ["plot", str(capture_path), "--run", "7", "--out", str(tmp_path / "x.png")],
-        ["plot", str(capture_path), "--out", str(tmp_path / "x.jpg")],
-        ["plot", str(capture_path), "--out", str(tmp_path / "nodir" / "x.png")],
+        ["plot", cap, "--run", "7", "--out", str(tmp_path / "x.png")],
+        ["plot", cap, "--out", str(tmp_path / "x.jpg")],
+        ["plot", cap, "--out", str(tmp_path / "nodir" / "x.png")],
+        ["plot", cap, "--kind", "violin", "--out", str(tmp_path / "x.png")],
+        ["plot", cap, "--kind", "compare", "--out", str(tmp_path / "x.png")],
+        ["plot", cap, "--kind", "compare", "--other", "0", "--out", str(tmp_path / "x.png"), "--reference", "9"],
+        ["plot", cap, "--reference", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "x.png")],
+        ["plot", cap, "--kind", "pca", "--tokens", "a,b", "--out", str(tmp_path / "x.png")],
+        ["plot", cap, "--kind", "pca", "--tokens", "500", "--out", str(tmp_path / "x.png")],
+        ["plot", cap, "--kind", "curves", "--metric", "speed", "--out", str(tmp_path / "x.png")],
+        ["plot", cap, "--space", "pca", "--out", str(tmp_path / "x.png")],
+        ["convergence", cap, "--out", str(tmp_path / "x.txt")],
+        ["convergence", cap, "--out", str(tmp_path / "x.csv"), "--reference", "1"],
+        ["export", cap, "--format", "parquet"],
+        ["export", cap, "--format", "npz", "--out", str(tmp_path / "nodir" / "x.npz")],
+        ["capture", str(tmp_path / "no-model"), "--prompt", "hi", "--out", str(tmp_path / "c.h5")],
+        ["capture", str(model_dir), "--out", str(tmp_path / "c.h5")],
+        ["capture", str(model_dir), "--prompt", " ", "--out", str(tmp_path / "c.h5")],
+        ["capture", str(model_dir), "--prompt-file", str(tmp_path / "none.txt"), "--out", str(tmp_path / "c.h5")],
+        ["capture", str(model_dir), "--prompt", "hi", "--steps", "0", "--out", str(tmp_path / "c.h5")],
+        ["capture", str(model_dir), "--prompt", "hi", "--device", "cuda:7", "--out", str(tmp_path / "c.h5")],
+        ["capture", str(model_dir), "--prompt", "hi", "--dtype", "int8", "--out", str(tmp_path / "c.h5")],
+        ["capture", str(model_dir), "--prompt", "hi", "--out", cap],
     ]
     for args in cases:
-        result = runner.invoke(app, args)
+        result = CliRunner().invoke(app, args)
         assert result.exit_code == 1, (args, result.output)
         assert "Traceback" not in result.output
-        assert result.output.strip().startswith("error:"), result.output
-        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert result.output.strip().startswith("error:"), (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1, (args, result.output)
 
 
 def test_cli_demo(tmp_path):

@@ -1,0 +1,200 @@
+"""Per-token, per-iteration measures of how the latent state approaches s*, streamed a block of tokens at a time.
+
+One pass over the states dataset computes every measure at once, reading ``block_bytes`` worth of tokens per step
+of the loop, so a capture far larger than memory (or than HDF5's chunk cache) is analysed with bounded memory.
+Measures are taken in the readout space (the model's final norm, as the Huginn paper plots) or the raw state space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..storage.errors import LoopscopeError
+from ..storage.reader import Run
+from .reference import open_reference_run, reference_states, resolve_space, space_fn
+
+#: Every measure, each [T, K] with K = max steps + 1 (s_0..s_n); NaN past a token's last step.
+METRICS = ("distance", "relative_distance", "step_delta", "cosine", "norm")
+METRIC_HELP = {
+    "distance": "||s_k - s*||",
+    "relative_distance": "||s_k - s*|| / ||s*||",
+    "step_delta": "||s_k - s_(k-1)||",
+    "cosine": "cos(s_k, s*)",
+    "norm": "||s_k||",
+}
+DEFAULT_TOL = 1e-2
+BLOCK_BYTES = 64 << 20
+
+
+@dataclass
+class TokenMetrics:
+    """Every measure of one run, as numpy arrays, with the token metadata needed to label or export them."""
+
+    run: int
+    loop: str
+    space: str
+    reference: str
+    num_steps: np.ndarray  # [T]
+    token_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    tokens: list[str] | None
+    distance: np.ndarray
+    relative_distance: np.ndarray
+    step_delta: np.ndarray
+    cosine: np.ndarray
+    norm: np.ndarray
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in METRICS:
+            raise LoopscopeError(f"unknown metric {name!r}; use one of {', '.join(METRICS)}")
+        return getattr(self, name)
+
+    def convergence_steps(self, tol: float = DEFAULT_TOL, metric: str = "relative_distance") -> np.ndarray:
+        """[T] int: the first step from which ``metric`` stays <= ``tol`` up to the token's last step; -1 if never.
+
+        With ``reference="final"`` every token converges by its last step (its distance there is 0); against a
+        longer reference run a token may never get within ``tol``.
+        """
+        values = self[metric]
+        n_slots = values.shape[1]
+        beyond = np.arange(n_slots)[None, :] > self.num_steps[:, None]
+        with np.errstate(invalid="ignore"):
+            bad = ~((values <= tol) | beyond)
+        any_bad = bad.any(axis=1)
+        last_bad = n_slots - 1 - np.argmax(bad[:, ::-1], axis=1)
+        steps = np.where(any_bad, last_bad + 1, 0)
+        return np.where(steps > self.num_steps, -1, steps).astype(np.int64)
+
+    def to_csv(self, path: str | os.PathLike, *, tol: float = DEFAULT_TOL, append: bool = False) -> int:
+        """Write one row per (token, step) up to each token's last step; returns the number of rows.
+
+        Columns: run, token_index, position, token_id, token, step, num_steps, every measure, and
+        ``converged_at`` (the token's :meth:`convergence_steps` at ``tol``, repeated on each of its rows).
+        """
+        converged = self.convergence_steps(tol)
+        rows = 0
+        with open(path, "a" if append else "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            if not append or handle.tell() == 0:
+                writer.writerow(
+                    ["run", "token_index", "position", "token_id", "token", "step", "num_steps", *METRICS, "converged_at"]
+                )
+            columns = [self[name] for name in METRICS]
+            for t in range(len(self.num_steps)):
+                token = self.tokens[t] if self.tokens is not None else ""
+                for k in range(int(self.num_steps[t]) + 1):
+                    writer.writerow(
+                        [self.run, t, int(self.positions[t]), int(self.token_ids[t]), token, k, int(self.num_steps[t])]
+                        + [_number(c[t, k]) for c in columns]
+                        + [int(converged[t])]
+                    )
+                    rows += 1
+        return rows
+
+
+def token_metrics(
+    run: Run,
+    reference="final",
+    space: str = "auto",
+    *,
+    loop: str | None = None,
+    block_bytes: int = BLOCK_BYTES,
+    progress: Callable[[int], None] | None = None,
+) -> TokenMetrics:
+    """Compute every measure in :data:`METRICS` for ``run`` in one streamed pass.
+
+    ``reference``: ``"final"`` (each token's own last state), a run index of the same capture, a :class:`Run`,
+    or another capture file as ``"path.h5"`` / ``"path.h5:N"`` (e.g. a 128-iteration run over the same tokens).
+    ``space``: ``"readout"`` (the stored final norm), ``"state"`` (raw latent), or ``"auto"`` (readout if stored).
+    ``progress`` is called with the number of tokens finished after each block.
+    """
+    space = resolve_space(run, space)
+    to_space = space_fn(run, space)
+    steps = run.steps_of(loop).astype(np.int64)  # a clear error first if the run has no such loop
+    ds = run.dataset(loop)
+    loop_name = loop if loop is not None else run.loops[0]
+    n_tokens, n_slots, hidden = ds.shape
+    with contextlib.ExitStack() as stack:
+        ref = reference_states(run, open_reference_run(run, reference, stack), space, loop)
+    out = {name: np.full((n_tokens, n_slots), np.nan) for name in METRICS}
+    block = _token_block(n_slots, hidden, block_bytes, ds.chunks)
+    slots = np.arange(n_slots)[None, :]
+    for t0 in range(0, n_tokens, block):
+        t1 = min(t0 + block, n_tokens)
+        states = to_space(run.decode(ds[t0:t1], loop))  # [b, K, H] float64
+        last = steps[t0:t1]
+        star = ref.states[t0:t1] if ref.states is not None else states[np.arange(t1 - t0), last]
+        valid = slots <= last[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            star_norm = np.linalg.norm(star, axis=-1)[:, None]
+            norms = np.linalg.norm(states, axis=-1)
+            dist = np.linalg.norm(states - star[:, None, :], axis=-1)
+            cosine = np.einsum("bkh,bh->bk", states, star) / (norms * star_norm)
+            delta = np.full_like(dist, np.nan)
+            delta[:, 1:] = np.linalg.norm(np.diff(states, axis=1), axis=-1)
+            values = {
+                "distance": dist,
+                "relative_distance": dist / star_norm,
+                "step_delta": delta,
+                "cosine": cosine,
+                "norm": norms,
+            }
+        for name, value in values.items():
+            out[name][t0:t1] = np.where(valid, value, np.nan)
+        if progress is not None:
+            progress(t1 - t0)
+    return TokenMetrics(
+        run=run.index,
+        loop=loop_name,
+        space=space,
+        reference=ref.label,
+        num_steps=steps,
+        token_ids=run.token_ids,
+        positions=run.positions,
+        tokens=run.tokens,
+        **out,
+    )
+
+
+def convergence(run: Run, reference="final", space: str = "auto", *, loop: str | None = None) -> np.ndarray:
+    """[T, max_steps + 1] float64: ||f(s_k) - f(s*)|| of each token; NaN past a token's last step.
+
+    The figure the Huginn paper draws; see :func:`token_metrics` for ``reference`` and ``space`` and for the
+    other measures.
+    """
+    return token_metrics(run, reference, space, loop=loop).distance
+
+
+def step_profile(values: np.ndarray, low: float = 10, high: float = 90) -> dict[str, np.ndarray]:
+    """Across tokens, per step: mean, median and the ``low``-``high`` percentile band, ignoring NaN."""
+    values = np.asarray(values, dtype=np.float64)
+    counts = np.sum(np.isfinite(values), axis=0)
+    keep = counts > 0
+    data = values[:, keep]
+    with np.errstate(invalid="ignore"):
+        return {
+            "step": np.nonzero(keep)[0],
+            "count": counts[keep],
+            "mean": np.nanmean(data, axis=0),
+            "median": np.nanmedian(data, axis=0),
+            "low": np.nanpercentile(data, low, axis=0),
+            "high": np.nanpercentile(data, high, axis=0),
+        }
+
+
+def _token_block(n_slots: int, hidden: int, budget: int, chunks: tuple[int, ...] | None) -> int:
+    """Tokens per read: about five float64 copies of a token's trajectory fit in ``budget``, in whole chunks."""
+    per_token = max(n_slots * hidden * 8 * 5, 1)
+    tokens = max(budget // per_token, 1)
+    chunk_tokens = chunks[0] if chunks else 1
+    return max((tokens // chunk_tokens) * chunk_tokens, min(tokens, chunk_tokens), 1)
+
+
+def _number(value: float) -> str:
+    return "" if not np.isfinite(value) else repr(float(value))

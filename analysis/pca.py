@@ -1,0 +1,84 @@
+"""Principal components of latent trajectories: does a token's state settle, orbit, or slide?
+
+Following the Huginn paper's trajectory plots, each token's states s_0..s_n are centred on their own centre of mass
+and projected on principal directions; pairs of components (1-2, 3-4, 5-6) then show a point (fixed point), a loop
+(orbit) or a drift (slider). Only the selected tokens' trajectories are read, one token at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..storage.errors import LoopscopeError
+from ..storage.reader import Run
+from .reference import resolve_space, space_fn
+
+BASES = ("token", "shared")
+
+
+@dataclass
+class TrajectoryPCA:
+    """One token's trajectory in principal-component coordinates."""
+
+    token: int
+    label: str  # the token's text (or id) for legends
+    projections: np.ndarray  # [n + 1, C]: s_0..s_n, centred on the trajectory's centre of mass
+    explained: np.ndarray  # [C] fraction of the variance each component explains
+    centre: np.ndarray  # [H] the centre of mass, in the analysis space
+
+
+def trajectory_pca(
+    run: Run,
+    tokens: list[int],
+    *,
+    n_components: int = 6,
+    space: str = "auto",
+    loop: str | None = None,
+    basis: str = "token",
+) -> list[TrajectoryPCA]:
+    """Project the trajectories of ``tokens`` on their principal components.
+
+    ``basis="token"``: each token gets its own components (the paper's per-token view). ``basis="shared"``: one set
+    of components fitted on all selected, individually centred trajectories, so tokens can be compared in one frame.
+    Component signs are fixed (largest loading positive) so figures are reproducible.
+    """
+    if basis not in BASES:
+        raise LoopscopeError(f"basis={basis!r} is not one of {', '.join(BASES)}")
+    if not tokens:
+        raise LoopscopeError("select at least one token for the PCA")
+    to_space = space_fn(run, resolve_space(run, space))
+    n = run.num_tokens
+    centred, centres = [], []
+    for t in tokens:
+        if not -n <= t < n:
+            raise LoopscopeError(f"token {t} is out of range: run {run.index} has {n} tokens (use 0..{n - 1})")
+        x = to_space(run.states(token=t, loop=loop))
+        centre = x.mean(axis=0)
+        centred.append(x - centre)
+        centres.append(centre)
+    if basis == "shared":
+        shared_axes, shared_var = _principal_axes(np.concatenate(centred), n_components)
+    results = []
+    for t, x, centre in zip(tokens, centred, centres):
+        axes, variance = (shared_axes, shared_var) if basis == "shared" else _principal_axes(x, n_components)
+        total = float(np.sum(x * x)) if basis == "token" else float(sum(np.sum(c * c) for c in centred))
+        explained = variance / total if total > 0 else np.zeros_like(variance)
+        results.append(TrajectoryPCA(t % n, _label(run, t), x @ axes.T, explained, centre))
+    return results
+
+
+def _principal_axes(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top principal directions [C, H] of centred rows ``x`` and the variance (sum of squares) along each."""
+    _, singular, vt = np.linalg.svd(x, full_matrices=False)
+    count = min(n_components, vt.shape[0])
+    axes = vt[:count]
+    signs = np.sign(axes[np.arange(count), np.argmax(np.abs(axes), axis=1)])
+    signs[signs == 0] = 1
+    return axes * signs[:, None], singular[:count] ** 2
+
+
+def _label(run: Run, t: int) -> str:
+    tokens = run.tokens
+    return repr(tokens[t]) if tokens is not None else f"id {int(run.token_ids[t])}"

@@ -1,0 +1,114 @@
+"""Choosing the fixed point s* that every iteration is measured against.
+
+The Huginn paper measures each token's distance to a state computed with many more iterations (128) than the run
+itself; without such a run, a token's own last state is the usual stand-in. Both are supported, plus a run in
+another capture file, named ``"other.h5"`` (its first run) or ``"other.h5:3"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..storage.errors import LoopscopeError
+from ..storage.reader import CaptureFile, Run
+
+SPACES = ("auto", "readout", "state")
+
+
+@dataclass
+class Reference:
+    """s* for each token of a run: ``states`` [T, H] in the analysis space, or None for "each token's last state"."""
+
+    states: np.ndarray | None
+    label: str  # for titles and CSV headers, e.g. "final" or "run 3 (128 steps)"
+
+
+def resolve_space(run: Run, space: str) -> str:
+    """'auto' -> 'readout' when the capture stored a readout norm, else 'state'."""
+    if space not in SPACES:
+        raise LoopscopeError(f"space={space!r} is not one of {', '.join(SPACES)}")
+    if space == "auto":
+        return "state" if run.capture.readout.kind == "none" else "readout"
+    return space
+
+
+def space_fn(run: Run, space: str):
+    """The map from stored states to the analysis space (float64): the readout norm, or the identity."""
+    if space == "state":
+        return lambda x: np.asarray(x, dtype=np.float64)
+    readout = run.capture.readout
+    if readout.kind == "none":
+        raise LoopscopeError(
+            f"{run.capture.path} stores no readout norm for this model; use space='state' for the raw latent state"
+        )
+    return readout
+
+
+def parse_reference(text: str) -> str | int:
+    """CLI spelling -> API value: 'final', a run index ('3'), or a file ('ref.h5' / 'ref.h5:3') kept as text."""
+    text = text.strip()
+    if text == "final":
+        return text
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def open_reference_run(run: Run, reference, stack: contextlib.ExitStack) -> Run | None:
+    """The run that holds s*, or None for ``"final"``. Files opened here are closed by ``stack``."""
+    if isinstance(reference, Run):
+        return reference
+    if isinstance(reference, (int, np.integer)) and not isinstance(reference, bool):
+        return run.capture.run(int(reference))
+    if isinstance(reference, (str, os.PathLike)):
+        text = os.fspath(reference)
+        if text == "final":
+            return None
+        path, index = text, 0
+        head, sep, tail = text.rpartition(":")
+        if sep and tail.isdigit() and not os.path.exists(text):
+            path, index = head, int(tail)
+        if not os.path.exists(path):
+            raise LoopscopeError(
+                f"reference={text!r}: use 'final', a run index of this capture, or an existing capture file[:run]"
+            )
+        other = stack.enter_context(CaptureFile(path))
+        return other.run(index)
+    raise LoopscopeError(f"reference must be 'final', a run index, a Run or a capture file, got {type(reference).__name__}")
+
+
+def reference_states(run: Run, reference_run: Run | None, space: str, loop: str | None) -> Reference:
+    """Read s* of every token of ``run`` from ``reference_run`` (its last state per token), in ``space``.
+
+    The reference must cover the same tokens: the same ids in the same order, or a longer sequence that starts
+    with them (a forward over prompt + generated text at more iterations, say).
+    """
+    if reference_run is None:
+        return Reference(None, "final")
+    n = run.num_tokens
+    ref_ids = reference_run.token_ids
+    if len(ref_ids) < n or not np.array_equal(ref_ids[:n], run.token_ids):
+        raise LoopscopeError(
+            f"reference run {reference_run.index} covers other tokens than run {run.index}; "
+            "capture the same prompt (the reference may be longer, but must start with the same tokens)"
+        )
+    to_space = space_fn(reference_run, space)
+    ds = reference_run.dataset(loop)
+    steps = reference_run.steps_of(loop)[:n].astype(np.int64)
+    rows = np.empty((n, ds.shape[2]))
+    # One read per block of tokens that stopped at the same step (one read in all for a fixed-depth run).
+    start = 0
+    while start < n:
+        stop = start + 1
+        while stop < n and steps[stop] == steps[start]:
+            stop += 1
+        rows[start:stop] = to_space(reference_run.decode(ds[start:stop, int(steps[start]), :], loop))
+        start = stop
+    same_file = os.path.abspath(reference_run.capture.path) == os.path.abspath(run.capture.path)
+    where = f"run {reference_run.index}" if same_file else f"{os.path.basename(reference_run.capture.path)}:{reference_run.index}"
+    label = f"{where} ({int(steps.max()) if n else 0} steps)"
+    return Reference(rows, label)

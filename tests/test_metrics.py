@@ -1,0 +1,181 @@
+"""Offline measures on real captures of the reference model, checked against direct numpy on the whole array."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+import loopscope
+from loopscope.analysis import METRICS, convergence, token_metrics, trajectory_pca
+from loopscope.storage.errors import LoopscopeError
+
+PROMPT = "Tokens settle at different speeds."
+
+
+@pytest.fixture
+def capture_path(reference_model, tokenizer, tmp_path):
+    """Run 0: generate at 6 steps; run 1: forward at 4 steps; run 2: forward at 12 steps over run 1's tokens."""
+    path = tmp_path / "cap.h5"
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with loopscope.attach(reference_model, path, tokenizer=tokenizer):
+        torch.manual_seed(0)
+        reference_model.generate(ids, num_steps=6, max_new_tokens=3, do_sample=False)
+        with torch.no_grad():
+            reference_model(ids, num_steps=4)
+            reference_model(ids, num_steps=12)
+    return path
+
+
+def _direct(states: np.ndarray, steps: np.ndarray, f, star=None) -> dict[str, np.ndarray]:
+    """Every measure from the full [T, K, H] array, written the obvious way, token by token."""
+    x = f(states.astype(np.float64))
+    n_tokens, n_slots, _ = x.shape
+    out = {name: np.full((n_tokens, n_slots), np.nan) for name in METRICS}
+    for t in range(n_tokens):
+        s_star = x[t, steps[t]] if star is None else star[t]
+        for k in range(steps[t] + 1):
+            diff = x[t, k] - s_star
+            out["distance"][t, k] = np.sqrt(diff @ diff)
+            out["relative_distance"][t, k] = np.sqrt(diff @ diff) / np.sqrt(s_star @ s_star)
+            out["norm"][t, k] = np.sqrt(x[t, k] @ x[t, k])
+            out["cosine"][t, k] = x[t, k] @ s_star / (np.sqrt(x[t, k] @ x[t, k]) * np.sqrt(s_star @ s_star))
+            if k:
+                step = x[t, k] - x[t, k - 1]
+                out["step_delta"][t, k] = np.sqrt(step @ step)
+    return out
+
+
+def _assert_metrics_equal(got, want):
+    for name in METRICS:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
+        np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(want[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("space", ["state", "readout"])
+def test_every_metric_matches_direct_numpy(capture_path, space):
+    with loopscope.open(capture_path) as capture:
+        f = (lambda x: x) if space == "state" else capture.readout
+        for run in capture.runs:
+            got = token_metrics(run, space=space)
+            assert got.space == space and got.reference == "final"
+            _assert_metrics_equal(got, _direct(run.states(), run.num_steps, f))
+            np.testing.assert_array_equal(convergence(run, space=space), got.distance)
+            assert np.all(got.distance[np.arange(run.num_tokens), run.num_steps] == 0)
+
+
+def test_reference_run_of_more_iterations(capture_path):
+    """s* from a longer run over the same tokens, as the paper's 128-iteration reference."""
+    with loopscope.open(capture_path) as capture:
+        short, long = capture.runs[1], capture.runs[2]
+        star = capture.readout(long.states(step=12))
+        want = _direct(short.states(), short.num_steps, capture.readout, star)
+        for reference in (2, long, str(capture_path) + ":2"):
+            got = token_metrics(short, reference=reference)
+            _assert_metrics_equal(got, want)
+            assert "12 steps" in got.reference
+        # the generate run's prompt is a prefix of... nothing here: its tokens differ from run 2's
+        with pytest.raises(LoopscopeError, match="other tokens"):
+            token_metrics(capture.runs[0], reference=2)
+
+
+def test_reference_in_another_file_and_longer_sequence(capture_path, reference_model, tokenizer, tmp_path):
+    """A reference file whose run covers the prompt plus more tokens is accepted (prefix match)."""
+    other = tmp_path / "ref.h5"
+    ids = tokenizer(PROMPT + " And more.", return_tensors="pt").input_ids
+    with loopscope.attach(reference_model, other):
+        with torch.no_grad():
+            reference_model(ids, num_steps=16)
+    with loopscope.open(capture_path) as capture, loopscope.open(other) as ref:
+        short = capture.runs[1]
+        star = capture.readout(ref.runs[0].states(step=16)[: short.num_tokens])
+        want = _direct(short.states(), short.num_steps, capture.readout, star)
+        got = token_metrics(short, reference=str(other))
+        _assert_metrics_equal(got, want)
+        assert got.reference.startswith("ref.h5:0")
+        for bad in ("final2", str(tmp_path / "missing.h5"), 3.5):
+            with pytest.raises(LoopscopeError):
+                token_metrics(short, reference=bad)
+        with pytest.raises(LoopscopeError, match="out of range"):
+            token_metrics(short, reference=9)
+
+
+def test_convergence_steps_follow_their_definition(capture_path):
+    with loopscope.open(capture_path) as capture:
+        run = capture.runs[2]
+        m = token_metrics(run, reference=2)
+        for tol in (1e-3, 1e-2, 1e-1, 1.0):
+            got = m.convergence_steps(tol)
+            for t, n in enumerate(run.num_steps):
+                values = m.relative_distance[t, : n + 1]
+                want = next((k for k in range(n + 1) if np.all(values[k:] <= tol)), -1)
+                assert got[t] == want, (tol, t)
+        assert np.all(m.convergence_steps(0.0) == run.num_steps)  # only s* itself is within 0
+        against_longer = token_metrics(capture.runs[1], reference=2).convergence_steps(1e-9)
+        assert np.all(against_longer == -1)  # 4 iterations never reach the 12-iteration state
+
+
+def test_csv_holds_every_valid_cell(capture_path, tmp_path):
+    out = tmp_path / "m.csv"
+    with loopscope.open(capture_path) as capture:
+        run = capture.runs[0]
+        m = token_metrics(run)
+        rows = m.to_csv(out, tol=0.05)
+    with open(out, newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert rows == len(table) == int(np.sum(run.num_steps + 1))
+    converged = m.convergence_steps(0.05)
+    for row in table:
+        t, k = int(row["token_index"]), int(row["step"])
+        assert row["token"] == run.tokens[t] and int(row["token_id"]) == run.token_ids[t]
+        assert int(row["converged_at"]) == converged[t]
+        for name in METRICS:
+            value = m[name][t, k]
+            assert (row[name] == "") if np.isnan(value) else float(row[name]) == value
+
+
+def test_streamed_analysis_of_a_capture_larger_than_the_chunk_cache(reference_model, tmp_path):
+    """512 tokens x 65 steps x 64 floats (8.5 MB; 17 MB as float64) analysed with a 1 MB block budget."""
+    path = tmp_path / "long.h5"
+    ids = torch.randint(3, 300, (1, 512), generator=torch.Generator().manual_seed(0))
+    with loopscope.attach(reference_model, path):
+        with torch.no_grad():
+            reference_model(ids, num_steps=64)
+    with loopscope.open(path) as capture:
+        run = capture.runs[0]
+        stored = run.dataset().size * 4
+        assert stored > 8 << 20
+        whole = token_metrics(run, block_bytes=1 << 40)  # one block: the whole array at once
+        tracemalloc.start()
+        streamed = token_metrics(run, block_bytes=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        outputs = 5 * run.num_tokens * 65 * 8
+        assert peak < outputs + (4 << 20), peak  # outputs plus a few MB, not the 17 MB float64 array
+        for name in METRICS:
+            np.testing.assert_array_equal(streamed[name], whole[name])
+
+
+def test_pca_projections_preserve_the_trajectory_geometry(capture_path):
+    with loopscope.open(capture_path) as capture:
+        run = capture.runs[2]
+        x = capture.readout(run.states(token=3))  # [13, H]
+        (full,) = trajectory_pca(run, [3], n_components=x.shape[0])
+        centred = x - x.mean(axis=0)
+        np.testing.assert_allclose(full.centre, x.mean(axis=0))
+        # with every component kept, projection is a rotation: pairwise distances are unchanged
+        d_x = np.linalg.norm(centred[:, None] - centred[None], axis=-1)
+        d_p = np.linalg.norm(full.projections[:, None] - full.projections[None], axis=-1)
+        np.testing.assert_allclose(d_p, d_x, atol=1e-9)
+        assert np.isclose(full.explained.sum(), 1.0) and np.all(np.diff(full.explained) <= 1e-12)
+        (six,) = trajectory_pca(run, [3])
+        np.testing.assert_allclose(six.projections, full.projections[:, :6], atol=1e-9)
+        shared = trajectory_pca(run, [1, 3, 5], basis="shared")
+        assert [t.token for t in shared] == [1, 3, 5] and shared[0].projections.shape == (13, 6)
+        assert shared[0].explained.sum() <= 1 + 1e-12
+        with pytest.raises(LoopscopeError, match="out of range"):
+            trajectory_pca(run, [99])
