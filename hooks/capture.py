@@ -25,7 +25,7 @@ from torch import nn
 
 from ..storage import capture_file, writer as w
 from ..storage.buffers import HostBufferPool
-from ..storage.errors import LoopscopeError
+from ..storage.errors import CaptureWriteError, LoopscopeError
 from . import metadata
 from .adapters import LoopAdapter, LoopSpec
 from .detect import resolve_adapter
@@ -94,7 +94,7 @@ class Capture:
         self._in_generate = 0
         self._orphan_calls = 0
         self._handles: list[Any] = []
-        self._restore_generate = None
+        self._restore: list = []
         self._closed = False
         self._locking = locking
         capture_file.create_index(
@@ -128,8 +128,13 @@ class Capture:
 
     def flush(self) -> None:
         """Wait until everything captured so far is on disk: completed runs are then readable by other processes."""
-        if not self._closed:
+        if self._closed:
+            return
+        try:
             self.writer.drain()
+        except CaptureWriteError as exc:  # the writer failed: stop recording and close, as a failed call does
+            self._abort(exc)
+            raise
 
     def close(self) -> None:
         """Remove every hook, finish open runs, link them into the index file. Safe to call twice."""
@@ -184,43 +189,75 @@ class Capture:
             entry_module = model.get_submodule(spec.entry) if spec.entry else exit_module
             self._handles.append(entry_module.register_forward_pre_hook(self._entry_hook(spec), with_kwargs=True))
             self._handles.append(exit_module.register_forward_hook(self._exit_hook(spec)))
-        original = getattr(model, "generate", None)
-        if callable(original):
-            had_instance_attr = "generate" in vars(model)
+        self._wrap_method("forward", self._forward_call)
+        self._wrap_method("generate", self._generate)
 
-            def generate(*args, **kwargs):
-                return self._generate(original, *args, **kwargs)
+    def _wrap_method(self, name: str, call) -> None:
+        """Replace ``model.<name>`` by an instance attribute that routes through ``call(original, ...)``.
 
-            generate.__wrapped__ = original
-            model.generate = generate
-            self._restore_generate = (had_instance_attr, original)
+        The wrapper keeps ``__wrapped__`` so ``inspect.signature`` (used by transformers to check generate's
+        kwargs) still sees the original signature; :meth:`_uninstall` puts back exactly what was there.
+        """
+        original = getattr(self.model, name, None)
+        if not callable(original):
+            return
+        had_instance_attr = name in vars(self.model)
+
+        def wrapper(*args, **kwargs):
+            return call(original, *args, **kwargs)
+
+        wrapper.__wrapped__ = original
+        setattr(self.model, name, wrapper)
+        self._restore.append((name, had_instance_attr, original, wrapper))
 
     def _uninstall(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._restore_generate is not None:
-            had_instance_attr, original = self._restore_generate
+        for name, had_instance_attr, original, wrapper in reversed(self._restore):
+            if vars(self.model).get(name) is not wrapper:
+                continue  # someone wrapped it again after us; our wrapper stays, and passes calls straight through
             if had_instance_attr:
-                self.model.generate = original
+                setattr(self.model, name, original)
             else:
-                vars(self.model).pop("generate", None)
-            self._restore_generate = None
+                vars(self.model).pop(name, None)
+        self._restore.clear()
 
     # ---- calls -------------------------------------------------------------------------------------------------------
+    def _forward_call(self, original, *args, **kwargs):
+        if self._closed:
+            return original(*args, **kwargs)
+        try:
+            return original(*args, **kwargs)
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+
     def _generate(self, original, *args, **kwargs):
-        if self._in_generate:  # a generate() that calls generate() (dispatchers) is still one call
+        if self._in_generate or self._closed:  # a generate() that calls generate() (dispatchers) is still one call
             return original(*args, **kwargs)
         self._in_generate += 1
-        ok = False
         try:
             result = original(*args, **kwargs)
-            ok = True
-            return result
-        finally:
+        except BaseException as exc:
             self._in_generate -= 1
-            if self._session is not None:
-                self._end_session(complete=ok)
+            self._abort(exc)
+            raise
+        self._in_generate -= 1
+        if self._session is not None:
+            self._end_session(complete=True)
+        return result
+
+    def _abort(self, exc: BaseException) -> None:
+        """An exception inside a captured call (the model's, or a write failure): stop recording, keep completed
+        runs, mark the interrupted ones incomplete, close the file. The caller re-raises ``exc`` unchanged."""
+        if self._closed:
+            return
+        try:
+            self.close()
+        except Exception as secondary:  # e.g. the writer's own error; the original exception is the one to see
+            if str(secondary) != str(exc) and hasattr(exc, "add_note"):
+                exc.add_note(f"loopscope: while closing the capture: {secondary}")
 
     def _on_model_enter(self, module, args, kwargs):
         if self._forward is not None:  # the previous forward raised before finishing: its runs are incomplete

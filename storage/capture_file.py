@@ -16,9 +16,11 @@ the capture goes on. The reader finds runs by listing the directory; the links a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 import h5py
@@ -98,7 +100,7 @@ def create_index(
         for run_path, _ in list_run_files(path).values():
             os.remove(run_path)
     try:
-        with h5py.File(path, "w", **_h5_kwargs(locking)) as index:
+        with _replaced_atomically(path, locking, start_from=None) as index:
             _write_header(index, header)
             _write_readout(index, readout)
         os.makedirs(runs_dir(path), exist_ok=True)
@@ -110,8 +112,12 @@ def create_index(
 
 
 def finish_index(path: str, attrs: dict[str, Any], locking: bool | str | None = None) -> None:
-    """At a clean close: link every completed run into the index (so plain h5py sees them) and store stats."""
-    with h5py.File(path, "a", **_h5_kwargs(locking)) as index:
+    """At a clean close: link every completed run into the index (so plain h5py sees them) and store stats.
+
+    The index is edited as a copy that replaces it atomically: a kill in the middle leaves the old index, which
+    still finds every run through the run directory.
+    """
+    with _replaced_atomically(path, locking, start_from=path) as index:
         runs = index.require_group(schema.RUNS)
         for number, (run_path, complete) in list_run_files(path).items():
             name = schema.run_name(number)
@@ -119,6 +125,36 @@ def finish_index(path: str, attrs: dict[str, Any], locking: bool | str | None = 
                 relative = os.path.relpath(run_path, os.path.dirname(os.path.abspath(path)))
                 runs[name] = h5py.ExternalLink(relative, "/")
         index.attrs.update(attrs)
+
+
+@contextlib.contextmanager
+def _replaced_atomically(path: str, locking, *, start_from: str | None):
+    """Yield an h5py file written as ``path + ".tmp"`` (a copy of ``start_from``, or empty), flushed to disk and
+    renamed over ``path`` on success; on failure ``path`` is untouched and the temporary file removed."""
+    tmp = path + ".tmp"
+    if start_from is not None:
+        shutil.copyfile(start_from, tmp)
+    try:
+        with h5py.File(tmp, "a" if start_from else "w", **_h5_kwargs(locking)) as index:
+            yield index
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(os.path.dirname(os.path.abspath(path)))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _fsync(path: str) -> None:
+    """Push a file's (or a directory's entries') data to disk, so a rename never points at unwritten bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename itself is still atomic
+    finally:
+        os.close(fd)
 
 
 def next_run_index(path: str) -> int:
@@ -152,6 +188,7 @@ class RunFiles:
         """Close the run's file; a complete run is renamed atomically to its final name."""
         run.close()
         if complete:
+            _fsync(self.partial_path(run_id))
             os.replace(self.partial_path(run_id), self.final_path(run_id))
 
 

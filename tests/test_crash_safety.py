@@ -167,12 +167,6 @@ CLOSE_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="close() links runs into the index in place (capture_file.finish_index opens it with mode 'a'); a "
-    "SIGKILL meanwhile leaves the index flagged open-for-write, so loopscope.open() fails with 'file is already "
-    "open for write (may use <h5clear file> ...)' and every intact run file becomes unreachable",
-)
 def test_sigkill_during_close_keeps_the_capture_readable(tmp_path):
     path = tmp_path / "closing.h5"
     child = subprocess.Popen(
