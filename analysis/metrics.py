@@ -71,6 +71,11 @@ class TokenMetrics:
         steps = np.where(any_bad, last_bad + 1, 0)
         return np.where(steps > self.num_steps, -1, steps).astype(np.int64)
 
+    def nonfinite_tokens(self) -> np.ndarray:
+        """Indices of tokens with a NaN or infinite distance at some step they ran (a model that blew up)."""
+        valid = np.arange(self.distance.shape[1])[None, :] <= self.num_steps[:, None]
+        return np.nonzero((~np.isfinite(self.distance) & valid).any(axis=1))[0]
+
     def to_csv(self, path: str | os.PathLike, *, tol: float = DEFAULT_TOL, append: bool = False) -> int:
         """Write one row per (token, step) up to each token's last step; returns the number of rows.
 
@@ -127,7 +132,7 @@ def token_metrics(
     slots = np.arange(n_slots)[None, :]
     for t0 in range(0, n_tokens, block):
         t1 = min(t0 + block, n_tokens)
-        states = to_space(run.decode(ds[t0:t1], loop))  # [b, K, H] float64
+        states = to_space(run.decode(run.read(np.s_[t0:t1], loop), loop))  # [b, K, H] float64
         last = steps[t0:t1]
         star = ref.states[t0:t1] if ref.states is not None else states[np.arange(t1 - t0), last]
         valid = slots <= last[:, None]

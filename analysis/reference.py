@@ -106,7 +106,8 @@ def reference_states(run: Run, reference_run: Run | None, space: str, loop: str 
         stop = start + 1
         while stop < n and steps[stop] == steps[start]:
             stop += 1
-        rows[start:stop] = to_space(reference_run.decode(ds[start:stop, int(steps[start]), :], loop))
+        block = reference_run.read(np.s_[start:stop, int(steps[start]), :], loop)
+        rows[start:stop] = to_space(reference_run.decode(block, loop))
         start = stop
     same_file = os.path.abspath(reference_run.capture.path) == os.path.abspath(run.capture.path)
     where = f"run {reference_run.index}" if same_file else f"{os.path.basename(reference_run.capture.path)}:{reference_run.index}"

@@ -68,24 +68,30 @@ def info(file: Path = typer.Argument(..., help="A capture file (.h5).")):
     with CaptureFile(file) as capture:
         meta = capture.meta
         console.print(f"[bold]{file}[/bold]  format v{meta.get('format_version')}  {_size(file)}")
-        loop = meta.get("loop_json", {})
         console.print(f"model   {meta.get('model_class', '?')} {meta.get('name_or_path', '')}".rstrip())
-        console.print(f"loop    {loop.get('family', '?')}: {', '.join(s['exit'] for s in loop.get('loops', []))}")
+        console.print(f"loop    {_describe_loop(meta.get('loop_json'))}")
         console.print(f"created {meta.get('created', '?')} with loopscope {meta.get('loopscope_version', '?')}")
         table = Table("run", "call", "tokens", "steps (min-max)", "loops", "dtype", "hidden")
+        damaged = 0
         for run in capture.runs:
-            steps = run.num_steps if run.loops else None
-            span = f"{steps.min()}-{steps.max()}" if steps is not None and steps.size else "-"
-            table.add_row(
-                str(run.index),
-                str(run.attrs.get("call", "")),
-                str(run.num_tokens),
-                span,
-                ",".join(run.loops),
-                run.logical_dtype() if run.loops else "-",
-                str(run.hidden_size()) if run.loops else "-",
-            )
+            try:
+                steps = run.num_steps if run.loops else None
+                span = f"{steps.min()}-{steps.max()}" if steps is not None and steps.size else "-"
+                row = (
+                    str(run.attrs.get("call", "")),
+                    str(run.num_tokens),
+                    span,
+                    ",".join(run.loops),
+                    run.logical_dtype() if run.loops else "-",
+                    str(run.hidden_size()) if run.loops else "-",
+                )
+            except LoopscopeError:  # one damaged run file must not hide the others
+                damaged += 1
+                row = ("[red]damaged[/red]", "-", "-", "-", "-", "-")
+            table.add_row(str(run.index), *row)
         console.print(table)
+        if damaged:
+            console.print(f"[yellow]{damaged} damaged run file(s): `loopscope plot --run N` says what is wrong[/yellow]")
         if capture.incomplete_runs:
             console.print(f"[yellow]{len(capture.incomplete_runs)} incomplete run(s) skipped[/yellow]")
 
@@ -239,10 +245,11 @@ def convergence_table(
             converged = m.convergence_steps(tol)
             done = converged[converged >= 0]
             last = m.step_delta[np.arange(len(m.num_steps)), m.num_steps] if len(m.num_steps) else np.array([])
+            last = last[np.isfinite(last)]
             table.add_row(
                 str(r.index), str(r.num_tokens), f"{m.num_steps.min()}-{m.num_steps.max()}" if r.num_tokens else "-",
                 f"{np.median(done):g}" if done.size else "-", str(int(np.sum(converged < 0))),
-                f"{np.nanmean(last):.3g}" if last.size else "-",
+                f"{last.mean():.3g}" if last.size else "-",
             )
     console.print(table)
     console.print(f"wrote [bold]{out}[/bold] ({rows} rows, s* = {reference}, tolerance {tol:g})")
@@ -279,7 +286,15 @@ def _metrics(run, reference, space, loop):
     from ..analysis.metrics import token_metrics
 
     with _progress(f"run {run.index}: reading states", max(run.num_tokens, 1)) as advance:
-        return token_metrics(run, reference, space, loop=loop, progress=advance)
+        metrics = token_metrics(run, reference, space, loop=loop, progress=advance)
+    bad = metrics.nonfinite_tokens()
+    if bad.size:
+        errors.print(
+            f"[yellow]warning:[/yellow] run {run.index}: {bad.size} token(s) have NaN or infinite states "
+            f"(first: token {int(bad[0])}); they are left blank in figures and empty in CSV",
+            highlight=False,
+        )
+    return metrics
 
 
 @contextlib.contextmanager
@@ -313,11 +328,23 @@ def _typical_tokens(m, tol: float) -> list[int]:
     return list(dict.fromkeys(picks))
 
 
+def _describe_loop(loop) -> str:
+    """'family: exit module, ...' from the stored adapter JSON; '?' where it is missing or damaged."""
+    if not isinstance(loop, dict):
+        return "? (no readable loop description)"
+    loops = loop.get("loops") if isinstance(loop.get("loops"), list) else []
+    exits = [str(spec.get("exit", "?")) for spec in loops if isinstance(spec, dict)]
+    return f"{loop.get('family', '?')}: {', '.join(exits) or '?'}"
+
+
 def _size(path: Path) -> str:
     """Size of the index plus its run files."""
     from ..storage.capture_file import list_run_files
 
-    size = float(os.path.getsize(path) + sum(os.path.getsize(p) for p, _ in list_run_files(str(path)).values()))
+    try:
+        size = float(os.path.getsize(path) + sum(os.path.getsize(p) for p, _ in list_run_files(str(path)).values()))
+    except OSError:  # a run file renamed or removed meanwhile (a capture still running)
+        return "size unknown"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

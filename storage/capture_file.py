@@ -53,6 +53,12 @@ def list_run_files(index_path: str) -> dict[int, tuple[str, bool]]:
     return dict(sorted(found.items()))
 
 
+def check_locking(locking) -> None:
+    """h5py's ``locking=`` values (None: HDF5's default); anything else is a one-line error, not h5py's later."""
+    if not (locking is None or locking is True or locking is False or locking == "best-effort"):
+        raise CaptureFileError(f"locking={locking!r} is not one of None, True, False, 'best-effort'")
+
+
 def _h5_kwargs(locking, cache_bytes: int | None = None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"libver": "latest"}
     if cache_bytes:
@@ -81,6 +87,7 @@ def create_index(
     whose locks fail).
     """
     path = os.fspath(path)
+    check_locking(locking)
     if mode not in MODES:
         raise CaptureFileError(f"mode={mode!r} is not one of {', '.join(MODES)}")
     parent = os.path.dirname(os.path.abspath(path))

@@ -87,15 +87,15 @@ def export(
 def _run_arrays(run: Run, widen_bf16: bool) -> list[_Array]:
     prefix = f"runs/{run.name}"
     arrays = []
-    for key in ("token_ids", "attention_mask", "positions", "forward_index"):
-        data = run.group[key]
-        arrays.append(_Array(f"{prefix}/{key}", data.dtype, data.shape, lambda d=data: iter([d[()]])))
+    small = {key: getattr(run, key) for key in ("token_ids", "attention_mask", "positions", "forward_index")}
     for loop in run.loops:
-        group = run.group[schema.LOOPS][loop]
-        for key in ("num_steps", "step_labels"):
-            if key in group:
-                data = group[key]
-                arrays.append(_Array(f"{prefix}/loops/{loop}/{key}", data.dtype, data.shape, lambda d=data: iter([d[()]])))
+        small[f"loops/{loop}/num_steps"] = run.steps_of(loop)
+        labels = run.step_labels(loop)
+        if labels is not None:
+            small[f"loops/{loop}/step_labels"] = labels
+    for key, data in small.items():
+        arrays.append(_Array(f"{prefix}/{key}", data.dtype, data.shape, lambda d=data: iter([d])))
+    for loop in run.loops:
         arrays.append(_states_array(run, loop, f"{prefix}/loops/{loop}/states", widen_bf16))
     return arrays
 
@@ -109,7 +109,7 @@ def _states_array(run: Run, loop: str, name: str, widen_bf16: bool) -> _Array:
 
     def blocks():
         for t0 in range(0, ds.shape[0], step):
-            block = ds[t0 : t0 + step]
+            block = run.read(np.s_[t0 : t0 + step], loop)
             yield run.decode(block, loop) if bf16 and widen_bf16 else block
 
     return _Array(name, dtype, ds.shape, blocks, "BF16" if bf16 and not widen_bf16 else None)

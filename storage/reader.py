@@ -7,6 +7,7 @@ trajectory or one iteration touches only the chunks that hold it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class CaptureFile:
             raise CaptureFileError(f"{self.path}: no such file; check the path")
         if os.path.isdir(self.path):
             raise CaptureFileError(f"{self.path} is a directory; pass the .h5 capture file inside it")
+        capture_file.check_locking(locking)
         self._open_kwargs = {} if locking is None else {"locking": locking}
         try:
             self._file = h5py.File(self.path, "r", **self._open_kwargs)
@@ -64,9 +66,11 @@ class CaptureFile:
             raise CaptureFileError(f"{self.path} is not a readable HDF5 file ({_first_line(exc)})") from None
         # Read the whole (small) index now and let go of it, so a capture still running can link its runs in.
         try:
-            self._validate()
-            self._attrs = dict(self._file.attrs)
-            self.readout = self._read_readout()
+            with _reading(self.path):
+                self._validate()
+                self._attrs = dict(self._file.attrs)
+                self.readout = self._read_readout()
+                self.loop_names  # parse the loop list now: a damaged one fails here, once
         finally:
             self._file.close()
 
@@ -88,34 +92,46 @@ class CaptureFile:
     # ---- file-level metadata ---------------------------------------------------------------------------------------
     @cached_property
     def meta(self) -> dict:
-        """Every root attribute, JSON strings decoded."""
+        """Every root attribute, JSON strings decoded (a damaged one is kept as its text)."""
         out = {}
         for key, value in self._attrs.items():
             if isinstance(value, bytes):
-                value = value.decode()
+                value = value.decode("utf-8", "replace")
             if isinstance(value, str) and key.endswith("_json"):
-                value = json.loads(value)
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
             elif isinstance(value, np.generic):
                 value = value.item()
             out[key] = value
         return out
 
-    @property
+    @cached_property
     def loop_names(self) -> list[str]:
         """The loops this capture recorded, the primary one first."""
-        return list(json.loads(self._attrs.get("loops_json", "[]")))
+        names = json.loads(self._attrs.get("loops_json", "[]"))
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CaptureFileError(f"{self.path}: the loops_json attribute is damaged")
+        return names
 
     def _read_readout(self) -> ReadoutNorm:
         group = self._file.get(schema.READOUT)
         if group is None:
             return ReadoutNorm("none", None, None, 0.0, 0.0)
-        return ReadoutNorm(
-            kind=str(group.attrs.get("kind", "none")),
-            weight=group["weight"][()] if "weight" in group else None,
-            bias=group["bias"][()] if "bias" in group else None,
+        kind = group.attrs.get("kind", "none")
+        norm = ReadoutNorm(
+            kind=kind.decode("utf-8", "replace") if isinstance(kind, bytes) else str(kind),
+            weight=np.asarray(group["weight"][()], dtype=np.float64) if "weight" in group else None,
+            bias=np.asarray(group["bias"][()], dtype=np.float64) if "bias" in group else None,
             eps=float(group.attrs.get("eps", 0.0)),
             weight_offset=float(group.attrs.get("weight_offset", 0.0)),
         )
+        for name in ("weight", "bias"):
+            value = getattr(norm, name)
+            if value is not None and value.ndim != 1:
+                raise CaptureFileError(f"{self.path}: the readout {name} has shape {value.shape}; the file is damaged")
+        return norm
 
     @cached_property
     def runs(self) -> list[Run]:
@@ -174,10 +190,13 @@ class Run:
                 self._group = h5py.File(self.path, "r", **self.capture._open_kwargs)
             except OSError as exc:
                 raise CaptureFileError(f"run file {self.path} is unreadable ({_first_line(exc)})") from None
-            if self._group.attrs.get("format") != schema.RUN_FORMAT_NAME:
+            try:
+                with _reading(self.path):
+                    _check_run_layout(self._group, self.path)
+            except CaptureFileError:
                 self._group.close()
                 self._group = None
-                raise CaptureFileError(f"{self.path} is not a loopscope run file")
+                raise
         return self._group
 
     def close(self) -> None:
@@ -187,39 +206,55 @@ class Run:
 
     @property
     def attrs(self) -> dict:
-        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.group.attrs.items()}
+        with _reading(self.path):
+            return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.group.attrs.items()}
 
     @property
     def loops(self) -> list[str]:
-        present = set(self.group[schema.LOOPS].keys())
+        with _reading(self.path):
+            present = set(self.group[schema.LOOPS].keys())
         ordered = [name for name in self.capture.loop_names if name in present]
         return ordered + sorted(present - set(ordered))
 
     @cached_property
     def token_ids(self) -> np.ndarray:
-        return self.group["token_ids"][()]
+        return self._array("token_ids")
 
     @cached_property
     def tokens(self) -> list[str] | None:
         if "tokens" not in self.group:
             return None
-        return [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in self.group["tokens"][()]]
+        with _reading(self.path):
+            values = self.group["tokens"][()]
+        tokens = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in np.atleast_1d(values)]
+        if len(tokens) != self.num_tokens:
+            raise CaptureFileError(f"{self.path}: {len(tokens)} token strings for {self.num_tokens} tokens; damaged")
+        return tokens
 
     @cached_property
     def attention_mask(self) -> np.ndarray:
-        return self.group["attention_mask"][()]
+        return self._array("attention_mask")
 
     @cached_property
     def positions(self) -> np.ndarray:
-        return self.group["positions"][()]
+        return self._array("positions")
 
     @cached_property
     def forward_index(self) -> np.ndarray:
-        return self.group["forward_index"][()]
+        return self._array("forward_index")
+
+    def _array(self, name: str) -> np.ndarray:
+        """A per-token dataset, read whole; checked to hold one integer per token."""
+        with _reading(self.path):
+            data = self.group[name][()]
+        if data.shape != (self.num_tokens,) or data.dtype.kind not in "iu":
+            raise CaptureFileError(f"{self.path}: dataset {name} has shape {data.shape}, dtype {data.dtype}; damaged")
+        return data
 
     @property
     def num_tokens(self) -> int:
-        return int(self.group["token_ids"].shape[0])
+        with _reading(self.path):
+            return int(self.group["token_ids"].shape[0])
 
     @property
     def num_steps(self) -> np.ndarray:
@@ -227,15 +262,42 @@ class Run:
         return self.steps_of(None)
 
     def steps_of(self, loop: str | None) -> np.ndarray:
-        return self._loop(loop)["num_steps"][()]
+        """Iterations each token ran in ``loop``; checked against the stored steps, so indexing with it is safe."""
+        with _reading(self.path):
+            group = self._loop(loop)
+            steps = group["num_steps"][()]
+            n_tokens, n_slots = group["states"].shape[:2]
+        if steps.shape != (n_tokens,) or steps.dtype.kind not in "iu":
+            raise CaptureFileError(f"{self.path}: num_steps has shape {steps.shape} for {n_tokens} tokens; damaged")
+        if steps.size and (steps.min() < 0 or steps.max() >= n_slots):
+            raise CaptureFileError(
+                f"{self.path}: num_steps ranges {steps.min()}..{steps.max()} but states hold steps 0..{n_slots - 1}; damaged"
+            )
+        return steps
+
+    def step_labels(self, loop: str | None = None) -> np.ndarray | None:
+        """[K, D] nested-loop labels of each stored step (HRM's L loop: its (h, l) cycle), or None."""
+        with _reading(self.path):
+            group = self._loop(loop)
+            return group["step_labels"][()] if "step_labels" in group else None
 
     def dataset(self, loop: str | None = None) -> h5py.Dataset:
         """The raw states dataset [T, K, H] of ``loop`` (stored dtype; bf16 as uint16 bits)."""
-        return self._loop(loop)["states"]
+        with _reading(self.path):
+            ds = self._loop(loop)["states"]
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 3 or ds.dtype.kind not in "fu":
+                raise CaptureFileError(f"{self.path}: the states of loop {loop or self.loops[0]!r} are damaged")
+            return ds
 
     def logical_dtype(self, loop: str | None = None) -> str:
-        value = self.dataset(loop).attrs.get("logical_dtype", "float32")
-        return value.decode() if isinstance(value, bytes) else str(value)
+        ds = self.dataset(loop)
+        with _reading(self.path):
+            value = ds.attrs.get("logical_dtype", "float32")
+        value = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        expected = {"bfloat16": "u", "float16": "f", "float32": "f", "float64": "f"}.get(value)
+        if expected is None or ds.dtype.kind != expected:
+            raise CaptureFileError(f"{self.path}: states stored as {ds.dtype} with logical dtype {value!r}; damaged")
+        return value
 
     def hidden_size(self, loop: str | None = None) -> int:
         return int(self.dataset(loop).shape[2])
@@ -258,14 +320,19 @@ class Run:
         if step is not None and not 0 <= step < n_slots:
             raise IndexError(f"step {step} out of range: loop holds steps 0..{n_slots - 1}")
         if token is not None and step is not None:
-            data = ds[token, step, :]
+            data = self.read(np.s_[token, step, :], loop)
         elif token is not None:
-            data = ds[token, : int(self.steps_of(loop)[token]) + 1, :]
+            data = self.read(np.s_[token, : int(self.steps_of(loop)[token]) + 1, :], loop)
         elif step is not None:
-            data = ds[:, step, :]
+            data = self.read(np.s_[:, step, :], loop)
         else:
-            data = ds[()]
+            data = self.read(np.s_[()], loop)
         return data if raw else self.decode(data, loop)
+
+    def read(self, selection, loop: str | None = None) -> np.ndarray:
+        """``dataset(loop)[selection]`` in the stored representation; a damaged file gives a CaptureFileError."""
+        with _reading(self.path):
+            return self.dataset(loop)[selection]
 
     def decode(self, data: np.ndarray, loop: str | None = None) -> np.ndarray:
         """Stored representation -> float array (bf16 bit patterns become exact float32)."""
@@ -286,6 +353,36 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<Run {self.index}: {self.num_tokens} tokens, loops {self.loops}>"
+
+
+_RUN_DATASETS = ("token_ids", "attention_mask", "positions", "forward_index")
+
+
+def _check_run_layout(group: h5py.File, path: str) -> None:
+    """The datasets every run file has, one entry per token; anything else means the file is damaged."""
+    if group.attrs.get("format") != schema.RUN_FORMAT_NAME:
+        raise CaptureFileError(f"{path} is not a loopscope run file")
+    for name in (*_RUN_DATASETS, schema.LOOPS):
+        if name not in group:
+            raise CaptureFileError(f"{path}: run file has no {name!r}; it is damaged (re-capture that run)")
+    n = group["token_ids"].shape
+    for name in _RUN_DATASETS[1:]:
+        if group[name].shape != n:
+            raise CaptureFileError(f"{path}: {name} has shape {group[name].shape}, token_ids {n}; damaged")
+    for loop, sub in group[schema.LOOPS].items():
+        if not isinstance(sub, h5py.Group) or "states" not in sub or "num_steps" not in sub:
+            raise CaptureFileError(f"{path}: loop {loop!r} lacks states or num_steps; damaged")
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """Turn what h5py raises on a damaged or vanished file into one CaptureFileError line naming the file."""
+    try:
+        yield
+    except CaptureFileError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+        raise CaptureFileError(f"{path} is damaged or unreadable ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:

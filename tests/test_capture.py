@@ -113,10 +113,12 @@ def test_hooks_removed_after_close(reference_model, prompt_ids, tmp_path):
     had_generate = "generate" in vars(reference_model)
     capture = loopscope.attach(reference_model, tmp_path / "h.h5")
     assert any(m._forward_hooks or m._forward_pre_hooks for m in reference_model.modules())
+    assert "forward" in vars(reference_model) and "generate" in vars(reference_model)
     capture.close()
     capture.close()  # idempotent
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in reference_model.modules())
     assert ("generate" in vars(reference_model)) == had_generate
+    assert "forward" not in vars(reference_model)
     with torch.no_grad():
         reference_model(prompt_ids, num_steps=2)  # nothing recorded, nothing raised
     with loopscope.open(tmp_path / "h.h5") as f:
