@@ -136,13 +136,13 @@ def token_metrics(
         last = steps[t0:t1]
         star = ref.states[t0:t1] if ref.states is not None else states[np.arange(t1 - t0), last]
         valid = slots <= last[:, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            star_norm = np.linalg.norm(star, axis=-1)[:, None]
-            norms = np.linalg.norm(states, axis=-1)
-            dist = np.linalg.norm(states - star[:, None, :], axis=-1)
+        with np.errstate(all="ignore"):  # NaN/Inf states (a model that blew up) give NaN measures, flagged later
+            star_norm = _norm(star)[:, None]
+            norms = _norm(states)
+            dist = _norm(states - star[:, None, :])
             cosine = np.einsum("bkh,bh->bk", states, star) / (norms * star_norm)
             delta = np.full_like(dist, np.nan)
-            delta[:, 1:] = np.linalg.norm(np.diff(states, axis=1), axis=-1)
+            delta[:, 1:] = _norm(np.diff(states, axis=1))
             values = {
                 "distance": dist,
                 "relative_distance": dist / star_norm,
@@ -191,6 +191,11 @@ def step_profile(values: np.ndarray, low: float = 10, high: float = 90) -> dict[
             "low": np.nanpercentile(data, low, axis=0),
             "high": np.nanpercentile(data, high, axis=0),
         }
+
+
+def _norm(x: np.ndarray) -> np.ndarray:
+    """Euclidean norm over the last axis without the squared temporary ``np.linalg.norm`` makes."""
+    return np.sqrt(np.einsum("...h,...h->...", x, x))
 
 
 def _token_block(n_slots: int, hidden: int, budget: int, chunks: tuple[int, ...] | None) -> int:

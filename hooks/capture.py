@@ -44,6 +44,16 @@ class _Session:
 
 
 @dataclass
+class _Stage:
+    """A host slab [B, T, G, H] filling with G consecutive steps of one loop, sent to the writer when full."""
+
+    slab: torch.Tensor
+    step0: int
+    logical: str
+    filled: int = 0
+
+
+@dataclass
 class _Forward:
     """Bookkeeping for one pass through the model's top-level forward."""
 
@@ -51,6 +61,7 @@ class _Forward:
     tokens: int
     steps: dict[str, int] = field(default_factory=dict)
     s0_taken: set[str] = field(default_factory=set)
+    stages: dict[str, _Stage] = field(default_factory=dict)
 
 
 class Capture:
@@ -95,6 +106,9 @@ class Capture:
         self._orphan_calls = 0
         self._handles: list[Any] = []
         self._restore: list = []
+        self._steps_hint: dict[str, int] = {}  # steps each loop ran in the previous forward: sizes the next stage
+        self._copy_streams: dict[torch.device, Any] = {}
+        self._pending_devices: set[torch.device] = set()
         self._closed = False
         self._locking = locking
         capture_file.create_index(
@@ -283,7 +297,7 @@ class Capture:
             run_ids = list(range(self._next_run, self._next_run + batch))
             self._next_run += batch
             self._session = _Session(call=call, run_ids=run_ids)
-            self.writer.put(
+            self._put(
                 w.OpenRuns(
                     run_ids,
                     [{"call": call, "batch_row": b, "batch_size": batch, "loops": [s.name for s in self.adapter.loops]}
@@ -296,7 +310,7 @@ class Capture:
                 f"batch size changed from {len(session.run_ids)} to {batch} inside one generate() call; "
                 "loopscope records one run per batch row and cannot follow rows being dropped"
             )
-        self.writer.put(
+        self._put(
             w.Tokens(
                 run_ids=session.run_ids,
                 offset=session.offset,
@@ -313,9 +327,10 @@ class Capture:
         forward, session = self._forward, self._session
         if forward is None or session is None:
             return
+        self._flush_stages()
         for spec in self.adapter.loops:
             steps = forward.steps.get(spec.name, 0)
-            self.writer.put(
+            self._put(
                 w.Steps(
                     session.run_ids,
                     spec.name,
@@ -330,8 +345,11 @@ class Capture:
             self._end_session(complete=True)
 
     def _end_session(self, complete: bool) -> None:
+        if self._forward is not None:  # an interrupted forward: its staged slabs go back unwritten
+            for stage in self._forward.stages.values():
+                self.pool.release(stage.slab)
         session, self._session, self._forward = self._session, None, None
-        self.writer.put(w.CloseRuns(session.run_ids, complete=complete, attrs={"forwards": session.forwards}))
+        self._put(w.CloseRuns(session.run_ids, complete=complete, attrs={"forwards": session.forwards}))
 
     def _entry_hook(self, spec: LoopSpec):
         def hook(module, args, kwargs):
@@ -380,22 +398,101 @@ class Capture:
         logical = str(state.dtype).replace("torch.", "")
         if logical not in ("bfloat16", "float16", "float32", "float64"):
             raise LoopscopeError(f"loop {spec.exit!r} produced {logical} states; only floating point is recorded")
-        hidden = state.shape[2]
-        per_token = forward.batch * hidden * state.element_size()
-        block = max(self.pool.max_slab_bytes() // per_token, 1)
-        for t0 in range(0, forward.tokens, block):
-            t1 = min(t0 + block, forward.tokens)
-            slab = self.pool.acquire((forward.batch, t1 - t0, hidden), state.dtype)
-            with torch.no_grad():
-                slab.copy_(state[:, t0:t1])
+        per_step = state.numel() * state.element_size()
+        if per_step > self.pool.max_slab_bytes():
+            self._record_split(spec, step, state, logical)
+            return
+        stage = forward.stages.get(spec.name)
+        if stage is not None and (stage.filled == stage.slab.shape[2] or step != stage.step0 + stage.filled):
+            self._send_stage(spec.name, stage)
+            stage = None
+        if stage is None:
+            # Stage as many steps as the last forward of this loop ran (all of them, for decoding), within the
+            # slab limit: one message and one HDF5 write per run for the whole group instead of one per step.
+            hint = self._steps_hint.get(spec.name, 8) + 1
+            group = max(1, min(hint, self.pool.max_slab_bytes() // per_step))
+            shape = (forward.batch, forward.tokens, group, state.shape[2])
+            stage = forward.stages[spec.name] = _Stage(self.pool.acquire(shape, state.dtype), step, logical)
+        self._copy(stage.slab[:, :, stage.filled], state)
+        stage.filled += 1
+
+    def _record_split(self, spec: LoopSpec, step: int, state: torch.Tensor, logical: str) -> None:
+        """One step larger than a slab (a long prefill): send it in blocks of tokens, one step each."""
+        forward, session = self._forward, self._session
+        batch, tokens, hidden = state.shape
+        block = max(self.pool.max_slab_bytes() // (batch * hidden * state.element_size()), 1)
+        for t0 in range(0, tokens, block):
+            t1 = min(t0 + block, tokens)
+            slab = self.pool.acquire((batch, t1 - t0, 1, hidden), state.dtype)
+            self._copy(slab[:, :, 0], state[:, t0:t1])
             self._check_writer()
-            self.writer.put(w.State(session.run_ids, spec.name, session.offset + t0, step, slab, logical))
+            self._put(
+                w.State(session.run_ids, spec.name, session.offset + t0, step, slab, 1, logical, self._ready_event())
+            )
+
+    def _send_stage(self, loop: str, stage: "_Stage") -> None:
+        session, forward = self._session, self._forward
+        self._check_writer()
+        self._put(
+            w.State(session.run_ids, loop, session.offset, stage.step0, stage.slab, stage.filled, stage.logical,
+                    self._ready_event())
+        )
+        forward.stages.pop(loop, None)
+
+    def _flush_stages(self) -> None:
+        forward = self._forward
+        for loop, stage in list(forward.stages.items()):
+            self._send_stage(loop, stage)
+        for name, steps in forward.steps.items():
+            self._steps_hint[name] = steps
+
+    def _copy(self, destination: torch.Tensor, state: torch.Tensor) -> None:
+        """Copy into a host slab. From CUDA: on a side stream, into pinned memory, without blocking the model's
+        stream; the writer waits on an event recorded after the copies (see ``_ready_event``)."""
+        with torch.no_grad():
+            if state.is_cuda:
+                stream = self._copy_stream(state.device)
+                stream.wait_stream(torch.cuda.current_stream(state.device))
+                with torch.cuda.stream(stream):
+                    destination.copy_(state, non_blocking=True)
+                state.record_stream(stream)  # the allocator must not reuse the state's memory before the copy ends
+                self._pending_devices.add(state.device)
+            else:
+                destination.copy_(state)
+
+    def _copy_stream(self, device: torch.device):
+        stream = self._copy_streams.get(device)
+        if stream is None:
+            stream = self._copy_streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+    def _ready_event(self):
+        """Events (one per device with copies in flight) the writer synchronises on before reading a slab."""
+        if not self._pending_devices:
+            return None
+        events = []
+        for device in self._pending_devices:
+            event = torch.cuda.Event()
+            event.record(self._copy_streams[device])
+            events.append(event)
+        self._pending_devices.clear()
+        return events
+
+    def _put(self, message) -> None:
+        """Hand a message to the writer, first surfacing (and acting on) a failure of the writer."""
+        self._check_writer()
+        self.writer.put(message)
 
     def _check_writer(self) -> None:
-        """After a write failure (disk full, ...) stop recording: detach the hooks, then raise the clear error."""
+        """After a write failure (disk full, ...) stop recording: detach the hooks, close the capture (completed
+        runs stay), then raise the clear error. Hooks of the model itself run outside its forward, so this cannot
+        rely on the forward wrapper to close."""
         if self.writer.error is not None:
-            self._uninstall()
-            self.writer.raise_if_failed()
+            try:
+                self.writer.raise_if_failed()
+            except CaptureWriteError as exc:
+                self._abort(exc)
+                raise
 
     def _strings(self, ids: torch.Tensor) -> list[list[str]]:
         decode = self.tokenizer.decode

@@ -47,15 +47,17 @@ class Tokens:
 
 @dataclass
 class State:
-    """One iteration's state for a block of tokens of every run in a batch: slab[b] belongs to run_ids[b]."""
+    """Consecutive iterations ``step .. step + steps - 1`` of a block of tokens of every run in a batch:
+    ``slab[b, :, :steps]`` belongs to ``run_ids[b]``."""
 
     run_ids: list[int]
     loop: str
     offset: int
     step: int
-    slab: torch.Tensor  # [B, T, H] host tensor from the pool
+    slab: torch.Tensor  # [B, T, G, H] host tensor from the pool, G >= steps
+    steps: int
     logical_dtype: str
-    ready: Any = None  # a CUDA event to wait on before reading the slab, when the copy was asynchronous
+    ready: Any = None  # CUDA events to wait on before reading the slab, when the copy was asynchronous
 
 
 @dataclass
@@ -87,6 +89,10 @@ class _RunHandles:
     n_tokens: int = 0
     token_sets: dict[str, h5py.Dataset] = field(default_factory=dict)
     loops: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per-token metadata waits here and is written TOKEN_CHUNK tokens at a time (decoding makes one token per
+    # forward: writing each as it comes would cost six HDF5 calls per token). {dataset: [(offset, values)]}
+    pending: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
+    pending_tokens: int = 0
 
 
 class CaptureWriter:
@@ -212,14 +218,40 @@ class CaptureWriter:
                 h.token_sets["tokens"] = h.group.create_dataset(
                     "tokens", shape=(h.capacity,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(TOKEN_CHUNK,)
                 )
-            self._grow_tokens(h, end)
-            h.token_sets["token_ids"][m.offset : end] = m.token_ids[b]
-            h.token_sets["attention_mask"][m.offset : end] = m.attention_mask[b]
-            h.token_sets["positions"][m.offset : end] = m.positions[b]
-            h.token_sets["forward_index"][m.offset : end] = m.forward_index
+            values = {
+                "token_ids": m.token_ids[b],
+                "attention_mask": m.attention_mask[b],
+                "positions": m.positions[b],
+                "forward_index": np.full(t, m.forward_index, dtype=np.int32),
+            }
             if m.strings is not None:
-                h.token_sets["tokens"][m.offset : end] = m.strings[b]
+                values["tokens"] = np.array(m.strings[b], dtype=object)
+            for name, value in values.items():
+                h.pending.setdefault(name, []).append((m.offset, value))
             h.n_tokens = max(h.n_tokens, end)
+            h.pending_tokens += t
+            if h.pending_tokens >= TOKEN_CHUNK:
+                self._flush_pending(h)
+
+    def _flush_pending(self, h: _RunHandles) -> None:
+        """Write the per-token metadata gathered so far, one contiguous write per dataset."""
+        if h.pending_tokens == 0 and not h.pending:
+            return
+        self._grow_tokens(h, h.n_tokens)
+        for name, parts in h.pending.items():
+            if not parts:
+                continue
+            target = h.token_sets.get(name)
+            if target is None:  # loops/<name>/num_steps
+                loop = h.loops.get(name.split("/", 1)[1]) if name.startswith("loops/") else None
+                if loop is None:  # the loop never ran for these tokens: nothing but s0 to say
+                    continue
+                target = loop["num_steps"]
+            start = parts[0][0]
+            values = np.concatenate([v for _, v in parts])
+            target[start : start + len(values)] = values
+        h.pending.clear()
+        h.pending_tokens = 0
 
     def _loop_handles(self, h: _RunHandles, loop: str, hidden: int, logical_dtype: str):
         if loop in h.loops:
@@ -243,43 +275,44 @@ class CaptureWriter:
         num_steps = group.create_dataset(
             "num_steps", shape=(h.capacity,), maxshape=(None,), dtype=np.int32, chunks=(TOKEN_CHUNK,)
         )
-        h.loops[loop] = {"group": group, "states": states, "num_steps": num_steps, "max_step": 0}
+        h.loops[loop] = {
+            "group": group, "states": states, "num_steps": num_steps, "max_step": 0, "step_capacity": chunks[1]
+        }
         return h.loops[loop]
 
     def _write_state(self, m: State) -> None:
-        if m.ready is not None:
-            m.ready.synchronize()
-        slab = m.slab
+        for event in m.ready or ():
+            event.synchronize()
+        slab = m.slab[:, :, : m.steps]
         if m.logical_dtype == "bfloat16":
             array = slab.view(torch.int16).numpy().view(np.uint16)
         else:
             array = slab.numpy()
         t = array.shape[1]
+        last = m.step + m.steps - 1
         for b, run_id in enumerate(m.run_ids):
             h = self._runs[run_id]
             self._grow_tokens(h, m.offset + t)
-            loop = self._loop_handles(h, m.loop, array.shape[2], m.logical_dtype)
-            states = loop["states"]
-            if m.step >= states.shape[1]:
+            loop = self._loop_handles(h, m.loop, array.shape[3], m.logical_dtype)
+            if last >= loop["step_capacity"]:
+                states = loop["states"]
                 chunk_steps = states.chunks[1]
-                new_steps = -(-(m.step + 1) // chunk_steps) * chunk_steps
-                states.resize((states.shape[0], max(new_steps, 2 * states.shape[1]), states.shape[2]))
-            states[m.offset : m.offset + t, m.step, :] = array[b]
-            loop["max_step"] = max(loop["max_step"], m.step)
+                new_steps = max(-(-(last + 1) // chunk_steps) * chunk_steps, 2 * loop["step_capacity"])
+                states.resize((states.shape[0], new_steps, states.shape[2]))
+                loop["step_capacity"] = new_steps
+            region = np.s_[m.offset : m.offset + t, m.step : last + 1, :]
+            loop["states"][region] = array[b]
+            loop["max_step"] = max(loop["max_step"], last)
             self.bytes_written += array[b].nbytes
 
     def _write_steps(self, m: Steps) -> None:
-        t = m.num_steps.shape[1]
         for b, run_id in enumerate(m.run_ids):
-            h = self._runs[run_id]
-            loop = h.loops.get(m.loop)
-            if loop is None:  # the loop never ran for these tokens (e.g. zero iterations): nothing but s0 to say
-                continue
-            loop["num_steps"][m.offset : m.offset + t] = m.num_steps[b]
+            self._runs[run_id].pending.setdefault(f"loops/{m.loop}", []).append((m.offset, m.num_steps[b]))
 
     def _close_runs(self, m: CloseRuns) -> None:
         for run_id in m.run_ids:
             h = self._runs.pop(run_id)
+            self._flush_pending(h)
             n = h.n_tokens
             for ds in h.token_sets.values():
                 ds.resize((n,))

@@ -1,0 +1,110 @@
+"""How fast does the offline analysis read a capture, against reading the same file's bytes sequentially?
+
+    python benchmarks/analysis_rate.py            # ~1 min
+    python benchmarks/analysis_rate.py --small    # ~10 s smoke run
+
+The capture is made of real states (the n_embd=1024 reference model, 32 steps, replayed through loopscope as in
+``write_rate.py``) in one prefill-shaped run. Three readers go over the run's file, best of ``--repeats``:
+
+* raw read          ``open().readinto`` of the whole run file in 8 MB blocks (the ceiling);
+* h5py blocks       ``Run.read`` of every token block the analysis reads, no arithmetic (the storage cost);
+* token_metrics     the full streamed analysis: every measure of every token and step, readout space.
+
+``--cold`` drops the file from the page cache before each read (``posix_fadvise(DONTNEED)`` after an fsync), so
+reads come from the disk; without it every reader works from memory, which measures CPU cost only.
+The design's target is token_metrics >= 50 % of the raw read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
+import numpy as np
+from write_rate import Replay, capture, record_states
+
+import loopscope
+from loopscope.analysis import metrics
+
+
+def drop_from_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def raw_read(path: str) -> None:
+    buffer = bytearray(8 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+
+
+def h5py_blocks(run) -> None:
+    ds = run.dataset()
+    block = metrics._token_block(ds.shape[1], ds.shape[2], metrics.BLOCK_BYTES, ds.chunks)
+    for t0 in range(0, ds.shape[0], block):
+        run.read(np.s_[t0 : t0 + block])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="~10 s smoke run")
+    p.add_argument("--tokens", type=int, default=None, help="tokens in the run (default 2048, --small 128)")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=None, help="default 3 (--small 1)")
+    p.add_argument("--cold", action="store_true", help="drop the file from the page cache before each read")
+    a = p.parse_args()
+    tokens = a.tokens or (128 if a.small else 2048)
+    repeats = a.repeats or (1 if a.small else 3)
+    c.console.print(f"[bold]loopscope analysis read rate[/bold] - {c.machine_line()}")
+    states = record_states(tokens, min(64, tokens), a.steps)
+    with c.workdir() as folder:
+        path = os.path.join(folder, "analysis.h5")
+        ids = np.zeros((1, tokens), dtype=np.int64)
+        import torch
+
+        capture(Replay([states]), path, "prefill", torch.from_numpy(ids))
+        del states
+        with loopscope.open(path) as cap:
+            run = cap.runs[0]
+            size = os.path.getsize(run.path)
+            readers = {
+                "raw read": lambda: raw_read(run.path),
+                "h5py blocks": lambda: h5py_blocks(run),
+                "token_metrics": lambda: metrics.token_metrics(run),
+            }
+
+            def timed(name: str) -> float:
+                if a.cold:
+                    run.close()
+                    drop_from_cache(run.path)
+                t0 = time.perf_counter()
+                readers[name]()
+                return time.perf_counter() - t0
+
+            results = c.interleaved(list(readers), repeats, timed)
+            shape = run.dataset().shape
+            chunks = run.dataset().chunks
+        best = {name: min(times) for name, times in results.items()}
+        rows = [
+            [name, f"{best[name]:.3f}", f"{c.median(results[name]):.3f}", c.fmt_rate(size, best[name]),
+             f"{best['raw read'] / best[name]:.3f}"]
+            for name in readers
+        ]
+        c.table(
+            f"{c.fmt_bytes(size)} run file: {shape[0]} tokens x {shape[1]} states x H={shape[2]} float32, "
+            f"chunks {chunks}; {'cold (page cache dropped)' if a.cold else 'warm page cache'}; best of {repeats}",
+            ["reader", "best s", "median s", "MB/s", "/ raw read"],
+            rows,
+            caption="target: token_metrics >= 0.5 of the raw read",
+        )
+
+
+if __name__ == "__main__":
+    main()
