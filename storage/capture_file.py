@@ -17,7 +17,6 @@ the capture goes on. The reader finds runs by listing the directory; the links a
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -131,7 +130,7 @@ def finish_index(path: str, attrs: dict[str, Any], locking: bool | str | None = 
             if complete and name not in runs:
                 relative = os.path.relpath(run_path, os.path.dirname(os.path.abspath(path)))
                 runs[name] = h5py.ExternalLink(relative, "/")
-        index.attrs.update(attrs)
+        index.attrs.update(schema.attrs_to_store(attrs))
 
 
 @contextlib.contextmanager
@@ -172,7 +171,7 @@ def next_run_index(path: str) -> int:
 class RunFiles:
     """Creates run files as ``.partial.h5`` and renames them into place when they complete."""
 
-    def __init__(self, index_path: str, *, locking: bool | str | None = None, cache_bytes: int = 64 << 20):
+    def __init__(self, index_path: str, *, locking: bool | str | None = None, cache_bytes: int = 1 << 20):
         self.index_path = index_path
         self.folder = runs_dir(index_path)
         self.locking = locking
@@ -187,7 +186,7 @@ class RunFiles:
     def create_run(self, run_id: int) -> h5py.File:
         os.makedirs(self.folder, exist_ok=True)
         run = h5py.File(self.partial_path(run_id), "w", **_h5_kwargs(self.locking, self.cache_bytes))
-        run.attrs["format"] = schema.RUN_FORMAT_NAME
+        run.attrs["format"] = schema.text(schema.RUN_FORMAT_NAME)
         run.attrs["format_version"] = schema.FORMAT_VERSION
         return run
 
@@ -195,35 +194,28 @@ class RunFiles:
         """Close the run's file; a complete run is renamed atomically to its final name."""
         run.close()
         if complete:
-            _fsync(self.partial_path(run_id))
+            # No fsync here: a killed process loses nothing that reached the page cache, and an fsync per run
+            # would cost more than the run's own writes. (The index, written twice per capture, is fsynced.)
             os.replace(self.partial_path(run_id), self.final_path(run_id))
 
 
 def _write_header(file: h5py.File, header: dict[str, Any]) -> None:
     """Root attributes: format, versions, model, options. Dicts and lists are stored as ``*_json`` strings."""
-    file.attrs["format"] = schema.FORMAT_NAME
+    file.attrs["format"] = schema.text(schema.FORMAT_NAME)
     file.attrs["format_version"] = schema.FORMAT_VERSION
-    for key, value in header.items():
-        if isinstance(value, (dict, list, tuple)):
-            file.attrs[f"{key}_json"] = json.dumps(value, default=str)
-        elif value is None:
-            file.attrs[key] = ""
-        elif isinstance(value, str):
-            file.attrs[key] = str(value)  # plain str: subclasses such as torch's TorchVersion confuse h5py
-        else:
-            file.attrs[key] = value
+    file.attrs.update(schema.attrs_to_store(header))
 
 
 def _write_readout(file: h5py.File, readout: dict[str, Any] | None) -> None:
     """Store the final norm's kind, eps and parameters (float32) so analysis can apply it without the model."""
     group = file.create_group(schema.READOUT)
     if not readout:
-        group.attrs["kind"] = "none"
+        group.attrs["kind"] = schema.text("none")
         return
-    group.attrs["kind"] = readout["kind"]
+    group.attrs["kind"] = schema.text(readout["kind"])
     group.attrs["eps"] = float(readout.get("eps", 0.0))
     group.attrs["weight_offset"] = float(readout.get("weight_offset", 0.0))
-    group.attrs["module"] = readout.get("module", "")
+    group.attrs["module"] = schema.text(readout.get("module", ""))
     for name in ("weight", "bias"):
         if readout.get(name) is not None:
             group.create_dataset(name, data=np.asarray(readout[name], dtype=np.float32))

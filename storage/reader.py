@@ -76,9 +76,10 @@ class CaptureFile:
 
     def _validate(self) -> None:
         attrs = self._file.attrs
-        if attrs.get("format") == schema.RUN_FORMAT_NAME:
+        kind = schema.as_text(attrs.get("format"))
+        if kind == schema.RUN_FORMAT_NAME:
             raise CaptureFileError(f"{self.path} is one run's file; open the capture's index file (the .h5 beside {os.path.dirname(self.path)})")
-        if attrs.get("format") != schema.FORMAT_NAME:
+        if kind != schema.FORMAT_NAME:
             raise CaptureFileError(f"{self.path} is an HDF5 file but not a loopscope capture (no 'format' attribute)")
         version = int(attrs.get("format_version", -1))
         if version > schema.FORMAT_VERSION:
@@ -207,7 +208,11 @@ class Run:
     @property
     def attrs(self) -> dict:
         with _reading(self.path):
-            return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.group.attrs.items()}
+            items = dict(self.group.attrs.items())
+        return {
+            k: schema.as_text(v) if schema.as_text(v) is not None else (v.item() if isinstance(v, np.generic) else v)
+            for k, v in items.items()
+        }
 
     @property
     def loops(self) -> list[str]:
@@ -222,14 +227,16 @@ class Run:
 
     @cached_property
     def tokens(self) -> list[str] | None:
-        if "tokens" not in self.group:
+        """Each token's text (when the capture had a tokenizer), from ``token_bytes`` cut at ``token_ends``."""
+        if "token_ends" not in self.group:
             return None
+        ends = self._array("token_ends")
         with _reading(self.path):
-            values = self.group["tokens"][()]
-        tokens = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in np.atleast_1d(values)]
-        if len(tokens) != self.num_tokens:
-            raise CaptureFileError(f"{self.path}: {len(tokens)} token strings for {self.num_tokens} tokens; damaged")
-        return tokens
+            data = self.group["token_bytes"][()].tobytes()
+        if ends.size and (np.any(np.diff(ends) < 0) or ends[0] < 0 or ends[-1] > len(data)):
+            raise CaptureFileError(f"{self.path}: token_ends do not fit token_bytes; damaged")
+        starts = np.concatenate([[0], ends[:-1]])
+        return [data[a:b].decode("utf-8", "replace") for a, b in zip(starts.tolist(), ends.tolist())]
 
     @cached_property
     def attention_mask(self) -> np.ndarray:
@@ -360,7 +367,7 @@ _RUN_DATASETS = ("token_ids", "attention_mask", "positions", "forward_index")
 
 def _check_run_layout(group: h5py.File, path: str) -> None:
     """The datasets every run file has, one entry per token; anything else means the file is damaged."""
-    if group.attrs.get("format") != schema.RUN_FORMAT_NAME:
+    if schema.as_text(group.attrs.get("format")) != schema.RUN_FORMAT_NAME:
         raise CaptureFileError(f"{path} is not a loopscope run file")
     for name in (*_RUN_DATASETS, schema.LOOPS):
         if name not in group:

@@ -7,7 +7,7 @@ The index file (``run.h5``) holds the header and the readout norm; each run is i
     /readout/                 attrs: kind (rmsnorm | layernorm | identity | none), eps, weight_offset; weight [, bias]
     /runs/000000/             one run per batch row of one forward() or generate() call (root of its run file)
         token_ids   [T]       int64, from the forward's input_ids (-1 when the model got embeddings only)
-        tokens      [T]       utf-8 strings (only when a tokenizer was given)
+        token_bytes [N] + token_ends [T]  the tokens' utf-8 text, concatenated, and where each ends (tokenizer given)
         attention_mask [T]    int8, as the caller passed it (1 when none was passed)
         positions   [T]       int64, the token's position in the sequence (cache_position / position_ids)
         forward_index [T]     int32, which forward call of the run computed the token (0 = prefill)
@@ -23,6 +23,7 @@ both cheap to read. bfloat16 states are stored as their raw 16-bit patterns (uin
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -42,6 +43,36 @@ BF16_NAN_BITS = np.uint16(0x7FC0)
 # token's trajectory or one iteration reads little else.
 TARGET_CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_STEPS = 32
+
+
+def text(value: str) -> np.bytes_:
+    """A string attribute as fixed-length UTF-8 bytes. Variable-length strings live in HDF5's global heap, and a
+    damaged global heap can make HDF5 loop forever on read; fixed-length strings sit in the object header."""
+    return np.bytes_(str(value).encode("utf-8"))
+
+
+def attrs_to_store(values: dict) -> dict:
+    """Attribute values ready for h5py: strings as :func:`text`, lists and dicts as JSON text under ``*_json``."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, (dict, list, tuple)):
+            out[f"{key}_json"] = text(json.dumps(value, default=str))
+        elif value is None:
+            out[key] = text("")
+        elif isinstance(value, str):
+            out[key] = text(value)  # also turns str subclasses (torch's TorchVersion) into plain text
+        else:
+            out[key] = value
+    return out
+
+
+def as_text(value) -> str | None:
+    """An attribute read back (fixed or variable-length string, bytes or str) as str; None for anything else."""
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value
+    return None
 
 
 def run_name(index: int) -> str:

@@ -93,6 +93,8 @@ class _RunHandles:
     # forward: writing each as it comes would cost six HDF5 calls per token). {dataset: [(offset, values)]}
     pending: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
     pending_tokens: int = 0
+    token_bytes: h5py.Dataset | None = None  # the tokens' utf-8 text, concatenated (no variable-length strings)
+    token_bytes_used: int = 0
 
 
 class CaptureWriter:
@@ -181,7 +183,7 @@ class CaptureWriter:
     def _open_runs(self, m: OpenRuns) -> None:
         for run_id, attrs in zip(m.run_ids, m.attrs):
             group = self.layout.create_run(run_id)
-            group.attrs.update(attrs)
+            group.attrs.update(schema.attrs_to_store(attrs))
             group.attrs["complete"] = False
             handles = _RunHandles(group)
             specs = {
@@ -214,9 +216,12 @@ class CaptureWriter:
         end = m.offset + t
         for b, run_id in enumerate(m.run_ids):
             h = self._runs[run_id]
-            if m.strings is not None and "tokens" not in h.token_sets:
-                h.token_sets["tokens"] = h.group.create_dataset(
-                    "tokens", shape=(h.capacity,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(TOKEN_CHUNK,)
+            if m.strings is not None and "token_ends" not in h.token_sets:
+                h.token_sets["token_ends"] = h.group.create_dataset(
+                    "token_ends", shape=(h.capacity,), maxshape=(None,), dtype=np.int64, chunks=(TOKEN_CHUNK,)
+                )
+                h.token_bytes = h.group.create_dataset(
+                    "token_bytes", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(16 * TOKEN_CHUNK,)
                 )
             values = {
                 "token_ids": m.token_ids[b],
@@ -225,7 +230,7 @@ class CaptureWriter:
                 "forward_index": np.full(t, m.forward_index, dtype=np.int32),
             }
             if m.strings is not None:
-                values["tokens"] = np.array(m.strings[b], dtype=object)
+                values["token_ends"] = np.array(m.strings[b], dtype=object)  # encoded when written
             for name, value in values.items():
                 h.pending.setdefault(name, []).append((m.offset, value))
             h.n_tokens = max(h.n_tokens, end)
@@ -249,11 +254,26 @@ class CaptureWriter:
                 target = loop["num_steps"]
             start = parts[0][0]
             values = np.concatenate([v for _, v in parts])
+            if name == "token_ends":
+                values = self._append_token_text(h, values)
             target[start : start + len(values)] = values
         h.pending.clear()
         h.pending_tokens = 0
 
-    def _loop_handles(self, h: _RunHandles, loop: str, hidden: int, logical_dtype: str):
+    def _append_token_text(self, h: _RunHandles, strings: np.ndarray) -> np.ndarray:
+        """Append the tokens' utf-8 bytes to ``token_bytes``; returns where each token's text ends."""
+        encoded = [str(t).encode("utf-8") for t in strings]
+        ends = h.token_bytes_used + np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        new_end = int(ends[-1]) if len(ends) else h.token_bytes_used
+        if new_end > h.token_bytes.shape[0]:
+            h.token_bytes.resize((max(new_end, 2 * h.token_bytes.shape[0]),))
+        if new_end > h.token_bytes_used:
+            h.token_bytes[h.token_bytes_used : new_end] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        h.token_bytes_used = new_end
+        return ends
+
+    def _loop_handles(self, h: _RunHandles, loop: str, hidden: int, logical_dtype: str, tokens: int, steps: int):
+        """The loop's datasets in this run, created at its first write, which also sizes their chunk cache."""
         if loop in h.loops:
             return h.loops[loop]
         dtype = schema.stored_numpy_dtype(logical_dtype)
@@ -262,6 +282,11 @@ class CaptureWriter:
         else:
             chunks = schema.state_chunks(hidden, dtype.itemsize)
         group = h.group[schema.LOOPS].create_group(loop)
+        # The chunk cache holds the chunks one write touches, twice over (a write fills them, the next finishes
+        # them), not a fixed 64 MB per run: memory stays flat however many runs are open.
+        touched = (-(-tokens // chunks[0]) + 1) * (-(-steps // chunks[1]) + 1)
+        chunk_bytes = chunks[0] * chunks[1] * hidden * dtype.itemsize
+        cache = min(max(2 * touched * chunk_bytes, 1 << 20), 64 << 20)
         states = group.create_dataset(
             "states",
             shape=(h.capacity, chunks[1], hidden),
@@ -270,8 +295,11 @@ class CaptureWriter:
             chunks=chunks,
             fillvalue=schema.fill_value(logical_dtype),
             compression=self.compression,
+            rdcc_nbytes=cache,
+            rdcc_w0=1.0,
+            rdcc_nslots=max(521, 20 * (cache // chunk_bytes)),
         )
-        states.attrs["logical_dtype"] = logical_dtype
+        states.attrs["logical_dtype"] = schema.text(logical_dtype)
         num_steps = group.create_dataset(
             "num_steps", shape=(h.capacity,), maxshape=(None,), dtype=np.int32, chunks=(TOKEN_CHUNK,)
         )
@@ -293,7 +321,7 @@ class CaptureWriter:
         for b, run_id in enumerate(m.run_ids):
             h = self._runs[run_id]
             self._grow_tokens(h, m.offset + t)
-            loop = self._loop_handles(h, m.loop, array.shape[3], m.logical_dtype)
+            loop = self._loop_handles(h, m.loop, array.shape[3], m.logical_dtype, t, m.steps)
             if last >= loop["step_capacity"]:
                 states = loop["states"]
                 chunk_steps = states.chunks[1]
@@ -316,6 +344,8 @@ class CaptureWriter:
             n = h.n_tokens
             for ds in h.token_sets.values():
                 ds.resize((n,))
+            if h.token_bytes is not None:
+                h.token_bytes.resize((h.token_bytes_used,))
             for name, loop in h.loops.items():
                 loop["num_steps"].resize((n,))
                 states = loop["states"]
@@ -323,7 +353,7 @@ class CaptureWriter:
                 inner = self.inner_steps.get(name)
                 if inner:
                     loop["group"].create_dataset("step_labels", data=nested_labels(loop["max_step"], inner))
-            h.group.attrs.update(m.attrs)
+            h.group.attrs.update(schema.attrs_to_store(m.attrs))
             h.group.attrs["n_tokens"] = n
             h.group.attrs["complete"] = m.complete
             self.layout.finish_run(run_id, h.group, complete=m.complete)

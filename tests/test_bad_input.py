@@ -156,7 +156,7 @@ def test_locking_option_is_passed_to_h5py(reference_model, prompt_ids, tmp_path)
     assert cap.closed
     with loopscope.open(path, locking=False) as capture:
         assert capture.runs[0].states().shape == (prompt_ids.shape[1], 3, reference_model.config.n_embd)
-        assert h5py.File(capture.runs[0].path, "r", locking=False).attrs["format"] == "loopscope-run"
+        assert h5py.File(capture.runs[0].path, "r", locking=False).attrs["format"] == b"loopscope-run"
     with loopscope.open(path, locking="best-effort") as capture:
         assert len(capture.runs) == 1
 

@@ -132,7 +132,8 @@ def test_file_is_self_describing_in_plain_h5py(reference_model, prompt_ids, tmp_
         # libver="latest": superblock v3 and the new chunk indexes for resizable datasets
         assert run_file.id.get_create_plist().get_version()[0] >= 2
     with h5py.File(tmp_path / "m.h5", "r") as f:
-        attrs = dict(f.attrs)
+        # strings are fixed-length utf-8 (no global heap): plain h5py gives bytes
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in f.attrs.items()}
         assert attrs["format"] == "loopscope-capture" and attrs["format_version"] == 1
         for key in ("loopscope_version", "torch_version", "transformers_version", "model_class", "created",
                     "config_json", "loop_json", "options_json", "model_dtype"):
@@ -143,7 +144,7 @@ def test_file_is_self_describing_in_plain_h5py(reference_model, prompt_ids, tmp_
         np.testing.assert_array_equal(
             f["readout/weight"][()], reference_model.transformer.ln_f.weight.detach().numpy()
         )
-        assert f["readout"].attrs["kind"] == "rmsnorm"
+        assert f["readout"].attrs["kind"] == b"rmsnorm"
         states = f["runs/000000/loops/core/states"]
         assert states.chunks is not None and states.maxshape[0] is None
 
