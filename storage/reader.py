@@ -31,10 +31,20 @@ class ReadoutNorm:
     weight_offset: float  # 1.0 for norms that scale by (1 + weight), else 0.0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Apply the norm over the last axis, in float64."""
-        x = np.asarray(x, dtype=np.float64)
+        """Apply the norm over the last axis, in float64 (NaN/Inf states give NaN, silently: analysis flags them)."""
+        with np.errstate(all="ignore"):
+            return self._apply(np.asarray(x, dtype=np.float64))
+
+    def _apply(self, x: np.ndarray) -> np.ndarray:
         if self.kind in ("none", "identity"):
             return x
+        for name in ("weight", "bias"):
+            value = getattr(self, name)
+            if value is not None and value.shape[-1] != x.shape[-1]:
+                raise CaptureFileError(
+                    f"the stored readout {name} has {value.shape[-1]} entries for states of size {x.shape[-1]}; "
+                    "the file is damaged (use space='state')"
+                )
         if self.kind == "rmsnorm":
             y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)
         elif self.kind == "layernorm":
