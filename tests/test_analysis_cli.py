@@ -204,3 +204,32 @@ def test_cli_demo(tmp_path):
         run = capture.runs[0]
         assert set(run.num_steps.tolist()) == {12}
         assert run.tokens is not None and len(run.tokens) == run.num_tokens
+
+
+def test_cli_exits_and_curves_for_per_token_depth(reference_model, tokenizer, tmp_path):
+    """Each decoded token runs its own number of iterations (set between forwards, as an adaptive exit does):
+    the exits histogram counts those depths, and the measures stop at each token's own last step."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    steps, schedule = torch.tensor(4), iter([7, 2, 5, 3, 6])
+
+    class NextDepth(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            steps.fill_(next(schedule))
+            return scores
+
+    path = tmp_path / "adaptive.h5"
+    ids = tokenizer("Adaptive depth.", return_tensors="pt").input_ids
+    with loopscope.attach(reference_model, path, tokenizer=tokenizer):
+        reference_model.generate(ids, num_steps=steps, max_new_tokens=5, do_sample=False,
+                                 logits_processor=LogitsProcessorList([NextDepth()]))
+    with loopscope.open(path) as capture:
+        run = capture.runs[0]
+        assert run.num_steps.tolist() == [4] * ids.shape[1] + [7, 2, 5, 3]
+        d = loopscope.analysis.convergence(run)
+        assert d.shape == (run.num_tokens, 8)
+        assert np.isnan(d[-3, 3:]).all() and not np.isnan(d[-3, :3]).any()  # the 2-step token stops at step 2
+    for kind in ("exits", "curves", "heatmap"):
+        out = tmp_path / f"{kind}.png"
+        _ok(["plot", path, "--kind", kind, "--out", out])
+        assert out.read_bytes()[:4] == b"\x89PNG"
