@@ -104,8 +104,9 @@ def _check_killed_capture(path, side, finished: int) -> int:
     with loopscope.open(path) as capture:
         numbers = [run.index for run in capture.runs]
         assert numbers == list(range(len(numbers))), f"holes among complete runs: {numbers}"
-        # the writer trails the model by a queue of messages; it must still have finished most runs
-        assert len(numbers) >= min(finished, 2), (numbers, finished)
+        # the writer trails the model by a queue of messages (further on a loaded machine), so how many runs
+        # completed before the kill is not fixed; that every completed one is intact is
+        assert len(numbers) <= finished + 1, (numbers, finished)
         assert set(numbers) <= set(saved), "a complete run has no side file: the hook order assumption broke"
         for run in capture.runs:
             expected = np.load(os.path.join(side, f"{run.index:06d}.npy"))
@@ -133,6 +134,7 @@ def test_sigkill_mid_capture_keeps_every_completed_run_intact(tmp_path, referenc
                 child.kill()
                 child.wait()
     complete = [_check_killed_capture(path, side, n) for (path, side), n in zip(cases, finished)]
+    assert sum(complete) >= 1, "no run completed before any of the kills: nothing was checked"
 
     # a killed capture can be extended: numbering continues after the leftover partial run
     path = cases[0][0]
