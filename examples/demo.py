@@ -1,7 +1,7 @@
-"""`loopscope demo`: capture the reference looped model on a prompt and draw its convergence heatmap.
+"""`loopscope demo`: capture the shipped demo model on a prompt and draw its convergence heatmap.
 
-Runs offline in seconds: the model is the Huginn-shaped reference model built from a tiny config with a fixed
-seed, the tokenizer is trained on the spot from text shipped in ``demo_tokenizer.py``.
+Runs offline in seconds: the model is a small looped-depth LM of the Huginn-shaped reference architecture,
+trained once by ``train_demo_model.py`` and shipped in ``demo_model/`` (weights, tokenizer, model card).
 """
 
 from __future__ import annotations
@@ -12,7 +12,11 @@ from pathlib import Path
 
 import torch
 
-PROMPT = "The looped block reads the same tokens again and again until its state settles."
+MODEL_DIR = Path(__file__).parent / "demo_model"
+PROMPT = (
+    "Return a new list containing all items from the iterable in ascending order. A custom key function can be "
+    "supplied to customize the sort order."
+)
 
 
 @dataclass
@@ -23,15 +27,15 @@ class DemoResult:
 
 
 def build_demo_model(seed: int = 0):
-    """The reference model and tokenizer used by the demo (random weights, deterministic)."""
-    from .demo_tokenizer import build_tokenizer
-    from .huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+    """The shipped demo model (eval mode) and its tokenizer. ``seed`` is kept for callers; the weights are fixed."""
+    from transformers import PreTrainedTokenizerFast
+
+    from .huginn_reference import RavenReferenceForCausalLM, register
 
     register()
-    tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    config = tiny_config(vocab_size=len(tokenizer), padded_vocab_size=len(tokenizer))
-    model = RavenReferenceForCausalLM(config).eval()
+    model = RavenReferenceForCausalLM.from_pretrained(MODEL_DIR).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(MODEL_DIR)
     return model, tokenizer
 
 
@@ -56,7 +60,7 @@ def run_demo(out_dir: str | os.PathLike, steps: int = 64, max_new_tokens: int = 
             figure_path,
             tokens=run.tokens,
             positions=run.positions,
-            title=f"Convergence of the latent state, {steps} iterations (reference model)",
+            title=f"Convergence of the latent state, {steps} iterations (demo model)",
         )
         tokens = run.num_tokens
     return DemoResult(capture_path, figure_path, tokens)

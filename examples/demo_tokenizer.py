@@ -35,35 +35,48 @@ TRAINING_TEXT = (
 )
 
 
-@lru_cache(maxsize=1)
-def _trained_tokenizer_json() -> str:
-    """Train once per process; the JSON is immutable, so every caller gets a fresh, independent tokenizer."""
+def train_bpe(texts, vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts``, with the special tokens above.
+
+    Seeded with every byte, so any UTF-8 text encodes, not just the characters seen in ``texts``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=list(SPECIAL_TOKENS),
-        # Seed with every byte so that any UTF-8 text can be encoded, not just the characters seen above.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(TRAINING_TEXT, trainer=trainer)
-    return tokenizer.to_str()
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
 
 
-def build_tokenizer():
-    """A ``PreTrainedTokenizerFast`` (byte-level BPE, <= ``VOCAB_SIZE`` ids) with bos/eos/pad special tokens."""
-    from tokenizers import Tokenizer
+def as_transformers(tokenizer):
+    """Wrap a ``tokenizers.Tokenizer`` as a ``PreTrainedTokenizerFast`` with bos/eos/pad set."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
+        tokenizer_object=tokenizer,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         clean_up_tokenization_spaces=False,
     )
+
+
+@lru_cache(maxsize=1)
+def _trained_tokenizer_json() -> str:
+    """Train once per process; the JSON is immutable, so every caller gets a fresh, independent tokenizer."""
+    return train_bpe(TRAINING_TEXT).to_str()
+
+
+def build_tokenizer():
+    """A ``PreTrainedTokenizerFast`` (byte-level BPE, <= ``VOCAB_SIZE`` ids) with bos/eos/pad special tokens."""
+    from tokenizers import Tokenizer
+
+    return as_transformers(Tokenizer.from_str(_trained_tokenizer_json()))

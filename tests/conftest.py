@@ -14,13 +14,23 @@ def tokenizer():
     return build_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def new_reference_model(tokenizer):
+    """A factory of tiny reference models (fixed seed), for fixtures of a wider scope than one test."""
+
+    def build(seed: int = 0) -> RavenReferenceForCausalLM:
+        register()
+        torch.manual_seed(seed)
+        config = tiny_config(vocab_size=len(tokenizer), padded_vocab_size=len(tokenizer))
+        return RavenReferenceForCausalLM(config).eval()
+
+    return build
+
+
 @pytest.fixture
-def reference_model(tokenizer):
+def reference_model(new_reference_model):
     """A fresh tiny reference model (fixed seed) per test, so hooks from one test never leak into another."""
-    register()
-    torch.manual_seed(0)
-    config = tiny_config(vocab_size=len(tokenizer), padded_vocab_size=len(tokenizer))
-    return RavenReferenceForCausalLM(config).eval()
+    return new_reference_model()
 
 
 @pytest.fixture

@@ -9,16 +9,13 @@ from typer.testing import CliRunner
 
 import loopscope
 from loopscope.cli.app import app
-from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
 from loopscope.storage.errors import LoopscopeError
 
 
 @pytest.fixture(scope="module")
-def capture_path(tokenizer, tmp_path_factory):
+def capture_path(tokenizer, new_reference_model, tmp_path_factory):
     """Run 0: generate at 6 steps; run 1: forward at 4 steps. Shared by the module: tests only read it."""
-    register()
-    torch.manual_seed(0)
-    model = RavenReferenceForCausalLM(tiny_config(vocab_size=len(tokenizer), padded_vocab_size=len(tokenizer))).eval()
+    model = new_reference_model()
     path = tmp_path_factory.mktemp("cli") / "cap.h5"
     ids = tokenizer("Tokens settle at different speeds.", return_tensors="pt").input_ids
     with loopscope.attach(model, path, tokenizer=tokenizer):

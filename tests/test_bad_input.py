@@ -23,18 +23,15 @@ from typer.testing import CliRunner
 import loopscope
 from loopscope.analysis import token_metrics, trajectory_pca
 from loopscope.cli.app import app
-from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
 from loopscope.storage.errors import CaptureFileError, LoopscopeError
 
 PACKAGE_ROOT = Path(loopscope.__file__).parent
 
 
 @pytest.fixture(scope="module")
-def pristine(tokenizer, tmp_path_factory) -> Path:
+def pristine(tokenizer, new_reference_model, tmp_path_factory) -> Path:
     """A small real capture (a generate run and a forward run) that tests copy and then damage."""
-    register()
-    torch.manual_seed(0)
-    model = RavenReferenceForCausalLM(tiny_config(vocab_size=len(tokenizer), padded_vocab_size=len(tokenizer))).eval()
+    model = new_reference_model()
     path = tmp_path_factory.mktemp("pristine") / "cap.h5"
     ids = tokenizer("Short prompt.", return_tensors="pt").input_ids
     with loopscope.attach(model, path, tokenizer=tokenizer):

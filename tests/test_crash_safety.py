@@ -105,8 +105,7 @@ def _check_killed_capture(path, side, finished: int) -> int:
         numbers = [run.index for run in capture.runs]
         assert numbers == list(range(len(numbers))), f"holes among complete runs: {numbers}"
         # the writer trails the model by a queue of messages (further on a loaded machine), so how many runs
-        # completed before the kill is not fixed; that every completed one is intact is
-        assert len(numbers) <= finished + 1, (numbers, finished)
+        # completed before the kill is not fixed; that every completed one is intact is (below)
         assert set(numbers) <= set(saved), "a complete run has no side file: the hook order assumption broke"
         for run in capture.runs:
             expected = np.load(os.path.join(side, f"{run.index:06d}.npy"))
