@@ -13,10 +13,7 @@ from pathlib import Path
 import torch
 
 MODEL_DIR = Path(__file__).parent / "demo_model"
-PROMPT = (
-    "Return a new list containing all items from the iterable in ascending order. A custom key function can be "
-    "supplied to customize the sort order."
-)
+PROMPT = "Twelve ravens flew over the harbour at dawn, and the old ferryman counted them twice."
 
 
 @dataclass

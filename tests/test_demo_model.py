@@ -1,0 +1,52 @@
+"""The shipped demo model: it loads offline, has learnt something, and its tokens converge at different speeds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+import loopscope
+from loopscope.analysis import token_metrics
+from loopscope.examples.demo import MODEL_DIR, PROMPT, build_demo_model
+from loopscope.examples.huginn_reference import RavenReferenceForCausalLM
+
+HELD_OUT = "Return the number of items in a container. The argument may be a sequence or a collection."
+
+
+def _loss(model, ids) -> float:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return float(model(ids[:, :-1], labels=ids[:, 1:]).loss)
+
+
+def test_shipped_files_and_training_record():
+    names = {p.name for p in MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "training.json"} <= names
+    assert (MODEL_DIR / "model.safetensors").stat().st_size < 8 << 20
+    record = json.loads((MODEL_DIR / "training.json").read_text())
+    final = record["final"]
+    assert final["val_loss"] < 0.8 * final["random_init_val_loss"]
+
+
+def test_demo_model_beats_its_random_initialisation():
+    model, tokenizer = build_demo_model()
+    ids = tokenizer(HELD_OUT, return_tensors="pt").input_ids
+    assert tokenizer.decode(ids[0]) == HELD_OUT  # byte-level BPE round-trips
+    torch.manual_seed(0)
+    untrained = RavenReferenceForCausalLM(model.config).eval()
+    assert _loss(model, ids) < 0.8 * _loss(untrained, ids)
+
+
+def test_tokens_converge_at_different_speeds(tmp_path):
+    model, tokenizer = build_demo_model()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    path = tmp_path / "demo.h5"
+    with loopscope.attach(model, path, tokenizer=tokenizer):
+        torch.manual_seed(0)
+        model.generate(ids, num_steps=32, max_new_tokens=4, do_sample=False)
+    with loopscope.open(path) as capture:
+        steps = token_metrics(capture.runs[0]).convergence_steps(1e-2)
+    assert steps.min() >= 0
+    assert np.ptp(steps) >= 5, steps  # fast and slow tokens, several iterations apart
