@@ -50,9 +50,12 @@ def demo(
     steps: int = typer.Option(64, "--steps", help="Iterations of the recurrent block per token."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", help="Tokens to generate after the prompt."),
 ):
-    """Build the reference looped model offline, capture a prompt, and draw its convergence heatmap."""
+    """Capture the shipped demo model (a small trained looped LM) on a prompt and draw its convergence heatmap."""
+    from transformers.utils import logging as hf_logging
+
     from ..examples.demo import run_demo
 
+    hf_logging.disable_progress_bar()  # the status line below says what is happening
     with console.status("capturing the demo model…"):
         result = run_demo(out, steps=steps, max_new_tokens=max_new_tokens)
     console.print(f"wrote [bold]{result.capture}[/bold] ({result.tokens} tokens x {steps} iterations)")

@@ -384,7 +384,7 @@ class Capture:
 
     # ---- the copy ------------------------------------------------------------------------------------------------
     def _record(self, spec: LoopSpec, step: int, state: torch.Tensor) -> None:
-        forward, session = self._forward, self._session
+        forward = self._forward
         state = state.detach()
         if state.dim() == 2 and forward.batch == 1:
             state = state.unsqueeze(0)
@@ -418,7 +418,7 @@ class Capture:
 
     def _record_split(self, spec: LoopSpec, step: int, state: torch.Tensor, logical: str) -> None:
         """One step larger than a slab (a long prefill): send it in blocks of tokens, one step each."""
-        forward, session = self._forward, self._session
+        session = self._session
         batch, tokens, hidden = state.shape
         block = max(self.pool.max_slab_bytes() // (batch * hidden * state.element_size()), 1)
         for t0 in range(0, tokens, block):

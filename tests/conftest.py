@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import loopscope
+
 from loopscope.examples.demo_tokenizer import build_tokenizer
 from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
 
@@ -25,6 +27,23 @@ def new_reference_model(tokenizer):
         return RavenReferenceForCausalLM(config).eval()
 
     return build
+
+
+@pytest.fixture(scope="session")
+def two_run_capture(tokenizer, new_reference_model):
+    """A factory of real captures with two runs: run 0 a greedy generate(), run 1 a forward over the prompt."""
+
+    def capture(path, prompt: str, generate_steps: int, new_tokens: int, forward_steps: int):
+        model = new_reference_model()
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with loopscope.attach(model, path, tokenizer=tokenizer):
+            torch.manual_seed(0)
+            model.generate(ids, num_steps=generate_steps, max_new_tokens=new_tokens, do_sample=False)
+            with torch.no_grad():
+                model(ids, num_steps=forward_steps)
+        return path
+
+    return capture
 
 
 @pytest.fixture

@@ -9,21 +9,12 @@ from typer.testing import CliRunner
 
 import loopscope
 from loopscope.cli.app import app
-from loopscope.storage.errors import LoopscopeError
 
 
 @pytest.fixture(scope="module")
-def capture_path(tokenizer, new_reference_model, tmp_path_factory):
+def capture_path(two_run_capture, tmp_path_factory):
     """Run 0: generate at 6 steps; run 1: forward at 4 steps. Shared by the module: tests only read it."""
-    model = new_reference_model()
-    path = tmp_path_factory.mktemp("cli") / "cap.h5"
-    ids = tokenizer("Tokens settle at different speeds.", return_tensors="pt").input_ids
-    with loopscope.attach(model, path, tokenizer=tokenizer):
-        torch.manual_seed(0)
-        model.generate(ids, num_steps=6, max_new_tokens=3, do_sample=False)
-        with torch.no_grad():
-            model(ids, num_steps=4)
-    return path
+    return two_run_capture(tmp_path_factory.mktemp("cli") / "cap.h5", "Tokens settle at different speeds.", 6, 3, 4)
 
 
 def test_cli_info_and_plot(capture_path, tmp_path):

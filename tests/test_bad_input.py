@@ -29,17 +29,9 @@ PACKAGE_ROOT = Path(loopscope.__file__).parent
 
 
 @pytest.fixture(scope="module")
-def pristine(tokenizer, new_reference_model, tmp_path_factory) -> Path:
+def pristine(two_run_capture, tmp_path_factory) -> Path:
     """A small real capture (a generate run and a forward run) that tests copy and then damage."""
-    model = new_reference_model()
-    path = tmp_path_factory.mktemp("pristine") / "cap.h5"
-    ids = tokenizer("Short prompt.", return_tensors="pt").input_ids
-    with loopscope.attach(model, path, tokenizer=tokenizer):
-        torch.manual_seed(0)
-        model.generate(ids, num_steps=3, max_new_tokens=2, do_sample=False)
-        with torch.no_grad():
-            model(ids, num_steps=2)
-    return path
+    return two_run_capture(tmp_path_factory.mktemp("pristine") / "cap.h5", "Short prompt.", 3, 2, 2)
 
 
 def _copy(pristine: Path, folder: Path) -> Path:

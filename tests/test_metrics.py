@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
 import tracemalloc
 
 import numpy as np
