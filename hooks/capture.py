@@ -239,8 +239,6 @@ class Capture:
 
     # ---- calls -------------------------------------------------------------------------------------------------------
     def _forward_call(self, original, *args, **kwargs):
-        if self._closed:
-            return original(*args, **kwargs)
         try:
             return original(*args, **kwargs)
         except BaseException as exc:
@@ -425,14 +423,12 @@ class Capture:
             t1 = min(t0 + block, tokens)
             slab = self.pool.acquire((batch, t1 - t0, 1, hidden), state.dtype)
             self._copy(slab[:, :, 0], state[:, t0:t1])
-            self._check_writer()
             self._put(
                 w.State(session.run_ids, spec.name, session.offset + t0, step, slab, 1, logical, self._ready_event())
             )
 
     def _send_stage(self, loop: str, stage: "_Stage") -> None:
         session, forward = self._session, self._forward
-        self._check_writer()
         self._put(
             w.State(session.run_ids, loop, session.offset, stage.step0, stage.slab, stage.filled, stage.logical,
                     self._ready_event())
