@@ -273,9 +273,9 @@ class Capture:
 
     def _on_model_enter(self, module, args, kwargs):
         if self._forward is not None:  # the previous forward raised before finishing: its runs are incomplete
-            self._forward = None
             if self._session is not None:
-                self._end_session(complete=False)
+                self._end_session(complete=False)  # also gives the interrupted forward's staged slabs back
+            self._forward = None
         self._check_writer()
         input_ids = kwargs.get("input_ids")
         if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():

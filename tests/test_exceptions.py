@@ -84,3 +84,32 @@ def test_exception_in_the_writer_thread_stops_recording(reference_model, prompt_
     _assert_detached(reference_model)
     with torch.no_grad():
         reference_model(prompt_ids, num_steps=2)  # the model runs on, unhooked
+
+
+def test_exception_in_a_later_model_hook_marks_the_run_incomplete_and_frees_its_slabs(
+    reference_model, prompt_ids, tmp_path
+):
+    """A model-level hook of someone else raises after the forward ran (outside loopscope's forward wrapper): the
+    capture goes on, the interrupted run is left partial, and its staged slabs return to the pool."""
+    path = tmp_path / "run.h5"
+    cap = loopscope.attach(reference_model, path)
+    calls = [0]
+
+    def flaky(module, args, output):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("someone else's hook")
+
+    handle = reference_model.register_forward_hook(flaky, prepend=True)  # runs before loopscope's exit hook
+    with pytest.raises(RuntimeError, match="someone else's hook"):
+        with torch.no_grad():
+            reference_model(prompt_ids, num_steps=3)
+    with torch.no_grad():
+        reference_model(prompt_ids, num_steps=3)
+    handle.remove()
+    cap.flush()
+    free = sum(s.numel() * s.element_size() for slabs in cap.pool._free.values() for s in slabs)
+    assert free == cap.pool.stats.allocated_bytes  # every slab is back: none kept by the interrupted forward
+    cap.close()
+    with loopscope.open(path) as capture:
+        assert [r.index for r in capture.runs] == [1] and len(capture.incomplete_runs) == 1
