@@ -106,8 +106,7 @@ class CaptureFile:
         """Every root attribute, JSON strings decoded (a damaged one is kept as its text)."""
         out = {}
         for key, value in self._attrs.items():
-            if isinstance(value, bytes):
-                value = value.decode("utf-8", "replace")
+            value = _text_or(value, value)
             if isinstance(value, str) and key.endswith("_json"):
                 try:
                     value = json.loads(value)
@@ -132,7 +131,7 @@ class CaptureFile:
             return ReadoutNorm("none", None, None, 0.0, 0.0)
         kind = group.attrs.get("kind", "none")
         norm = ReadoutNorm(
-            kind=kind.decode("utf-8", "replace") if isinstance(kind, bytes) else str(kind),
+            kind=_text_or(kind, str(kind)),
             weight=np.asarray(group["weight"][()], dtype=np.float64) if "weight" in group else None,
             bias=np.asarray(group["bias"][()], dtype=np.float64) if "bias" in group else None,
             eps=float(group.attrs.get("eps", 0.0)),
@@ -219,10 +218,7 @@ class Run:
     def attrs(self) -> dict:
         with _reading(self.path):
             items = dict(self.group.attrs.items())
-        return {
-            k: schema.as_text(v) if schema.as_text(v) is not None else (v.item() if isinstance(v, np.generic) else v)
-            for k, v in items.items()
-        }
+        return {k: _text_or(v, v.item() if isinstance(v, np.generic) else v) for k, v in items.items()}
 
     @property
     def loops(self) -> list[str]:
@@ -310,7 +306,7 @@ class Run:
         ds = self.dataset(loop)
         with _reading(self.path):
             value = ds.attrs.get("logical_dtype", "float32")
-        value = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        value = _text_or(value, str(value))
         expected = {"bfloat16": "u", "float16": "f", "float32": "f", "float64": "f"}.get(value)
         if expected is None or ds.dtype.kind != expected:
             raise CaptureFileError(f"{self.path}: states stored as {ds.dtype} with logical dtype {value!r}; damaged")
@@ -389,6 +385,12 @@ def _check_run_layout(group: h5py.File, path: str) -> None:
     for loop, sub in group[schema.LOOPS].items():
         if not isinstance(sub, h5py.Group) or "states" not in sub or "num_steps" not in sub:
             raise CaptureFileError(f"{path}: loop {loop!r} lacks states or num_steps; damaged")
+
+
+def _text_or(value, fallback):
+    """An attribute's text (fixed- or variable-length string), or ``fallback`` when it holds no text."""
+    text = schema.as_text(value)
+    return fallback if text is None else text
 
 
 @contextlib.contextmanager
