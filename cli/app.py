@@ -119,10 +119,11 @@ def capture(
 
     from ..hooks.pretrained import capture_prompts, check_counts, load_pretrained, read_prompts
 
+    from ..storage.capture_file import check_target
+
     prompts = read_prompts(prompt, prompt_file)
     check_counts(steps, max_new_tokens)
-    if out.exists() and mode == "w-":
-        raise LoopscopeError(f"{out} exists; pass --mode w to overwrite or --mode a to append runs")
+    check_target(out, mode)  # before the model load, which can take minutes
     hf_logging.disable_progress_bar()  # our own status line says what is loading
     with console.status(f"loading {model}…"):
         loaded, tokenizer = load_pretrained(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)

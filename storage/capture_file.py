@@ -71,20 +71,9 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def create_index(
-    path: str | os.PathLike,
-    mode: str = "w-",
-    *,
-    header: dict[str, Any],
-    readout: dict[str, Any] | None,
-    locking: bool | str | None = None,
-) -> str:
-    """Create (or, with mode "a", validate) the index file; returns its path. Nothing stays open.
-
-    ``mode`` follows h5py: "w-"/"x" (default) refuse an existing capture, "w" replaces it (its run files too),
-    "a" adds runs to an existing loopscope capture. ``locking`` is passed to h5py (False on network file systems
-    whose locks fail).
-    """
+def check_target(path: str | os.PathLike, mode: str = "w-", locking: bool | str | None = None) -> bool:
+    """Whether a capture may be written at ``path`` with ``mode``, checked without writing anything (so a caller
+    can find out before an expensive model load). Returns whether a capture is already there."""
     path = os.fspath(path)
     check_locking(locking)
     if mode not in MODES:
@@ -101,6 +90,25 @@ def create_index(
         from .reader import CaptureFile
 
         CaptureFile(path, locking=locking).close()  # validates that it is a capture we can extend
+    return exists
+
+
+def create_index(
+    path: str | os.PathLike,
+    mode: str = "w-",
+    *,
+    header: dict[str, Any],
+    readout: dict[str, Any] | None,
+    locking: bool | str | None = None,
+) -> str:
+    """Create (or, with mode "a", validate) the index file; returns its path. Nothing stays open.
+
+    ``mode`` follows h5py: "w-"/"x" (default) refuse an existing capture, "w" replaces it (its run files too),
+    "a" adds runs to an existing loopscope capture. ``locking`` is passed to h5py (False on network file systems
+    whose locks fail).
+    """
+    path = os.fspath(path)
+    if check_target(path, mode, locking) and mode == "a":
         return path
     if mode == "w":
         for run_path, _ in list_run_files(path).values():
