@@ -240,7 +240,7 @@ def convergence_table(
     table = Table("run", "tokens", "steps", "converged at (median)", "never converged", "last step delta (mean)")
     rows = 0
     with CaptureFile(file) as capture:
-        chosen = capture.runs if not run else [capture.run(i) for i in run]
+        chosen = _selected_runs(capture, run)
         if not chosen:
             raise LoopscopeError(f"{file} has no complete runs")
         for i, r in enumerate(chosen):
@@ -275,7 +275,7 @@ def export(
         raise LoopscopeError(f"--format {format}: use one of {', '.join(FORMATS)}")
     out = out if out is not None else Path(file).with_suffix("." + format)
     with CaptureFile(file) as capture:
-        chosen = capture.runs if not run else [capture.run(i) for i in run]
+        chosen = _selected_runs(capture, run)
         total = sum(r.dataset(loop).size * r.dataset(loop).dtype.itemsize for r in chosen for loop in r.loops)
         with _progress(f"exporting to {out.name}", max(total, 1)) as advance:
             names = export_capture(capture, out, format, runs=[r.index for r in chosen], progress=advance)
@@ -310,6 +310,11 @@ def _progress(description: str, total: int):
     with Progress(*columns, console=errors, transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def _selected_runs(capture, indices: Optional[List[int]]) -> list:
+    """The runs named by repeated ``--run`` options, or every complete run when none is given."""
+    return [capture.run(i) for i in indices] if indices else capture.runs
 
 
 def _run_title(run) -> str:
