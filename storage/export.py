@@ -144,5 +144,5 @@ def _write_safetensors(path: str, arrays: list[_Array], meta: str, progress) -> 
         handle.write(encoded)
         for array in arrays:
             for block in array.blocks():
-                handle.write(np.ascontiguousarray(block, dtype=array.dtype).astype(array.dtype.newbyteorder("<")).tobytes())
+                handle.write(np.ascontiguousarray(block, dtype=array.dtype.newbyteorder("<")).tobytes())
                 progress(block.nbytes)
