@@ -25,6 +25,9 @@ class LoopSpec:
     output_index: int = 0  # element of a tuple output that is the state
     nesting: tuple[str, ...] = ()  # label names for nested loops, e.g. ("h", "l")
     inner_steps: int | None = None  # iterations of this loop per outer iteration, for nested labels
+    # Per-token scalars recorded beside the states, as (signal name, dotted module path): each call of the module
+    # during a forward stores its output ([B, T] or [B, T, 1]) at the loop's current step, e.g. Ouro's exit gate.
+    signals: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, ())}
@@ -39,6 +42,14 @@ class LoopAdapter:
     readout: str | None = None  # dotted path of the final norm (stored so analysis needs no model)
     steps_from: str = ""  # what sets the iteration count, for the file's metadata
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Model methods that compute new tokens without going through forward() (Huginn's adaptive decoding calls
+    # embed_inputs, then the core block step by step): each call starts a new group of tokens, like a forward.
+    entry_methods: tuple[str, ...] = ()
+    # Model methods whose whole call is one run per batch row, like generate() (e.g. a token-by-token prefill).
+    call_methods: tuple[str, ...] = ()
+    # generate() kwargs that switch on Huginn's per-iteration exit evaluators (``init(latents)``/``check(...)``):
+    # loopscope then watches the evaluator to learn each row's own exit step.
+    exit_evaluator_kwargs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {
@@ -47,6 +58,7 @@ class LoopAdapter:
             "readout": self.readout,
             "steps_from": self.steps_from,
             "notes": list(self.notes),
+            **{k: list(v) for k in ("entry_methods", "call_methods") if (v := getattr(self, k))},
         }
 
 
