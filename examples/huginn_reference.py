@@ -49,6 +49,8 @@ __all__ = [
     "RMSNorm",
     "register",
     "tiny_config",
+    "get_adaptive_exit_evaluator",
+    "EXIT_CRITERIA",
 ]
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -210,6 +212,14 @@ class RecurrentKVCache(Cache):
             self.value_cache[idx] = value_states
         self._seen_tokens = max(self._seen_tokens, self.key_cache[idx].shape[-2])
         return self.key_cache[idx], self.value_cache[idx]
+
+    def crop_entry(self, layer_idx: int, length: int) -> None:
+        """Keep the first ``length`` tokens of one block index, so that decoding the same positions again replaces
+        their keys instead of appending (Huginn's cache is keyed by position; adaptive exit checks decode a token's
+        latents through the coda at every check)."""
+        if layer_idx in self.key_cache:
+            self.key_cache[layer_idx] = self.key_cache[layer_idx][..., :length, :]
+            self.value_cache[layer_idx] = self.value_cache[layer_idx][..., :length, :]
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         """Tokens seen so far (the longest entry: the prelude and the coda are written on every forward)."""
@@ -446,6 +456,14 @@ def _block_index(i: int) -> Tensor:
 
 def _to_int(value) -> int:
     return int(value.item()) if isinstance(value, Tensor) else int(value)
+
+
+def _first_position(position_ids: Tensor | None, cache_position: Tensor | int | None) -> int | None:
+    if position_ids is not None:
+        return int(position_ids.reshape(-1)[0])
+    if cache_position is not None:
+        return _to_int(cache_position.reshape(-1)[0] if isinstance(cache_position, Tensor) else cache_position)
+    return None
 
 
 class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
@@ -828,8 +846,11 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputRecurrentLatents:
         """Decode a (pre-``ln_f``) state into logits through ``ln_f``, the coda, ``ln_f`` and the head."""
         freqs_cis = self._positions_to_freqs(latents.shape[1], position_ids, cache_position, None)
+        first = _first_position(position_ids, cache_position)
         x = self.transformer.ln_f(latents)
         for i, block in enumerate(self.transformer.coda):
+            if isinstance(past_key_values, RecurrentKVCache) and first is not None:
+                past_key_values.crop_entry(-1 - i, first)
             x = block(x, freqs_cis, _block_index(-1 - i), None, past_key_values)
         x = self.transformer.ln_f(x)
         return CausalLMOutputRecurrentLatents(
@@ -885,8 +906,12 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):
-        """``continuous_compute=True`` -> :meth:`generate_minimal` (each new token starts from the previous token's
+        """Huginn's dispatcher: ``criterion=`` / ``exit_threshold=`` / ``exit_evaluator=`` ->
+        :meth:`generate_with_adaptive_compute` (each token exits when its criterion holds);
+        ``continuous_compute=True`` -> :meth:`generate_minimal` (each new token starts from the previous token's
         final latent state); everything else -> transformers' ``GenerationMixin.generate``."""
+        if any(k in kwargs for k in ("criterion", "exit_threshold", "exit_evaluator")):
+            return self.generate_with_adaptive_compute(*args, **kwargs)
         if kwargs.pop("continuous_compute", False):
             return self.generate_minimal(*args, continuous_compute=True, **kwargs)
         return super().generate(*args, **kwargs)
@@ -963,6 +988,152 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
             return GenerateDecoderOnlyOutput(sequences=sequences, **{_CACHE_FIELD: cache})
         return sequences
 
+    # ---- adaptive compute (Huginn's per-token early exit) ------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_with_adaptive_compute(
+        self,
+        input_ids: Tensor,
+        generation_config: GenerationConfig | None = None,
+        tokenizer=None,
+        streamer=None,
+        continuous_compute: bool = False,
+        criterion: str = "none",
+        exit_threshold: str | float | int = "auto",
+        init_scale: float = 1.0,
+        do_not_exit_in_prefill: bool = False,
+        min_steps: int = 0,
+        check_criterion_every_n_steps: int = 1,
+        exit_evaluator: "ExitEvaluator | None" = None,
+        num_steps=None,
+        **kwargs,
+    ) -> Tensor | GenerateDecoderOnlyOutput:
+        """Decode token by token; every token iterates until its exit criterion holds (at most ``num_steps`` or
+        ``mean_recurrence`` iterations), as Huginn's adaptive generation does.
+
+        The loop runs outside :meth:`forward`: ``embed_inputs``, then ``iterate_one_step`` per iteration, the
+        evaluator's ``check`` after each (which may decode the latents through the coda), and
+        ``predict_from_latents`` for the logits. A batch iterates until every unfinished row has exited; a row that
+        exited keeps its logits (and, with ``continuous_compute``, its state) from its exit step, while its state
+        keeps being iterated with the others (those iterations fill the shared KV cache, as in Huginn).
+        """
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        unused = config.update(**kwargs)
+        max_new_tokens = (
+            config.max_new_tokens if config.max_new_tokens is not None else (config.max_length or 20) - input_ids.shape[1]
+        )
+        max_steps = int(self.config.mean_recurrence) if num_steps is None else _to_int(num_steps)
+        evaluator = exit_evaluator if exit_evaluator is not None else get_adaptive_exit_evaluator(
+            self, criterion, exit_threshold
+        )
+        stops = _stop_ids(config, input_ids.device)
+        pad = config.pad_token_id if config.pad_token_id is not None else (int(stops[0]) if len(stops) else None)
+        del unused  # attention_mask and friends: ignored, as by Huginn
+
+        batch = input_ids.shape[0]
+        cache = RecurrentKVCache()
+        warm = None
+        if continuous_compute:  # Huginn draws the first warm state over the whole prompt
+            embedded, _ = self.embed_inputs(input_ids)
+            warm = self.initialize_state(embedded, scale=init_scale)
+        sequences = input_ids
+        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        for token_index in range(max(max_new_tokens, 0)):
+            seen = cache.get_seq_length()
+            positions = torch.arange(seen, sequences.shape[1], device=sequences.device).unsqueeze(0)
+            aux = {"position_ids": positions, "past_key_values": cache}
+            embedded, block_idx = self.embed_inputs(sequences[:, seen:], use_cache=True, **aux)
+            x = warm if continuous_compute else self.initialize_state(embedded, scale=init_scale)
+            next_warm = x[:, -1:, :].clone() if continuous_compute else None
+            exited = torch.zeros(batch, dtype=torch.bool, device=x.device)
+            next_logits = None
+            outputs = None
+            evaluator.init(x)
+            for step in range(max_steps):
+                x, block_idx, _ = self.iterate_one_step(
+                    embedded, x, block_idx=block_idx, current_step=step, **aux
+                )
+                checking = (
+                    step >= min_steps
+                    and (step - min_steps) % check_criterion_every_n_steps == 0
+                    and not (do_not_exit_in_prefill and token_index == 0)
+                )
+                if not checking:
+                    continue
+                exits, outputs, _values = evaluator.check(self, x, aux)
+                new = exits.to(exited.device) & ~exited & unfinished
+                if new.any():
+                    exited |= new
+                    if outputs is None:
+                        outputs = self.predict_from_latents(x, **aux)
+                    logits = outputs.logits[:, -1, :].float()
+                    next_logits = logits.clone() if next_logits is None else torch.where(new[:, None], logits, next_logits)
+                    if continuous_compute:
+                        next_warm[new] = x[new, -1:, :]
+                if bool((exited | ~unfinished).all()):
+                    break
+            else:  # some rows never exited: they take the last iteration's logits
+                if outputs is None:
+                    outputs = self.predict_from_latents(x, **aux)
+                logits = outputs.logits[:, -1, :].float()
+                late = ~exited & unfinished
+                next_logits = logits if next_logits is None else torch.where(late[:, None], logits, next_logits)
+                if continuous_compute:
+                    next_warm[late] = x[late, -1:, :]
+            if continuous_compute:
+                warm = next_warm
+            next_token = self._next_token(next_logits, config)
+            if pad is not None:
+                next_token = torch.where(unfinished, next_token, torch.full_like(next_token, pad))
+            sequences = torch.cat([sequences, next_token[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(next_token.cpu())
+            unfinished &= ~torch.isin(next_token, stops)
+            if not unfinished.any():
+                break
+        if streamer is not None:
+            streamer.end()
+        if config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=sequences, **{_CACHE_FIELD: cache})
+        return sequences
+
+    @torch.no_grad()
+    def forward_with_adaptive_compute(
+        self,
+        input_ids: Tensor,
+        exit_evaluator: "ExitEvaluator",
+        labels: Tensor | None = None,
+        init_scale: float = 1.0,
+        **kwargs,
+    ) -> CausalLMOutputRecurrentLatents:
+        """Huginn's experiment-only forward: token by token, each token iterating until ``exit_evaluator`` says
+        stop (at most ``mean_recurrence`` steps). Batch size 1 only, as in Huginn. ``stats["compute_steps"]``."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("forward_with_adaptive_compute runs one sequence at a time (batch size 1)")
+        cache = RecurrentKVCache()
+        all_logits, compute_steps = [], []
+        for pos in range(input_ids.shape[1]):
+            aux = {"position_ids": torch.tensor([[pos]], device=input_ids.device), "past_key_values": cache}
+            embedded, block_idx = self.embed_inputs(input_ids[:, pos : pos + 1], use_cache=True, **aux)
+            x = self.initialize_state(embedded, scale=init_scale)
+            exit_evaluator.init(x)
+            for step in range(int(self.config.mean_recurrence)):
+                x, block_idx, _ = self.iterate_one_step(embedded, x, block_idx=block_idx, current_step=step, **aux)
+                exits, _, _ = exit_evaluator.check(self, x, aux)
+                if bool(exits.any()):
+                    break
+            compute_steps.append(step + 1)
+            all_logits.append(self.predict_from_latents(x, **aux).logits)
+        logits = torch.cat(all_logits, dim=1)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+        return CausalLMOutputRecurrentLatents(
+            loss=loss, log_ppl=loss, logits=logits, stats={"compute_steps": compute_steps}
+        )
+
     @staticmethod
     def _next_token(logits: Tensor, config: GenerationConfig) -> Tensor:
         logits = logits.float()
@@ -979,6 +1150,147 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
             drop = cumulative - sorted_logits.softmax(-1) > config.top_p  # keep the token that crosses top_p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exit evaluators for adaptive compute (Huginn's protocol: init(latents) per token, check(model, latents, aux)
+# after each iteration, returning (exit per row, decoded outputs or None, the value compared per row))
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ExitEvaluator:
+    """Decides after each iteration which rows may stop."""
+
+    def init(self, latents: Tensor) -> None:
+        """Called once per token, with the initial state."""
+
+    def check(self, model: RavenReferenceForCausalLM, latents: Tensor, aux: dict):
+        raise NotImplementedError
+
+
+class NeverExit(ExitEvaluator):
+    """criterion="none": every token runs all its iterations."""
+
+    def check(self, model, latents, aux):
+        zeros = torch.zeros(latents.shape[0], device=latents.device)
+        return zeros.bool(), None, zeros
+
+
+class _LogitsChange(ExitEvaluator):
+    """Exit when a function of the last position's next-token distribution stops changing."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.previous = None
+
+    def init(self, latents):
+        self.previous = None
+
+    def measure(self, log_probs: Tensor, previous: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def check(self, model, latents, aux):
+        outputs = model.predict_from_latents(latents, **aux)
+        log_probs = F.log_softmax(outputs.logits[:, -1, :].float(), dim=-1)
+        values = self.measure(log_probs, self.previous)
+        self.previous = log_probs
+        return values < self.threshold, outputs, values
+
+
+class EntropyChange(_LogitsChange):
+    """criterion="entropy-diff": |entropy now - entropy at the previous check| (first check: against 100)."""
+
+    def measure(self, log_probs, previous):
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        before = torch.full_like(entropy, 100.0) if previous is None else -(previous.exp() * previous).sum(-1)
+        return (entropy - before).abs()
+
+
+class KLChange(_LogitsChange):
+    """criterion="kl": KL(previous || now) of the next-token distribution (first check: against uniform)."""
+
+    def measure(self, log_probs, previous):
+        if previous is None:
+            previous = torch.full_like(log_probs, -math.log(log_probs.shape[-1]))
+        return (previous.exp() * (previous - log_probs)).sum(-1)
+
+
+class ArgmaxStable(ExitEvaluator):
+    """criterion="argmax-stability": exit once the top token has stayed the same for ``threshold`` checks."""
+
+    def __init__(self, threshold: int):
+        self.threshold = threshold
+
+    def init(self, latents):
+        self.top = None
+        self.stable = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
+
+    def check(self, model, latents, aux):
+        outputs = model.predict_from_latents(latents, **aux)
+        top = outputs.logits[:, -1, :].argmax(-1)
+        same = top == self.top if self.top is not None else torch.zeros_like(top, dtype=torch.bool)
+        self.stable = torch.where(same, self.stable + 1, torch.zeros_like(self.stable))
+        self.top = top
+        return self.stable >= self.threshold, outputs, self.stable
+
+
+class _LatentChange(ExitEvaluator):
+    """Exit when the latent state itself stops moving (no decoding needed)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def init(self, latents):
+        self.previous = latents.clone()
+
+    def check(self, model, latents, aux):
+        values = self.measure(latents, self.previous).mean(dim=-1)  # per row: mean over the positions
+        self.previous = latents.clone()
+        return values < self.threshold, None, values
+
+
+class LatentChange(_LatentChange):
+    """criterion="latent-diff": ||s_k - s_{k-1}|| / ||s_k|| per position."""
+
+    @staticmethod
+    def measure(now, before):
+        return (now - before).norm(dim=-1) / now.norm(dim=-1)
+
+
+class CosineChange(_LatentChange):
+    """criterion="cosine": 1 - cos(s_k, s_{k-1}) per position."""
+
+    @staticmethod
+    def measure(now, before):
+        return 1 - F.cosine_similarity(now, before, dim=-1)
+
+
+#: criterion -> (evaluator class, default threshold); Huginn's "auto" thresholds.
+EXIT_CRITERIA = {
+    "none": (NeverExit, None),
+    "entropy-diff": (EntropyChange, 1e-3),
+    "latent-diff": (LatentChange, 0.03),
+    "kl": (KLChange, 1e-3),
+    "argmax-stability": (ArgmaxStable, 5),
+    "cosine": (CosineChange, 1e-3),
+}
+
+
+def get_adaptive_exit_evaluator(model, criterion: str, exit_threshold: str | float | int = "auto") -> ExitEvaluator:
+    """The evaluator for ``criterion`` (same name and role as Huginn's factory)."""
+    if criterion not in EXIT_CRITERIA:
+        raise ValueError(f"unknown exit criterion {criterion!r}; choose one of {', '.join(EXIT_CRITERIA)}")
+    cls, default = EXIT_CRITERIA[criterion]
+    if default is None:
+        return cls()
+    threshold = default if exit_threshold == "auto" else exit_threshold
+    return cls(int(threshold) if cls is ArgmaxStable else float(threshold))
+
+
+def _stop_ids(config: GenerationConfig, device) -> Tensor:
+    eos = config.eos_token_id
+    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def register() -> None:

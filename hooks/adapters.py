@@ -90,11 +90,17 @@ def raven(model: nn.Module) -> LoopAdapter | None:
             ),
         ),
         readout="transformer.ln_f" if _has(model, "transformer.ln_f") else None,
-        steps_from="num_steps= forward/generate kwarg, else config.mean_recurrence",
+        steps_from="num_steps= forward/generate kwarg, else config.mean_recurrence; with criterion= each row's exit",
         notes=(
             "s0 is the first n_embd channels of transformer.adapter's input at the first iteration",
             "the model ignores attention_mask; it is recorded as the caller passed it",
+            "adaptive exit (generate(criterion=...)): a batch iterates until every row exits; num_steps is each "
+            "row's own exit step, later stored steps of an exited row are iterations it was carried through",
+            "signal exit_value: the exit criterion's value per check, on the last position of each forward",
         ),
+        entry_methods=("embed_inputs",),
+        call_methods=("forward_with_adaptive_compute",),
+        exit_evaluator_kwargs=("criterion", "exit_threshold", "exit_evaluator"),
     )
 
 

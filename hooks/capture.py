@@ -14,6 +14,7 @@ without loopscope.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from torch import nn
 from ..storage import capture_file, writer as w
 from ..storage.buffers import HostBufferPool
 from ..storage.errors import CaptureWriteError, LoopscopeError
-from . import metadata
+from . import adaptive, metadata
 from .adapters import LoopAdapter, LoopSpec
 from .detect import resolve_adapter
 
@@ -55,13 +56,18 @@ class _Stage:
 
 @dataclass
 class _Forward:
-    """Bookkeeping for one pass through the model's top-level forward."""
+    """Bookkeeping for one pass through the model's top-level forward (or one group of tokens computed outside it,
+    started by one of the adapter's ``entry_methods``: a *side* forward, which ends when the next one begins)."""
 
     batch: int
     tokens: int
     steps: dict[str, int] = field(default_factory=dict)
     s0_taken: set[str] = field(default_factory=set)
     stages: dict[str, _Stage] = field(default_factory=dict)
+    side: bool = False
+    tokens_message: Any = None  # a side forward's Tokens, sent only once its group has run an iteration
+    row_steps: np.ndarray | None = None  # [B] each row's own exit step (Huginn's adaptive exit), 0 = not exited
+    signals: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
 
 
 class Capture:
@@ -102,7 +108,8 @@ class Capture:
         }
         self._session: _Session | None = None
         self._forward: _Forward | None = None
-        self._in_generate = 0
+        self._in_call = 0  # depth of generate()/call_methods calls; the outermost one makes the runs
+        self._call_name = "forward"
         self._orphan_calls = 0
         self._handles: list[Any] = []
         self._restore: list = []
@@ -203,8 +210,14 @@ class Capture:
             entry_module = model.get_submodule(spec.entry) if spec.entry else exit_module
             self._handles.append(entry_module.register_forward_pre_hook(self._entry_hook(spec), with_kwargs=True))
             self._handles.append(exit_module.register_forward_hook(self._exit_hook(spec)))
+            for signal, path in spec.signals:
+                hook = self._signal_hook(spec, signal)
+                self._handles.append(model.get_submodule(path).register_forward_hook(hook))
         self._wrap_method("forward", self._forward_call)
-        self._wrap_method("generate", self._generate)
+        for name in ("generate", *self.adapter.call_methods):
+            self._wrap_method(name, functools.partial(self._whole_call, name))
+        for name in self.adapter.entry_methods:
+            self._wrap_method(name, self._side_entry)
 
     def _wrap_method(self, name: str, call) -> None:
         """Replace ``model.<name>`` by an instance attribute that routes through ``call(original, ...)``.
@@ -245,20 +258,71 @@ class Capture:
             self._abort(exc)
             raise
 
-    def _generate(self, original, *args, **kwargs):
-        if self._in_generate or self._closed:  # a generate() that calls generate() (dispatchers) is still one call
+    def _whole_call(self, name: str, original, *args, **kwargs):
+        """generate() (or an adapter's call method): everything it computes is one run per batch row."""
+        if self._in_call or self._closed:  # a generate() that calls generate() (dispatchers) is still one call
             return original(*args, **kwargs)
-        self._in_generate += 1
+        self._in_call += 1
+        self._call_name = name
         try:
+            args, kwargs = self._watch_exits(args, kwargs)
             result = original(*args, **kwargs)
         except BaseException as exc:
-            self._in_generate -= 1
+            self._in_call -= 1
             self._abort(exc)
             raise
-        self._in_generate -= 1
+        self._in_call -= 1
+        if self._forward is not None and self._forward.side:
+            self._finish_forward()
         if self._session is not None:
             self._end_session(complete=True)
         return result
+
+    def _side_entry(self, original, *args, **kwargs):
+        """An entry method (Huginn's ``embed_inputs``): inside forward() nothing happens; inside generate() a call
+        begins a new group of tokens, whose iterations are the loop calls until the next group begins."""
+        if self._closed or (self._forward is not None and not self._forward.side) or not self._in_call:
+            return original(*args, **kwargs)  # loop calls outside any call stay orphans (counted, not recorded)
+        try:
+            if self._forward is not None:
+                self._finish_forward()
+            self._begin_forward(args, kwargs, side=True)
+            return original(*args, **kwargs)
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+
+    def _watch_exits(self, args, kwargs):
+        """Put a watcher around Huginn's exit evaluator so each row's own exit step is known (see adaptive.py)."""
+        if not self.adapter.exit_evaluator_kwargs:
+            return args, kwargs
+        if len(args) > 1 and adaptive.is_evaluator(args[1]):  # forward_with_adaptive_compute(ids, evaluator)
+            return (args[0], adaptive.ExitWatcher(args[1], self._on_exit_check), *args[2:]), kwargs
+        if not any(k in kwargs for k in self.adapter.exit_evaluator_kwargs):
+            return args, kwargs
+        evaluator = adaptive.evaluator_for(self.model, kwargs)
+        if evaluator is None:
+            return args, kwargs
+        return args, {**kwargs, "exit_evaluator": adaptive.ExitWatcher(evaluator, self._on_exit_check)}
+
+    def _on_exit_check(self, exits: torch.Tensor, values: torch.Tensor) -> None:
+        forward = self._forward
+        if forward is None or self._closed:
+            return
+        spec = self.adapter.loops[0]
+        step = forward.steps.get(spec.name, 0)
+        exits = exits.detach().reshape(-1).to("cpu")
+        if exits.numel() == forward.batch:
+            if forward.row_steps is None:
+                forward.row_steps = np.zeros(forward.batch, dtype=np.int32)
+            newly = exits.numpy().astype(bool) & (forward.row_steps == 0)
+            forward.row_steps[newly] = step
+        values = values.detach().float()
+        if values.numel() == forward.batch:  # one value per row, computed on the last position
+            per_token = torch.full((forward.batch, forward.tokens), float("nan"), device=values.device)
+            per_token[:, -1] = values.reshape(-1)
+            values = per_token
+        self._add_signal(spec, "exit_value", step, values)
 
     def _abort(self, exc: BaseException) -> None:
         """An exception inside a captured call (the model's, or a write failure): stop recording, keep completed
@@ -272,10 +336,15 @@ class Capture:
                 exc.add_note(f"loopscope: while closing the capture: {secondary}")
 
     def _on_model_enter(self, module, args, kwargs):
-        if self._forward is not None:  # the previous forward raised before finishing: its runs are incomplete
+        if self._forward is not None and self._forward.side:  # a group computed outside forward() ends here
+            self._finish_forward()
+        elif self._forward is not None:  # the previous forward raised before finishing: its runs are incomplete
             if self._session is not None:
                 self._end_session(complete=False)  # also gives the interrupted forward's staged slabs back
             self._forward = None
+        self._begin_forward(args, kwargs)
+
+    def _begin_forward(self, args, kwargs, side: bool = False) -> None:
         self._check_writer()
         input_ids = kwargs.get("input_ids")
         if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
@@ -291,7 +360,7 @@ class Capture:
             raise LoopscopeError("loopscope could not find input_ids or inputs_embeds in the model's forward call")
         batch, tokens = ids.shape
         if self._session is None:
-            call = "generate" if self._in_generate else "forward"
+            call = self._call_name if self._in_call else "forward"
             run_ids = list(range(self._next_run, self._next_run + batch))
             self._next_run += batch
             self._session = _Session(call=call, run_ids=run_ids)
@@ -308,38 +377,44 @@ class Capture:
                 f"batch size changed from {len(session.run_ids)} to {batch} inside one generate() call; "
                 "loopscope records one run per batch row and cannot follow rows being dropped"
             )
-        self._put(
-            w.Tokens(
-                run_ids=session.run_ids,
-                offset=session.offset,
-                token_ids=ids.numpy(),
-                attention_mask=_mask_for(kwargs.get("attention_mask"), batch, tokens),
-                positions=_positions_for(kwargs, batch, tokens, session.offset),
-                forward_index=session.forwards,
-                strings=self._strings(ids) if self.tokenizer is not None else None,
-            )
+        message = w.Tokens(
+            run_ids=session.run_ids,
+            offset=session.offset,
+            token_ids=ids.numpy(),
+            attention_mask=_mask_for(kwargs.get("attention_mask"), batch, tokens),
+            positions=_positions_for(kwargs, batch, tokens, session.offset),
+            forward_index=session.forwards,
+            strings=self._strings(ids) if self.tokenizer is not None else None,
         )
-        self._forward = _Forward(batch=batch, tokens=tokens)
+        if not side:
+            self._put(message)
+        self._forward = _Forward(batch=batch, tokens=tokens, side=side, tokens_message=message if side else None)
 
     def _on_model_exit(self, module, args, kwargs, output):
+        if self._forward is not None and not self._forward.side:
+            self._finish_forward()
+
+    def _finish_forward(self) -> None:
         forward, session = self._forward, self._session
         if forward is None or session is None:
             return
+        if forward.side and not any(forward.steps.values()):  # an embedding call that started no iteration
+            self._forward = None  # (Huginn embeds the prompt once to shape its warm start): nothing to record
+            return
+        if forward.tokens_message is not None:
+            self._put(forward.tokens_message)
         self._flush_stages()
+        self._flush_signals()
         for spec in self.adapter.loops:
-            steps = forward.steps.get(spec.name, 0)
-            self._put(
-                w.Steps(
-                    session.run_ids,
-                    spec.name,
-                    session.offset,
-                    np.full((forward.batch, forward.tokens), steps, dtype=np.int32),
-                )
-            )
+            steps = np.full((forward.batch, forward.tokens), forward.steps.get(spec.name, 0), dtype=np.int32)
+            if forward.row_steps is not None and spec is self.adapter.loops[0]:
+                exited = forward.row_steps > 0
+                steps[exited] = forward.row_steps[exited, None]
+            self._put(w.Steps(session.run_ids, spec.name, session.offset, steps))
         session.offset += forward.tokens
         session.forwards += 1
         self._forward = None
-        if not self._in_generate:
+        if not self._in_call:
             self._end_session(complete=True)
 
     def _end_session(self, complete: bool) -> None:
@@ -379,6 +454,42 @@ class Capture:
             self._record(spec, step, state)
 
         return hook
+
+    def _signal_hook(self, spec: LoopSpec, signal: str):
+        def hook(module, args, output):
+            if self._forward is None:
+                return
+            value = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(value, torch.Tensor):
+                self._add_signal(spec, signal, self._forward.steps.get(spec.name, 0), value.detach())
+
+        return hook
+
+    def _add_signal(self, spec: LoopSpec, signal: str, step: int, value: torch.Tensor) -> None:
+        """Keep a per-token scalar for this forward; they go to the writer together when the forward ends."""
+        forward = self._forward
+        if value.dim() == 3 and value.shape[-1] == 1:
+            value = value[..., 0]
+        if value.dim() == 1 and forward.batch == 1:
+            value = value.unsqueeze(0)
+        if tuple(value.shape) != (forward.batch, forward.tokens):
+            raise LoopscopeError(
+                f"signal {signal!r} of loop {spec.name!r} has shape {tuple(value.shape)}; expected one value per "
+                f"token ({forward.batch}, {forward.tokens}) or ({forward.batch}, {forward.tokens}, 1)"
+            )
+        forward.signals.setdefault((spec.name, signal), []).append((step, value.float().clone()))
+
+    def _flush_signals(self) -> None:
+        """One message per signal and forward: [B, T, K] over the steps it was seen at (one host copy)."""
+        forward, session = self._forward, self._session
+        for (loop, signal), entries in forward.signals.items():
+            steps = [step for step, _ in entries]
+            first, last = min(steps), max(steps)
+            values = torch.stack([v for _, v in entries], dim=-1).to("cpu").numpy()
+            block = np.full((forward.batch, forward.tokens, last - first + 1), np.nan, dtype=np.float32)
+            block[:, :, np.asarray(steps) - first] = values
+            self._put(w.Signal(session.run_ids, loop, signal, session.offset, first, block))
+        forward.signals.clear()
 
     # ---- the copy ------------------------------------------------------------------------------------------------
     def _record(self, spec: LoopSpec, step: int, state: torch.Tensor) -> None:

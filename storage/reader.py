@@ -294,6 +294,23 @@ class Run:
             group = self._loop(loop)
             return group["step_labels"][()] if "step_labels" in group else None
 
+    def signal_names(self, loop: str | None = None) -> list[str]:
+        """Per-token scalars recorded beside ``loop``'s states (e.g. ``exit_gate``, ``exit_value``)."""
+        with _reading(self.path):
+            group = self._loop(loop)
+            return sorted(group[schema.SIGNALS]) if schema.SIGNALS in group else []
+
+    def signal(self, name: str, loop: str | None = None) -> np.ndarray:
+        """[T, K] float32 values of signal ``name`` per token and step (K as the states); NaN where not recorded."""
+        names = self.signal_names(loop)
+        if name not in names:
+            raise CaptureFileError(f"run {self.index} has no signal {name!r}; it has {names or 'none'}")
+        with _reading(self.path):
+            ds = self._loop(loop)[schema.SIGNALS][name]
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.shape[0] != self.num_tokens:
+                raise CaptureFileError(f"{self.path}: signal {name!r} is damaged")
+            return ds[()].astype(np.float32, copy=False)
+
     def dataset(self, loop: str | None = None) -> h5py.Dataset:
         """The raw states dataset [T, K, H] of ``loop`` (stored dtype; bf16 as uint16 bits)."""
         with _reading(self.path):

@@ -35,6 +35,7 @@ FORMAT_VERSION = 1
 RUNS = "runs"
 READOUT = "readout"
 LOOPS = "loops"
+SIGNALS = "signals"  # loops/<loop>/signals/<name>: [T, K] float32 per-token scalars, NaN where not recorded
 
 # Fill for steps a token never ran: NaN, so analysis cannot mistake it for a state.
 BF16_NAN_BITS = np.uint16(0x7FC0)

@@ -69,6 +69,22 @@ class Steps:
 
 
 @dataclass
+class Signal:
+    """A per-token scalar recorded beside a loop's states (an exit gate, an exit criterion's value):
+    ``values[b, :, j]`` is step ``step + j`` of ``run_ids[b]``'s tokens ``offset ..``; NaN where not recorded."""
+
+    run_ids: list[int]
+    loop: str
+    name: str
+    offset: int
+    step: int
+    values: np.ndarray  # [B, T, K] float32
+
+
+SIGNAL_CHUNK = (256, 64)
+
+
+@dataclass
 class CloseRuns:
     """End runs: trim datasets to what was written, flush. ``complete=False`` marks runs cut short by an error."""
 
@@ -94,6 +110,7 @@ class _RunHandles:
     pending: dict[str, "_Pending"] = field(default_factory=dict)
     token_bytes: h5py.Dataset | None = None  # the tokens' utf-8 text, concatenated (no variable-length strings)
     token_bytes_used: int = 0
+    signals: dict[str, dict[str, h5py.Dataset]] = field(default_factory=dict)  # loop -> signal name -> [T, K]
 
 
 class _Pending:
@@ -198,6 +215,8 @@ class CaptureWriter:
             self._write_state(message)
         elif isinstance(message, Steps):
             self._write_steps(message)
+        elif isinstance(message, Signal):
+            self._write_signal(message)
         elif isinstance(message, CloseRuns):
             self._close_runs(message)
         else:  # pragma: no cover - programming error
@@ -232,6 +251,9 @@ class CaptureWriter:
             loop["num_steps"].resize((capacity,))
             states = loop["states"]
             states.resize((capacity,) + states.shape[1:])
+        for signals in handles.signals.values():
+            for ds in signals.values():
+                ds.resize((capacity, ds.shape[1]))
         handles.capacity = capacity
 
     def _write_tokens(self, m: Tokens) -> None:
@@ -305,7 +327,7 @@ class CaptureWriter:
             chunks = (self.chunk_shape[0], self.chunk_shape[1], hidden)
         else:
             chunks = schema.state_chunks(hidden, dtype.itemsize)
-        group = h.group[schema.LOOPS].create_group(loop)
+        group = h.group[schema.LOOPS].require_group(loop)  # a signal may have created it already
         # The chunk cache holds the chunks one write touches, twice over (a write fills them, the next finishes
         # them), not a fixed 64 MB per run: memory stays flat however many runs are open.
         touched = (-(-tokens // chunks[0]) + 1) * (-(-steps // chunks[1]) + 1)
@@ -361,6 +383,23 @@ class CaptureWriter:
         for b, run_id in enumerate(m.run_ids):
             self._add_pending(self._runs[run_id], f"loops/{m.loop}", m.offset, m.num_steps[b])
 
+    def _write_signal(self, m: Signal) -> None:
+        t, k = m.values.shape[1], m.values.shape[2]
+        for b, run_id in enumerate(m.run_ids):
+            h = self._runs[run_id]
+            self._grow_tokens(h, m.offset + t)
+            signals = h.signals.setdefault(m.loop, {})
+            ds = signals.get(m.name)
+            if ds is None:
+                group = h.group[schema.LOOPS].require_group(m.loop).require_group(schema.SIGNALS)
+                ds = signals[m.name] = group.create_dataset(
+                    m.name, shape=(h.capacity, SIGNAL_CHUNK[1]), maxshape=(None, None), dtype=np.float32,
+                    chunks=SIGNAL_CHUNK, fillvalue=np.nan,
+                )
+            if m.step + k > ds.shape[1]:
+                ds.resize((ds.shape[0], max(m.step + k, 2 * ds.shape[1])))
+            ds[m.offset : m.offset + t, m.step : m.step + k] = m.values[b]
+
     def _close_runs(self, m: CloseRuns) -> None:
         for run_id in m.run_ids:
             h = self._runs.pop(run_id)
@@ -370,6 +409,10 @@ class CaptureWriter:
                 ds.resize((n,))
             if h.token_bytes is not None:
                 h.token_bytes.resize((h.token_bytes_used,))
+            for name, signals in h.signals.items():
+                loop = h.loops.get(name)
+                for ds in signals.values():  # as many steps as the loop's states (at least those recorded)
+                    ds.resize((n, loop["max_step"] + 1 if loop else ds.shape[1]))
             for name, loop in h.loops.items():
                 loop["num_steps"].resize((n,))
                 states = loop["states"]
@@ -388,6 +431,7 @@ class CaptureWriter:
             # Drop our dataset handles first, so none outlives its file (HDF5 can crash at exit on such orphans).
             h.loops.clear()
             h.token_sets.clear()
+            h.signals.clear()
             try:
                 h.group.close()
             except Exception:  # the file may be unwritable (disk full): it stays a .partial file either way
