@@ -110,6 +110,7 @@ class Capture:
         self._forward: _Forward | None = None
         self._in_call = 0  # depth of generate()/call_methods calls; the outermost one makes the runs
         self._call_name = "forward"
+        self._side_groups = False  # whether entry-method calls start groups of tokens in the current call
         self._orphan_calls = 0
         self._handles: list[Any] = []
         self._restore: list = []
@@ -264,6 +265,11 @@ class Capture:
             return original(*args, **kwargs)
         self._in_call += 1
         self._call_name = name
+        # Only decoding loops the adapter describes group tokens by entry-method calls (Huginn: adaptive exit);
+        # others that bypass forward() (Huginn's diffusion-style sampler) leave their loop calls unrecorded.
+        self._side_groups = name in self.adapter.call_methods or any(
+            k in kwargs for k in self.adapter.exit_evaluator_kwargs
+        )
         try:
             args, kwargs = self._watch_exits(args, kwargs)
             result = original(*args, **kwargs)
@@ -272,6 +278,7 @@ class Capture:
             self._abort(exc)
             raise
         self._in_call -= 1
+        self._side_groups = False
         if self._forward is not None and self._forward.side:
             self._finish_forward()
         if self._session is not None:
@@ -281,7 +288,7 @@ class Capture:
     def _side_entry(self, original, *args, **kwargs):
         """An entry method (Huginn's ``embed_inputs``): inside forward() nothing happens; inside generate() a call
         begins a new group of tokens, whose iterations are the loop calls until the next group begins."""
-        if self._closed or (self._forward is not None and not self._forward.side) or not self._in_call:
+        if self._closed or (self._forward is not None and not self._forward.side) or not self._side_groups:
             return original(*args, **kwargs)  # loop calls outside any call stay orphans (counted, not recorded)
         try:
             if self._forward is not None:

@@ -229,3 +229,16 @@ def test_generate_default_depth_is_mean_recurrence_and_mask_is_recorded_as_given
         for row, run in enumerate(capture.runs):
             np.testing.assert_array_equal(run.num_steps, np.full(5, reference_model.config.mean_recurrence))
             np.testing.assert_array_equal(run.attention_mask[:4], mask[row].numpy())
+
+
+def test_a_hand_rolled_loop_outside_generate_is_counted_not_guessed(reference_model, prompt_ids, tmp_path):
+    """Sub-module calls with no call loopscope can label (here: the caller's own loop) are never recorded as
+    tokens: they are counted, reported at close and stored as orphan calls."""
+    with pytest.warns(UserWarning, match="3 loop call"):
+        with loopscope.attach(reference_model, tmp_path / "o.h5"):
+            embedded, block_idx = reference_model.embed_inputs(prompt_ids)
+            x = reference_model.initialize_state(embedded)
+            for step in range(3):
+                x, block_idx, _ = reference_model.iterate_one_step(embedded, x, block_idx=block_idx, current_step=step)
+    with loopscope.open(tmp_path / "o.h5") as capture:
+        assert capture.runs == [] and capture.meta["orphan_loop_calls"] == 3
