@@ -27,7 +27,7 @@ from torch import nn
 from ..storage import capture_file, writer as w
 from ..storage.buffers import HostBufferPool
 from ..storage.errors import CaptureWriteError, LoopscopeError
-from . import adaptive, metadata
+from . import adaptive, distributed, metadata
 from .adapters import LoopAdapter, LoopSpec
 from .detect import resolve_adapter
 
@@ -94,7 +94,7 @@ class Capture:
         if buffer_mb <= 0:
             raise LoopscopeError(f"buffer_mb={buffer_mb} must be positive")
         self.model = model
-        self.path = os.fspath(path)
+        self.path = distributed.rank_path(path)  # under torchrun: one file per rank
         self.tokenizer = tokenizer
         self.adapter = resolve_adapter(model, loop)
         self._cast = DTYPES[dtype]

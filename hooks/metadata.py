@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .adapters import LoopAdapter
 
 
@@ -39,6 +40,7 @@ def describe(model: nn.Module, adapter: LoopAdapter, options: dict[str, Any]) ->
         "loop": adapter.to_dict(),
         "loops": [spec.name for spec in adapter.loops],
         "options": options,
+        **distributed.describe(),  # rank, world_size, local_rank, hostname: which rank wrote this file
     }
 
 
