@@ -158,4 +158,85 @@ def inkling2_loop(model: nn.Module) -> LoopAdapter | None:
     )
 
 
-KNOWN_FAMILIES = (raven, hrm_text, inkling2_loop)
+def albert(model: nn.Module) -> LoopAdapter | None:
+    """transformers-native ALBERT: shared layer groups, ``num_hidden_layers`` group calls per forward.
+
+    ``AlbertTransformer`` calls group ``int(i / (num_hidden_layers / num_hidden_groups))`` at layer ``i``, so each
+    group runs a consecutive share of the layers. One group (the usual ALBERT) is one loop, ``core``; several groups
+    are several recurrent blocks, recorded as one loop each (``group_0``, ``group_1``, ...), each with its own s0:
+    the state it reads at its first call (for group 0 the output of ``embedding_hidden_mapping_in``, for group g the
+    last state of group g - 1).
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_hidden_groups") or not hasattr(config, "num_hidden_layers"):
+        return None
+    prefix = next(
+        (p for p in ("albert.", "") if _has(model, p + "encoder.albert_layer_groups")
+         and _has(model, p + "encoder.embedding_hidden_mapping_in")),
+        None,
+    )
+    if prefix is None:
+        return None
+    layers, groups = int(config.num_hidden_layers), int(config.num_hidden_groups)
+    runs = [int(i / (layers / groups)) for i in range(layers)]  # the group each layer calls, as AlbertTransformer does
+    used = sorted(set(runs))
+    path = prefix + "encoder.albert_layer_groups."
+    loops = tuple(
+        LoopSpec(name="core" if groups == 1 else f"group_{g}", exit=f"{path}{g}", entry=f"{path}{g}", entry_arg=0)
+        for g in used
+    )
+    shares = ", ".join(f"group {g}: {runs.count(g)}" for g in used)
+    return LoopAdapter(
+        family="albert",
+        loops=loops,
+        # Every AlbertLayer ends in its LayerNorm and the heads (MLM, pooler) read the last group's output as it is.
+        readout="identity",
+        steps_from="config.num_hidden_layers (one group call per layer), shared out over config.num_hidden_groups",
+        notes=(
+            f"iterations per forward: {shares}",
+            "s0 is the first call's input: the output of encoder.embedding_hidden_mapping_in for the first group",
+            "an encoder: one run per batch row of each forward, no generate()",
+        ),
+    )
+
+
+def ouro(model: nn.Module) -> LoopAdapter | None:
+    """Ouro (ByteDance's looped LM, "Scaling Latent Reasoning via Looped Language Models") and our reference model.
+
+    The decoder stack runs ``total_ut_steps`` times; every pass ends in ``model.norm``, whose output is both the next
+    pass's input and what ``lm_head`` reads, so the norm is the exit (one call per pass) and states need no readout
+    norm. ``model.early_exit_gate`` turns each pass's normalised output into one exit logit per token.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "total_ut_steps"):
+        return None
+    prefix = next(
+        (p for p in ("model.", "") if all(_has(model, p + m) for m in ("norm", "layers.0", "early_exit_gate"))), None
+    )
+    if prefix is None:
+        return None
+    return LoopAdapter(
+        family="ouro",
+        loops=(
+            LoopSpec(
+                name="core",
+                exit=prefix + "norm",
+                entry=prefix + "layers.0",
+                entry_arg=0,
+                signals=(("exit_gate", prefix + "early_exit_gate"),),
+            ),
+        ),
+        # The norm's output is the state, and lm_head reads it directly: states 1..n are already readouts.
+        readout="identity",
+        steps_from="model.total_ut_steps (copied from config.total_ut_steps when the model is built)",
+        notes=(
+            "s0 is the input of the first shared layer at the first pass (the token embeddings, not normalised)",
+            "signal exit_gate: early_exit_gate's output at each pass, a logit (the exit probability is its sigmoid); "
+            "step 0 has none",
+            "every pass runs for every token: an exit threshold or exit step picks which pass the head reads, "
+            "so num_steps is always total_ut_steps",
+        ),
+    )
+
+
+KNOWN_FAMILIES = (raven, hrm_text, inkling2_loop, ouro, albert)
