@@ -270,4 +270,4 @@ def dory(model: nn.Module) -> LoopAdapter | None:
     )
 
 
-KNOWN_FAMILIES = (raven, hrm_text, inkling2_loop, ouro, albert)
+KNOWN_FAMILIES = (raven, hrm_text, inkling2_loop, ouro, albert, dory)
