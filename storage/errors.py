@@ -19,3 +19,8 @@ class LoopNotFoundError(LoopscopeError):
 
 class CaptureWriteError(LoopscopeError):
     """Writing the capture failed (disk full, permissions); the hooks were removed and earlier runs kept."""
+
+
+class MergeError(LoopscopeError):
+    """Captures cannot be merged: they differ (loops, hidden size, dtype, model), a source is missing or damaged,
+    or the output already exists."""

@@ -1,0 +1,327 @@
+"""Joining captures (one per rank of a data-parallel job) into one capture, without copying a state.
+
+The merged capture has the ordinary layout (an index plus ``OUT.h5.runs/NNNNNN.h5``), so ``loopscope.open``, the
+CLI and plain h5py (``h5py.File("OUT.h5")["runs/000000/loops/core/states"]``) read it like any other. Its run
+files hold copies of the small per-token data (ids, text, mask, positions, step counts) and, for the states and
+per-step signals, HDF5 *virtual datasets* that map onto the source run files: a merge of terabytes writes
+kilobytes. Source paths are stored relative to the merged file, so the merged capture and its sources can move
+together; a missing source reads as NaN in HDF5 (not as an error), so :func:`missing_sources` checks for that.
+
+Runs are numbered 0..N-1 in the order of the sources given, then of each source's runs; each merged run records
+where it came from (``source_file``, ``source_run``, ``source_rank``, ``source_hostname`` attributes), and the
+index lists the sources (``merged_from_json``) and the run map (``/merged_runs``: merged run, source, source run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from . import capture_file, schema
+from .errors import LoopscopeError, MergeError
+from .reader import CaptureFile, Run
+
+#: Header fields that describe one rank's file, not the merged capture.
+RANK_FIELDS = ("rank", "world_size", "local_rank", "hostname")
+RUN_MAP = "merged_runs"
+
+
+@dataclass
+class MergeSummary:
+    path: str
+    runs: int
+    sources: int
+    state_bytes: int  # bytes of states (and signals) the merged file maps without copying
+    file_bytes: int  # bytes the merge wrote (index + run files)
+    skipped_incomplete: int = 0  # runs of the sources that were cut short, left out as the reader leaves them out
+    empty_sources: list[str] = field(default_factory=list)
+
+
+def merge(
+    out: str | os.PathLike,
+    sources: list[str | os.PathLike],
+    *,
+    force: bool = False,
+    locking: bool | str | None = None,
+) -> MergeSummary:
+    """Write the capture ``out`` whose runs are the complete runs of ``sources``, states mapped, not copied.
+
+    The sources must come from the same model and capture settings (same loops, hidden sizes, stored dtypes and
+    readout norm); each may itself be a merged capture. ``force=True`` replaces an existing ``out``.
+    """
+    out = os.fspath(out)
+    paths = [os.fspath(s) for s in sources]
+    _check_paths(out, paths, force)
+    with contextlib.ExitStack() as stack:
+        captures = [stack.enter_context(_open_source(p, locking)) for p in paths]
+        plan = _plan(captures)
+        if not plan:
+            raise MergeError(f"none of the {len(paths)} source(s) has a complete run; nothing to merge")
+        if force:
+            _remove_capture(out)
+        written: list[str] = []
+        try:
+            state_bytes = _write_runs(out, plan, captures, written, locking)
+            _write_index(out, captures, plan, locking)
+        except BaseException as exc:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            if isinstance(exc, OSError):
+                raise MergeError(f"cannot write {out} ({capture_file._first_line(exc)})") from None
+            raise
+    size = os.path.getsize(out) + sum(os.path.getsize(p) for p, _ in capture_file.list_run_files(out).values())
+    return MergeSummary(
+        path=out,
+        runs=len(plan),
+        sources=len(paths),
+        state_bytes=state_bytes,
+        file_bytes=size,
+        skipped_incomplete=sum(len(c.incomplete_runs) for c in captures),
+        empty_sources=[c.path for c in captures if not c.runs],
+    )
+
+
+def missing_sources(run: Run) -> list[str]:
+    """Source files that ``run``'s virtual datasets map onto but that are not there (HDF5 would read NaN)."""
+    missing: list[str] = []
+    folder = os.path.dirname(os.path.abspath(run.path))
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+            for mapping in obj.virtual_sources():
+                if mapping.file_name == ".":
+                    continue
+                path = os.path.join(folder, mapping.file_name)
+                if not os.path.exists(path) and path not in missing:
+                    missing.append(path)
+
+    try:
+        run.group.visititems(visit)
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise MergeError(f"{run.path}: cannot list its virtual sources ({capture_file._first_line(exc)})") from None
+    return missing
+
+
+def check_sources(run: Run) -> None:
+    """A one-line error when a merged run's sources have moved or gone (instead of silently reading NaN)."""
+    missing = missing_sources(run)
+    if missing:
+        raise MergeError(
+            f"run {run.index} of {run.capture.path} maps states in {missing[0]}, which is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; move merged captures together with their sources"
+        )
+
+
+# ---- checks ---------------------------------------------------------------------------------------------------------
+def _check_paths(out: str, sources: list[str], force: bool) -> None:
+    if not sources:
+        raise MergeError("give at least one capture to merge")
+    seen: dict[str, str] = {}
+    for path in sources:
+        if not os.path.exists(path):
+            raise MergeError(f"source {path}: no such file; check the path")
+        key = os.path.realpath(path)
+        if key in seen:
+            raise MergeError(f"source {path} is given twice (also as {seen[key]}); each run would be merged twice")
+        seen[key] = path
+    if os.path.realpath(out) in seen:
+        raise MergeError(f"output {out} is also a source; write the merged capture to a new file")
+    if os.path.isdir(out):
+        raise MergeError(f"output {out} is a directory; pass a file name such as {out}/merged.h5")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise MergeError(f"cannot create {out}: directory {parent} does not exist; create it first")
+    if (os.path.exists(out) or capture_file.list_run_files(out)) and not force:
+        raise MergeError(f"{out} already exists; pass --force (force=True) to replace it")
+
+
+@contextlib.contextmanager
+def _open_source(path: str, locking):
+    try:
+        capture = CaptureFile(path, locking=locking)
+    except LoopscopeError as exc:
+        raise MergeError(f"source {exc}") from None
+    with capture:
+        yield capture
+
+
+def _plan(captures: list[CaptureFile]) -> list[tuple[int, Run]]:
+    """(source position, run) for every complete run, after checking that all of them can share one capture."""
+    first = captures[0]
+    shapes: dict[str, tuple[int, str, str]] = {}  # loop -> (hidden, logical dtype, where first seen)
+    plan = []
+    for position, capture in enumerate(captures):
+        _check_same_model(first, capture)
+        for run in capture.runs:
+            try:
+                for loop in run.loops:  # reading the loops validates the run file's layout
+                    seen = (run.hidden_size(loop), run.logical_dtype(loop))
+                    known = shapes.setdefault(loop, (*seen, f"{capture.path} run {run.index}"))
+                    if seen != known[:2]:
+                        raise MergeError(
+                            f"loop {loop!r}: {capture.path} run {run.index} has hidden size {seen[0]}, dtype {seen[1]}; "
+                            f"{known[2]} has hidden size {known[0]}, dtype {known[1]}; merge captures of one model and dtype"
+                        )
+            except MergeError:
+                raise
+            except LoopscopeError as exc:
+                raise MergeError(f"source {capture.path}: {exc}") from None
+            plan.append((position, run))
+    return plan
+
+
+def _check_same_model(first: CaptureFile, other: CaptureFile) -> None:
+    if other.loop_names != first.loop_names:
+        raise MergeError(
+            f"{other.path} recorded loops {other.loop_names}, {first.path} {first.loop_names}; "
+            "merge captures of one model"
+        )
+    a, b = first.meta.get("model_class"), other.meta.get("model_class")
+    if a != b:
+        raise MergeError(f"{other.path} holds model {b}, {first.path} {a}; merge captures of one model")
+    ra, rb = first.readout, other.readout
+    same = ra.kind == rb.kind and ra.eps == rb.eps and ra.weight_offset == rb.weight_offset
+    for x, y in ((ra.weight, rb.weight), (ra.bias, rb.bias)):
+        same = same and ((x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y)))
+    if not same:
+        raise MergeError(
+            f"{other.path} and {first.path} store different readout norms (different weights?); "
+            "merge captures of one model"
+        )
+
+
+# ---- writing --------------------------------------------------------------------------------------------------------
+def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
+    files = capture_file.RunFiles(out, locking=locking)
+    out_dir = os.path.abspath(capture_file.runs_dir(out))
+    state_bytes = 0
+    for number, (position, run) in enumerate(plan):
+        source_index = captures[position]
+        meta = source_index.meta
+        written.append(files.partial_path(number))
+        dst = files.create_run(number)
+        try:
+            relative = os.path.relpath(os.path.abspath(run.path), out_dir)
+            try:
+                state_bytes += _copy_group(run.group, dst, relative)
+            except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+                raise MergeError(
+                    f"source {run.path} is damaged or unreadable ({capture_file._first_line(exc)})"
+                ) from None
+            dst.attrs.update(
+                schema.attrs_to_store(
+                    {
+                        "source_file": _relative_to(out, source_index.path),
+                        "source_run": run.index,
+                        "source_rank": int(meta.get("rank", -1)),
+                        "source_hostname": str(meta.get("hostname", "")),
+                    }
+                )
+            )
+        except BaseException:
+            dst.close()
+            raise
+        files.finish_run(number, dst, complete=True)
+        written[-1] = files.final_path(number)
+    return state_bytes
+
+
+def _copy_group(src: h5py.Group, dst: h5py.Group, source_file: str) -> int:
+    """Copy ``src`` into ``dst``: states and signals as virtual datasets onto ``source_file``, the rest as data.
+    Returns the bytes mapped virtually."""
+    for key, value in src.attrs.items():
+        dst.attrs[key] = value
+    mapped = 0
+    for name, obj in src.items():
+        if isinstance(obj, h5py.Group):
+            mapped += _copy_group(obj, dst.create_group(name), source_file)
+        elif _is_mapped(obj):
+            layout = h5py.VirtualLayout(shape=obj.shape, dtype=obj.dtype)
+            layout[...] = h5py.VirtualSource(source_file, obj.name, shape=obj.shape, dtype=obj.dtype)
+            virtual = dst.create_virtual_dataset(name, layout, fillvalue=obj.fillvalue)
+            for key, value in obj.attrs.items():
+                virtual.attrs[key] = value
+            # Virtual datasets have no chunks of their own; analysis reads in blocks aligned with the source's.
+            virtual.attrs["source_chunks"] = np.asarray(_chunks(obj), dtype=np.int64)
+            mapped += obj.size * obj.dtype.itemsize
+        else:  # per-token data, stored contiguous: the writer's growable chunks would be mostly empty here
+            copy = dst.create_dataset(name, data=obj[()])
+            for key, value in obj.attrs.items():
+                copy.attrs[key] = value
+    return mapped
+
+
+def _is_mapped(ds: h5py.Dataset) -> bool:
+    """States ([T, K, H]) and per-step signals ([T, K]) are mapped; small per-token data is copied."""
+    parts = ds.name.strip("/").split("/")
+    is_state = len(parts) == 3 and parts[0] == schema.LOOPS and parts[2] == "states"
+    is_signal = len(parts) == 4 and parts[0] == schema.LOOPS and parts[2] == schema.SIGNALS
+    return (is_state or is_signal) and ds.size > 0
+
+
+def _chunks(ds: h5py.Dataset) -> tuple[int, ...]:
+    if ds.chunks:
+        return ds.chunks
+    stored = ds.attrs.get("source_chunks")  # a merged source: its own source's chunks
+    return tuple(int(c) for c in stored) if stored is not None else ds.shape
+
+
+def _write_index(out: str, captures: list[CaptureFile], plan, locking) -> None:
+    first = captures[0]
+    tmp = out + ".tmp"
+    kwargs = {"libver": "latest", **({} if locking is None else {"locking": locking})}
+    try:
+        with h5py.File(first.path, "r", **kwargs) as src, h5py.File(tmp, "w", **kwargs) as index:
+            for key, value in src.attrs.items():
+                if key not in RANK_FIELDS:
+                    index.attrs[key] = value
+            if schema.READOUT in src:
+                src.copy(src[schema.READOUT], index, name=schema.READOUT)
+            sources = [
+                {
+                    "file": _relative_to(out, c.path),
+                    "runs": len(c.runs),
+                    **{k: c.meta.get(k) for k in RANK_FIELDS},
+                }
+                for c in captures
+            ]
+            index.attrs.update(
+                schema.attrs_to_store(
+                    {
+                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        "merged_from": sources,
+                    }
+                )
+            )
+            table = np.array([(n, position, run.index) for n, (position, run) in enumerate(plan)], dtype=np.int64)
+            runs_map = index.create_dataset(RUN_MAP, data=table.reshape(-1, 3))
+            runs_map.attrs["columns_json"] = schema.text('["run", "source", "source_run"]')
+            group = index.create_group(schema.RUNS)
+            out_dir = os.path.dirname(os.path.abspath(out))
+            for number, (path, complete) in capture_file.list_run_files(out).items():
+                if complete:
+                    group[schema.run_name(number)] = h5py.ExternalLink(os.path.relpath(path, out_dir), "/")
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _remove_capture(path: str) -> None:
+    """Remove an existing capture at ``path`` (its index and run files) before it is replaced."""
+    for run_path, _ in capture_file.list_run_files(path).values():
+        os.remove(run_path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _relative_to(out: str, path: str) -> str:
+    return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(out)))
