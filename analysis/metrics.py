@@ -129,29 +129,12 @@ def token_metrics(
         ref = reference_states(run, open_reference_run(run, reference, stack), space, loop)
     out = {name: np.full((n_tokens, n_slots), np.nan) for name in METRICS}
     block = _token_block(n_slots, hidden, block_bytes, ds.chunks)
-    slots = np.arange(n_slots)[None, :]
     for t0 in range(0, n_tokens, block):
         t1 = min(t0 + block, n_tokens)
         states = to_space(run.decode(run.read(np.s_[t0:t1], loop), loop))  # [b, K, H] float64
-        last = steps[t0:t1]
-        star = ref.states[t0:t1] if ref.states is not None else states[np.arange(t1 - t0), last]
-        valid = slots <= last[:, None]
-        with np.errstate(all="ignore"):  # NaN/Inf states (a model that blew up) give NaN measures, flagged later
-            star_norm = _norm(star)[:, None]
-            norms = _norm(states)
-            dist = _norm(states - star[:, None, :])
-            cosine = np.einsum("bkh,bh->bk", states, star) / (norms * star_norm)
-            delta = np.full_like(dist, np.nan)
-            delta[:, 1:] = _norm(np.diff(states, axis=1))
-            values = {
-                "distance": dist,
-                "relative_distance": dist / star_norm,
-                "step_delta": delta,
-                "cosine": cosine,
-                "norm": norms,
-            }
-        for name, value in values.items():
-            out[name][t0:t1] = np.where(valid, value, np.nan)
+        star = ref.states[t0:t1] if ref.states is not None else None
+        for name, value in block_measures(states, steps[t0:t1], star).items():
+            out[name][t0:t1] = value
         if progress is not None:
             progress(t1 - t0)
     return TokenMetrics(
@@ -165,6 +148,30 @@ def token_metrics(
         tokens=run.tokens,
         **out,
     )
+
+
+def block_measures(states: np.ndarray, last: np.ndarray, star: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every measure of a block of tokens: ``states`` [b, K, H] in the analysis space (float64), ``last`` [b] each
+    token's last step, ``star`` [b, H] s* (None: each token's own last state). Each result is [b, K], NaN past
+    ``last``. The one place the arithmetic lives, shared by the streamed and the Dask analysis."""
+    if star is None:
+        star = states[np.arange(len(last)), last]
+    valid = np.arange(states.shape[1])[None, :] <= last[:, None]
+    with np.errstate(all="ignore"):  # NaN/Inf states (a model that blew up) give NaN measures, flagged later
+        star_norm = _norm(star)[:, None]
+        norms = _norm(states)
+        dist = _norm(states - star[:, None, :])
+        cosine = np.einsum("bkh,bh->bk", states, star) / (norms * star_norm)
+        delta = np.full_like(dist, np.nan)
+        delta[:, 1:] = _norm(np.diff(states, axis=1))
+        values = {
+            "distance": dist,
+            "relative_distance": dist / star_norm,
+            "step_delta": delta,
+            "cosine": cosine,
+            "norm": norms,
+        }
+    return {name: np.where(valid, value, np.nan) for name, value in values.items()}
 
 
 def convergence(run: Run, reference="final", space: str = "auto", *, loop: str | None = None) -> np.ndarray:
