@@ -72,6 +72,11 @@ def trajectory_pca(
 def _principal_axes(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
     """Top principal directions [C, H] of centred rows ``x`` and the variance (sum of squares) along each."""
     _, singular, vt = np.linalg.svd(x, full_matrices=False)
+    return _oriented_axes(vt, singular, n_components)
+
+
+def _oriented_axes(vt: np.ndarray, singular: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n_components`` right singular vectors, signs fixed (largest loading positive), and variances."""
     count = min(n_components, vt.shape[0])
     axes = vt[:count]
     signs = np.sign(axes[np.arange(count), np.argmax(np.abs(axes), axis=1)])
