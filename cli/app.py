@@ -198,7 +198,7 @@ def plot(
                 title=f"{name}: {METRIC_HELP[metric]} per iteration, s* = {reference}",
             )
         elif kind == "exits":
-            steps = first.steps_of(loop)
+            steps = first.iterations_of(loop)
             if np.unique(steps).size > 1:
                 written = figures.exits(steps, out, title=f"{_run_title(first)}: steps to exit (adaptive depth)")
             else:
@@ -318,8 +318,10 @@ def _selected_runs(capture, indices: Optional[List[int]]) -> list:
 
 
 def _run_title(run) -> str:
-    steps = run.num_steps
+    steps = run.iterations_of(None) if run.loops else np.array([])
     depth = f"{int(steps.max())} steps" if steps.size else "no steps"
+    if run.loops and run.step_stride > 1:
+        depth += f", every {run.step_stride}th stored"
     return f"{Path(run.capture.path).name} run {run.index} ({depth})"
 
 

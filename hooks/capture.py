@@ -27,7 +27,7 @@ from torch import nn
 from ..storage import capture_file, writer as w
 from ..storage.buffers import HostBufferPool
 from ..storage.errors import CaptureWriteError, LoopscopeError
-from . import adaptive, distributed, metadata
+from . import adaptive, distributed, metadata, selection
 from .adapters import LoopAdapter, LoopSpec
 from .detect import resolve_adapter
 
@@ -40,8 +40,9 @@ class _Session:
 
     call: str
     run_ids: list[int]
-    offset: int = 0
+    offset: int = 0  # tokens stored so far
     forwards: int = 0
+    position_offset: int = 0  # tokens computed so far (positions when the model was given none)
 
 
 @dataclass
@@ -65,9 +66,25 @@ class _Forward:
     s0_taken: set[str] = field(default_factory=set)
     stages: dict[str, _Stage] = field(default_factory=dict)
     side: bool = False
+    keep: np.ndarray | None = None  # indices of the tokens this forward stores (tokens=...), None = all
+    keep_on: dict = field(default_factory=dict)  # the same indices as a tensor per device, for index_select
+    final: dict[str, tuple[int, torch.Tensor, int]] = field(default_factory=dict)  # off-stride last state per loop
     tokens_message: Any = None  # a side forward's Tokens, sent only once its group has run an iteration
     row_steps: np.ndarray | None = None  # [B] each row's own exit step (Huginn's adaptive exit), 0 = not exited
     signals: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
+
+    @property
+    def stored(self) -> int:
+        return self.tokens if self.keep is None else len(self.keep)
+
+    def select(self, value: torch.Tensor) -> torch.Tensor:
+        """The stored tokens of a [B, T, ...] tensor, selected where it lives (before any copy to the host)."""
+        if self.keep is None:
+            return value
+        index = self.keep_on.get(value.device)
+        if index is None:
+            index = self.keep_on[value.device] = torch.from_numpy(self.keep).to(value.device)
+        return value.index_select(1, index)
 
 
 class Capture:
@@ -86,6 +103,8 @@ class Capture:
         compression: str | None = None,
         chunks: tuple[int, int] | None = None,
         locking: bool | str | None = None,
+        tokens: str | slice | range | list[int] | tuple[int, ...] = "all",
+        step_stride: int = 1,
     ):
         if not isinstance(model, nn.Module):
             raise LoopscopeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
@@ -98,6 +117,8 @@ class Capture:
         self.tokenizer = tokenizer
         self.adapter = resolve_adapter(model, loop)
         self._cast = DTYPES[dtype]
+        self._tokens = selection.TokenSelection.parse(tokens)
+        self._stride = selection.check_stride(step_stride, self.adapter)
         options = {
             "mode": mode,
             "dtype": dtype,
@@ -105,12 +126,15 @@ class Capture:
             "compression": compression,
             "chunks": list(chunks) if chunks else None,
             "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
+            "tokens": self._tokens.describe(),
+            "step_stride": self._stride,
         }
         self._session: _Session | None = None
         self._forward: _Forward | None = None
         self._in_call = 0  # depth of generate()/call_methods calls; the outermost one makes the runs
         self._call_name = "forward"
         self._side_groups = False  # whether entry-method calls start groups of tokens in the current call
+        self._warned_stride_exit = False
         self._orphan_calls = 0
         self._handles: list[Any] = []
         self._restore: list = []
@@ -207,10 +231,10 @@ class Capture:
         self._handles.append(model.register_forward_pre_hook(self._on_model_enter, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._on_model_exit, with_kwargs=True))
         for spec in self.adapter.loops:
-            exit_module = model.get_submodule(spec.exit)
-            entry_module = model.get_submodule(spec.entry) if spec.entry else exit_module
+            exits = [model.get_submodule(path) for path in spec.exit.split("|")]  # tied copies: a call each is a step
+            entry_module = model.get_submodule(spec.entry) if spec.entry else exits[0]
             self._handles.append(entry_module.register_forward_pre_hook(self._entry_hook(spec), with_kwargs=True))
-            self._handles.append(exit_module.register_forward_hook(self._exit_hook(spec)))
+            self._handles += [module.register_forward_hook(self._exit_hook(spec)) for module in exits]
             for signal, path in spec.signals:
                 hook = self._signal_hook(spec, signal)
                 self._handles.append(model.get_submodule(path).register_forward_hook(hook))
@@ -374,7 +398,8 @@ class Capture:
             self._put(
                 w.OpenRuns(
                     run_ids,
-                    [{"call": call, "batch_row": b, "batch_size": batch, "loops": [s.name for s in self.adapter.loops]}
+                    [{"call": call, "batch_row": b, "batch_size": batch, "loops": [s.name for s in self.adapter.loops],
+                      "step_stride": self._stride}
                      for b in range(batch)],
                 )
             )
@@ -384,18 +409,28 @@ class Capture:
                 f"batch size changed from {len(session.run_ids)} to {batch} inside one generate() call; "
                 "loopscope records one run per batch row and cannot follow rows being dropped"
             )
+        positions = _positions_for(kwargs, batch, tokens, session.position_offset)
+        keep = self._tokens.keep(session.forwards, positions[0])
+        forward = self._forward = _Forward(batch=batch, tokens=tokens, side=side, keep=keep)
+        session.position_offset += tokens
+        if not forward.stored:
+            return
+        mask = _mask_for(kwargs.get("attention_mask"), batch, tokens)
+        if keep is not None:
+            ids, positions, mask = ids[:, keep], positions[:, keep], mask[:, keep]
         message = w.Tokens(
             run_ids=session.run_ids,
             offset=session.offset,
             token_ids=ids.numpy(),
-            attention_mask=_mask_for(kwargs.get("attention_mask"), batch, tokens),
-            positions=_positions_for(kwargs, batch, tokens, session.offset),
+            attention_mask=mask,
+            positions=positions,
             forward_index=session.forwards,
             strings=self._strings(ids) if self.tokenizer is not None else None,
         )
-        if not side:
+        if side:
+            forward.tokens_message = message
+        else:
             self._put(message)
-        self._forward = _Forward(batch=batch, tokens=tokens, side=side, tokens_message=message if side else None)
 
     def _on_model_exit(self, module, args, kwargs, output):
         if self._forward is not None and not self._forward.side:
@@ -407,18 +442,26 @@ class Capture:
             return
         if forward.side and not any(forward.steps.values()):  # an embedding call that started no iteration
             self._forward = None  # (Huginn embeds the prompt once to shape its warm start): nothing to record
+            session.position_offset -= forward.tokens
+            return
+        if not forward.stored:  # tokens= left out every token of this forward
+            session.forwards += 1
+            self._forward = None
+            if not self._in_call:
+                self._end_session(complete=True)
             return
         if forward.tokens_message is not None:
             self._put(forward.tokens_message)
+        self._record_finals()
         self._flush_stages()
         self._flush_signals()
         for spec in self.adapter.loops:
-            steps = np.full((forward.batch, forward.tokens), forward.steps.get(spec.name, 0), dtype=np.int32)
+            steps = np.full((forward.batch, forward.stored), forward.steps.get(spec.name, 0), dtype=np.int32)
             if forward.row_steps is not None and spec is self.adapter.loops[0]:
                 exited = forward.row_steps > 0
-                steps[exited] = forward.row_steps[exited, None]
+                steps[exited] = self._stored_exit(forward.row_steps[exited], forward.steps.get(spec.name, 0))[:, None]
             self._put(w.Steps(session.run_ids, spec.name, session.offset, steps))
-        session.offset += forward.tokens
+        session.offset += forward.stored
         session.forwards += 1
         self._forward = None
         if not self._in_call:
@@ -437,6 +480,8 @@ class Capture:
             if forward is None or spec.name in forward.s0_taken or forward.steps.get(spec.name, 0):
                 return
             forward.s0_taken.add(spec.name)
+            if not forward.stored:
+                return
             if spec.s0_parameter:
                 value = self.model.get_parameter(spec.s0_parameter).expand(forward.batch, forward.tokens, -1)
             else:
@@ -457,10 +502,48 @@ class Capture:
                 return
             step = forward.steps.get(spec.name, 0) + 1
             forward.steps[spec.name] = step
+            if not forward.stored:
+                return
             state = output[spec.output_index] if isinstance(output, (tuple, list)) else output
-            self._record(spec, step, state)
+            if step % self._stride == 0:
+                self._record(spec, step // self._stride, state)
+            elif isinstance(state, torch.Tensor):  # kept by reference in case it is the last step (no copy)
+                forward.final[spec.name] = (step, state.detach(), state._version)
 
         return hook
+
+    def _stored_exit(self, exits: np.ndarray, last: int) -> np.ndarray:
+        """Rows of an adaptive batch that exited between stored steps (with ``step_stride``) are recorded up to
+        their last stored iteration: only the batch's own last iteration is kept off the stride."""
+        off = (exits % self._stride != 0) & (exits != last)
+        if off.any():
+            if not self._warned_stride_exit:
+                warnings.warn(
+                    f"loopscope: with step_stride={self._stride}, rows of an adaptive batch that exit between stored "
+                    "steps are recorded up to their last stored iteration; use batch size 1 or step_stride=1 to "
+                    "keep each row's exit state",
+                    stacklevel=4,
+                )
+                self._warned_stride_exit = True
+            exits = np.where(off, exits - exits % self._stride, exits)
+        return exits
+
+    def _record_finals(self) -> None:
+        """With ``step_stride``: a token's last iteration is always stored, one slot after the last on-stride one,
+        so s* (the final state) is never lost. ``selection.iteration_of`` maps slots back to iterations."""
+        forward = self._forward
+        for spec in self.adapter.loops:
+            held = forward.final.get(spec.name)
+            if held is None or held[0] != forward.steps.get(spec.name, 0):
+                continue
+            step, state, version = held
+            if state._version != version:
+                raise LoopscopeError(
+                    f"loop {spec.exit!r} changed its last state in place after returning it, so step_stride cannot "
+                    "keep it without a copy; capture with step_stride=1"
+                )
+            self._record(spec, step // self._stride + 1, state)
+        forward.final.clear()
 
     def _signal_hook(self, spec: LoopSpec, signal: str):
         def hook(module, args, output):
@@ -475,6 +558,8 @@ class Capture:
     def _add_signal(self, spec: LoopSpec, signal: str, step: int, value: torch.Tensor) -> None:
         """Keep a per-token scalar for this forward; they go to the writer together when the forward ends."""
         forward = self._forward
+        if not forward.stored:
+            return
         if value.dim() == 3 and value.shape[-1] == 1:
             value = value[..., 0]
         if value.dim() == 1 and forward.batch == 1:
@@ -484,16 +569,20 @@ class Capture:
                 f"signal {signal!r} of loop {spec.name!r} has shape {tuple(value.shape)}; expected one value per "
                 f"token ({forward.batch}, {forward.tokens}) or ({forward.batch}, {forward.tokens}, 1)"
             )
-        forward.signals.setdefault((spec.name, signal), []).append((step, value.float().clone()))
+        forward.signals.setdefault((spec.name, signal), []).append((step, forward.select(value).float().clone()))
 
     def _flush_signals(self) -> None:
         """One message per signal and forward: [B, T, K] over the steps it was seen at (one host copy)."""
         forward, session = self._forward, self._session
         for (loop, signal), entries in forward.signals.items():
+            last = forward.steps.get(loop, 0)
+            entries = [(slot, v) for step, v in entries if (slot := selection.slot_of(step, last, self._stride)) is not None]
+            if not entries:
+                continue
             steps = [step for step, _ in entries]
             first, last = min(steps), max(steps)
             values = torch.stack([v for _, v in entries], dim=-1).to("cpu").numpy()
-            block = np.full((forward.batch, forward.tokens, last - first + 1), np.nan, dtype=np.float32)
+            block = np.full((forward.batch, forward.stored, last - first + 1), np.nan, dtype=np.float32)
             block[:, :, np.asarray(steps) - first] = values
             self._put(w.Signal(session.run_ids, loop, signal, session.offset, first, block))
         forward.signals.clear()
@@ -509,6 +598,7 @@ class Capture:
                 f"loop {spec.exit!r} produced a state of shape {tuple(state.shape)}, expected "
                 f"({forward.batch}, {forward.tokens}, hidden); pass loop= with the module that outputs the state"
             )
+        state = forward.select(state)
         if self._cast is not None and state.dtype != self._cast:
             state = state.to(self._cast)
         logical = str(state.dtype).replace("torch.", "")
@@ -527,7 +617,7 @@ class Capture:
             # slab limit: one message and one HDF5 write per run for the whole group instead of one per step.
             hint = self._steps_hint.get(spec.name, 8) + 1
             group = max(1, min(hint, self.pool.max_slab_bytes() // per_step))
-            shape = (forward.batch, forward.tokens, group, state.shape[2])
+            shape = (forward.batch, forward.stored, group, state.shape[2])
             stage = forward.stages[spec.name] = _Stage(self.pool.acquire(shape, state.dtype), step, logical)
         self._copy(stage.slab[:, :, stage.filled], state)
         stage.filled += 1
@@ -620,8 +710,14 @@ def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
     ``mode`` ("w-" refuses an existing file, "w" overwrites, "a" appends runs), ``dtype`` ("keep", "float32",
     "float16", "bfloat16"), ``buffer_mb`` (host staging budget), ``compression`` (an h5py filter name such as
     "gzip"), ``chunks`` ((tokens, steps) per chunk), ``locking`` (h5py file locking).
+
+    Byte reduction, applied on the model's device before any copy: ``tokens`` ("all", "prompt", "generated", or
+    positions as a slice / range / list) and ``step_stride`` (store s0, every n-th iteration and each token's last
+    one; ``Run.step_iterations()`` maps stored steps back to iterations).
     """
-    unknown = set(options) - {"tokenizer", "loop", "mode", "dtype", "buffer_mb", "compression", "chunks", "locking"}
+    unknown = set(options) - {
+        "tokenizer", "loop", "mode", "dtype", "buffer_mb", "compression", "chunks", "locking", "tokens", "step_stride"
+    }
     if unknown:
         raise LoopscopeError(f"attach() got unknown option(s) {sorted(unknown)}")
     return Capture(model, path, **options)

@@ -274,14 +274,41 @@ class Run:
         """Iterations each token ran in the primary loop ([T] int)."""
         return self.steps_of(None)
 
+    @property
+    def step_stride(self) -> int:
+        """1, or n when the capture kept s0, every n-th iteration and each token's last one (``step_stride=``)."""
+        stride = self.attrs.get("step_stride", 1)
+        if not isinstance(stride, (int, np.integer)) or stride < 1:
+            raise CaptureFileError(f"{self.path}: step_stride {stride!r} is damaged")
+        return int(stride)
+
+    def iterations_of(self, loop: str | None = None) -> np.ndarray:
+        """Iterations each token actually ran in ``loop`` (equal to ``steps_of`` unless a step stride was used)."""
+        with _reading(self.path):
+            steps = self._loop(loop)["num_steps"][()]
+        self.steps_of(loop)  # validates the shape and range
+        return steps
+
+    def step_iterations(self, loop: str | None = None) -> np.ndarray:
+        """[T, K] the iteration each stored step holds (-1 past a token's last): ``min(k * stride, iterations)``."""
+        iterations = self.iterations_of(loop).astype(np.int64)
+        n_slots = self.dataset(loop).shape[1]
+        k = np.arange(n_slots)[None, :]
+        labels = np.minimum(k * self.step_stride, iterations[:, None])
+        return np.where(k <= self.steps_of(loop)[:, None], labels, -1)
+
     def steps_of(self, loop: str | None) -> np.ndarray:
-        """Iterations each token ran in ``loop``; checked against the stored steps, so indexing with it is safe."""
+        """The last stored step of each token in ``loop`` (its iteration count, or with a step stride n the slot
+        that holds its last iteration); checked against the stored steps, so indexing with it is safe."""
         with _reading(self.path):
             group = self._loop(loop)
             steps = group["num_steps"][()]
             n_tokens, n_slots = group["states"].shape[:2]
         if steps.shape != (n_tokens,) or steps.dtype.kind not in "iu":
             raise CaptureFileError(f"{self.path}: num_steps has shape {steps.shape} for {n_tokens} tokens; damaged")
+        stride = self.step_stride
+        if stride > 1:
+            steps = -(-steps // stride)
         if steps.size and (steps.min() < 0 or steps.max() >= n_slots):
             raise CaptureFileError(
                 f"{self.path}: num_steps ranges {steps.min()}..{steps.max()} but states hold steps 0..{n_slots - 1}; damaged"
