@@ -198,7 +198,7 @@ def plot(
                 title=f"{name}: {METRIC_HELP[metric]} per iteration, s* = {reference}",
             )
         elif kind == "exits":
-            steps = first.iterations_of(loop)
+            steps = first.steps_of(loop)
             if np.unique(steps).size > 1:
                 written = figures.exits(steps, out, title=f"{_run_title(first)}: steps to exit (adaptive depth)")
             else:
@@ -227,6 +227,10 @@ def convergence_table(
     space: str = typer.Option("auto", "--space", help="readout, state, or auto (readout if stored)."),
     loop: Optional[str] = typer.Option(None, "--loop", help="Which loop, for models with several."),
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Relative distance that counts as converged."),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="Compute with Dask: threads, processes, or a cluster's address tcp://HOST:PORT (loopscope[scale])."
+    ),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Dask on this machine with N threads."),
 ):
     """Every measure per token and step (distance, relative distance, step delta, cosine, norm) as CSV."""
     from ..analysis.reference import parse_reference
@@ -243,8 +247,10 @@ def convergence_table(
         chosen = _selected_runs(capture, run)
         if not chosen:
             raise LoopscopeError(f"{file} has no complete runs")
+        on_dask = scheduler is not None or workers is not None
+        computed = _dask_metrics(file, run, reference, space, loop, scheduler, workers) if on_dask else None
         for i, r in enumerate(chosen):
-            m = _metrics(r, parse_reference(reference), space, loop)
+            m = computed[i] if computed else _metrics(r, parse_reference(reference), space, loop)
             rows += m.to_csv(out, tol=tol, append=i > 0)
             converged = m.convergence_steps(tol)
             done = converged[converged >= 0]
@@ -257,6 +263,27 @@ def convergence_table(
             )
     console.print(table)
     console.print(f"wrote [bold]{out}[/bold] ({rows} rows, s* = {reference}, tolerance {tol:g})")
+
+
+@app.command()
+@_friendly
+def merge(
+    out: Path = typer.Argument(..., help="The merged capture to write (.h5)."),
+    sources: List[Path] = typer.Argument(..., help="Captures to join, e.g. cap.rank*.h5 from a torchrun job."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Join captures into one whose states are HDF5 virtual datasets over theirs: nothing is copied."""
+    from ..storage.merge import merge as merge_captures
+
+    summary = merge_captures(out, sources, force=force)
+    console.print(
+        f"wrote [bold]{summary.path}[/bold]: {summary.runs} run(s) from {summary.sources} file(s), "
+        f"{_human_bytes(summary.state_bytes)} of states mapped, {_human_bytes(summary.file_bytes)} written"
+    )
+    if summary.skipped_incomplete:
+        console.print(f"[yellow]{summary.skipped_incomplete} incomplete run(s) of the sources left out[/yellow]")
+    for path in summary.empty_sources:
+        console.print(f"[yellow]{path} has no complete runs[/yellow]")
 
 
 @app.command()
@@ -291,14 +318,33 @@ def _metrics(run, reference, space, loop):
 
     with _progress(f"run {run.index}: reading states", max(run.num_tokens, 1)) as advance:
         metrics = token_metrics(run, reference, space, loop=loop, progress=advance)
+    _warn_nonfinite(metrics)
+    return metrics
+
+
+def _dask_metrics(file, runs, reference, space, loop, scheduler, workers) -> list:
+    """Every selected run's measures in one Dask computation (see analysis/distributed.py)."""
+    from ..analysis.distributed import token_metrics
+    from ..analysis.reference import parse_reference
+
+    with console.status(f"computing on Dask ({scheduler or 'threads'})…"):
+        results = token_metrics(
+            file, runs=runs, reference=parse_reference(reference), space=space, loop=loop,
+            scheduler=scheduler, workers=workers,
+        )
+    for metrics in results:
+        _warn_nonfinite(metrics)
+    return results
+
+
+def _warn_nonfinite(metrics) -> None:
     bad = metrics.nonfinite_tokens()
     if bad.size:
         errors.print(
-            f"[yellow]warning:[/yellow] run {run.index}: {bad.size} token(s) have NaN or infinite states "
+            f"[yellow]warning:[/yellow] run {metrics.run}: {bad.size} token(s) have NaN or infinite states "
             f"(first: token {int(bad[0])}); they are left blank in figures and empty in CSV",
             highlight=False,
         )
-    return metrics
 
 
 @contextlib.contextmanager
@@ -318,10 +364,8 @@ def _selected_runs(capture, indices: Optional[List[int]]) -> list:
 
 
 def _run_title(run) -> str:
-    steps = run.iterations_of(None) if run.loops else np.array([])
+    steps = run.num_steps
     depth = f"{int(steps.max())} steps" if steps.size else "no steps"
-    if run.loops and run.step_stride > 1:
-        depth += f", every {run.step_stride}th stored"
     return f"{Path(run.capture.path).name} run {run.index} ({depth})"
 
 
@@ -356,6 +400,10 @@ def _size(path: Path) -> str:
         size = float(os.path.getsize(path) + sum(os.path.getsize(p) for p, _ in list_run_files(str(path)).values()))
     except OSError:  # a run file renamed or removed meanwhile (a capture still running)
         return "size unknown"
+    return _human_bytes(size)
+
+
+def _human_bytes(size: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
