@@ -17,7 +17,7 @@ class LoopSpec:
     """One recurrent stream of a model."""
 
     name: str
-    exit: str  # dotted module path; its k-th call in one forward produces s_k
+    exit: str  # dotted module path; its k-th call in one forward produces s_k (tied copies: 'a|b|c', called in turn)
     entry: str | None = None  # module whose input at the first iteration holds s0 (None: the exit module's own input)
     entry_channels: int | None = None  # keep only the first N channels of that input (Huginn's adapter sees [s, e])
     entry_arg: int | str = 0  # positional index or keyword name of the entry input that carries s0

@@ -1,8 +1,13 @@
 """Finding the loop: a ``loop=`` override, then the known families, then a probe forward.
 
-The probe runs one tiny forward with counting hooks on every module (RNG state saved and restored, no grad), and
-looks for the outermost modules entered more than once. Their common call count is the iteration count; the last
-of them to run in an iteration is the exit (its output is the state), the first one's input is s0.
+The probe runs one tiny forward (RNG state saved and restored, no grad) with counting hooks on every module. A
+*unit* is one module instance, or several instances that share all their parameter storage and type (ALBERT-style
+blocks written as tied copies, each called once). Among the outermost units that return a float state, the calls
+form a sequence such as ``embed? a b a b a b head?``; its longest run of a repeated pattern (the shortest pattern
+when lengths tie) is the loop: the pattern's repetitions are the iterations, its last unit is the exit (its output
+is the state), and the first unit whose input has the state's width gives s0. When an integer in the model's config
+(or on the model itself) equals the iteration count, a second probe with that value plus one confirms that it sets
+the count, and the file says so.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from torch import nn
 from ..storage.errors import LoopNotFoundError
 from .adapters import KNOWN_FAMILIES, LoopAdapter, LoopSpec
 
+#: Joins the members of a tied-copies unit in ``LoopSpec.exit``: each member's call is the next iteration.
+TIED = "|"
+
 
 def resolve_adapter(model: nn.Module, loop: str | Sequence[str] | LoopAdapter | None = None) -> LoopAdapter:
     """The loop adapter for ``model``: from ``loop=``, a known family, or a probe forward."""
@@ -24,8 +32,10 @@ def resolve_adapter(model: nn.Module, loop: str | Sequence[str] | LoopAdapter | 
         return loop
     if loop is not None:
         paths = [loop] if isinstance(loop, str) else list(loop)
-        if not paths:
-            raise LoopNotFoundError("loop= is empty; pass a dotted module path such as 'model.layers.3'")
+        if not paths or not all(isinstance(p, str) and p for p in paths):
+            raise LoopNotFoundError(
+                f"loop={loop!r} is not a module path; pass a dotted module path such as 'model.layers.3' (or a list)"
+            )
         specs = []
         for path in paths:
             _check_path(model, path)
@@ -39,10 +49,15 @@ def resolve_adapter(model: nn.Module, loop: str | Sequence[str] | LoopAdapter | 
 
 
 def _loop_name(path: str, how_many: int) -> str:
-    return "core" if how_many == 1 else path.replace(".", "_")
+    return "core" if how_many == 1 else path.split(TIED)[0].replace(".", "_")
 
 
 def _check_path(model: nn.Module, path: str) -> None:
+    for part in path.split(TIED):  # tied copies: every member must exist
+        _check_one_path(model, part)
+
+
+def _check_one_path(model: nn.Module, path: str) -> None:
     try:
         module = model.get_submodule(path)
     except AttributeError:
@@ -59,42 +74,62 @@ def _check_path(model: nn.Module, path: str) -> None:
         )
 
 
+class _Unit:
+    """One module, or tied copies of one: its calls across all members, and the state widths it sees."""
+
+    def __init__(self, members: list[str]):
+        self.members = members
+        self.calls: list[tuple[int, int, str]] = []  # (start, end, member) per call, in call order
+        self.in_width: int | None = None
+        self.out_width: int | None = None
+
+    @property
+    def label(self) -> str:
+        tied = f", tied copies {TIED.join(self.members)}" if len(self.members) > 1 else ""
+        return f"{self.members[0]} (x{len(self.calls)}{tied})"
+
+    def path(self) -> str:
+        """The exit path: members in the order they ran (one member, or ``a|b|c`` for tied copies)."""
+        order = list(dict.fromkeys(member for _, _, member in self.calls))
+        return TIED.join(order + [m for m in self.members if m not in order])
+
+    def first_member(self) -> str:
+        return self.calls[0][2]
+
+
 def probe(model: nn.Module, input_ids: torch.Tensor | None = None) -> LoopAdapter:
-    """Run one small forward and find the modules entered more than once."""
-    calls: dict[str, list[int]] = {}
-    widths: dict[str, tuple[int | None, int | None]] = {}
+    """Run one small forward and find the modules (or tied copies) entered more than once."""
+    ids = input_ids if input_ids is not None else _probe_ids(model)
+    units, unit_of = _units(model)
     clock = [0]
-    handles = []
+    open_calls: dict[str, list[int]] = {}
 
     def make_hooks(name):
+        unit = units[unit_of[name]]
+
         def pre(module, args, kwargs):
             clock[0] += 1
-            calls.setdefault(name, []).append(clock[0])
-            first = args[0] if args else next(iter(kwargs.values()), None)
-            widths.setdefault(name, (_width(first), None))
+            open_calls.setdefault(name, []).append(clock[0])
+            if unit.in_width is None:
+                unit.in_width = _width(args[0] if args else next(iter(kwargs.values()), None))
 
         def post(module, args, output):
             clock[0] += 1
-            calls[name].append(clock[0])
+            start = open_calls[name].pop()
+            unit.calls.append((start, clock[0], name))
             state = output[0] if isinstance(output, (tuple, list)) and output else output
-            widths[name] = (widths[name][0], _width(state))
+            unit.out_width = _width(state)
 
         return pre, post
 
+    handles = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-            continue
-        pre, post = make_hooks(name)
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(module.register_forward_hook(post))
+        if name in unit_of:
+            pre, post = make_hooks(name)
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post))
     try:
-        ids = input_ids if input_ids is not None else _probe_ids(model)
-        devices = [ids.device] if ids.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            try:
-                model(input_ids=ids)
-            except TypeError:  # plain nn.Modules take the ids positionally
-                model(ids)
+        _run(model, ids)
     except Exception as exc:
         raise LoopNotFoundError(
             f"could not find the loop of {type(model).__name__}: the probe forward failed "
@@ -104,54 +139,196 @@ def probe(model: nn.Module, input_ids: torch.Tensor | None = None) -> LoopAdapte
         for handle in handles:
             handle.remove()
 
-    counts = {name: len(stamps) // 2 for name, stamps in calls.items()}
-    repeated = {name for name, n in counts.items() if n > 1}
-    outermost = sorted(
-        (name for name in repeated if not any(_is_ancestor(other, name) for other in repeated)),
-        key=lambda name: calls[name][0],
-    )
-    # Keep modules that carry a state (same width in and out); utilities such as rotary embeddings do not.
-    stateful = [n for n in outermost if widths[n][1] is not None and widths[n][1] == widths[outermost[-1]][1]] if outermost else []
-    considered = ", ".join(f"{n} (x{counts[n]})" for n in outermost) or "none entered more than once"
-    if not stateful:
+    for unit in units.values():
+        unit.calls.sort()
+    repeated = [u for u in units.values() if len(u.calls) > 1]
+    outermost = [u for u in repeated if not any(o is not u and _inside(u, o) for o in repeated)]
+    outermost.sort(key=lambda u: u.calls[0][0])
+    considered = ", ".join(u.label for u in outermost) or "none entered more than once"
+    name = type(model).__name__
+    candidates = [u for u in outermost if u.out_width is not None]
+    if not candidates:
         raise LoopNotFoundError(
-            f"no loop found in {type(model).__name__}: no module is entered more than once per forward "
+            f"no loop found in {name}: no module that returns a state is entered more than once per forward "
             f"(considered: {considered}); pass loop='dotted.module.path' if the model loops another way"
         )
-    by_count: dict[int, list[str]] = {}
-    for name in stateful:
-        by_count.setdefault(counts[name], []).append(name)
-    if len(by_count) > 1:
+
+    found = _repeating_run(_call_sequence(candidates), name, considered)
+    if found is None:
         raise LoopNotFoundError(
-            f"ambiguous loop in {type(model).__name__}: modules repeat different numbers of times ({considered}); "
-            f"pass loop= with the module whose one call is one iteration"
+            f"no loop found in {name}: modules repeat, but not one after another ({considered}); "
+            "pass loop='dotted.module.path'"
         )
-    group = next(iter(by_count.values()))
-    exit_name = max(group, key=lambda n: calls[n][-1])
-    entry_name = min(group, key=lambda n: calls[n][0])
-    in_width, hidden = widths[entry_name][0], widths[exit_name][1]
-    entry_channels = hidden if in_width and hidden and in_width != hidden and in_width % hidden == 0 else None
-    if in_width not in (hidden, None) and entry_channels is None:
-        entry_name = exit_name
+    pattern, reps = found
+    exit_unit = pattern[-1]
+    if pattern.count(exit_unit) > 1 or len(exit_unit.calls) != reps:
+        raise LoopNotFoundError(
+            f"ambiguous loop in {name}: the repeating pattern {_names(pattern)} runs {reps} times but ends in "
+            f"{exit_unit.members[0]}, which runs {len(exit_unit.calls)} times in all ({considered}); "
+            "pass loop= with the module whose one call is one iteration"
+        )
+    inner = _repeating_run(pattern, name, considered)
+    if inner is not None:  # an iteration that itself repeats a stretch back to back: a loop inside the loop
+        raise LoopNotFoundError(
+            f"nested loops in {name}: each of the {reps} iterations of {_names(pattern)} runs "
+            f"{_names(inner[0])} {inner[1]} times; pass loop=[outer, inner] with the two exit modules "
+            "to record both (one loop each)"
+        )
+    hidden = exit_unit.out_width
+    entry, channels = exit_unit, None
+    for unit in pattern:  # the first unit of an iteration that reads the state (or the state plus more, as Huginn)
+        if len(unit.calls) != reps * pattern.count(unit):
+            continue  # also called outside the loop: its first call would not be the first iteration's
+        if unit.in_width == hidden:
+            entry = unit
+            break
+        if unit.in_width and unit.in_width > hidden and unit.in_width % hidden == 0:
+            entry, channels = unit, hidden
+            break
+    exit_path = exit_unit.path()
+    steps_from = _confirm_count(model, ids, exit_unit, reps) or f"probe forward: {reps} iterations"
     return LoopAdapter(
         family="detected",
-        loops=(LoopSpec(name="core", exit=exit_name, entry=entry_name, entry_channels=entry_channels),),
-        steps_from=f"probe forward: {counts[exit_name]} iterations",
-        notes=(f"found by a probe forward; candidates: {considered}",),
+        loops=(LoopSpec(name="core", exit=exit_path, entry=entry.first_member(), entry_channels=channels),),
+        steps_from=steps_from,
+        notes=(
+            f"found by a probe forward: iteration = {_names(pattern)}, {reps} times; candidates: {considered}",
+            *(("tied copies (shared parameter storage) count as one block: each member's call is the next "
+               "iteration",) if TIED in exit_path else ()),
+        ),
     )
+
+
+def _units(model: nn.Module) -> tuple[dict[str, _Unit], dict[str, str]]:
+    """Group the model's called modules into units: a module alone, or tied copies sharing all parameters."""
+    named = [
+        (name, module) for name, module in model.named_modules()
+        if name and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+    ]
+    by_key: dict[tuple, list[str]] = {}
+    for name, module in named:
+        params = [_storage_key(p) for p in module.parameters()]
+        if params:
+            by_key.setdefault((type(module), frozenset(params), len(params)), []).append(name)
+    units: dict[str, _Unit] = {}
+    unit_of: dict[str, str] = {}
+    for name, _ in named:
+        if name in unit_of:
+            continue
+        members = [name]
+        for group in by_key.values():
+            if name in group:
+                for other in group:  # copies are unrelated instances (a module and its only child share parameters)
+                    if other not in unit_of and not any(_related(other, m) for m in members):
+                        members.append(other)
+                break
+        units[name] = _Unit(members)
+        for member in members:
+            unit_of[member] = name
+    return units, unit_of
+
+
+def _storage_key(param: torch.Tensor):
+    if param.device.type == "meta":  # offloaded weights have no storage here; the Parameter object itself is shared
+        return ("id", id(param))
+    return (param.untyped_storage().data_ptr(), param.storage_offset(), tuple(param.shape), tuple(param.stride()))
+
+
+def _related(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _inside(unit: _Unit, other: _Unit) -> bool:
+    return any(m.startswith(o + ".") for m in unit.members for o in other.members)
+
+
+def _call_sequence(candidates: list[_Unit]) -> list[_Unit]:
+    """The candidates' calls in order, leaving out calls made from inside another candidate's call."""
+    calls = sorted((start, end, unit) for unit in candidates for start, end, _ in unit.calls)
+    sequence, outer_end = [], -1
+    for start, end, unit in calls:
+        if start > outer_end:
+            sequence.append(unit)
+            outer_end = end
+    return sequence
+
+
+def _repeating_run(sequence: list[_Unit], name: str, considered: str) -> tuple[list[_Unit], int] | None:
+    """The pattern that repeats back to back over the longest stretch of ``sequence`` (shortest pattern on a tie),
+    and how many times; None when nothing repeats back to back."""
+    best: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (-covered, period) -> [(start, reps)]
+    n = len(sequence)
+    for period in range(1, n // 2 + 1):
+        for start in range(0, n - 2 * period + 1):
+            reps = 1
+            while start + (reps + 1) * period <= n and all(
+                sequence[start + reps * period + i] is sequence[start + i] for i in range(period)
+            ):
+                reps += 1
+            if reps > 1:
+                best.setdefault((-reps * period, period), []).append((start, reps))
+    if not best:
+        return None
+    (covered, period), found = min(best.items())
+    patterns = {tuple(sequence[s: s + period]) for s, _ in found}
+    if len(patterns) > 1:
+        runs = "; ".join(f"{_names(list(p))} x{-covered // period}" for p in patterns)
+        raise LoopNotFoundError(
+            f"ambiguous loop in {name}: several stretches repeat equally long ({runs}); "
+            "pass loop= with the module whose one call is one iteration"
+        )
+    start, reps = found[0]
+    return sequence[start: start + period], reps
+
+
+def _names(pattern: list[_Unit]) -> str:
+    return "[" + ", ".join(u.members[0] for u in pattern) + "]"
+
+
+def _confirm_count(model: nn.Module, ids: torch.Tensor, exit_unit: _Unit, reps: int) -> str | None:
+    """Change each integer setting equal to the count by one and probe again: the one the count follows sets it."""
+    config = getattr(model, "config", None)
+    settings = []
+    if config is not None and hasattr(config, "to_dict"):
+        settings += [(config, "config", k) for k, v in config.to_dict().items() if type(v) is int and v == reps]
+    settings += [
+        (model, "model", k) for k, v in vars(model).items() if not k.startswith("_") and type(v) is int and v == reps
+    ]
+    members = [model.get_submodule(m) for m in exit_unit.members]
+    for owner, where, key in settings[:4]:
+        count = [0]
+        handles = [m.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1)) for m in members]
+        try:
+            setattr(owner, key, reps + 1)
+            _run(model, ids)
+        except Exception:
+            continue
+        finally:
+            setattr(owner, key, reps)
+            for handle in handles:
+                handle.remove()
+        if count[0] == reps + 1:
+            return f"{where}.{key} (a probe with {key}={reps + 1} ran {reps + 1} iterations)"
+    return None
+
+
+def _run(model: nn.Module, ids: torch.Tensor) -> None:
+    devices = [ids.device] if ids.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        try:
+            model(input_ids=ids)
+        except TypeError:  # plain nn.Modules take the ids positionally
+            model(ids)
 
 
 def _probe_ids(model: nn.Module) -> torch.Tensor:
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = torch.device("cpu")
+    for param in model.parameters():
+        if param.device.type != "meta":  # offloaded (accelerate) weights live on meta; their hooks move the inputs
+            device = param.device
+            break
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
     return torch.arange(4, device=device).remainder(vocab).unsqueeze(0)
-
-
-def _is_ancestor(parent: str, child: str) -> bool:
-    return child.startswith(parent + ".")
 
 
 def _width(value) -> int | None:

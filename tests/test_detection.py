@@ -1,0 +1,306 @@
+"""Generic loop detection on small hand-written looped models: what the probe picks, and its one-line errors.
+
+Models outside the known families are only recorded correctly if the probe finds the module whose one call is one
+iteration; a wrong pick records plausible-looking but wrong states, so every pick is checked against plain hooks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import loopscope
+from loopscope.storage.errors import LoopNotFoundError
+
+H = 8
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(H, H)
+
+    def forward(self, x):
+        return x + torch.tanh(self.lin(x))
+
+
+class Looped(nn.Module):
+    """embed -> block x steps -> head; the count is a plain attribute read in forward."""
+
+    def __init__(self, steps=3):
+        super().__init__()
+        self.steps = steps
+        self.embed, self.block, self.head = nn.Embedding(16, H), Block(), nn.Linear(H, 16)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for _ in range(self.steps):
+            x = self.block(x)
+        return self.head(x)
+
+
+class TwoBlocks(nn.Module):
+    """Two different blocks looped together: one iteration is a then b."""
+
+    def __init__(self, steps=4):
+        super().__init__()
+        self.steps = steps
+        self.embed, self.a, self.b, self.head = nn.Embedding(16, H), Block(), Block(), nn.Linear(H, 16)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for _ in range(self.steps):
+            x = self.b(self.a(x))
+        return self.head(x)
+
+
+class SharedNorm(nn.Module):
+    """A norm used before and after the loop: entered twice, but it is not the loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.block, self.head = nn.Embedding(16, H), nn.LayerNorm(H), Block(), nn.Linear(H, 16)
+
+    def forward(self, ids):
+        x = self.norm(self.embed(ids))
+        for _ in range(3):
+            x = self.block(x)
+        return self.head(self.norm(x))
+
+
+class WideEntry(nn.Module):
+    """Huginn's shape: each iteration starts with an adapter reading [state, embedding] (2H -> H)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.adapter, self.block, self.head = (
+            nn.Embedding(16, H), nn.Linear(2 * H, H), Block(), nn.Linear(H, 16))
+
+    def forward(self, ids):
+        e = self.embed(ids)
+        x = torch.zeros_like(e) + 0.5
+        for _ in range(5):
+            x = self.block(self.adapter(torch.cat([x, e], dim=-1)))
+        return self.head(x)
+
+
+class TiedCopies(nn.Module):
+    """ALBERT-style sharing written as separate instances: three copies, one Parameter each, each called once."""
+
+    def __init__(self, tied=True):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(16, H), nn.Linear(H, 16)
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        if tied:
+            for block in self.blocks[1:]:
+                block.lin.weight, block.lin.bias = self.blocks[0].lin.weight, self.blocks[0].lin.bias
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class TwoLoops(nn.Module):
+    """Two loops one after the other, three iterations each: which one is meant is the user's call."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.first, self.second, self.head = nn.Embedding(16, H), Block(), Block(), nn.Linear(H, 16)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for _ in range(3):
+            x = self.first(x)
+        for _ in range(3):
+            x = self.second(x)
+        return self.head(x)
+
+
+class Nested(nn.Module):
+    """An outer step h that runs an inner step l three times first (HRM's shape, without a known config)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.outer, self.inner, self.head = nn.Embedding(16, H), Block(), Block(), nn.Linear(H, 16)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for _ in range(2):
+            z = x
+            for _ in range(3):
+                z = self.inner(z)
+            x = self.outer(z)
+        return self.head(x)
+
+
+def _hand_capture(entry: nn.Module, exits: list[nn.Module], channels: int | None = None):
+    """Plain hooks: the entry's first input (s0) and every exit call's output, in call order."""
+    seen = {"s0": [], "states": []}
+
+    def on_entry(module, args):
+        if not seen["s0"]:
+            seen["s0"].append(args[0][..., :channels].detach().clone() if channels else args[0].detach().clone())
+
+    handles = [entry.register_forward_pre_hook(on_entry)]
+    handles += [m.register_forward_hook(lambda m, a, o: seen["states"].append(o.detach().clone())) for m in exits]
+    return seen, handles
+
+
+def _capture_and_compare(model, path, entry, exits, steps, channels=None):
+    """Capture one forward with detection, check logits, steps and every state against the hand-written hooks."""
+    ids = torch.randint(0, 16, (2, 5))
+    with torch.no_grad():
+        plain = model(ids)
+    with loopscope.attach(model, path) as cap:  # the probe runs here, before the hand-written hooks exist
+        seen, handles = _hand_capture(entry, exits, channels)
+        with torch.no_grad():
+            hooked = model(ids)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(plain, hooked)
+    assert len(seen["states"]) == steps
+    want = torch.stack(seen["s0"] + seen["states"], dim=2)
+    with loopscope.open(path) as capture:
+        for row, run in enumerate(capture.runs):
+            np.testing.assert_array_equal(run.token_ids, ids[row].numpy())
+            np.testing.assert_array_equal(run.num_steps, [steps] * 5)
+            np.testing.assert_array_equal(run.states(), want[row].numpy())
+    return cap.adapter
+
+
+def test_one_block_looped(tmp_path):
+    torch.manual_seed(0)
+    model = Looped(steps=3)
+    adapter = _capture_and_compare(model, tmp_path / "l.h5", model.block, [model.block], 3)
+    spec = adapter.loops[0]
+    assert (adapter.family, spec.exit, spec.entry, spec.entry_channels) == ("detected", "block", "block", None)
+    # the count was confirmed by a second probe with steps=4
+    assert adapter.steps_from.startswith("model.steps")
+
+
+def test_step_count_is_the_models_own(tmp_path):
+    """Detection runs once at attach; later forwards record however many iterations they run."""
+    torch.manual_seed(0)
+    model = Looped(steps=3)
+    with loopscope.attach(model, tmp_path / "n.h5"):
+        with torch.no_grad():
+            model(torch.arange(4).unsqueeze(0))
+            model.steps = 6
+            model(torch.arange(4).unsqueeze(0))
+    with loopscope.open(tmp_path / "n.h5") as capture:
+        assert [int(r.num_steps[0]) for r in capture.runs] == [3, 6]
+
+
+def test_two_blocks_looped_together(tmp_path):
+    """The iteration is a then b: b ends it (its output is the state), a's input is s0."""
+    torch.manual_seed(0)
+    model = TwoBlocks(steps=4)
+    adapter = _capture_and_compare(model, tmp_path / "ab.h5", model.a, [model.b], 4)
+    assert (adapter.loops[0].exit, adapter.loops[0].entry) == ("b", "a")
+    assert "[a, b], 4 times" in adapter.notes[0]
+
+
+def test_module_entered_outside_the_loop_is_not_the_loop(tmp_path):
+    """A norm called before and after the loop repeats too, but not back to back: the block is the loop."""
+    torch.manual_seed(0)
+    model = SharedNorm()
+    adapter = _capture_and_compare(model, tmp_path / "n.h5", model.block, [model.block], 3)
+    assert adapter.loops[0].exit == "block" and "norm (x2)" in adapter.notes[0]
+
+
+def test_wide_entry_gives_s0_from_its_first_channels(tmp_path):
+    torch.manual_seed(0)
+    model = WideEntry()
+    adapter = _capture_and_compare(model, tmp_path / "w.h5", model.adapter, [model.block], 5, channels=H)
+    spec = adapter.loops[0]
+    assert (spec.exit, spec.entry, spec.entry_channels) == ("block", "adapter", H)
+
+
+def test_tied_copies_are_one_loop(tmp_path):
+    """Separate instances sharing every parameter are one block run three times: found by shared storage."""
+    torch.manual_seed(0)
+    model = TiedCopies(tied=True)
+    adapter = _capture_and_compare(model, tmp_path / "t.h5", model.blocks[0], list(model.blocks), 3)
+    assert adapter.loops[0].exit == "blocks.0|blocks.1|blocks.2"
+    assert adapter.loops[0].entry == "blocks.0"
+    assert any("tied copies" in note for note in adapter.notes)
+
+
+def test_untied_stack_is_not_a_loop(tmp_path):
+    """The same architecture with its own weights per layer is an ordinary stack."""
+    model = TiedCopies(tied=False)
+    with pytest.raises(LoopNotFoundError, match="no loop found in TiedCopies") as info:
+        loopscope.attach(model, tmp_path / "u.h5")
+    assert "none entered more than once" in str(info.value)
+    assert not (tmp_path / "u.h5").exists()
+
+
+def test_model_without_loop(tmp_path):
+    model = nn.Sequential(nn.Embedding(10, H), nn.Linear(H, H), nn.Linear(H, 10))
+    with pytest.raises(LoopNotFoundError) as info:
+        loopscope.attach(model, tmp_path / "none.h5")
+    message = str(info.value)
+    assert message.startswith("no loop found in Sequential") and "pass loop=" in message and "\n" not in message
+
+
+def test_two_loops_are_ambiguous(tmp_path):
+    with pytest.raises(LoopNotFoundError) as info:
+        loopscope.attach(TwoLoops(), tmp_path / "two.h5")
+    message = str(info.value)
+    assert message.startswith("ambiguous loop in TwoLoops") and "\n" not in message
+    assert "[first] x3" in message and "[second] x3" in message and "pass loop=" in message
+
+
+def test_nested_loops_ask_for_both_paths(tmp_path):
+    with pytest.raises(LoopNotFoundError) as info:
+        loopscope.attach(Nested(), tmp_path / "nest.h5")
+    message = str(info.value)
+    assert message.startswith("nested loops in Nested") and "\n" not in message
+    assert "[inner, inner, inner, outer]" in message and "[inner] 3 times" in message
+
+
+def test_override_with_several_paths_records_each(tmp_path):
+    """loop=[outer, inner] on the nested model: one loop per path, each with its own step count."""
+    torch.manual_seed(0)
+    model = Nested()
+    ids = torch.randint(0, 16, (1, 4))
+    seen, handles = _hand_capture(model.inner, [model.inner])
+    with loopscope.attach(model, tmp_path / "o.h5", loop=["outer", "inner"]) as cap:
+        with torch.no_grad():
+            model(ids)
+    for handle in handles:
+        handle.remove()
+    assert [s.name for s in cap.adapter.loops] == ["outer", "inner"] and cap.adapter.family == "custom"
+    with loopscope.open(tmp_path / "o.h5") as capture:
+        (run,) = capture.runs
+        np.testing.assert_array_equal(run.steps_of("outer"), [2] * 4)
+        np.testing.assert_array_equal(run.steps_of("inner"), [6] * 4)
+        want = torch.stack(seen["s0"] + seen["states"], dim=2)[0].numpy()
+        np.testing.assert_array_equal(run.states(loop="inner"), want)
+
+
+def test_override_errors_name_what_to_do(tmp_path):
+    model = TiedCopies()
+    with pytest.raises(LoopNotFoundError, match=r"'blocks' is a ModuleList.*e\.g\. 'blocks\.2'"):
+        loopscope.attach(model, tmp_path / "e.h5", loop="blocks")
+    with pytest.raises(LoopNotFoundError, match="'blocks.7': no such module in TiedCopies; modules like it"):
+        loopscope.attach(model, tmp_path / "e.h5", loop="blocks.0|blocks.7")
+    with pytest.raises(LoopNotFoundError, match="not a module path"):
+        loopscope.attach(model, tmp_path / "e.h5", loop=[])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_probe_leaves_rng_and_model_untouched():
+    """The probe forward must not shift the caller's random stream (sampling, dropout) nor leave hooks."""
+    model = Looped()
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    loopscope.hooks.detect.probe(model)
+    assert torch.equal(torch.rand(3), expected)
+    assert model.steps == 3
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
