@@ -74,12 +74,14 @@ def info(file: Path = typer.Argument(..., help="A capture file (.h5).")):
         console.print(f"model   {meta.get('model_class', '?')} {meta.get('name_or_path', '')}".rstrip())
         console.print(f"loop    {_describe_loop(meta.get('loop_json'))}")
         console.print(f"created {meta.get('created', '?')} with loopscope {meta.get('loopscope_version', '?')}")
-        table = Table("run", "call", "tokens", "steps (min-max)", "loops", "dtype", "hidden")
+        table = Table("run", "call", "tokens", "steps (min-max)", "loops", "dtype", "hidden", "signals")
         damaged = 0
         for run in capture.runs:
             try:
-                steps = run.num_steps if run.loops else None
+                steps = run.iterations_of() if run.loops else None
                 span = f"{steps.min()}-{steps.max()}" if steps is not None and steps.size else "-"
+                if run.loops and run.step_stride > 1:
+                    span += f" (1 in {run.step_stride} kept)"
                 row = (
                     str(run.attrs.get("call", "")),
                     str(run.num_tokens),
@@ -87,10 +89,11 @@ def info(file: Path = typer.Argument(..., help="A capture file (.h5).")):
                     ",".join(run.loops),
                     run.logical_dtype() if run.loops else "-",
                     str(run.hidden_size()) if run.loops else "-",
+                    ",".join(n for loop in run.loops for n in run.signal_names(loop)) or "-",
                 )
             except LoopscopeError:  # one damaged run file must not hide the others
                 damaged += 1
-                row = ("[red]damaged[/red]", "-", "-", "-", "-", "-")
+                row = ("[red]damaged[/red]", "-", "-", "-", "-", "-", "-")
             table.add_row(str(run.index), *row)
         console.print(table)
         if damaged:
@@ -198,7 +201,7 @@ def plot(
                 title=f"{name}: {METRIC_HELP[metric]} per iteration, s* = {reference}",
             )
         elif kind == "exits":
-            steps = first.steps_of(loop)
+            steps = first.iterations_of(loop)
             if np.unique(steps).size > 1:
                 written = figures.exits(steps, out, title=f"{_run_title(first)}: steps to exit (adaptive depth)")
             else:
@@ -364,8 +367,10 @@ def _selected_runs(capture, indices: Optional[List[int]]) -> list:
 
 
 def _run_title(run) -> str:
-    steps = run.num_steps
+    steps = run.iterations_of(None) if run.loops else np.array([])
     depth = f"{int(steps.max())} steps" if steps.size else "no steps"
+    if run.loops and run.step_stride > 1:
+        depth += f", 1 in {run.step_stride} stored"
     return f"{Path(run.capture.path).name} run {run.index} ({depth})"
 
 
