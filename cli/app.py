@@ -116,6 +116,12 @@ def capture(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     mode: str = typer.Option("w-", "--mode", help="w- refuses an existing file, w overwrites, a appends runs."),
     seed: int = typer.Option(0, "--seed", help="torch seed set before each prompt (Huginn draws s0 at random)."),
+    tokens: str = typer.Option("all", "--tokens", help="Tokens to store: all, prompt or generated."),
+    step_stride: int = typer.Option(1, "--step-stride", help="Store s0, every N-th iteration and each token's last."),
+    criterion: Optional[str] = typer.Option(
+        None, "--criterion", help="Huginn adaptive exit: kl, entropy-diff, latent-diff, cosine, argmax-stability."
+    ),
+    exit_threshold: Optional[float] = typer.Option(None, "--exit-threshold", help="Threshold for --criterion."),
 ):
     """Load a model, run the prompts through it with loopscope attached, and write the capture."""
     from transformers.utils import logging as hf_logging
@@ -133,7 +139,8 @@ def capture(
     with _progress("capturing prompts", len(prompts)) as advance:
         summary = capture_prompts(
             loaded, tokenizer, prompts, out, steps=steps, max_new_tokens=max_new_tokens, mode=mode, seed=seed,
-            on_prompt=lambda i: advance(1),
+            on_prompt=lambda i: advance(1), criterion=criterion, exit_threshold=exit_threshold,
+            tokens=tokens, step_stride=step_stride,
         )
     console.print(
         f"wrote [bold]{summary.path}[/bold]: {summary.prompts} prompt(s), {summary.tokens} tokens, on {summary.device}"

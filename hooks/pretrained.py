@@ -86,14 +86,25 @@ def capture_prompts(
     mode: str = "w-",
     seed: int | None = 0,
     on_prompt: Callable[[int], None] | None = None,
+    criterion: str | None = None,
+    exit_threshold: float | None = None,
+    **capture_options,
 ) -> CaptureSummary:
     """Record every prompt (one run each) into ``out``; ``steps`` becomes the model's ``num_steps`` argument.
 
     ``seed`` reseeds torch before each prompt, so a capture of a model with a random initial state (Huginn draws
-    s0 at random) can be repeated exactly; None leaves the RNG alone.
+    s0 at random) can be repeated exactly; None leaves the RNG alone. ``criterion`` / ``exit_threshold`` switch on
+    Huginn's adaptive exit in ``generate()``; ``capture_options`` go to :func:`attach` (``tokens``, ``step_stride``).
     """
     check_counts(steps, max_new_tokens)
     extra = {}
+    if criterion is not None or exit_threshold is not None:
+        if not max_new_tokens or not hasattr(model, "generate_with_adaptive_compute"):
+            raise LoopscopeError(
+                "--criterion/--exit-threshold need a model with Huginn's adaptive generate and --max-new-tokens > 0"
+            )
+        extra["criterion"] = criterion or "kl"
+        extra["exit_threshold"] = "auto" if exit_threshold is None else exit_threshold
     if steps is not None:
         if "num_steps" not in inspect.signature(model.forward).parameters:
             raise LoopscopeError(
@@ -103,7 +114,7 @@ def capture_prompts(
         extra["num_steps"] = steps
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with attach(model, out, tokenizer=tokenizer, mode=mode) as capture:
+    with attach(model, out, tokenizer=tokenizer, mode=mode, **capture_options) as capture:
         for i, prompt in enumerate(prompts):
             encoded = tokenizer(prompt, return_tensors="pt")
             ids = encoded.input_ids.to(device)

@@ -139,6 +139,20 @@ def test_cli_capture_a_saved_model(reference_model, tokenizer, tmp_path):
     _ok(["capture", model_dir, "--prompt", "Just one forward.", "--out", forward_only])
     with loopscope.open(forward_only) as capture:
         assert capture.runs[0].attrs["call"] == "forward"
+    # adaptive exit, generated tokens only, every 2nd iteration: the same as attach() with those options
+    adaptive = tmp_path / "adaptive.h5"
+    _ok(["capture", model_dir, "--prompt", "Hello loop.", "--steps", "12", "--max-new-tokens", "4", "--out", adaptive,
+         "--criterion", "kl", "--exit-threshold", "1e-4", "--tokens", "generated", "--step-stride", "2"])
+    by_hand = tmp_path / "adaptive-hand.h5"
+    with loopscope.attach(reference_model, by_hand, tokens="generated", step_stride=2):
+        torch.manual_seed(0)
+        ids = tokenizer("Hello loop.", return_tensors="pt").input_ids
+        reference_model.generate(ids, num_steps=12, max_new_tokens=4, do_sample=False, criterion="kl", exit_threshold=1e-4)
+    with loopscope.open(adaptive) as got, loopscope.open(by_hand) as want:
+        (a,), (b,) = got.runs, want.runs
+        assert a.num_tokens == 3 and a.step_stride == 2
+        np.testing.assert_array_equal(a.iterations_of(), b.iterations_of())
+        np.testing.assert_array_equal(a.states(), b.states())
 
 
 def test_cli_errors_are_one_line(capture_path, tmp_path, reference_model, tokenizer):
