@@ -51,8 +51,7 @@ def readout_params(model: nn.Module, adapter: LoopAdapter) -> dict[str, Any] | N
     if adapter.readout == "identity":
         return {"kind": "identity", "module": ""}
     module = model.get_submodule(adapter.readout)
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
+    weight, bias = _weight(module, "weight"), _weight(module, "bias")
     eps = getattr(module, "eps", None)
     if eps is None:
         eps = getattr(module, "variance_epsilon", 1e-6)
@@ -72,6 +71,18 @@ def readout_params(model: nn.Module, adapter: LoopAdapter) -> dict[str, Any] | N
         "weight": _as_numpy(weight),
         "bias": _as_numpy(bias),
     }
+
+
+def _weight(module: nn.Module, name: str):
+    """``module.<name>``; for weights offloaded by accelerate (a meta tensor on the module), the copy its hook keeps."""
+    param = getattr(module, name, None)
+    if isinstance(param, torch.Tensor) and param.device.type == "meta":
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+            weights = getattr(h, "weights_map", None)
+            if weights is not None and name in weights:
+                return weights[name]
+    return param
 
 
 def _as_numpy(param):
