@@ -94,3 +94,47 @@ def reference_recorder():
     yield make
     for recorder in recorders:
         recorder.remove()
+
+
+class ForwardRecorder:
+    """A hand-written capture for any model: per top-level forward, what chosen modules saw (cloned), in call order.
+
+    ``hooks`` maps a name to ``(module, "pre" | "post")``: "pre" keeps the first positional input (or the
+    ``hidden_states`` keyword), "post" keeps the output (its first element when it is a tuple).
+    """
+
+    def __init__(self, model, hooks):
+        self.forwards: list[dict[str, list[torch.Tensor]]] = []
+        self.handles = [model.register_forward_pre_hook(lambda m, a: self.forwards.append({n: [] for n in hooks}))]
+        for name, (module, kind) in hooks.items():
+            if kind == "pre":
+                def pre(m, args, kwargs, name=name):
+                    value = args[0] if args else kwargs.get("hidden_states")
+                    self.forwards[-1][name].append(value.detach().clone())
+
+                self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                def post(m, args, output, name=name):
+                    value = output[0] if isinstance(output, tuple) else output
+                    self.forwards[-1][name].append(value.detach().clone())
+
+                self.handles.append(module.register_forward_hook(post))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.fixture
+def forward_recorder():
+    """A factory of :class:`ForwardRecorder` whose hooks are removed when the test ends."""
+    recorders = []
+
+    def make(model, hooks):
+        recorder = ForwardRecorder(model, hooks)
+        recorders.append(recorder)
+        return recorder
+
+    yield make
+    for recorder in recorders:
+        recorder.remove()
