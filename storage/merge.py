@@ -158,7 +158,7 @@ def _plan(captures: list[CaptureFile]) -> list[tuple[int, Run]]:
     shapes: dict[str, tuple[int, str, str]] = {}  # loop -> (hidden, logical dtype, where first seen)
     plan = []
     for position, capture in enumerate(captures):
-        _check_same_model(first, capture)
+        _check_same_loops(first, capture)
         for run in capture.runs:
             try:
                 for loop in run.loops:  # reading the loops validates the run file's layout
@@ -174,10 +174,11 @@ def _plan(captures: list[CaptureFile]) -> list[tuple[int, Run]]:
             except LoopscopeError as exc:
                 raise MergeError(f"source {capture.path}: {exc}") from None
             plan.append((position, run))
+        _check_same_readout(first, capture)  # after the shapes, whose message is the clearer one
     return plan
 
 
-def _check_same_model(first: CaptureFile, other: CaptureFile) -> None:
+def _check_same_loops(first: CaptureFile, other: CaptureFile) -> None:
     if other.loop_names != first.loop_names:
         raise MergeError(
             f"{other.path} recorded loops {other.loop_names}, {first.path} {first.loop_names}; "
@@ -186,6 +187,9 @@ def _check_same_model(first: CaptureFile, other: CaptureFile) -> None:
     a, b = first.meta.get("model_class"), other.meta.get("model_class")
     if a != b:
         raise MergeError(f"{other.path} holds model {b}, {first.path} {a}; merge captures of one model")
+
+
+def _check_same_readout(first: CaptureFile, other: CaptureFile) -> None:
     ra, rb = first.readout, other.readout
     same = ra.kind == rb.kind and ra.eps == rb.eps and ra.weight_offset == rb.weight_offset
     for x, y in ((ra.weight, rb.weight), (ra.bias, rb.bias)):
