@@ -59,14 +59,43 @@ def heatmap(
     if d.ndim != 2 or d.size == 0:
         raise LoopscopeError("nothing to draw: the run has no tokens or no iterations")
     norm, shown, note = _log_scale(d, zeros, LogNorm)
-    n_tokens = d.shape[0]
-    labels = np.arange(n_tokens) if positions is None else np.asarray(positions)
     colour_label = f"||s - s*|| ({space} space, s* = {reference}){note}"
+    title = title or "Convergence of the latent state"
+    return _paged(plt, shown, norm, out, tokens, positions, colour_label, title, rows_per_page)
+
+
+def signal_heatmap(
+    values: np.ndarray,
+    out: str | os.PathLike,
+    *,
+    name: str,
+    tokens: list[str] | None = None,
+    positions: np.ndarray | None = None,
+    title: str | None = None,
+    rows_per_page: int = ROWS_PER_PAGE,
+) -> list[str]:
+    """A per-token, per-step signal (Ouro's exit gate, Huginn's exit criterion) on a linear colour scale, laid out
+    like the convergence heatmap; steps where nothing was recorded stay blank."""
+    plt, _ = _pyplot()
+    from matplotlib.colors import Normalize
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 2 or v.size == 0 or not np.isfinite(v).any():
+        raise LoopscopeError(f"nothing to draw: signal {name!r} has no recorded values")
+    norm = Normalize(vmin=np.nanmin(v[np.isfinite(v)]), vmax=np.nanmax(v[np.isfinite(v)]))
+    shown = np.where(np.isfinite(v), v, np.nan)
+    return _paged(plt, shown, norm, out, tokens, positions, name, title or f"Signal {name}", rows_per_page)
+
+
+def _paged(plt, shown, norm, out, tokens, positions, colour_label, title, rows_per_page) -> list[str]:
+    """Token rows in pages of ``rows_per_page`` sharing one colour scale."""
+    n_tokens = shown.shape[0]
+    labels = np.arange(n_tokens) if positions is None else np.asarray(positions)
     pages = [(start, min(start + rows_per_page, n_tokens)) for start in range(0, n_tokens, max(rows_per_page, 1))]
     figures = []
     for number, (start, stop) in enumerate(pages, 1):
         fig = _heatmap_page(plt, shown[start:stop], norm, start, tokens, labels, colour_label)
-        page_title = title or "Convergence of the latent state"
+        page_title = title
         if len(pages) > 1:
             page_title += f" (tokens {start}-{stop - 1}, page {number}/{len(pages)})"
         fig.axes[0].set_title(page_title)

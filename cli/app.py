@@ -151,7 +151,7 @@ def capture(
 @_friendly
 def plot(
     file: Path = typer.Argument(..., help="A capture file (.h5)."),
-    kind: str = typer.Option("heatmap", "--kind", help="heatmap, pca, curves, exits or compare."),
+    kind: str = typer.Option("heatmap", "--kind", help="heatmap, pca, curves, exits, compare or signal."),
     run: List[int] = typer.Option([0], "--run", help="Run index (see `loopscope info`); repeat for curves."),
     reference: str = typer.Option(
         "final", "--reference", help="s*: final (each token's last state), a run index, or FILE[:RUN]."
@@ -167,6 +167,7 @@ def plot(
     metric: str = typer.Option("distance", "--metric", help="curves: " + ", ".join(METRICS) + "."),
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="exits/pca: relative distance that counts as converged."),
     other: Optional[str] = typer.Option(None, "--other", help="compare: the second run, as a run index or FILE[:RUN]."),
+    signal: Optional[str] = typer.Option(None, "--signal", help="signal: which one (see `loopscope info`), e.g. exit_gate."),
 ):
     """Draw a figure of one run (or several, for curves): heatmap, PCA trajectories, curves, exits, compare."""
     from ..analysis import figures
@@ -206,6 +207,15 @@ def plot(
             written = figures.curves(
                 series, out, ylabel=METRIC_HELP[metric], log=metric not in ("cosine", "norm"),
                 title=f"{name}: {METRIC_HELP[metric]} per iteration, s* = {reference}",
+            )
+        elif kind == "signal":
+            names = first.signal_names(loop)
+            if signal is None and len(names) != 1:
+                raise LoopscopeError(f"--kind signal needs --signal NAME; run {first.index} has {names or 'no signals'}")
+            chosen_signal = signal or names[0]
+            written = figures.signal_heatmap(
+                first.signal(chosen_signal, loop), out, name=chosen_signal, tokens=first.tokens,
+                positions=first.positions, title=f"{_run_title(first)}: {chosen_signal} per token and step",
             )
         elif kind == "exits":
             steps = first.iterations_of(loop)
@@ -319,7 +329,7 @@ def export(
     console.print(f"wrote [bold]{out}[/bold] ({len(names)} arrays from {len(chosen)} run(s))")
 
 
-PLOT_KINDS = ("heatmap", "pca", "curves", "exits", "compare")
+PLOT_KINDS = ("heatmap", "pca", "curves", "exits", "compare", "signal")
 
 
 def _metrics(run, reference, space, loop):

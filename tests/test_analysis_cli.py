@@ -235,3 +235,24 @@ def test_cli_exits_and_curves_for_per_token_depth(reference_model, tokenizer, tm
         out = tmp_path / f"{kind}.png"
         _ok(["plot", path, "--kind", kind, "--out", out])
         assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_info_shows_the_stride_and_the_signals(reference_model, prompt_ids, tmp_path):
+    torch.manual_seed(0)
+    with loopscope.attach(reference_model, tmp_path / "i.h5", step_stride=4):
+        reference_model.generate(prompt_ids, max_new_tokens=2, num_steps=10, criterion="kl", exit_threshold=1e-4)
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "i.h5")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "(1 in 4 kept)" in result.output and "exit_value" in result.output
+
+
+def test_plot_a_signal(reference_model, prompt_ids, tmp_path):
+    torch.manual_seed(0)
+    with loopscope.attach(reference_model, tmp_path / "g.h5"):
+        reference_model.generate(prompt_ids, max_new_tokens=3, num_steps=10, criterion="kl", exit_threshold=1e-4)
+    out = tmp_path / "signal.png"
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "g.h5"), "--kind", "signal", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 10_000
+    missing = CliRunner().invoke(app, ["plot", str(tmp_path / "g.h5"), "--kind", "signal", "--signal", "gate"])
+    assert missing.exit_code == 1 and "no signal 'gate'" in missing.output and "exit_value" in missing.output

@@ -148,15 +148,3 @@ def test_stride_refused_for_nested_loops(tmp_path):
     with pytest.raises(LoopscopeError, match="nested loops"):
         loopscope.attach(model, tmp_path / "hrm.h5", step_stride=2)
 
-
-def test_info_shows_the_stride_and_the_signals(reference_model, prompt_ids, tmp_path):
-    from typer.testing import CliRunner
-
-    from loopscope.cli.app import app
-
-    torch.manual_seed(0)
-    with loopscope.attach(reference_model, tmp_path / "i.h5", step_stride=4):
-        reference_model.generate(prompt_ids, max_new_tokens=2, num_steps=10, criterion="kl", exit_threshold=1e-4)
-    result = CliRunner().invoke(app, ["info", str(tmp_path / "i.h5")], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    assert "(1 in 4 kept)" in result.output and "exit_value" in result.output
