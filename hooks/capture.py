@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..storage import capture_file, writer as w
+from ..storage import capture_file, compression as filters, writer as w
 from ..storage.buffers import HostBufferPool
 from ..storage.errors import CaptureWriteError, LoopscopeError
 from . import adaptive, distributed, metadata, selection
@@ -112,6 +112,7 @@ class Capture:
             raise LoopscopeError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
         if buffer_mb <= 0:
             raise LoopscopeError(f"buffer_mb={buffer_mb} must be positive")
+        filters.check(compression)  # an unknown filter or a missing plugin fails before any file is made
         self.model = model
         self.path = distributed.rank_path(path)  # under torchrun: one file per rank
         self.tokenizer = tokenizer
@@ -708,8 +709,9 @@ def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
 
     Options: ``tokenizer`` (stores token strings), ``loop`` (dotted module path(s) overriding detection),
     ``mode`` ("w-" refuses an existing file, "w" overwrites, "a" appends runs), ``dtype`` ("keep", "float32",
-    "float16", "bfloat16"), ``buffer_mb`` (host staging budget), ``compression`` (an h5py filter name such as
-    "gzip"), ``chunks`` ((tokens, steps) per chunk), ``locking`` (h5py file locking).
+    "float16", "bfloat16"), ``buffer_mb`` (host staging budget), ``compression`` (None, "gzip", "lzf", or with
+    ``loopscope[compress]`` "lz4", "zstd", "blosc-lz4", "bitshuffle-lz4"), ``chunks`` ((tokens, steps) per
+    chunk), ``locking`` (h5py file locking).
 
     Byte reduction, applied on the model's device before any copy: ``tokens`` ("all", "prompt", "generated", or
     positions as a slice / range / list) and ``step_stride`` (store s0, every n-th iteration and each token's last

@@ -60,7 +60,7 @@ def check_locking(locking) -> None:
 
 def _h5_kwargs(locking, cache_bytes: int | None = None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"libver": "latest"}
-    if cache_bytes:
+    if cache_bytes is not None:
         kwargs.update(rdcc_nbytes=cache_bytes, rdcc_w0=1.0)
     if locking is not None:
         kwargs["locking"] = locking
@@ -179,7 +179,10 @@ def next_run_index(path: str) -> int:
 class RunFiles:
     """Creates run files as ``.partial.h5`` and renames them into place when they complete."""
 
-    def __init__(self, index_path: str, *, locking: bool | str | None = None, cache_bytes: int = 1 << 20):
+    # No chunk cache in run files: states are written as whole chunks (storage/staging.py) and token metadata in
+    # blocks of writer.TOKEN_CHUNK, so a cache would only copy; and a chunk left dirty in it by a failed write is
+    # flushed again when HDF5 shuts down, which could crash the process at exit.
+    def __init__(self, index_path: str, *, locking: bool | str | None = None, cache_bytes: int = 0):
         self.index_path = index_path
         self.folder = runs_dir(index_path)
         self.locking = locking

@@ -16,7 +16,7 @@ from functools import cached_property
 import h5py
 import numpy as np
 
-from . import capture_file, schema
+from . import capture_file, compression, schema
 from .errors import CaptureFileError
 
 
@@ -429,6 +429,9 @@ def _check_run_layout(group: h5py.File, path: str) -> None:
     for loop, sub in group[schema.LOOPS].items():
         if not isinstance(sub, h5py.Group) or "states" not in sub or "num_steps" not in sub:
             raise CaptureFileError(f"{path}: loop {loop!r} lacks states or num_steps; damaged")
+        codec = schema.as_text(sub["states"].attrs.get("compression"))
+        if compression.needs_plugin(codec):  # importing hdf5plugin registers the filter with HDF5
+            compression.plugin(f"{path} is compressed with {codec!r}, which", CaptureFileError)
 
 
 def _text_or(value, fallback):

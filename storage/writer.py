@@ -20,12 +20,16 @@ import h5py
 import numpy as np
 import torch
 
-from . import schema
+from . import compression as filters, schema
 from .buffers import HostBufferPool
 from .capture_file import RunFiles
 from .errors import CaptureWriteError
+from .staging import ChunkBudget, ChunkStager
 
 TOKEN_CHUNK = 1024
+# Chunks being assembled (see staging.py) may hold up to this share of ``buffer_mb``, beside the pool's slabs:
+# extra host memory stays under 1.5 x buffer_mb plus HDF5's own per-file caches.
+STAGING_SHARE = 0.5
 
 
 @dataclass
@@ -154,7 +158,9 @@ class CaptureWriter:
         self._filename = layout.index_path
         self.pool = pool
         self.compression = compression
+        self._filter_options = filters.dataset_options(compression)
         self.chunk_shape = chunk_shape
+        self.staging = ChunkBudget(int(pool.budget_bytes * STAGING_SHARE))
         self.inner_steps = inner_steps or {}
         self.error: BaseException | None = None
         self.bytes_written = 0
@@ -318,41 +324,52 @@ class CaptureWriter:
         h.token_bytes_used = new_end
         return ends
 
-    def _loop_handles(self, h: _RunHandles, loop: str, hidden: int, logical_dtype: str, tokens: int, steps: int):
-        """The loop's datasets in this run, created at its first write, which also sizes their chunk cache."""
+    def _loop_handles(self, h: _RunHandles, loop: str, hidden: int, m: State, tokens: int):
+        """The loop's datasets in this run, created at its first write, whose shape picks their chunks."""
         if loop in h.loops:
             return h.loops[loop]
-        dtype = schema.stored_numpy_dtype(logical_dtype)
+        dtype = schema.stored_numpy_dtype(m.logical_dtype)
         if self.chunk_shape is not None:
             chunks = (self.chunk_shape[0], self.chunk_shape[1], hidden)
         else:
-            chunks = schema.state_chunks(hidden, dtype.itemsize)
+            chunks = schema.state_chunks(hidden, dtype.itemsize, self._steps_estimate(m), tokens)
         group = h.group[schema.LOOPS].require_group(loop)  # a signal may have created it already
-        # The chunk cache holds the chunks one write touches, twice over (a write fills them, the next finishes
-        # them), not a fixed 64 MB per run: memory stays flat however many runs are open.
-        touched = (-(-tokens // chunks[0]) + 1) * (-(-steps // chunks[1]) + 1)
-        chunk_bytes = chunks[0] * chunks[1] * hidden * dtype.itemsize
-        cache = min(max(2 * touched * chunk_bytes, 1 << 20), 64 << 20)
+        # No chunk cache: whole chunks are assembled by the stager and written once (see staging.py).
         states = group.create_dataset(
             "states",
-            shape=(h.capacity, chunks[1], hidden),
+            shape=(h.capacity, m.step + m.steps, hidden),
             maxshape=(None, None, hidden),
             dtype=dtype,
             chunks=chunks,
-            fillvalue=schema.fill_value(logical_dtype),
-            compression=self.compression,
-            rdcc_nbytes=cache,
-            rdcc_w0=1.0,
-            rdcc_nslots=max(521, 20 * (cache // chunk_bytes)),
+            fillvalue=schema.fill_value(m.logical_dtype),
+            rdcc_nbytes=0,
+            **self._filter_options,
         )
-        states.attrs["logical_dtype"] = schema.text(logical_dtype)
+        states.attrs["logical_dtype"] = schema.text(m.logical_dtype)
+        if self.compression is not None:
+            states.attrs["compression"] = schema.text(self.compression)
         num_steps = group.create_dataset(
             "num_steps", shape=(h.capacity,), maxshape=(None,), dtype=np.int32, chunks=(TOKEN_CHUNK,)
         )
+        stager = ChunkStager(
+            states, schema.fill_value(m.logical_dtype), self.staging, filtered=self.compression is not None
+        )
         h.loops[loop] = {
-            "group": group, "states": states, "num_steps": num_steps, "max_step": 0, "step_capacity": chunks[1]
+            "group": group, "states": states, "num_steps": num_steps, "max_step": 0,
+            "step_capacity": states.shape[1], "stager": stager,
         }
         return h.loops[loop]
+
+    def _steps_estimate(self, m: State) -> int | None:
+        """How many steps the loop stores, judged from a run's first write (it picks the chunk depth)."""
+        staged = m.slab.shape[2]
+        if m.step != 0:
+            return None
+        if m.steps < staged:  # the forward ended before the slab filled: these are all its steps
+            return m.steps
+        if staged > 1 and m.slab.nbytes // staged * (staged + 1) <= self.pool.max_slab_bytes():
+            return staged  # the slab was sized to the previous forward's steps, not cut by the budget
+        return None
 
     def _write_state(self, m: State) -> None:
         for event in m.ready or ():
@@ -367,21 +384,23 @@ class CaptureWriter:
         for b, run_id in enumerate(m.run_ids):
             h = self._runs[run_id]
             self._grow_tokens(h, m.offset + t)
-            loop = self._loop_handles(h, m.loop, array.shape[3], m.logical_dtype, t, m.steps)
-            if last >= loop["step_capacity"]:
+            loop = self._loop_handles(h, m.loop, array.shape[3], m, m.offset + t)
+            if last >= loop["step_capacity"]:  # grown to the steps seen, never past: no edge chunks to trim later
                 states = loop["states"]
-                chunk_steps = states.chunks[1]
-                new_steps = max(-(-(last + 1) // chunk_steps) * chunk_steps, 2 * loop["step_capacity"])
-                states.resize((states.shape[0], new_steps, states.shape[2]))
-                loop["step_capacity"] = new_steps
-            region = np.s_[m.offset : m.offset + t, m.step : last + 1, :]
-            loop["states"][region] = array[b]
+                states.resize((states.shape[0], last + 1, states.shape[2]))
+                loop["step_capacity"] = last + 1
+            loop["stager"].write(m.offset, m.step, array[b])
             loop["max_step"] = max(loop["max_step"], last)
             self.bytes_written += array[b].nbytes
 
     def _write_steps(self, m: Steps) -> None:
+        """A forward's step counts, sent after its states: its tokens are final, so their chunks can be written."""
         for b, run_id in enumerate(m.run_ids):
-            self._add_pending(self._runs[run_id], f"loops/{m.loop}", m.offset, m.num_steps[b])
+            h = self._runs[run_id]
+            self._add_pending(h, f"loops/{m.loop}", m.offset, m.num_steps[b])
+            loop = h.loops.get(m.loop)
+            if loop is not None:
+                loop["stager"].finish_tokens(m.offset + m.num_steps.shape[1])
 
     def _write_signal(self, m: Signal) -> None:
         t, k = m.values.shape[1], m.values.shape[2]
@@ -403,6 +422,8 @@ class CaptureWriter:
     def _close_runs(self, m: CloseRuns) -> None:
         for run_id in m.run_ids:
             h = self._runs.pop(run_id)
+            for loop in h.loops.values():
+                loop["stager"].flush_all()
             self._flush_pending(h)
             n = h.n_tokens
             for ds in h.token_sets.values():
@@ -429,6 +450,8 @@ class CaptureWriter:
         """Close files of runs that never completed (after a failure), leaving them marked partial."""
         for run_id, h in list(self._runs.items()):
             # Drop our dataset handles first, so none outlives its file (HDF5 can crash at exit on such orphans).
+            for loop in h.loops.values():
+                loop["stager"].drop()
             h.loops.clear()
             h.token_sets.clear()
             h.signals.clear()

@@ -1,0 +1,274 @@
+"""The writer's state write path: whole chunks assembled from the pieces that arrive, and optional compression.
+
+Writer-level tests drive ``CaptureWriter`` with the messages the hooks send, in the shapes real captures produce
+(prefill in step groups, decode one token at a time, prefills split into token blocks, forwards with different
+step counts, several runs per batch), and compare every stored value with what was sent -- NaN where nothing was.
+Capture-level tests check the same end to end on the reference model.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import loopscope
+from loopscope.storage import capture_file, compression, schema, staging, writer as w
+from loopscope.storage.buffers import HostBufferPool
+from loopscope.storage.errors import CaptureFileError, LoopscopeError
+
+PLUGIN_FILTERS = ("lz4", "zstd", "blosc-lz4", "bitshuffle-lz4")
+
+
+class Driver:
+    """Sends writer messages for one batch of runs and keeps the array each run should end up holding."""
+
+    def __init__(self, path, batch=1, hidden=16, dtype=torch.float32, budget=8 << 20, **writer_options):
+        capture_file.create_index(str(path), header={"loops": ["core"]}, readout=None)
+        self.pool = HostBufferPool(budget)
+        self.writer = w.CaptureWriter(capture_file.RunFiles(str(path)), self.pool, **writer_options)
+        self.path, self.batch, self.hidden, self.dtype = path, batch, hidden, dtype
+        self.run_ids = list(range(batch))
+        self.expected = [np.full((0, 0, hidden), np.nan, dtype=np.float32) for _ in range(batch)]
+        self.offset = 0
+        self.generator = torch.Generator().manual_seed(0)
+        self.writer.put(w.OpenRuns(self.run_ids, [{"call": "generate", "loops": ["core"]}] * batch))
+
+    def forward(self, tokens: int, steps: int, group: int | None = None, split: int | None = None) -> None:
+        """One forward: ``steps`` stored steps of ``tokens`` tokens, sent ``group`` steps per message (all tokens),
+        or, with ``split``, one step per message in blocks of ``split`` tokens (a prefill larger than a slab)."""
+        ids = np.arange(self.offset, self.offset + tokens, dtype=np.int64)[None].repeat(self.batch, 0)
+        self.writer.put(
+            w.Tokens(self.run_ids, self.offset, ids, np.ones_like(ids, dtype=np.int8), ids, 0)
+        )
+        states = torch.randn(self.batch, tokens, steps, self.hidden, generator=self.generator).to(self.dtype)
+        for b in range(self.batch):
+            self._expect(b, states[b].float().numpy())
+        if split:
+            for k in range(steps):
+                for t0 in range(0, tokens, split):
+                    piece = states[:, t0 : t0 + split, k : k + 1].clone()
+                    self.writer.put(w.State(self.run_ids, "core", self.offset + t0, k, piece, 1, self._logical()))
+        else:
+            group = group or steps
+            for k0 in range(0, steps, group):
+                k1 = min(k0 + group, steps)
+                slab = torch.zeros(self.batch, tokens, group, self.hidden, dtype=self.dtype)
+                slab[:, :, : k1 - k0] = states[:, :, k0:k1]
+                self.writer.put(w.State(self.run_ids, "core", self.offset, k0, slab, k1 - k0, self._logical()))
+        steps_array = np.full((self.batch, tokens), steps - 1, dtype=np.int32)
+        self.writer.put(w.Steps(self.run_ids, "core", self.offset, steps_array))
+        self.offset += tokens
+
+    def close(self, complete: bool = True) -> None:
+        self.writer.put(w.CloseRuns(self.run_ids, complete=complete))
+        self.writer.close()
+        self.writer.raise_if_failed()
+
+    def check(self) -> None:
+        with loopscope.open(self.path) as capture:
+            assert len(capture.runs) == self.batch
+            for run, expected in zip(capture.runs, self.expected):
+                np.testing.assert_array_equal(run.states(), expected)
+
+    def _expect(self, b: int, states: np.ndarray) -> None:
+        old = self.expected[b]
+        tokens, steps = states.shape[:2]
+        grown = np.full((self.offset + tokens, max(old.shape[1], steps), self.hidden), np.nan, dtype=np.float32)
+        grown[: old.shape[0], : old.shape[1]] = old
+        grown[self.offset :, :steps] = states
+        self.expected[b] = grown
+
+    def _logical(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+def _stored_chunks(path) -> tuple:
+    with loopscope.open(path) as capture:
+        return capture.runs[0].dataset().chunks
+
+
+@pytest.mark.parametrize("chunks", [None, (3, 2), (5, 4)])
+def test_prefill_in_step_groups_then_decode(tmp_path, chunks):
+    """A prefill sent 3 steps at a time (chunk depths 2 and 4 cut across the groups), then decoding."""
+    d = Driver(tmp_path / "c.h5", chunk_shape=chunks)
+    d.forward(tokens=11, steps=9, group=3)
+    for _ in range(13):
+        d.forward(tokens=1, steps=9)
+    d.close()
+    d.check()
+    if chunks:
+        assert _stored_chunks(d.path)[:2] == chunks
+
+
+def test_forwards_with_different_step_counts_leave_nan(tmp_path):
+    """Tokens that ran fewer steps than the run's deepest forward read NaN there (fill), never stale data."""
+    d = Driver(tmp_path / "c.h5", chunk_shape=(4, 3))
+    d.forward(tokens=6, steps=4)
+    d.forward(tokens=3, steps=8)
+    for steps in (2, 8, 5, 1, 7):
+        d.forward(tokens=1, steps=steps)
+    d.close()
+    d.check()
+    with loopscope.open(d.path) as capture:
+        assert np.isnan(capture.runs[0].states(token=0 + 0, step=6)).all()
+
+
+def test_split_prefill_one_step_per_message(tmp_path):
+    d = Driver(tmp_path / "c.h5", chunk_shape=(4, 4))
+    d.forward(tokens=21, steps=6, split=5)
+    d.forward(tokens=1, steps=6)
+    d.close()
+    d.check()
+
+
+def test_several_runs_in_a_batch(tmp_path):
+    d = Driver(tmp_path / "c.h5", batch=3, chunk_shape=(4, 2))
+    d.forward(tokens=7, steps=5, group=2)
+    for _ in range(6):
+        d.forward(tokens=1, steps=5)
+    d.close()
+    d.check()
+
+
+@pytest.mark.parametrize("budget", [1, 20_000])
+def test_budget_used_up_falls_back_to_partial_writes(tmp_path, budget):
+    """With no room to assemble chunks, rows go through HDF5's partial writes; values stay exact and the staged
+    bytes never pass the budget."""
+    d = Driver(tmp_path / "c.h5", batch=2, budget=budget, chunk_shape=(4, 3))
+    d.forward(tokens=9, steps=7, group=2)
+    for _ in range(9):
+        d.forward(tokens=1, steps=7)
+    d.close()
+    d.check()
+    assert d.writer.staging.peak <= d.writer.staging.limit
+
+
+def test_bfloat16_bits_survive_staging(tmp_path):
+    d = Driver(tmp_path / "c.h5", dtype=torch.bfloat16, chunk_shape=(4, 3))
+    d.forward(tokens=5, steps=4, group=3)
+    for _ in range(6):
+        d.forward(tokens=1, steps=4)
+    d.close()
+    d.check()  # bf16 -> float32 is exact, so equality means the bits were kept
+    with loopscope.open(d.path) as capture:
+        ds = capture.runs[0].dataset()
+        assert ds.dtype == np.uint16 and capture.runs[0].logical_dtype() == "bfloat16"
+        assert ds.fillvalue == schema.BF16_NAN_BITS
+
+
+def test_each_chunk_is_written_once_without_a_chunk_cache(tmp_path, monkeypatch):
+    stored, caches = [], []
+    original = staging.ChunkStager._store
+
+    def spy(self, key, data):
+        stored.append(key)
+        caches.append(self.ds.id.get_access_plist().get_chunk_cache()[1])
+        original(self, key, data)
+
+    monkeypatch.setattr(staging.ChunkStager, "_store", spy)
+    d = Driver(tmp_path / "c.h5", chunk_shape=(4, 3))
+    d.forward(tokens=8, steps=6, group=4)  # step groups 0-3, 4-5 cut the chunk of steps 3-5
+    for _ in range(9):
+        d.forward(tokens=1, steps=6)
+    d.close()
+    d.check()
+    # 17 tokens x 6 steps in (4, 3) chunks: 5 token blocks x 2 step blocks, each chunk written exactly once
+    assert sorted(stored) == [(t, k) for t in range(5) for k in range(2)]
+    assert set(caches) == {0}
+    with h5py.File(capture_file.RunFiles(str(d.path)).final_path(0), "r") as f:
+        assert f["loops/core/states"].id.get_num_chunks() == 10
+
+
+def test_chunk_depth_divides_the_step_count_when_known():
+    assert schema.state_chunks(1024, 4, steps=33)[1] == 11
+    assert schema.state_chunks(1024, 4, steps=9)[1] == 9
+    tokens, depth, hidden = schema.state_chunks(1024, 4)
+    assert tokens * depth * hidden * 4 <= schema.TARGET_CHUNK_BYTES and hidden == 1024
+    assert schema.state_chunks(64, 4, steps=5, tokens=3)[0] == schema.MIN_CHUNK_TOKENS
+
+
+def test_unfinished_run_is_not_completed(tmp_path):
+    d = Driver(tmp_path / "c.h5", chunk_shape=(4, 3))
+    d.forward(tokens=5, steps=4)
+    d.close(complete=False)
+    with loopscope.open(d.path) as capture:
+        assert capture.runs == [] and len(capture.incomplete_runs) == 1
+
+
+# ---- end to end on the reference model --------------------------------------------------------------------------
+
+
+def _expected_generate(recorder, steps):
+    forwards = len(recorder.states) // steps
+    rows = [
+        torch.stack([recorder.s0[f * steps]] + recorder.states[f * steps : (f + 1) * steps], dim=2)[0]
+        for f in range(forwards)
+    ]
+    return torch.cat(rows, dim=0).numpy()
+
+
+@pytest.mark.parametrize("codec", [None, "gzip", *PLUGIN_FILTERS])
+def test_capture_round_trip_exact_with_each_filter(reference_model, prompt_ids, reference_recorder, tmp_path, codec):
+    pytest.importorskip("hdf5plugin") if compression.needs_plugin(codec) else None
+    recorder = reference_recorder(reference_model)
+    path = tmp_path / "c.h5"
+    with loopscope.attach(reference_model, path, compression=codec):
+        torch.manual_seed(0)
+        reference_model.generate(prompt_ids, num_steps=5, max_new_tokens=12, do_sample=False)
+    recorder.remove()
+    with loopscope.open(path) as capture:
+        run = capture.runs[0]
+        np.testing.assert_array_equal(run.states(), _expected_generate(recorder, 5))
+        stored = run.dataset().attrs.get("compression")
+        assert (schema.as_text(stored) if stored is not None else None) == codec
+        assert capture.meta["options_json"]["compression"] == codec
+
+
+def test_capture_interrupted_by_an_exception_keeps_completed_runs(reference_model, prompt_ids, tmp_path):
+    path = tmp_path / "c.h5"
+    calls = []
+
+    def fail_on_fourth_decode(module, args, output):
+        calls.append(1)
+        if len(calls) == 4 * 3 + 3:  # prefill (3 steps) + 3 decode forwards: inside the 4th forward's loop
+            raise RuntimeError("boom")
+
+    with loopscope.attach(reference_model, path, chunks=(4, 2)):
+        with torch.no_grad():
+            reference_model(prompt_ids, num_steps=6)
+            handle = reference_model.transformer.core_block[-1].register_forward_hook(fail_on_fourth_decode)
+            with pytest.raises(RuntimeError, match="boom"):
+                reference_model.generate(prompt_ids, num_steps=3, max_new_tokens=10, do_sample=False)
+            handle.remove()
+    with loopscope.open(path) as capture:
+        (run,) = capture.runs
+        assert run.states().shape == (prompt_ids.shape[1], 7, reference_model.config.n_embd)
+        assert not np.isnan(run.states()).any()
+        assert len(capture.incomplete_runs) == 1
+
+
+def test_unknown_filter_is_a_one_line_error(reference_model, tmp_path):
+    with pytest.raises(LoopscopeError, match="compression='snappy' is not one of") as info:
+        loopscope.attach(reference_model, tmp_path / "c.h5", compression="snappy")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_missing_hdf5plugin_is_a_one_line_error_naming_the_extra(reference_model, prompt_ids, tmp_path, monkeypatch):
+    pytest.importorskip("hdf5plugin")
+    path = tmp_path / "c.h5"
+    with loopscope.attach(reference_model, path, compression="lz4"):
+        with torch.no_grad():
+            reference_model(prompt_ids, num_steps=2)
+    monkeypatch.setitem(sys.modules, "hdf5plugin", None)  # makes `import hdf5plugin` raise ImportError
+    with pytest.raises(LoopscopeError, match=r"pip install 'loopscope\[compress\]'") as info:
+        loopscope.attach(reference_model, tmp_path / "d.h5", compression="zstd")
+    assert "\n" not in str(info.value) and not (tmp_path / "d.h5").exists()
+    with loopscope.open(path) as capture:
+        with pytest.raises(CaptureFileError, match=r"'lz4'.*pip install 'loopscope\[compress\]'") as info:
+            capture.runs[0].states()
+    assert "\n" not in str(info.value)
