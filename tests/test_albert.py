@@ -30,8 +30,13 @@ def _reference(model, groups):
         lambda m, a, o: seen["mapping"].append(o.detach().clone()))]
     for g, group in enumerate(groups):
         handles.append(group.register_forward_pre_hook(lambda m, a, g=g: seen[f"in{g}"].append(a[0].detach().clone())))
-        handles.append(group.register_forward_hook(lambda m, a, o, g=g: seen[f"out{g}"].append(o.detach().clone())))
+        handles.append(group.register_forward_hook(lambda m, a, o, g=g: seen[f"out{g}"].append(_first(o))))
     return seen, handles
+
+
+def _first(output):
+    """A layer group returns its state (transformers 5) or a tuple starting with it (transformers 4)."""
+    return (output[0] if isinstance(output, tuple) else output).detach().clone()
 
 
 def _path(model, name):
