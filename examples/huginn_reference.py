@@ -934,33 +934,19 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
         token's ``latent_states`` (Huginn's warm start). Stops at ``max_new_tokens`` or when every row has emitted
         an ``eos_token_id``; finished rows are padded with ``pad_token_id`` (or their eos token).
         """
-        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        unused = config.update(**kwargs)
+        decoding = _Decoding(self, input_ids, generation_config, streamer, kwargs)
+        unused = decoding.unused
         for ignored in ("attention_mask", "use_cache", "past_key_values", "cache"):
             unused.pop(ignored, None)
-        if config.max_new_tokens is not None:
-            max_new_tokens = config.max_new_tokens
-        else:
-            max_new_tokens = (config.max_length or 20) - input_ids.shape[1]
-
-        eos = config.eos_token_id
-        eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
-        eos_ids = eos_ids.to(input_ids.device)
-        pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0].item() if len(eos_ids) else None)
-
         cache = RecurrentKVCache()
         states = None
         if continuous_compute:
             like = torch.empty(*input_ids.shape, self.config.n_embd, device=input_ids.device, dtype=self.dtype)
             states = self.initialize_state(like, scale=init_scale)
-        sequences = input_ids
-        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        for _ in range(max(max_new_tokens, 0)):
+        for _ in range(decoding.max_new_tokens):
             seen = cache.get_seq_length()
-            new_ids = sequences[:, seen:]
-            positions = torch.arange(seen, sequences.shape[1], device=sequences.device).unsqueeze(0)
+            new_ids = decoding.sequences[:, seen:]
+            positions = torch.arange(seen, decoding.sequences.shape[1], device=input_ids.device).unsqueeze(0)
             outputs = self(
                 new_ids,
                 input_states=states,
@@ -971,22 +957,11 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
                 init_scale=init_scale,
                 **unused,
             )
-            next_token = self._next_token(outputs.logits[:, -1, :], config)
-            if pad is not None:
-                next_token = torch.where(unfinished, next_token, torch.full_like(next_token, pad))
-            sequences = torch.cat([sequences, next_token[:, None]], dim=-1)
-            if streamer is not None:
-                streamer.put(next_token.cpu())
             if continuous_compute:
                 states = outputs.latent_states[:, -1:, :]
-            unfinished &= ~torch.isin(next_token, eos_ids)
-            if not unfinished.any():
+            if not decoding.append(self._next_token(outputs.logits[:, -1, :], decoding.config)):
                 break
-        if streamer is not None:
-            streamer.end()
-        if config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(sequences=sequences, **{_CACHE_FIELD: cache})
-        return sequences
+        return decoding.result(cache)
 
     # ---- adaptive compute (Huginn's per-token early exit) ------------------------------------------------------
 
@@ -1017,34 +992,23 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
         exited keeps its logits (and, with ``continuous_compute``, its state) from its exit step, while its state
         keeps being iterated with the others (those iterations fill the shared KV cache, as in Huginn).
         """
-        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        unused = config.update(**kwargs)
-        max_new_tokens = (
-            config.max_new_tokens if config.max_new_tokens is not None else (config.max_length or 20) - input_ids.shape[1]
-        )
+        decoding = _Decoding(self, input_ids, generation_config, streamer, kwargs)  # attention_mask etc.: ignored
         max_steps = int(self.config.mean_recurrence) if num_steps is None else _to_int(num_steps)
         evaluator = exit_evaluator if exit_evaluator is not None else get_adaptive_exit_evaluator(
             self, criterion, exit_threshold
         )
-        stops = _stop_ids(config, input_ids.device)
-        pad = config.pad_token_id if config.pad_token_id is not None else (int(stops[0]) if len(stops) else None)
-        del unused  # attention_mask and friends: ignored, as by Huginn
-
         batch = input_ids.shape[0]
         cache = RecurrentKVCache()
         warm = None
         if continuous_compute:  # Huginn draws the first warm state over the whole prompt
             embedded, _ = self.embed_inputs(input_ids)
             warm = self.initialize_state(embedded, scale=init_scale)
-        sequences = input_ids
-        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        for token_index in range(max(max_new_tokens, 0)):
+        unfinished = decoding.unfinished
+        for token_index in range(decoding.max_new_tokens):
             seen = cache.get_seq_length()
-            positions = torch.arange(seen, sequences.shape[1], device=sequences.device).unsqueeze(0)
+            positions = torch.arange(seen, decoding.sequences.shape[1], device=input_ids.device).unsqueeze(0)
             aux = {"position_ids": positions, "past_key_values": cache}
-            embedded, block_idx = self.embed_inputs(sequences[:, seen:], use_cache=True, **aux)
+            embedded, block_idx = self.embed_inputs(decoding.sequences[:, seen:], use_cache=True, **aux)
             x = warm if continuous_compute else self.initialize_state(embedded, scale=init_scale)
             next_warm = x[:, -1:, :].clone() if continuous_compute else None
             exited = torch.zeros(batch, dtype=torch.bool, device=x.device)
@@ -1084,20 +1048,9 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
                     next_warm[late] = x[late, -1:, :]
             if continuous_compute:
                 warm = next_warm
-            next_token = self._next_token(next_logits, config)
-            if pad is not None:
-                next_token = torch.where(unfinished, next_token, torch.full_like(next_token, pad))
-            sequences = torch.cat([sequences, next_token[:, None]], dim=-1)
-            if streamer is not None:
-                streamer.put(next_token.cpu())
-            unfinished &= ~torch.isin(next_token, stops)
-            if not unfinished.any():
+            if not decoding.append(self._next_token(next_logits, decoding.config)):
                 break
-        if streamer is not None:
-            streamer.end()
-        if config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(sequences=sequences, **{_CACHE_FIELD: cache})
-        return sequences
+        return decoding.result(cache)
 
     @torch.no_grad()
     def forward_with_adaptive_compute(
@@ -1287,10 +1240,41 @@ def get_adaptive_exit_evaluator(model, criterion: str, exit_threshold: str | flo
     return cls(int(threshold) if cls is ArgmaxStable else float(threshold))
 
 
-def _stop_ids(config: GenerationConfig, device) -> Tensor:
-    eos = config.eos_token_id
-    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    return torch.tensor(ids, dtype=torch.long, device=device)
+class _Decoding:
+    """The bookkeeping both of Huginn's own decoding loops share: the generation config and its leftover kwargs,
+    the sequences so far, which rows have finished (eos), padding of finished rows, and the streamer."""
+
+    def __init__(self, model, input_ids: Tensor, generation_config: GenerationConfig | None, streamer, kwargs: dict):
+        self.config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+        self.unused = self.config.update(**kwargs)
+        limit = self.config.max_new_tokens
+        self.max_new_tokens = max(limit if limit is not None else (self.config.max_length or 20) - input_ids.shape[1], 0)
+        eos = self.config.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.stops = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
+        self.pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else None)
+        self.sequences = input_ids
+        self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.streamer = streamer
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+    def append(self, next_token: Tensor) -> bool:
+        """Add one token per row (finished rows get the pad token); False once every row has finished."""
+        if self.pad is not None:
+            next_token = torch.where(self.unfinished, next_token, torch.full_like(next_token, self.pad))
+        self.sequences = torch.cat([self.sequences, next_token[:, None]], dim=-1)
+        if self.streamer is not None:
+            self.streamer.put(next_token.cpu())
+        self.unfinished &= ~torch.isin(next_token, self.stops)
+        return bool(self.unfinished.any())
+
+    def result(self, cache: RecurrentKVCache):
+        if self.streamer is not None:
+            self.streamer.end()
+        if self.config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=self.sequences, **{_CACHE_FIELD: cache})
+        return self.sequences
 
 
 def register() -> None:
