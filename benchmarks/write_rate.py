@@ -16,10 +16,15 @@ chunked h5py writes, run file rename. Two shapes:
            (what generate() produces after the prompt).
 
 Baselines write the same number of bytes to the same directory, no fsync (both sides end in the page cache):
-``np.ndarray.tofile`` and one h5py contiguous dataset. A third row, "h5py, same writes", issues loopscope's write
-pattern (its chunk shape, one ``dataset[...] = slab`` per iteration) from this thread with no hooks, queue or
-threads, to split loopscope's cost into "h5py doing chunked writes" and "the pipeline around them".
+``np.ndarray.tofile`` (one write call), ``os.pwrite`` of the same bytes in chunk-sized pieces, and one h5py
+contiguous dataset. Controls from this thread, with no hooks, queue or threads: "h5py whole chunks" gathers and
+writes loopscope's chunks with ``write_direct_chunk`` (the ceiling of loopscope's write path); "h5py via chunk
+cache" writes one ``dataset[:, k] = slab`` per iteration through a 64 MiB chunk cache (the write path before
+whole-chunk staging); "replay alone" runs the replayed model with nothing attached (the model side's own cost).
 Rates use the best of ``--repeats`` interleaved runs (medians shown beside them).
+
+A second table (skip with ``--no-codecs``) captures the prefill with each ``compression=`` filter, float32 and
+bfloat16 states, and reports the run file's size on disk against the states' bytes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import os
 import time
 
 import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
+import glob
+
 import h5py
 import numpy as np
 import torch
@@ -88,27 +95,86 @@ def record_states(tokens: int, record: int, steps: int) -> torch.Tensor:
     return states.repeat(1, 1, reps, 1)[:, :, :tokens].contiguous()
 
 
-def capture(model: Replay, path: str, shape: str, ids: torch.Tensor) -> None:
-    with loopscope.attach(model, path, loop="block", mode="w"):
-        if shape == "prefill":
-            model(input_ids=ids)
-        else:
-            model.generate(ids, ids.shape[1])
+def capture(model: Replay, path: str, shape: str, ids: torch.Tensor, **options) -> None:
+    with loopscope.attach(model, path, loop="block", mode="w", **options):
+        replay(model, shape, ids)
 
 
-def same_writes(path: str, states: torch.Tensor, shape: str, chunks) -> None:
-    """loopscope's write pattern without loopscope: chunked dataset, one write per iteration, this thread only."""
+def replay(model: Replay, shape: str, ids: torch.Tensor) -> None:
+    if shape == "prefill":
+        model(input_ids=ids)
+    else:
+        model.generate(ids, ids.shape[1])
+
+
+def cached_writes(path: str, states: torch.Tensor, chunks) -> None:
+    """The write path before whole-chunk staging: one write per iteration through a 64 MiB chunk cache."""
     steps1, _, tokens, hidden = states.shape
     arrays = states[:, 0].numpy()  # [steps+1, tokens, H]
     with h5py.File(path, "w", libver="latest", rdcc_nbytes=64 << 20, rdcc_w0=1.0) as f:
         ds = f.create_dataset("states", shape=(tokens, steps1, hidden), dtype=np.float32, chunks=chunks)
-        if shape == "prefill":
-            for k in range(steps1):
-                ds[:, k, :] = arrays[k]
-        else:
-            for t in range(tokens):
-                for k in range(steps1):
-                    ds[t, k, :] = arrays[k, t]
+        for k in range(steps1):
+            ds[:, k, :] = arrays[k]
+
+
+def whole_chunks(path: str, by_token: np.ndarray, chunks) -> None:
+    """loopscope's write path without the pipeline: gather each chunk into one buffer, write it directly."""
+    tokens, steps1, hidden = by_token.shape
+    ct, ck, _ = chunks
+    buffer = np.full(chunks, np.nan, dtype=by_token.dtype)
+    with h5py.File(path, "w", libver="latest", rdcc_nbytes=0) as f:
+        ds = f.create_dataset("states", shape=by_token.shape, dtype=by_token.dtype, chunks=chunks)
+        for t0 in range(0, tokens, ct):
+            for k0 in range(0, steps1, ck):
+                block = by_token[t0 : t0 + ct, k0 : k0 + ck]
+                buffer[: block.shape[0], : block.shape[1]] = block
+                ds.id.write_direct_chunk((t0, k0, 0), buffer)
+
+
+def pieces(path: str, flat: np.ndarray, piece: int) -> None:
+    """A raw sequential write of the same bytes in chunk-sized pieces (a chunked file cannot be one write call)."""
+    view = memoryview(flat).cast("B")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for start in range(0, len(view), piece):
+            os.pwrite(fd, view[start : start + piece], start)
+    finally:
+        os.close(fd)
+
+
+def codec_table(states: torch.Tensor, ids: torch.Tensor, work: str, repeats: int) -> None:
+    """Bytes on disk and write rate of a prefill capture with each filter, float32 and bfloat16 states."""
+    from loopscope.storage import compression
+
+    try:
+        compression.plugin("the codec table")
+        codecs = [None, *compression.NAMES]
+    except loopscope.LoopscopeError:
+        c.console.print("[yellow]hdf5plugin is not installed: plugin filters skipped[/yellow]")
+        codecs = [None, "gzip", "lzf"]
+    model = Replay([states])
+    nbytes = states.numel() * states.element_size()
+    path = os.path.join(work, "codec.h5")
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        logical = nbytes // (2 if dtype == "bfloat16" else 1)
+        for codec in codecs:
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                capture(model, path, "prefill", ids, compression=codec, dtype=dtype)
+                times.append(time.perf_counter() - t)
+                on_disk = sum(os.path.getsize(p) for p in glob.glob(path + ".runs/*.h5"))
+                c.clear_dir(work)
+            rows.append([dtype, codec or "none", c.fmt_bytes(on_disk), f"{logical / on_disk:.3f}",
+                         f"{logical / min(times) / c.MB:,.0f}", f"{logical / c.median(times) / c.MB:,.0f}"])
+    c.table(
+        f"compression: one prefill of the {ids.shape[1]} recorded tokens (not tiled), {c.fmt_bytes(nbytes)} of "
+        f"float32 states; best of {repeats}",
+        ["states", "compression", "run file", "states / file", "MB/s best", "MB/s median"],
+        rows,
+        caption="MB/s of the states' own bytes (bfloat16: half of float32's); attach ... close, end in the page cache",
+    )
 
 
 def main() -> None:
@@ -118,6 +184,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--record", type=int, default=None, help="prefill length actually computed (default 64)")
     p.add_argument("--repeats", type=int, default=None, help="default 5 (--small 1)")
+    p.add_argument("--no-codecs", action="store_true", help="skip the compression table")
     a = p.parse_args()
     tokens = a.tokens or (64 if a.small else 512)
     record = a.record or (16 if a.small else 64)
@@ -146,6 +213,8 @@ def main() -> None:
             written = c.states_bytes(path)
         assert written == nbytes, (written, nbytes)
         c.clear_dir(work)
+        by_token = np.ascontiguousarray(states[:, 0].numpy().transpose(1, 0, 2))  # [tokens, steps+1, H]
+        piece = int(np.prod(chunks)) * 4
 
         def timed(fn) -> float:
             t = time.perf_counter()
@@ -156,11 +225,14 @@ def main() -> None:
 
         cases = {
             "tofile": lambda: flat.tofile(path),
+            "pwrite, chunk-sized pieces": lambda: pieces(path, flat, piece),
             "h5py contiguous": lambda: h5py.File(path, "w").create_dataset("states", data=flat).file.close(),
             "loopscope prefill": lambda: capture(prefill_model, path, "prefill", ids),
-            "h5py, same writes: prefill": lambda: same_writes(path, states, "prefill", chunks),
             "loopscope decode": lambda: capture(decode_model, path, "decode", ids),
-            "h5py, same writes: decode": lambda: same_writes(path, states, "decode", chunks),
+            "h5py whole chunks": lambda: whole_chunks(path, by_token, chunks),
+            "h5py via chunk cache": lambda: cached_writes(path, states, chunks),
+            "replay alone: prefill": lambda: replay(prefill_model, "prefill", ids),
+            "replay alone: decode": lambda: replay(decode_model, "decode", ids),
         }
         for fn in cases.values():
             timed(fn)
@@ -169,7 +241,7 @@ def main() -> None:
     # Best of N: a 10 ms raw write is at the mercy of the kernel's background work on this VM (one in three took
     # 0.15 s), and the question is each writer's speed, not the machine's hiccups. Medians are shown too.
     best = {name: min(ts) for name, ts in times.items()}
-    raw = {name: nbytes / best[name] for name in ("tofile", "h5py contiguous")}
+    raw = {name: nbytes / best[name] for name in ("tofile", "pwrite, chunk-sized pieces")}
     rows = []
     for name in cases:
         rate = nbytes / best[name]
@@ -180,16 +252,21 @@ def main() -> None:
                 f"{c.median(times[name]):.3f}",
                 f"{rate / c.MB:,.0f}",
                 f"{rate / raw['tofile']:.3f}",
-                f"{rate / raw['h5py contiguous']:.3f}",
+                f"{rate / raw['pwrite, chunk-sized pieces']:.3f}",
             ]
         )
     c.table(
         f"{c.fmt_bytes(nbytes)} per run ({tokens} tokens x {steps1} states x H={hidden}, float32), loopscope's "
         f"chunks {chunks}; best of {repeats}",
-        ["writer", "best s", "median s", "MB/s", "/ tofile", "/ h5py contiguous"],
+        ["writer", "best s", "median s", "MB/s", "/ tofile", "/ pwrite pieces"],
         rows,
         caption="writes end in the page cache (no fsync); decode = one forward per token, as in generate()",
     )
+    if not a.no_codecs:
+        with c.workdir() as work:
+            # the recorded tokens only: tiled copies would hand the compressors repeats real states never have
+            real = min(record, tokens)
+            codec_table(states[:, :, :real].contiguous(), ids[:, :real], work, max(1, repeats // 2))
 
 
 if __name__ == "__main__":

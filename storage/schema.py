@@ -46,7 +46,7 @@ TARGET_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_STEPS = 4
 MAX_CHUNK_STEPS = 16
 DEFAULT_CHUNK_STEPS = 4  # when the number of steps is not known yet: little padding whatever it turns out to be
-MIN_CHUNK_TOKENS = 64
+MIN_CHUNK_TOKENS = 16
 
 
 def text(value: str) -> np.bytes_:
@@ -97,7 +97,7 @@ def fill_value(logical: str):
 
 
 def state_chunks(
-    hidden: int, itemsize: int, steps: int | None = None, tokens: int | None = None
+    hidden: int, itemsize: int, steps: int | None = None, tokens: int | None = None, more_tokens: bool = True
 ) -> tuple[int, int, int]:
     """Chunk shape (tokens, steps, hidden) for a states dataset.
 
@@ -105,8 +105,9 @@ def state_chunks(
     TARGET_CHUNK_BYTES, about square (at most MAX_CHUNK_STEPS deep), so that reading one token's trajectory and
     reading one iteration across tokens cost about the same. ``steps``, the number of stored steps when known
     (s0 included), picks a depth that divides it or nearly: HDF5 stores whole chunks, so a depth of 16 for 33
-    steps would store 48. ``tokens``, the tokens of the first write, caps the token extent (at least
-    MIN_CHUNK_TOKENS): a short forward of a small model does not store one mostly empty 1 MiB chunk.
+    steps would store 48. ``tokens``, the tokens of the first write, caps the token extent: a short run does not
+    store mostly empty 1 MiB chunks. When ``more_tokens`` may follow (generate), the cap is at least
+    MIN_CHUNK_TOKENS, rounded up to a power of two.
     """
     row = max(hidden * itemsize, 1)
     rows = max(TARGET_CHUNK_BYTES // row, 1)
@@ -117,6 +118,8 @@ def state_chunks(
     else:
         depth = min(depth, DEFAULT_CHUNK_STEPS)
     extent = max(rows // depth, 1)
-    if tokens:
+    if tokens and more_tokens:
         extent = min(extent, max(MIN_CHUNK_TOKENS, 1 << (int(tokens) - 1).bit_length()))
+    elif tokens:
+        extent = min(extent, int(tokens))
     return extent, depth, hidden

@@ -115,6 +115,7 @@ class _RunHandles:
     token_bytes: h5py.Dataset | None = None  # the tokens' utf-8 text, concatenated (no variable-length strings)
     token_bytes_used: int = 0
     signals: dict[str, dict[str, h5py.Dataset]] = field(default_factory=dict)  # loop -> signal name -> [T, K]
+    one_forward: bool = False  # a forward() run: its first forward is all its tokens
 
 
 class _Pending:
@@ -233,7 +234,7 @@ class CaptureWriter:
             group = self.layout.create_run(run_id)
             group.attrs.update(schema.attrs_to_store(attrs))
             group.attrs["complete"] = False
-            handles = _RunHandles(group)
+            handles = _RunHandles(group, one_forward=attrs.get("call") == "forward")
             specs = {
                 "token_ids": np.int64,
                 "attention_mask": np.int8,
@@ -332,7 +333,9 @@ class CaptureWriter:
         if self.chunk_shape is not None:
             chunks = (self.chunk_shape[0], self.chunk_shape[1], hidden)
         else:
-            chunks = schema.state_chunks(hidden, dtype.itemsize, self._steps_estimate(m), tokens)
+            chunks = schema.state_chunks(
+                hidden, dtype.itemsize, self._steps_estimate(m), tokens, more_tokens=not h.one_forward
+            )
         group = h.group[schema.LOOPS].require_group(loop)  # a signal may have created it already
         # No chunk cache: whole chunks are assembled by the stager and written once (see staging.py).
         states = group.create_dataset(

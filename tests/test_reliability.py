@@ -11,7 +11,6 @@ import textwrap
 import time
 
 import numpy as np
-import pytest
 
 import loopscope
 
@@ -79,8 +78,9 @@ def test_failed_write_keeps_earlier_runs_and_detaches(tmp_path):
         assert len(capture.incomplete_runs) == 1
 
 
-@pytest.mark.xfail(strict=False, reason="after a failed HDF5 write the interpreter sometimes segfaults at exit")
 def test_process_exits_cleanly_after_failed_write(tmp_path):
+    """HDF5 used to flush chunks left dirty by the failed write again at library shutdown, and could crash there;
+    run files have no chunk cache now, so nothing is left to flush."""
     for _ in range(3):
         child = _run_child(FULL_DISK_BODY, tmp_path / "exit.h5")
         child.communicate(timeout=120)

@@ -189,6 +189,7 @@ def test_chunk_depth_divides_the_step_count_when_known():
     tokens, depth, hidden = schema.state_chunks(1024, 4)
     assert tokens * depth * hidden * 4 <= schema.TARGET_CHUNK_BYTES and hidden == 1024
     assert schema.state_chunks(64, 4, steps=5, tokens=3)[0] == schema.MIN_CHUNK_TOKENS
+    assert schema.state_chunks(64, 4, steps=5, tokens=3, more_tokens=False)[0] == 3  # a forward run: no empty rows
 
 
 def test_unfinished_run_is_not_completed(tmp_path):
