@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import h5py
 import numpy as np
 
+from ..storage import compression, schema
 from ..storage.errors import CaptureFileError, LoopscopeError
 from ..storage.reader import CaptureFile, ReadoutNorm, Run
 from . import pca as _pca
@@ -55,6 +56,7 @@ class StatesSource:
     shape: tuple[int, ...]
     dtype: np.dtype
     locking: bool | str | None = None
+    codec: str | None = None  # the states' compression filter, when it needs hdf5plugin loaded where the task runs
 
     @property
     def ndim(self) -> int:
@@ -62,6 +64,8 @@ class StatesSource:
 
     def __getitem__(self, selection) -> np.ndarray:
         kwargs = {} if self.locking is None else {"locking": self.locking}
+        if compression.needs_plugin(self.codec):  # importing hdf5plugin registers the filter in this process
+            compression.plugin(f"{self.path} is compressed with {self.codec!r}, which", CaptureFileError)
         try:
             with h5py.File(self.path, "r", **kwargs) as file:
                 return file[self.name][selection]
@@ -75,7 +79,7 @@ class _RunPlan:
 
     capture: str
     position: int
-    run: Run
+    run: Any  # the Run while planning, then its per-token data (_TokenData) once the file is closed
     loop: str
     space: str
     source: StatesSource
@@ -257,7 +261,7 @@ def _plan_runs(paths, runs, space, loop, block_bytes, locking) -> list[_RunPlan]
                 raise LoopscopeError(f"{path} has no complete runs")
             for position in positions:
                 plans.append(_plan_run(path, position, capture.run(position), space, loop, block_bytes, locking))
-                plans[-1].run = _Detached(plans[-1].run)
+                plans[-1].run = _TokenData(plans[-1].run)
     return plans
 
 
@@ -270,14 +274,16 @@ def _plan_run(path, position, run: Run, space, loop, block_bytes, locking) -> _R
     check_sources(run)  # a merged run whose sources moved would read NaN
     name = loop if loop is not None else run.loops[0]
     chunks = ds.chunks or tuple(int(c) for c in ds.attrs.get("source_chunks", ds.shape))
-    space_fn(run, space)  # the reference module's one-line error when the readout space is asked of a file without
+    space_fn(run, space)  # one-line error when space="readout" but the file stores no readout norm
     return _RunPlan(
         capture=os.fspath(path),
         position=position,
         run=run,
         loop=name,
         space=space,
-        source=StatesSource(run.path, ds.name, tuple(ds.shape), ds.dtype, locking),
+        source=StatesSource(
+            run.path, ds.name, tuple(ds.shape), ds.dtype, locking, schema.as_text(ds.attrs.get("compression"))
+        ),
         block=_token_block(ds.shape[1], ds.shape[2], block_bytes, chunks),
         bf16=run.logical_dtype(loop) == "bfloat16",
         readout=run.capture.readout if space == "readout" else None,
@@ -285,7 +291,7 @@ def _plan_run(path, position, run: Run, space, loop, block_bytes, locking) -> _R
     )
 
 
-class _Detached:
+class _TokenData:
     """The per-token data of a run, read once, so results can be labelled after the capture file is closed."""
 
     def __init__(self, run: Run):

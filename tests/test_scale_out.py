@@ -188,7 +188,7 @@ def test_dask_on_a_local_cluster_of_several_workers(study, bf16_capture):
     distributed = pytest.importorskip("distributed")
     paths = [study["merged"], bf16_capture]
     with distributed.LocalCluster(
-        n_workers=3, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+        n_workers=3, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0",
         silence_logs=50,
     ) as cluster:
         address = cluster.scheduler_address
