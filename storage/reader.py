@@ -191,6 +191,7 @@ class Run:
         self.name = schema.run_name(index)
         self.path = path
         self._group: h5py.File | None = None
+        self._sources_checked = False  # a merged run's states live in other files (virtual datasets)
 
     @property
     def group(self) -> h5py.File:
@@ -344,7 +345,13 @@ class Run:
             ds = self._loop(loop)["states"]
             if not isinstance(ds, h5py.Dataset) or ds.ndim != 3 or ds.dtype.kind not in "fu":
                 raise CaptureFileError(f"{self.path}: the states of loop {loop or self.loops[0]!r} are damaged")
-            return ds
+            virtual = ds.is_virtual
+        if virtual and not self._sources_checked:  # HDF5 would read a missing source as NaN, silently
+            from .merge import check_sources
+
+            check_sources(self)
+            self._sources_checked = True
+        return ds
 
     def logical_dtype(self, loop: str | None = None) -> str:
         ds = self.dataset(loop)

@@ -156,6 +156,10 @@ def test_merged_capture_moves_with_its_sources_and_says_when_a_source_is_missing
             check_sources(capture.runs[2])
     with pytest.raises(MergeError, match="missing; move merged captures together with their sources"):
         dd.token_metrics(merged)
+    with loopscope.open(merged) as capture:  # the streamed reader says so too, rather than reading NaN
+        np.testing.assert_array_equal(capture.runs[0].states(), expected[0])
+        with pytest.raises(MergeError, match="missing"):
+            capture.runs[2].states()
 
 
 # ---- (b) Dask analysis equals the single-process analysis -------------------------------------------------------------
