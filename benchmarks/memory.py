@@ -14,9 +14,11 @@ The model: the reference model at n_embd=256, 4 heads, intermediate 512, one cor
 states per token, cheap enough per token on a CPU to reach 1024 tokens in the time budget. Children run two at a
 time (``--jobs``): RSS is per process, and nothing here is timed.
 
-What to expect (see README.md): loopscope's extra memory is bounded, not zero -- it grows with the capture until
-HDF5's chunk cache of the open run file (64 MiB, ``RunFiles.cache_bytes``) is full, plus at most ``buffer_mb`` of
-staging slabs. naive keeps every state, and its peak is erratic on top of that: tens of thousands of small
+What to expect (see README.md): loopscope's extra memory is bounded by ``buffer_mb`` of host slabs plus half as
+much again for chunks the writer is assembling (``writer.STAGING_SHARE``; run files have no chunk cache), plus
+HDF5's own bookkeeping of the open run file, which grows by tens of bytes per token (its chunk index). The
+``--writer`` table isolates the writer from the model: synthetic decode messages, RSS sampled as tokens grow.
+naive keeps every state, and its peak is erratic on top of that: tens of thousands of small
 tensors kept alive fragment glibc's heap arenas (the OpenMP worker threads allocate in arenas of their own), so
 the same 512-token run peaked anywhere from 66 to 353 MiB over 11 processes, and 1024 tokens from 0.13 to 1.3 GiB
 over 5; ``MALLOC_ARENA_MAX=1`` or ``MALLOC_MMAP_THRESHOLD_=131072`` brings 1024 tokens back to ~130 MiB. Use
@@ -70,11 +72,20 @@ def main() -> None:
     p.add_argument("--tokens", default=None, help="comma-separated counts (default 32,128,512,1024)")
     p.add_argument("--repeats", type=int, default=None, help="processes per cell (default 1)")
     p.add_argument("--jobs", type=int, default=2, help="subprocesses at a time (default 2)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of plain,loopscope,naive")
+    p.add_argument("--writer", type=int, default=None, metavar="TOKENS",
+                   help="instead: RSS of the writer alone over TOKENS decoded tokens (no model)")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "TOKENS"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         child(a.child[0], int(a.child[1]))
         return
+    if a.writer:
+        writer_alone(a.writer)
+        return
+    variants = tuple(v for v in a.variants.split(",") if v)
+    if not variants or set(variants) - set(VARIANTS):
+        p.error(f"--variants takes a comma-separated subset of {','.join(VARIANTS)}")
     repeats = a.repeats or 1
     counts = [int(t) for t in (a.tokens or ("64" if a.small else "32,128,512,1024")).split(",")]
     c.console.print(f"[bold]loopscope memory[/bold] - {c.machine_line()}")
@@ -82,7 +93,7 @@ def main() -> None:
         f"model: n_embd={MODEL['n_embd']}, intermediate {MODEL['intermediate_size']}, 1 core block, {STEPS} steps, "
         f"prompt {PROMPT}; peak RSS growth during generate(), one fresh process per cell"
     )
-    cells = [(v, t) for t in counts for v in VARIANTS for _ in range(repeats)]
+    cells = [(v, t) for t in counts for v in variants for _ in range(repeats)]
     # Two children at a time: each measures only its own RSS, and the machine has the cores for it.
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         measured = list(pool.map(lambda cell: measure(*cell), cells))
@@ -101,17 +112,61 @@ def main() -> None:
         return f"{values[0]:.1f}-{values[-1]:.1f}"
 
     rows = []
+    extra = [v for v in variants if v != "plain"] if "plain" in variants else []
     for t in counts:
-        low = {v: mib(v, t)[0] for v in VARIANTS}
-        rows.append(
-            [t, f"{results['loopscope', t][0]['bytes'] / 2**20:.1f}"]
-            + [cell(mib(v, t)) for v in VARIANTS]
-            + [f"{low['loopscope'] - low['plain']:+.1f}", f"{low['naive'] - low['plain']:+.1f}"]
-        )
+        low = {v: mib(v, t)[0] for v in variants}
+        states = f"{t * (STEPS + 1) * MODEL['n_embd'] * 4 / 2**20:.1f}"
+        rows.append([t, states] + [cell(mib(v, t)) for v in variants] + [f"{low[v] - low['plain']:+.1f}" for v in extra])
     c.table(
         "peak RSS growth during generate(), MiB"
         + (f" (min-max over {repeats} processes per cell; differences use the minimums)" if repeats > 1 else ""),
-        ["new tokens", "states", "plain", "loopscope", "naive", "loopscope - plain", "naive - plain"],
+        ["new tokens", "states", *variants, *[f"{v} - plain" for v in extra]],
+        rows,
+    )
+
+
+def writer_alone(tokens: int) -> None:
+    """RSS of a capture writer fed decode-shaped messages (a 16-token prefill, then one token per forward, H=256,
+    33 steps), sampled every tokens/8: what loopscope's storage side holds as a capture grows, without a model."""
+    import os
+
+    import numpy as np
+    import torch
+
+    from loopscope.storage import capture_file, writer as w
+    from loopscope.storage.buffers import HostBufferPool
+
+    hidden, steps = MODEL["n_embd"], STEPS + 1
+    with c.workdir() as work:
+        path = os.path.join(work, "w.h5")
+        capture_file.create_index(path, header={"loops": ["core"]}, readout=None)
+        pool = HostBufferPool(64 << 20)
+        writer = w.CaptureWriter(capture_file.RunFiles(path), pool)
+        writer.put(w.OpenRuns([0], [{"call": "generate"}]))
+
+        def forward(offset: int, n: int) -> None:
+            ids = np.arange(offset, offset + n)[None]
+            writer.put(w.Tokens([0], offset, ids, np.ones_like(ids, dtype=np.int8), ids, 0))
+            slab = pool.acquire((1, n, steps, hidden), torch.float32)
+            slab.normal_()
+            writer.put(w.State([0], "core", offset, 0, slab, steps, "float32"))
+            writer.put(w.Steps([0], "core", offset, np.full((1, n), steps - 1, np.int32)))
+
+        forward(0, 16)
+        writer.drain()
+        rss0 = c.proc_status_kb("VmRSS")
+        rows = []
+        for n in range(1, tokens + 1):
+            forward(15 + n, 1)
+            if n % max(tokens // 8, 1) == 0:
+                writer.drain()
+                rows.append([n, f"{n * steps * hidden * 4 / 2**20:.1f}", f"{(c.proc_status_kb('VmRSS') - rss0) / 1024:+.1f}",
+                             f"{writer.staging.held / 2**20:.1f}"])
+        writer.put(w.CloseRuns([0]))
+        writer.close()
+    c.table(
+        f"the writer alone: RSS growth after a 16-token prefill, H={hidden}, {steps} states per token, MiB",
+        ["tokens", "states written", "RSS growth", "chunks being assembled"],
         rows,
     )
 

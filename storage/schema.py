@@ -107,7 +107,7 @@ def state_chunks(
     (s0 included), picks a depth that divides it or nearly: HDF5 stores whole chunks, so a depth of 16 for 33
     steps would store 48. ``tokens``, the tokens of the first write, caps the token extent: a short run does not
     store mostly empty 1 MiB chunks. When ``more_tokens`` may follow (generate), the cap is at least
-    MIN_CHUNK_TOKENS, rounded up to a power of two.
+    MIN_CHUNK_TOKENS, rounded up to a power of two; otherwise the tokens are cut into equal blocks.
     """
     row = max(hidden * itemsize, 1)
     rows = max(TARGET_CHUNK_BYTES // row, 1)
@@ -120,6 +120,6 @@ def state_chunks(
     extent = max(rows // depth, 1)
     if tokens and more_tokens:
         extent = min(extent, max(MIN_CHUNK_TOKENS, 1 << (int(tokens) - 1).bit_length()))
-    elif tokens:
-        extent = min(extent, int(tokens))
+    elif tokens:  # all the run's tokens: blocks of equal size, so the last chunk is not mostly empty
+        extent = -(-int(tokens) // -(-int(tokens) // extent))
     return extent, depth, hidden

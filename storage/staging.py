@@ -150,8 +150,11 @@ class ChunkStager:
             self.budget.give(chunk.data)
 
     def _write_whole(self, key: tuple[int, int], piece: np.ndarray) -> None:
-        """A chunk covered by one write: copied once into a contiguous buffer (or a temporary one when the budget
-        is used up) and written."""
+        """A chunk covered by one write: written from the slab itself when its rows lie there in chunk order
+        (the slab's steps are the chunk's), else copied once into a contiguous buffer and written."""
+        if self.direct and piece.flags.c_contiguous:
+            self._store(key, piece)
+            return
         buffer = self.budget.take((self.ct, self.ck, self.hidden), self.ds.dtype)
         if buffer is None:
             self._store(key, np.ascontiguousarray(piece))

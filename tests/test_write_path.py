@@ -91,9 +91,10 @@ def _stored_chunks(path) -> tuple:
         return capture.runs[0].dataset().chunks
 
 
-@pytest.mark.parametrize("chunks", [None, (3, 2), (5, 4)])
+@pytest.mark.parametrize("chunks", [None, (3, 2), (5, 4), (4, 3)])
 def test_prefill_in_step_groups_then_decode(tmp_path, chunks):
-    """A prefill sent 3 steps at a time (chunk depths 2 and 4 cut across the groups), then decoding."""
+    """A prefill sent 3 steps at a time (chunk depths 2 and 4 cut across the groups; depth 3 matches them, so
+    whole chunks are written straight from the slab), then decoding."""
     d = Driver(tmp_path / "c.h5", chunk_shape=chunks)
     d.forward(tokens=11, steps=9, group=3)
     for _ in range(13):
