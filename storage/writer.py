@@ -2,8 +2,9 @@
 
 h5py serialises every call behind one global lock, so parallel writers gain nothing; one thread fed by a bounded
 queue keeps the model's thread free of file I/O. The model side (``hooks/capture.py``) only ever puts messages;
-this thread creates one file per run, grows its datasets in large blocks, writes slabs and hands them back to the
-pool, and when the run completes trims it, closes it and renames it into place (see ``capture_file.py`` for why).
+this thread creates one file per run, grows its datasets in large blocks, turns slabs into whole chunks (see
+``staging.py``) and hands the slabs back to the pool, and when the run completes trims it, closes it and renames it
+into place (see ``capture_file.py`` for why).
 A failure here (disk full, permissions) is kept and re-raised on the model's thread at its next hook call, so the
 user sees one clear error instead of a silent gap.
 """
@@ -195,6 +196,7 @@ class CaptureWriter:
             self._queue.put(_Stop())
             self._thread.join()
         self.abandon_open_runs()
+        self.staging.clear()
 
     # ---- writer-thread side -------------------------------------------------------------------------------------
     def _loop(self) -> None:
