@@ -86,6 +86,7 @@ class ChunkStager:
         self.direct = not filtered  # no filter pipeline: a chunk's bytes are the array's bytes
         self.open: dict[tuple[int, int], _Chunk] = {}
         self.uncached: set[tuple[int, int]] = set()  # chunks on HDF5's partial-write path (budget was used up)
+        self.final_blocks = 0  # token blocks before this one are written; late rows for them must not replace them
         self.chunks_written = 0
 
     def write(self, offset: int, step: int, block: np.ndarray) -> None:
@@ -98,7 +99,7 @@ class ChunkStager:
                 b0, b1 = max(step, ki * ck), min(k_end, (ki + 1) * ck)
                 piece = block[a0 - offset : a1 - offset, b0 - step : b1 - step]
                 key = (ti, ki)
-                if key in self.uncached:
+                if key in self.uncached or ti < self.final_blocks:
                     self.ds[a0:a1, b0:b1] = piece
                     continue
                 chunk = self.open.get(key)
@@ -128,12 +129,14 @@ class ChunkStager:
             self._flush(key)
         if self.uncached:
             self.uncached = {k for k in self.uncached if k[0] >= last_block}
+        self.final_blocks = max(self.final_blocks, last_block)
 
     def flush_all(self) -> None:
         """Write every chunk still being assembled (the run ends: its last partial chunks)."""
         for key in list(self.open):
             self._flush(key)
         self.uncached.clear()
+        self.final_blocks = 1 << 62
 
     def drop(self) -> None:
         """Forget unwritten chunks (the run was abandoned after a failure)."""

@@ -148,6 +148,21 @@ def test_budget_used_up_falls_back_to_partial_writes(tmp_path, budget):
     assert d.writer.staging.peak <= d.writer.staging.limit
 
 
+def test_rows_arriving_after_their_tokens_were_finished_are_not_lost(tmp_path):
+    """The hooks send a forward's states before its step counts; should a state come later anyway, it is added to
+    the chunk already written instead of replacing it."""
+    d = Driver(tmp_path / "c.h5", chunk_shape=(4, 3))
+    d.forward(tokens=8, steps=4)
+    late = torch.randn(1, 8, 1, 16, generator=d.generator)
+    d.writer.put(w.State(d.run_ids, "core", 0, 4, late.clone(), 1, "float32"))
+    grown = np.full((8, 5, 16), np.nan, dtype=np.float32)
+    grown[:, :4] = d.expected[0]
+    grown[:, 4] = late[0, :, 0].numpy()
+    d.expected[0] = grown
+    d.close()
+    d.check()
+
+
 def test_bfloat16_bits_survive_staging(tmp_path):
     d = Driver(tmp_path / "c.h5", dtype=torch.bfloat16, chunk_shape=(4, 3))
     d.forward(tokens=5, steps=4, group=3)
