@@ -206,10 +206,15 @@ def _norm(x: np.ndarray) -> np.ndarray:
 
 
 def _token_block(n_slots: int, hidden: int, budget: int, chunks: tuple[int, ...] | None) -> int:
-    """Tokens per read: about five float64 copies of a token's trajectory fit in ``budget``, in whole chunks."""
+    """Tokens per read: about five float64 copies of a token's trajectory fit in ``budget``, in whole chunks.
+
+    A block smaller than one chunk row straddles chunks and reads each twice (the capture writes ~1 MiB chunks
+    with no chunk cache), so it is rounded up to a whole chunk row when that costs at most twice the budget."""
     per_token = max(n_slots * hidden * 8 * 5, 1)
     tokens = max(budget // per_token, 1)
     chunk_tokens = chunks[0] if chunks else 1
+    if tokens < chunk_tokens and chunk_tokens * per_token <= 2 * budget:
+        return chunk_tokens
     return max((tokens // chunk_tokens) * chunk_tokens, min(tokens, chunk_tokens), 1)
 
 
