@@ -199,6 +199,7 @@ class Capture:
                 self.path,
                 {
                     "buffer_peak_bytes": stats.peak_bytes,
+                    "staging_peak_bytes": self.writer.staging.peak,  # partial chunks the writer assembled
                     "backpressure_waits": stats.waits,
                     "backpressure_seconds": stats.wait_seconds,
                     "orphan_loop_calls": self._orphan_calls,

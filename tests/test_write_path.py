@@ -289,3 +289,17 @@ def test_missing_hdf5plugin_is_a_one_line_error_naming_the_extra(reference_model
         with pytest.raises(CaptureFileError, match=r"'lz4'.*pip install 'loopscope\[compress\]'") as info:
             capture.runs[0].states()
     assert "\n" not in str(info.value)
+
+
+def test_close_reports_the_memory_used_within_the_budget(reference_model, prompt_ids, tmp_path):
+    """Decoding stages partial chunks in the writer; the peaks of both host buffers are in the file, within
+    ``buffer_mb`` (slabs) and its staging share (chunks)."""
+    budget = 2 << 20
+    with loopscope.attach(reference_model, tmp_path / "m.h5", buffer_mb=budget / (1 << 20)):
+        torch.manual_seed(0)
+        reference_model.generate(prompt_ids, num_steps=6, max_new_tokens=12, do_sample=False)
+    with loopscope.open(tmp_path / "m.h5") as capture:
+        meta = capture.meta
+        assert 0 < meta["buffer_peak_bytes"] <= budget
+        assert 0 < meta["staging_peak_bytes"] <= budget * w.STAGING_SHARE
+        assert meta["backpressure_waits"] >= 0 and meta["orphan_loop_calls"] == 0
