@@ -40,6 +40,7 @@ class _Session:
 
     call: str
     run_ids: list[int]
+    open_message: Any = None  # OpenRuns, sent once a token is stored (a call that stores none leaves no run)
     offset: int = 0  # tokens stored so far
     forwards: int = 0
     position_offset: int = 0  # tokens computed so far (positions when the model was given none)
@@ -116,10 +117,12 @@ class Capture:
         self.model = model
         self.path = distributed.rank_path(path)  # under torchrun: one file per rank
         self.tokenizer = tokenizer
+        self._tokens = selection.TokenSelection.parse(tokens)  # bad options fail before the probe forwards
+        self._stride = selection.check_stride(step_stride)
         self.adapter = resolve_adapter(model, loop)
+        selection.check_stride_for(self._stride, self.adapter)
         self._cast = DTYPES[dtype]
-        self._tokens = selection.TokenSelection.parse(tokens)
-        self._stride = selection.check_stride(step_stride, self.adapter)
+        self._loop_dtypes: dict[str, torch.dtype] = {}  # one stored dtype per loop: the first one it recorded
         options = {
             "mode": mode,
             "dtype": dtype,
@@ -396,15 +399,10 @@ class Capture:
             call = self._call_name if self._in_call else "forward"
             run_ids = list(range(self._next_run, self._next_run + batch))
             self._next_run += batch
-            self._session = _Session(call=call, run_ids=run_ids)
-            self._put(
-                w.OpenRuns(
-                    run_ids,
-                    [{"call": call, "batch_row": b, "batch_size": batch, "loops": [s.name for s in self.adapter.loops],
-                      "step_stride": self._stride}
-                     for b in range(batch)],
-                )
-            )
+            attrs = {"call": call, "batch_size": batch, "loops": [s.name for s in self.adapter.loops],
+                     "step_stride": self._stride}
+            opening = w.OpenRuns(run_ids, [{**attrs, "batch_row": b} for b in range(batch)])
+            self._session = _Session(call=call, run_ids=run_ids, open_message=opening)
         session = self._session
         if len(session.run_ids) != batch:
             raise LoopscopeError(
@@ -412,11 +410,16 @@ class Capture:
                 "loopscope records one run per batch row and cannot follow rows being dropped"
             )
         positions = _positions_for(kwargs, batch, tokens, session.position_offset)
-        keep = self._tokens.keep(session.forwards, positions[0])
+        fed_back = bool(self._in_call) and self._call_name == "generate" and session.forwards > 0
+        indices = np.arange(session.position_offset, session.position_offset + tokens)  # the run's k-th tokens
+        keep = self._tokens.keep(fed_back, indices)
         forward = self._forward = _Forward(batch=batch, tokens=tokens, side=side, keep=keep)
         session.position_offset += tokens
         if not forward.stored:
             return
+        if session.open_message is not None:
+            self._put(session.open_message)
+            session.open_message = None
         mask = _mask_for(kwargs.get("attention_mask"), batch, tokens)
         if keep is not None:
             ids, positions, mask = ids[:, keep], positions[:, keep], mask[:, keep]
@@ -474,6 +477,10 @@ class Capture:
             for stage in self._forward.stages.values():
                 self.pool.release(stage.slab)
         session, self._session, self._forward = self._session, None, None
+        if session.open_message is not None:  # nothing was stored: no runs, and their numbers are free again
+            if self._next_run == session.run_ids[-1] + 1:
+                self._next_run = session.run_ids[0]
+            return
         self._put(w.CloseRuns(session.run_ids, complete=complete, attrs={"forwards": session.forwards}))
 
     def _entry_hook(self, spec: LoopSpec):
@@ -510,7 +517,7 @@ class Capture:
             if step % self._stride == 0:
                 self._record(spec, step // self._stride, state)
             elif isinstance(state, torch.Tensor):  # kept by reference in case it is the last step (no copy)
-                forward.final[spec.name] = (step, state.detach(), state._version)
+                forward.final[spec.name] = (step, state.detach(), _version(state))
 
         return hook
 
@@ -539,7 +546,7 @@ class Capture:
             if held is None or held[0] != forward.steps.get(spec.name, 0):
                 continue
             step, state, version = held
-            if state._version != version:
+            if _version(state) != version:
                 raise LoopscopeError(
                     f"loop {spec.exit!r} changed its last state in place after returning it, so step_stride cannot "
                     "keep it without a copy; capture with step_stride=1"
@@ -603,6 +610,7 @@ class Capture:
         state = forward.select(state)
         if self._cast is not None and state.dtype != self._cast:
             state = state.to(self._cast)
+        state = self._one_dtype(spec, state)
         logical = str(state.dtype).replace("torch.", "")
         if logical not in ("bfloat16", "float16", "float32", "float64"):
             raise LoopscopeError(f"loop {spec.exit!r} produced {logical} states; only floating point is recorded")
@@ -623,6 +631,20 @@ class Capture:
             stage = forward.stages[spec.name] = _Stage(self.pool.acquire(shape, state.dtype), step, logical)
         self._copy(stage.slab[:, :, stage.filled], state)
         stage.filled += 1
+
+    def _one_dtype(self, spec: LoopSpec, state: torch.Tensor) -> torch.Tensor:
+        """Every state of a loop is stored in one dtype, the first it recorded (s0 from float32 embeddings, then
+        float16 iterations under autocast: the iterations are widened, exactly). A wider dtype after a narrower one
+        would have to be rounded: that is an error naming the option that avoids it."""
+        pinned = self._loop_dtypes.setdefault(spec.name, state.dtype)
+        if state.dtype == pinned:
+            return state
+        if state.is_floating_point() and torch.finfo(pinned).bits > torch.finfo(state.dtype).bits:
+            return state.to(pinned)
+        raise LoopscopeError(
+            f"loop {spec.exit!r} produced {str(state.dtype).replace('torch.', '')} states after "
+            f"{str(pinned).replace('torch.', '')} ones; pass dtype='float32' to attach() to store one dtype"
+        )
 
     def _record_split(self, spec: LoopSpec, step: int, state: torch.Tensor, logical: str) -> None:
         """One step larger than a slab (a long prefill): send it in blocks of tokens, one step each."""
@@ -649,8 +671,8 @@ class Capture:
         forward = self._forward
         for loop, stage in list(forward.stages.items()):
             self._send_stage(loop, stage)
-        for name, steps in forward.steps.items():
-            self._steps_hint[name] = steps
+        for name, steps in forward.steps.items():  # slots this loop filled: s0 excluded, as the hint expects
+            self._steps_hint[name] = -(-steps // self._stride)
 
     def _copy(self, destination: torch.Tensor, state: torch.Tensor) -> None:
         """Copy into a host slab. From CUDA: on a side stream, into pinned memory, without blocking the model's
@@ -724,6 +746,11 @@ def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
     if unknown:
         raise LoopscopeError(f"attach() got unknown option(s) {sorted(unknown)}")
     return Capture(model, path, **options)
+
+
+def _version(state: torch.Tensor) -> int | None:
+    """The in-place change counter (None for inference-mode tensors, which cannot be changed in place)."""
+    return None if state.is_inference() else state._version
 
 
 def _argument(args, kwargs, where: int | str):

@@ -20,8 +20,9 @@ _NAMED = ("all", "prompt", "generated")
 
 @dataclass(frozen=True)
 class TokenSelection:
-    """``"all"``, ``"prompt"`` (a run's first forward: the prefill), ``"generated"`` (every later forward), or the
-    token positions to keep (a ``slice``, ``range`` or list of ints; positions count from the run's first token)."""
+    """``"all"``, ``"prompt"`` (the tokens the model was given), ``"generated"`` (the tokens ``generate()`` fed back
+    after the prefill), or the token indices to keep (a ``slice``, ``range`` or list of ints counting a run's
+    tokens from 0, padding included: the same tokens in every row of a batch)."""
 
     named: str | None = None
     span: slice | None = None
@@ -34,22 +35,27 @@ class TokenSelection:
                 raise LoopscopeError(f"tokens={value!r} is not one of {', '.join(_NAMED)}, a slice, or a list of positions")
             return cls(named=value)
         if isinstance(value, slice):
-            start, stop, step = value.start or 0, value.stop, value.step or 1
+            start, stop, step = (0 if value.start is None else value.start), value.stop, (1 if value.step is None else value.step)
+            if not all(isinstance(v, (int, np.integer)) for v in (start, step) + (() if stop is None else (stop,))):
+                raise LoopscopeError(f"tokens={value!r}: a slice of token indices takes integers")
             if start < 0 or (stop is not None and stop < 0) or step < 1:
-                raise LoopscopeError(f"tokens={value!r}: use non-negative positions and a positive step")
-            return cls(span=slice(start, stop, step))
+                raise LoopscopeError(f"tokens={value!r}: use non-negative token indices and a positive step")
+            return cls(span=slice(int(start), None if stop is None else int(stop), int(step)))
         if isinstance(value, range):
             return cls.parse(slice(value.start, value.stop, value.step))
-        if isinstance(value, Sequence) and all(isinstance(v, (int, np.integer)) and v >= 0 for v in value):
+        if isinstance(value, Sequence) and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in value
+        ):
             return cls(positions=frozenset(int(v) for v in value))
         raise LoopscopeError(f"tokens={value!r} is not one of {', '.join(_NAMED)}, a slice, or a list of positions")
 
-    def keep(self, forward_index: int, positions: np.ndarray) -> np.ndarray | None:
-        """Indices (into this forward's tokens) to store; None means every token."""
+    def keep(self, fed_back: bool, positions: np.ndarray) -> np.ndarray | None:
+        """Indices (into this forward's tokens) to store; None means every token. ``fed_back``: the forward decodes
+        tokens ``generate()`` produced; ``positions``: the run's token indices of this forward's tokens."""
         if self.named == "all":
             return None
         if self.named is not None:
-            wanted = (forward_index == 0) == (self.named == "prompt")
+            wanted = fed_back == (self.named == "generated")
             return None if wanted else np.empty(0, dtype=np.int64)
         if self.span is not None:
             s = self.span
@@ -65,19 +71,22 @@ class TokenSelection:
             return self.named
         if self.span is not None:
             s = self.span
-            return f"positions {s.start}:{'' if s.stop is None else s.stop}:{s.step}"
-        return "positions " + ",".join(str(p) for p in sorted(self.positions))
+            return f"token indices {s.start}:{'' if s.stop is None else s.stop}:{s.step}"
+        return "token indices " + ",".join(str(p) for p in sorted(self.positions))
 
 
-def check_stride(step_stride, adapter: LoopAdapter) -> int:
+def check_stride(step_stride) -> int:
     if isinstance(step_stride, bool) or not isinstance(step_stride, (int, np.integer)) or step_stride < 1:
         raise LoopscopeError(f"step_stride={step_stride!r} must be a positive integer (1 keeps every iteration)")
+    return int(step_stride)
+
+
+def check_stride_for(step_stride: int, adapter: LoopAdapter) -> None:
     if step_stride > 1 and any(spec.inner_steps for spec in adapter.loops):
         raise LoopscopeError(
             f"step_stride={step_stride} cannot be combined with the nested loops of {adapter.family} "
             "(their (outer, inner) labels need every step); use step_stride=1 or tokens= to save space"
         )
-    return int(step_stride)
 
 
 def slot_of(step: int, last: int, stride: int) -> int | None:

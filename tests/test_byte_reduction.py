@@ -148,3 +148,106 @@ def test_stride_refused_for_nested_loops(tmp_path):
     with pytest.raises(LoopscopeError, match="nested loops"):
         loopscope.attach(model, tmp_path / "hrm.h5", step_stride=2)
 
+
+
+def test_token_indices_are_the_same_tokens_in_every_row(reference_model, tmp_path):
+    ids = torch.tensor([[0, 0, 7, 8, 9], [5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with loopscope.attach(reference_model, tmp_path / "rows.h5", tokens=[1, 3, 6]):
+        torch.manual_seed(0)
+        out = reference_model.generate(ids, attention_mask=mask, num_steps=3, max_new_tokens=3, do_sample=False)
+    with loopscope.open(tmp_path / "rows.h5") as capture:
+        for row, run in enumerate(capture.runs):
+            np.testing.assert_array_equal(run.token_ids, out[row, [1, 3, 6]].numpy())
+            np.testing.assert_array_equal(run.attention_mask[:2], mask[row, [1, 3]].numpy())
+
+
+def test_a_call_that_stores_no_token_leaves_no_run(reference_model, prompt_ids, tmp_path):
+    with loopscope.attach(reference_model, tmp_path / "none.h5", tokens="generated") as capture:
+        with torch.no_grad():
+            reference_model(prompt_ids, num_steps=3)  # a forward() generates nothing
+        _generate(reference_model, prompt_ids, num_steps=3, max_new_tokens=3)
+    with loopscope.open(capture.path) as f:
+        (run,) = f.runs  # the generate() call, numbered 0: the forward left neither a run nor a gap
+        assert run.index == 0 and run.attrs["call"] == "generate" and run.num_tokens == 2
+
+
+def test_prompt_and_generated_in_a_token_by_token_forward(reference_model, prompt_ids, tmp_path):
+    """forward_with_adaptive_compute runs the prompt one token per group: every token is still prompt."""
+    from loopscope.examples.huginn_reference import get_adaptive_exit_evaluator
+
+    for which, expected in (("prompt", prompt_ids.shape[1]), ("generated", 0)):
+        path = tmp_path / f"{which}.h5"
+        with loopscope.attach(reference_model, path, tokens=which):
+            reference_model.forward_with_adaptive_compute(prompt_ids, get_adaptive_exit_evaluator(reference_model, "kl", 1e-3))
+        with loopscope.open(path) as capture:
+            assert sum(r.num_tokens for r in capture.runs) == expected
+
+
+def test_step_stride_under_inference_mode(reference_model, prompt_ids, reference_recorder, tmp_path):
+    recorder = reference_recorder(reference_model)
+    with loopscope.attach(reference_model, tmp_path / "inf.h5", step_stride=2), torch.inference_mode():
+        torch.manual_seed(0)
+        reference_model(prompt_ids, num_steps=5)
+    recorder.remove()
+    (full,) = _trajectories(recorder, 5)
+    with loopscope.open(tmp_path / "inf.h5") as capture:
+        np.testing.assert_array_equal(capture.runs[0].states(), full[:, [0, 2, 4, 5]].numpy())
+
+
+class _HalfBlock(torch.nn.Module):
+    """Computes in float16 whatever it is given (as under autocast); from call ``widen_from`` on it returns
+    float32."""
+
+    def __init__(self, widen_from: int | None = None):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16).half()
+        self.widen_from, self.calls = widen_from, 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = torch.tanh(self.lin(x.half()))
+        return y.float() if self.widen_from is not None and self.calls >= self.widen_from else y
+
+
+class _HalfLoop(torch.nn.Module):
+    def __init__(self, embed_dtype=torch.float32, widen_from=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 16).to(embed_dtype)
+        self.block = _HalfBlock(widen_from)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for _ in range(12):
+            x = self.block(x)
+        return x
+
+
+def test_a_loop_whose_dtype_changes_is_stored_in_one_dtype_exactly(tmp_path):
+    model = _HalfLoop()
+    ids = torch.arange(6).unsqueeze(0)
+    seen = []
+    handle = model.block.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    with loopscope.attach(model, tmp_path / "half.h5", loop="block", chunks=(1, 1)):
+        model(ids)
+    handle.remove()
+    assert seen[0].dtype == torch.float16
+    with loopscope.open(tmp_path / "half.h5") as capture:
+        run = capture.runs[0]
+        assert run.logical_dtype() == "float32"  # s0 (float32 embeddings) came first; float16 widens exactly
+        np.testing.assert_array_equal(run.states()[:, 0], model.embed(ids)[0].detach().numpy())
+        np.testing.assert_array_equal(run.states()[:, 1:], torch.stack(seen, dim=2)[0].float().numpy())
+
+
+def test_a_wider_dtype_after_a_narrower_one_is_a_one_line_error(tmp_path):
+    model = _HalfLoop(embed_dtype=torch.float16, widen_from=4)
+    with pytest.raises(LoopscopeError, match="float32 states after float16 ones; pass dtype='float32'"):
+        with loopscope.attach(model, tmp_path / "wide.h5", loop="block"):
+            model(torch.arange(6).unsqueeze(0))
+
+
+def test_bad_slices_are_one_line_errors(reference_model, tmp_path):
+    for value, needle in [(slice("a", 3), "takes integers"), (slice(0, None, 0), "positive step"), ([True], r"tokens=\[True\]")]:
+        with pytest.raises(LoopscopeError, match=needle):
+            loopscope.attach(reference_model, tmp_path / "bad.h5", tokens=value)
