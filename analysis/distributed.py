@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from ..storage import compression, schema
-from ..storage.errors import CaptureFileError, LoopscopeError
+from ..storage.errors import CaptureFileError, LoopscopeError, first_line
 from ..storage.reader import CaptureFile, ReadoutNorm, Run
 from . import pca as _pca
 from .metrics import BLOCK_BYTES, METRICS, TokenMetrics, _token_block, block_measures
@@ -70,7 +70,7 @@ class StatesSource:
             with h5py.File(self.path, "r", **kwargs) as file:
                 return file[self.name][selection]
         except (OSError, KeyError, ValueError) as exc:
-            raise CaptureFileError(f"{self.path} is damaged or unreadable ({_first_line(exc)})") from None
+            raise CaptureFileError(f"{self.path} is damaged or unreadable ({first_line(exc)})") from None
 
 
 @dataclass
@@ -235,7 +235,7 @@ def _client(scheduler):
         client = Client(scheduler, timeout=CONNECT_TIMEOUT, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
         raise LoopscopeError(
-            f"cannot reach the Dask scheduler at {scheduler} ({_first_line(exc)}); start one with `dask scheduler` "
+            f"cannot reach the Dask scheduler at {scheduler} ({first_line(exc)}); start one with `dask scheduler` "
             "or check the address"
         ) from None
     with client:
@@ -266,14 +266,11 @@ def _plan_runs(paths, runs, space, loop, block_bytes, locking) -> list[_RunPlan]
 
 
 def _plan_run(path, position, run: Run, space, loop, block_bytes, locking) -> _RunPlan:
-    from ..storage.merge import check_sources
-
     space = resolve_space(run, space)
     steps = run.steps_of(loop).astype(np.int64)  # a clear error first if the run has no such loop
-    ds = run.dataset(loop)
-    check_sources(run)  # a merged run whose sources moved would read NaN
+    ds = run.dataset(loop)  # for a merged run, also checks that every source is there (else HDF5 reads NaN)
     name = loop if loop is not None else run.loops[0]
-    chunks = ds.chunks or tuple(int(c) for c in ds.attrs.get("source_chunks", ds.shape))
+    chunks = schema.dataset_chunks(ds)
     space_fn(run, space)  # one-line error when space="readout" but the file stores no readout norm
     return _RunPlan(
         capture=os.fspath(path),
@@ -345,5 +342,3 @@ def _token_axes(centred: np.ndarray, n_components: int):
     return axes, variance, float(np.sum(centred * centred))
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

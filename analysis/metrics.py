@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..storage import schema
 from ..storage.errors import LoopscopeError
 from ..storage.reader import Run
 from .reference import open_reference_run, reference_states, resolve_space, space_fn
@@ -128,7 +129,7 @@ def token_metrics(
     with contextlib.ExitStack() as stack:
         ref = reference_states(run, open_reference_run(run, reference, stack), space, loop)
     out = {name: np.full((n_tokens, n_slots), np.nan) for name in METRICS}
-    block = _token_block(n_slots, hidden, block_bytes, ds.chunks)
+    block = _token_block(n_slots, hidden, block_bytes, schema.dataset_chunks(ds))
     for t0 in range(0, n_tokens, block):
         t1 = min(t0 + block, n_tokens)
         states = to_space(run.decode(run.read(np.s_[t0:t1], loop), loop))  # [b, K, H] float64

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from . import schema
-from .errors import CaptureFileError
+from .errors import CaptureFileError, first_line
 
 MODES = ("w-", "x", "w", "a")
 RUN_FILE = re.compile(r"^(\d{6,})(\.partial)?\.h5$")
@@ -67,8 +67,6 @@ def _h5_kwargs(locking, cache_bytes: int | None = None) -> dict[str, Any]:
     return kwargs
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def check_target(path: str | os.PathLike, mode: str = "w-", locking: bool | str | None = None) -> bool:
@@ -120,7 +118,7 @@ def create_index(
         os.makedirs(runs_dir(path), exist_ok=True)
     except OSError as exc:
         raise CaptureFileError(
-            f"cannot create {path} ({_first_line(exc)}); on a network file system try locking=False"
+            f"cannot create {path} ({first_line(exc)}); on a network file system try locking=False"
         ) from None
     return path
 

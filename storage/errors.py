@@ -24,3 +24,9 @@ class CaptureWriteError(LoopscopeError):
 class MergeError(LoopscopeError):
     """Captures cannot be merged: they differ (loops, hidden size, dtype, model), a source is missing or damaged,
     or the output already exists."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (HDF5's span many), or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from . import capture_file, schema
-from .errors import LoopscopeError, MergeError
+from .errors import LoopscopeError, MergeError, first_line
 from .reader import CaptureFile, Run
 
 #: Header fields that describe one rank's file, not the merged capture.
@@ -73,7 +73,7 @@ def merge(
                 with contextlib.suppress(OSError):
                     os.remove(path)
             if isinstance(exc, OSError):
-                raise MergeError(f"cannot write {out} ({capture_file._first_line(exc)})") from None
+                raise MergeError(f"cannot write {out} ({first_line(exc)})") from None
             raise
     size = os.path.getsize(out) + sum(os.path.getsize(p) for p, _ in capture_file.list_run_files(out).values())
     return MergeSummary(
@@ -90,22 +90,34 @@ def merge(
 def missing_sources(run: Run) -> list[str]:
     """Source files that ``run``'s virtual datasets map onto but that are not there (HDF5 would read NaN)."""
     missing: list[str] = []
-    folder = os.path.dirname(os.path.abspath(run.path))
+    _missing_below(run.group, os.path.abspath(run.path), missing, set())
+    return missing
+
+
+def _missing_below(group: h5py.Group, path: str, missing: list[str], seen: set[str]) -> None:
+    """Walk the virtual datasets of one file, and of the files they map (a merge of merges), collecting gaps."""
+    folder = os.path.dirname(path)
+    sources: list[str] = []
 
     def visit(name, obj):
         if isinstance(obj, h5py.Dataset) and obj.is_virtual:
             for mapping in obj.virtual_sources():
-                if mapping.file_name == ".":
-                    continue
-                path = os.path.join(folder, mapping.file_name)
-                if not os.path.exists(path) and path not in missing:
-                    missing.append(path)
+                if mapping.file_name != ".":
+                    sources.append(os.path.normpath(os.path.join(folder, mapping.file_name)))
 
     try:
-        run.group.visititems(visit)
+        group.visititems(visit)
+        for source in dict.fromkeys(sources):
+            if source in seen:
+                continue
+            seen.add(source)
+            if not os.path.exists(source):
+                missing.append(source)
+                continue
+            with h5py.File(source, "r") as f:
+                _missing_below(f, source, missing, seen)
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise MergeError(f"{run.path}: cannot list its virtual sources ({capture_file._first_line(exc)})") from None
-    return missing
+        raise MergeError(f"{path}: cannot list its virtual sources ({first_line(exc)})") from None
 
 
 def check_sources(run: Run) -> None:
@@ -217,7 +229,7 @@ def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
                 state_bytes += _copy_group(run.group, dst, relative)
             except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
                 raise MergeError(
-                    f"source {run.path} is damaged or unreadable ({capture_file._first_line(exc)})"
+                    f"source {run.path} is damaged or unreadable ({first_line(exc)})"
                 ) from None
             dst.attrs.update(
                 schema.attrs_to_store(
@@ -253,7 +265,7 @@ def _copy_group(src: h5py.Group, dst: h5py.Group, source_file: str) -> int:
             for key, value in obj.attrs.items():
                 virtual.attrs[key] = value
             # Virtual datasets have no chunks of their own; analysis reads in blocks aligned with the source's.
-            virtual.attrs["source_chunks"] = np.asarray(_chunks(obj), dtype=np.int64)
+            virtual.attrs["source_chunks"] = np.asarray(schema.dataset_chunks(obj), dtype=np.int64)
             mapped += obj.size * obj.dtype.itemsize
         else:  # per-token data, stored contiguous: the writer's growable chunks would be mostly empty here
             copy = dst.create_dataset(name, data=obj[()])
@@ -268,13 +280,6 @@ def _is_mapped(ds: h5py.Dataset) -> bool:
     is_state = len(parts) == 3 and parts[0] == schema.LOOPS and parts[2] == "states"
     is_signal = len(parts) == 4 and parts[0] == schema.LOOPS and parts[2] == schema.SIGNALS
     return (is_state or is_signal) and ds.size > 0
-
-
-def _chunks(ds: h5py.Dataset) -> tuple[int, ...]:
-    if ds.chunks:
-        return ds.chunks
-    stored = ds.attrs.get("source_chunks")  # a merged source: its own source's chunks
-    return tuple(int(c) for c in stored) if stored is not None else ds.shape
 
 
 def _write_index(out: str, captures: list[CaptureFile], plan, locking) -> None:

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from . import capture_file, compression, schema
-from .errors import CaptureFileError
+from .errors import CaptureFileError, first_line
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class CaptureFile:
         try:
             self._file = h5py.File(self.path, "r", **self._open_kwargs)
         except OSError as exc:
-            raise CaptureFileError(f"{self.path} is not a readable HDF5 file ({_first_line(exc)})") from None
+            raise CaptureFileError(f"{self.path} is not a readable HDF5 file ({first_line(exc)})") from None
         # Read the whole (small) index now and let go of it, so a capture still running can link its runs in.
         try:
             with _reading(self.path):
@@ -200,7 +200,7 @@ class Run:
             try:
                 self._group = h5py.File(self.path, "r", **self.capture._open_kwargs)
             except OSError as exc:
-                raise CaptureFileError(f"run file {self.path} is unreadable ({_first_line(exc)})") from None
+                raise CaptureFileError(f"run file {self.path} is unreadable ({first_line(exc)})") from None
             try:
                 with _reading(self.path):
                     _check_run_layout(self._group, self.path)
@@ -284,11 +284,9 @@ class Run:
         return int(stride)
 
     def iterations_of(self, loop: str | None = None) -> np.ndarray:
-        """Iterations each token actually ran in ``loop`` (equal to ``steps_of`` unless a step stride was used)."""
-        with _reading(self.path):
-            steps = self._loop(loop)["num_steps"][()]
-        self.steps_of(loop)  # validates the shape and range
-        return steps
+        """Iterations each token ran in ``loop``, as recorded (``steps_of`` gives stored steps; they differ with a
+        step stride; an adaptive batch row that exited between stored steps is recorded up to its last stored one)."""
+        return self._num_steps(loop)[0]
 
     def step_iterations(self, loop: str | None = None) -> np.ndarray:
         """[T, K] the iteration each stored step holds (-1 past a token's last): ``min(k * stride, iterations)``."""
@@ -301,20 +299,23 @@ class Run:
     def steps_of(self, loop: str | None) -> np.ndarray:
         """The last stored step of each token in ``loop`` (its iteration count, or with a step stride n the slot
         that holds its last iteration); checked against the stored steps, so indexing with it is safe."""
+        return self._num_steps(loop)[1]
+
+    def _num_steps(self, loop: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """(iterations as recorded, last stored step), validated against the states' shape."""
         with _reading(self.path):
             group = self._loop(loop)
-            steps = group["num_steps"][()]
+            iterations = group["num_steps"][()]
             n_tokens, n_slots = group["states"].shape[:2]
-        if steps.shape != (n_tokens,) or steps.dtype.kind not in "iu":
-            raise CaptureFileError(f"{self.path}: num_steps has shape {steps.shape} for {n_tokens} tokens; damaged")
+        if iterations.shape != (n_tokens,) or iterations.dtype.kind not in "iu":
+            raise CaptureFileError(f"{self.path}: num_steps has shape {iterations.shape} for {n_tokens} tokens; damaged")
         stride = self.step_stride
-        if stride > 1:
-            steps = -(-steps // stride)
+        steps = -(-iterations // stride) if stride > 1 else iterations
         if steps.size and (steps.min() < 0 or steps.max() >= n_slots):
             raise CaptureFileError(
                 f"{self.path}: num_steps ranges {steps.min()}..{steps.max()} but states hold steps 0..{n_slots - 1}; damaged"
             )
-        return steps
+        return iterations, steps
 
     def step_labels(self, loop: str | None = None) -> np.ndarray | None:
         """[K, D] nested-loop labels of each stored step (HRM's L loop: its (h, l) cycle), or None."""
@@ -337,6 +338,10 @@ class Run:
             ds = self._loop(loop)[schema.SIGNALS][name]
             if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.shape[0] != self.num_tokens:
                 raise CaptureFileError(f"{self.path}: signal {name!r} is damaged")
+            virtual = ds.is_virtual
+        if virtual:
+            self._check_sources_once()
+        with _reading(self.path):
             return ds[()].astype(np.float32, copy=False)
 
     def dataset(self, loop: str | None = None) -> h5py.Dataset:
@@ -346,12 +351,17 @@ class Run:
             if not isinstance(ds, h5py.Dataset) or ds.ndim != 3 or ds.dtype.kind not in "fu":
                 raise CaptureFileError(f"{self.path}: the states of loop {loop or self.loops[0]!r} are damaged")
             virtual = ds.is_virtual
-        if virtual and not self._sources_checked:  # HDF5 would read a missing source as NaN, silently
+        if virtual:
+            self._check_sources_once()
+        return ds
+
+    def _check_sources_once(self) -> None:
+        """A merged run reads other files through virtual datasets; HDF5 would read a missing one as NaN, silently."""
+        if not self._sources_checked:
             from .merge import check_sources
 
             check_sources(self)
             self._sources_checked = True
-        return ds
 
     def logical_dtype(self, loop: str | None = None) -> str:
         ds = self.dataset(loop)
@@ -455,8 +465,6 @@ def _reading(path: str):
     except CaptureFileError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
-        raise CaptureFileError(f"{path} is damaged or unreadable ({_first_line(exc)})") from None
+        raise CaptureFileError(f"{path} is damaged or unreadable ({first_line(exc)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -123,3 +123,12 @@ def state_chunks(
     elif tokens:  # all the run's tokens: blocks of equal size, so the last chunk is not mostly empty
         extent = -(-int(tokens) // -(-int(tokens) // extent))
     return extent, depth, hidden
+
+
+def dataset_chunks(ds) -> tuple[int, ...]:
+    """The chunk shape reads should align with: the dataset's own, or for a merged (virtual) dataset the chunks of
+    the source it maps (recorded by ``merge`` as ``source_chunks``); the whole shape when neither is known."""
+    if ds.chunks:
+        return ds.chunks
+    stored = ds.attrs.get("source_chunks")
+    return tuple(int(c) for c in stored) if stored is not None else ds.shape

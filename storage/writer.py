@@ -86,7 +86,8 @@ class Signal:
     values: np.ndarray  # [B, T, K] float32
 
 
-SIGNAL_CHUNK = (256, 64)
+# Small chunks (4 KiB): run files have no chunk cache, so each decoded token's signal write reads and rewrites one.
+SIGNAL_CHUNK = (64, 16)
 
 
 @dataclass

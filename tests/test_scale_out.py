@@ -162,6 +162,26 @@ def test_merged_capture_moves_with_its_sources_and_says_when_a_source_is_missing
             capture.runs[2].states()
 
 
+def test_signals_and_merges_of_merges_say_when_a_source_is_missing(tmp_path, reference_model, prompt_ids):
+    """A merged signal is mapped like the states, and a merge of a merge is checked all the way down."""
+    source = str(tmp_path / "a.h5")
+    with loopscope.attach(reference_model, source):
+        torch.manual_seed(0)
+        reference_model.generate(prompt_ids, max_new_tokens=3, num_steps=8, criterion="kl", exit_threshold=1e-4)
+    merge(str(tmp_path / "m1.h5"), [source])
+    merge(str(tmp_path / "m2.h5"), [str(tmp_path / "m1.h5")])
+    with loopscope.open(source) as a, loopscope.open(tmp_path / "m2.h5") as m2:
+        np.testing.assert_array_equal(m2.runs[0].signal("exit_value"), a.runs[0].signal("exit_value"))
+        np.testing.assert_array_equal(m2.runs[0].states(), a.runs[0].states())
+    shutil.rmtree(tmp_path / "a.h5.runs")
+    for name in ("m1.h5", "m2.h5"):
+        with loopscope.open(tmp_path / name) as merged:
+            with pytest.raises(MergeError, match=r"a\.h5\.runs.*missing"):
+                merged.runs[0].signal("exit_value")
+            with pytest.raises(MergeError, match="missing"):
+                merged.runs[0].states()
+
+
 # ---- (b) Dask analysis equals the single-process analysis -------------------------------------------------------------
 def test_dask_threads_equal_single_process_over_many_files(study, bf16_capture):
     paths = [study["merged"], study["a"], study["b"], bf16_capture]
