@@ -313,12 +313,20 @@ def _confirm_count(model: nn.Module, ids: torch.Tensor, exit_unit: _Unit, reps: 
 
 
 def _run(model: nn.Module, ids: torch.Tensor) -> None:
+    """One probe forward that leaves the model as it was: no autograd, the RNG restored, and in eval mode (a
+    training-mode forward would update batch-norm statistics), each module's own mode put back after."""
     devices = [ids.device] if ids.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        try:
-            model(input_ids=ids)
-        except TypeError:  # plain nn.Modules take the ids positionally
-            model(ids)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            try:
+                model(input_ids=ids)
+            except TypeError:  # plain nn.Modules take the ids positionally
+                model(ids)
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _probe_ids(model: nn.Module) -> torch.Tensor:

@@ -304,3 +304,29 @@ def test_probe_leaves_rng_and_model_untouched():
     assert torch.equal(torch.rand(3), expected)
     assert model.steps == 3
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class LoopedWithBatchNorm(nn.Module):
+    """A looped block with batch norm, left in training mode, as a model being trained would be."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 8)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(4))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for _ in range(3):
+            x = self.block(x)
+        return x
+
+
+def test_probe_leaves_training_statistics_and_modes_alone():
+    model = LoopedWithBatchNorm().train()
+    model.block[0].eval()  # a mixed-mode model: each module's own mode must come back
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = loopscope.hooks.detect.probe(model)
+    assert adapter.loops[0].exit == "block"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # running stats untouched
+    assert model.training and model.block.training and model.block[1].training and not model.block[0].training
