@@ -140,6 +140,7 @@ def token_metrics(
                 run=run.index, loop=p.loop, space=p.space, reference=label, num_steps=p.steps,
                 token_ids=run.token_ids, positions=run.positions, tokens=run.tokens,
                 **{name: values[:, i, :] for i, name in enumerate(METRICS)},
+                iterations=run.iterations, step_stride=run.step_stride,
             )
         )
     return out
@@ -261,7 +262,7 @@ def _plan_runs(paths, runs, space, loop, block_bytes, locking) -> list[_RunPlan]
                 raise LoopscopeError(f"{path} has no complete runs")
             for position in positions:
                 plans.append(_plan_run(path, position, capture.run(position), space, loop, block_bytes, locking))
-                plans[-1].run = _TokenData(plans[-1].run)
+                plans[-1].run = _TokenData(plans[-1].run, plans[-1].loop)
     return plans
 
 
@@ -291,11 +292,13 @@ def _plan_run(path, position, run: Run, space, loop, block_bytes, locking) -> _R
 class _TokenData:
     """The per-token data of a run, read once, so results can be labelled after the capture file is closed."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, loop: str):
         self.index = run.index
         self.token_ids = run.token_ids
         self.positions = run.positions
         self.tokens = run.tokens
+        self.iterations = run.iterations_of(loop)
+        self.step_stride = run.step_stride
 
 
 def _is_final(reference) -> bool:

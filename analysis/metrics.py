@@ -50,6 +50,21 @@ class TokenMetrics:
     step_delta: np.ndarray
     cosine: np.ndarray
     norm: np.ndarray
+    iterations: np.ndarray | None = None  # [T] as recorded; differs from num_steps only with a step stride
+    step_stride: int = 1
+
+    def step_iterations(self) -> np.ndarray:
+        """[T, K] the iteration each stored step holds (``Run.step_iterations``): k, or min(k * stride, last)."""
+        k = np.arange(self.distance.shape[1])[None, :]
+        if self.step_stride == 1 or self.iterations is None:
+            return np.broadcast_to(k, self.distance.shape)
+        return np.minimum(k * self.step_stride, self.iterations[:, None])
+
+    def convergence_iterations(self, tol: float = DEFAULT_TOL, metric: str = "relative_distance") -> np.ndarray:
+        """[T] :meth:`convergence_steps` as iterations (the same numbers unless a step stride was used); -1 if never."""
+        steps = self.convergence_steps(tol, metric)
+        mapped = self.step_iterations()[np.arange(len(steps)), np.maximum(steps, 0)]
+        return np.where(steps < 0, -1, mapped).astype(np.int64)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in METRICS:
@@ -80,23 +95,27 @@ class TokenMetrics:
     def to_csv(self, path: str | os.PathLike, *, tol: float = DEFAULT_TOL, append: bool = False) -> int:
         """Write one row per (token, step) up to each token's last step; returns the number of rows.
 
-        Columns: run, token_index, position, token_id, token, step, num_steps, every measure, and
-        ``converged_at`` (the token's :meth:`convergence_steps` at ``tol``, repeated on each of its rows).
+        Columns: run, token_index, position, token_id, token, step (stored), iteration (the same unless a step
+        stride was used), num_steps (stored), every measure, and ``converged_at`` (the token's
+        :meth:`convergence_iterations` at ``tol``, repeated on each of its rows).
         """
-        converged = self.convergence_steps(tol)
+        converged = self.convergence_iterations(tol)
+        iterations = self.step_iterations()
         rows = 0
         with open(path, "a" if append else "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             if not append or handle.tell() == 0:
                 writer.writerow(
-                    ["run", "token_index", "position", "token_id", "token", "step", "num_steps", *METRICS, "converged_at"]
+                    ["run", "token_index", "position", "token_id", "token", "step", "iteration", "num_steps", *METRICS,
+                     "converged_at"]
                 )
             columns = [self[name] for name in METRICS]
             for t in range(len(self.num_steps)):
                 token = self.tokens[t] if self.tokens is not None else ""
                 for k in range(int(self.num_steps[t]) + 1):
                     writer.writerow(
-                        [self.run, t, int(self.positions[t]), int(self.token_ids[t]), token, k, int(self.num_steps[t])]
+                        [self.run, t, int(self.positions[t]), int(self.token_ids[t]), token, k, int(iterations[t, k]),
+                         int(self.num_steps[t])]
                         + [_number(c[t, k]) for c in columns]
                         + [int(converged[t])]
                     )
@@ -148,6 +167,8 @@ def token_metrics(
         positions=run.positions,
         tokens=run.tokens,
         **out,
+        iterations=run.iterations_of(loop_name),
+        step_stride=run.step_stride,
     )
 
 

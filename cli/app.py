@@ -222,7 +222,7 @@ def plot(
             if np.unique(steps).size > 1:
                 written = figures.exits(steps, out, title=f"{_run_title(first)}: steps to exit (adaptive depth)")
             else:
-                converged = _metrics(first, ref, space, loop).convergence_steps(tol)
+                converged = _metrics(first, ref, space, loop).convergence_iterations(tol)
                 written = figures.exits(
                     converged, out, xlabel=f"First step with ||s - s*|| / ||s*|| <= {tol:g} from then on",
                     title=f"{_run_title(first)}: fixed depth {int(steps.max()) if steps.size else 0}, convergence step per token",

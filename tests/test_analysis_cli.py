@@ -76,7 +76,7 @@ def test_cli_convergence_csv(capture_path, tmp_path):
     with loopscope.open(capture_path) as capture:
         expected = sum(int(np.sum(r.num_steps + 1)) for r in capture.runs)
     lines = out.read_text().splitlines()
-    assert lines[0].startswith("run,token_index,position,token_id,token,step,num_steps,distance")
+    assert lines[0].startswith("run,token_index,position,token_id,token,step,iteration,num_steps,distance")
     assert len(lines) == expected + 1
     assert {line.split(",")[0] for line in lines[1:]} == {"0", "1"}
 

@@ -3,6 +3,8 @@ token's last; what was kept is in the file, and the stored values are exactly th
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +101,14 @@ def test_step_stride_keeps_every_nth_and_the_last(reference_model, prompt_ids, r
         # the final state is kept, so distances to s* = "final" end at exactly zero
         metrics = token_metrics(run)
         assert np.all(metrics.distance[:, len(kept) - 1] == 0)
+        # analysis labels stored steps with the iterations they hold: in arrays, convergence steps and the CSV
+        np.testing.assert_array_equal(metrics.step_iterations()[0], kept)
+        slots = metrics.convergence_steps(0.5)
+        np.testing.assert_array_equal(metrics.convergence_iterations(0.5), np.array(kept)[slots])
+        metrics.to_csv(tmp_path / "m.csv", tol=0.5)
+        rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+        assert [int(r["iteration"]) for r in rows[: len(kept)]] == kept
+        assert int(rows[0]["converged_at"]) == kept[slots[0]]
 
 
 def test_step_stride_with_adaptive_exit_keeps_each_tokens_exit_state(reference_model, prompt_ids, tmp_path):
