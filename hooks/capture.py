@@ -3,10 +3,13 @@
 Labels are the point of the product, so this module owns them:
 
 * a *run* is one batch row of one ``forward()`` call, or of one whole ``generate()`` call (prefill and every
-  decoded token in order);
+  decoded token in order), or of one call of a method the adapter names (``call_methods``, e.g. Huginn's
+  ``forward_with_adaptive_compute``);
 * within one forward of the model, the exit module's k-th call is step k of every token that forward computes;
-  step 0 is s0, read before the first iteration;
-* token ids come from the forward's ``input_ids``; positions from ``cache_position``/``position_ids``.
+  step 0 is s0, read before the first iteration. Decoding loops that bypass ``forward()`` (Huginn's adaptive
+  exit) are grouped by the adapter's ``entry_methods`` instead: each call starts the next group of tokens;
+* token ids come from the forward's ``input_ids``; positions from ``cache_position``/``position_ids``;
+* ``tokens=`` and ``step_stride=`` choose what is stored (``selection.py``), on the device, before any copy.
 
 Hooks only read tensors (detached, copied into host slabs), so the model's outputs are bit-identical with and
 without loopscope.
@@ -578,7 +581,8 @@ class Capture:
                 f"signal {signal!r} of loop {spec.name!r} has shape {tuple(value.shape)}; expected one value per "
                 f"token ({forward.batch}, {forward.tokens}) or ({forward.batch}, {forward.tokens}, 1)"
             )
-        forward.signals.setdefault((spec.name, signal), []).append((step, forward.select(value).float().clone()))
+        kept = forward.select(value).float()
+        forward.signals.setdefault((spec.name, signal), []).append((step, kept.clone() if kept is value else kept))
 
     def _flush_signals(self) -> None:
         """One message per signal and forward: [B, T, K] over the steps it was seen at (one host copy)."""
