@@ -125,7 +125,7 @@ class Capture:
         self.adapter = resolve_adapter(model, loop)
         selection.check_stride_for(self._stride, self.adapter)
         self._cast = DTYPES[dtype]
-        self._loop_dtypes: dict[str, torch.dtype] = {}  # one stored dtype per loop: the first one it recorded
+        self._loop_dtypes: dict[str, torch.dtype] = {}  # per run: one stored dtype per loop, the first it recorded
         options = {
             "mode": mode,
             "dtype": dtype,
@@ -406,6 +406,7 @@ class Capture:
                      "step_stride": self._stride}
             opening = w.OpenRuns(run_ids, [{**attrs, "batch_row": b} for b in range(batch)])
             self._session = _Session(call=call, run_ids=run_ids, open_message=opening)
+            self._loop_dtypes.clear()  # each run file holds one dtype per loop; a new run may have another
         session = self._session
         if len(session.run_ids) != batch:
             raise LoopscopeError(
@@ -637,9 +638,9 @@ class Capture:
         stage.filled += 1
 
     def _one_dtype(self, spec: LoopSpec, state: torch.Tensor) -> torch.Tensor:
-        """Every state of a loop is stored in one dtype, the first it recorded (s0 from float32 embeddings, then
-        float16 iterations under autocast: the iterations are widened, exactly). A wider dtype after a narrower one
-        would have to be rounded: that is an error naming the option that avoids it."""
+        """Every state of a loop in a run is stored in one dtype, the first it recorded (s0 from float32
+        embeddings, then float16 iterations under autocast: the iterations are widened, exactly). A wider dtype
+        after a narrower one would have to be rounded: that is an error naming the option that avoids it."""
         pinned = self._loop_dtypes.setdefault(spec.name, state.dtype)
         if state.dtype == pinned:
             return state

@@ -261,3 +261,16 @@ def test_bad_slices_are_one_line_errors(reference_model, tmp_path):
     for value, needle in [(slice("a", 3), "takes integers"), (slice(0, None, 0), "positive step"), ([True], r"tokens=\[True\]")]:
         with pytest.raises(LoopscopeError, match=needle):
             loopscope.attach(reference_model, tmp_path / "bad.h5", tokens=value)
+
+
+def test_each_run_keeps_its_own_dtype(tmp_path):
+    """A model cast between calls: each run is stored in the dtype its own loop produced."""
+    model = _HalfLoop(embed_dtype=torch.float16, widen_from=None)
+    ids = torch.arange(6).unsqueeze(0)
+    with loopscope.attach(model, tmp_path / "two.h5", loop="block"):
+        model(ids)
+        model.embed.float()
+        model.block.widen_from = 0  # now every state is float32, s0 too
+        model(ids)
+    with loopscope.open(tmp_path / "two.h5") as capture:
+        assert [r.logical_dtype() for r in capture.runs] == ["float16", "float32"]
