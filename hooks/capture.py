@@ -590,7 +590,8 @@ class Capture:
         forward, session = self._forward, self._session
         for (loop, signal), entries in forward.signals.items():
             last = forward.steps.get(loop, 0)
-            entries = [(slot, v) for step, v in entries if (slot := selection.slot_of(step, last, self._stride)) is not None]
+            slots = [(selection.slot_of(step, last, self._stride), v) for step, v in entries]
+            entries = [(slot, v) for slot, v in slots if slot is not None]
             if not entries:
                 continue
             steps = [step for step, _ in entries]

@@ -32,10 +32,13 @@ class TokenSelection:
     def parse(cls, value) -> TokenSelection:
         if isinstance(value, str):
             if value not in _NAMED:
-                raise LoopscopeError(f"tokens={value!r} is not one of {', '.join(_NAMED)}, a slice, or a list of positions")
+                raise LoopscopeError(
+                    f"tokens={value!r} is not one of {', '.join(_NAMED)}, a slice, or a list of token indices"
+                )
             return cls(named=value)
         if isinstance(value, slice):
-            start, stop, step = (0 if value.start is None else value.start), value.stop, (1 if value.step is None else value.step)
+            start = 0 if value.start is None else value.start
+            stop, step = value.stop, 1 if value.step is None else value.step
             if not all(isinstance(v, (int, np.integer)) for v in (start, step) + (() if stop is None else (stop,))):
                 raise LoopscopeError(f"tokens={value!r}: a slice of token indices takes integers")
             if start < 0 or (stop is not None and stop < 0) or step < 1:
@@ -47,7 +50,7 @@ class TokenSelection:
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in value
         ):
             return cls(positions=frozenset(int(v) for v in value))
-        raise LoopscopeError(f"tokens={value!r} is not one of {', '.join(_NAMED)}, a slice, or a list of positions")
+        raise LoopscopeError(f"tokens={value!r} is not one of {', '.join(_NAMED)}, a slice, or a list of token indices")
 
     def keep(self, fed_back: bool, positions: np.ndarray) -> np.ndarray | None:
         """Indices (into this forward's tokens) to store; None means every token. ``fed_back``: the forward decodes

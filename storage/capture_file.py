@@ -178,8 +178,9 @@ class RunFiles:
     """Creates run files as ``.partial.h5`` and renames them into place when they complete."""
 
     # No chunk cache in run files: states are written as whole chunks (storage/staging.py) and token metadata in
-    # blocks of up to writer.TOKEN_CHUNK tokens (each touching one or two chunks), so a cache would only copy; and a chunk left dirty in it by a failed write is
-    # flushed again when HDF5 shuts down, which could crash the process at exit.
+    # blocks of up to writer.TOKEN_CHUNK tokens (each touching one or two chunks), so a cache would only copy; and
+    # a chunk left dirty in it by a failed write is flushed again when HDF5 shuts down, which could crash the
+    # process at exit.
     def __init__(self, index_path: str, *, locking: bool | str | None = None, cache_bytes: int = 0):
         self.index_path = index_path
         self.folder = runs_dir(index_path)
