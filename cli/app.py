@@ -14,6 +14,7 @@ from typing import List, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..analysis.metrics import DEFAULT_TOL, METRIC_HELP, METRICS
@@ -37,7 +38,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except LoopscopeError as exc:
-            errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -316,13 +316,16 @@ def test_dask_errors_are_one_line(study, monkeypatch):
     assert result.exit_code == 1 and result.output.count("\n") == 1
 
 
-def test_without_dask_the_package_imports_and_says_what_to_install(study, monkeypatch):
+def test_without_dask_the_package_imports_and_says_what_to_install(study, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "dask", None)
     monkeypatch.setitem(sys.modules, "dask.array", None)
     with pytest.raises(LoopscopeError, match=r"pip install 'loopscope\[scale\]'"):
         dd.token_metrics(study["merged"])
     with loopscope.open(study["merged"]) as capture:  # everything else works without dask
         token_metrics(capture.runs[0])
+    # the CLI prints the same line, brackets included (rich would read "[scale]" as markup)
+    result = CliRunner().invoke(app, ["convergence", study["merged"], "--out", str(tmp_path / "m.csv"), "--workers", "2"])
+    assert result.exit_code == 1 and "pip install 'loopscope[scale]'" in result.output
 
 
 def test_rank_paths_and_header(monkeypatch):
