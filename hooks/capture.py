@@ -35,6 +35,7 @@ from .adapters import LoopAdapter, LoopSpec
 from .detect import resolve_adapter
 
 DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LOGICAL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
 
 
 @dataclass
@@ -617,9 +618,9 @@ class Capture:
         if self._cast is not None and state.dtype != self._cast:
             state = state.to(self._cast)
         state = self._one_dtype(spec, state)
-        logical = str(state.dtype).replace("torch.", "")
-        if logical not in ("bfloat16", "float16", "float32", "float64"):
-            raise LoopscopeError(f"loop {spec.exit!r} produced {logical} states; only floating point is recorded")
+        logical = LOGICAL_DTYPES.get(state.dtype)
+        if logical is None:
+            raise LoopscopeError(f"loop {spec.exit!r} produced {state.dtype} states; only floating point is recorded")
         per_step = state.numel() * state.element_size()
         if per_step > self.pool.max_slab_bytes():
             self._record_split(spec, step, state, logical)
@@ -683,16 +684,16 @@ class Capture:
     def _copy(self, destination: torch.Tensor, state: torch.Tensor) -> None:
         """Copy into a host slab. From CUDA: on a side stream, into pinned memory, without blocking the model's
         stream; the writer waits on an event recorded after the copies (see ``_ready_event``)."""
+        if not state.is_cuda:
+            destination.copy_(state)  # ``state`` is detached: no autograd record, no grad mode needed
+            return
         with torch.no_grad():
-            if state.is_cuda:
-                stream = self._copy_stream(state.device)
-                stream.wait_stream(torch.cuda.current_stream(state.device))
-                with torch.cuda.stream(stream):
-                    destination.copy_(state, non_blocking=True)
-                state.record_stream(stream)  # the allocator must not reuse the state's memory before the copy ends
-                self._pending_devices.add(state.device)
-            else:
-                destination.copy_(state)
+            stream = self._copy_stream(state.device)
+            stream.wait_stream(torch.cuda.current_stream(state.device))
+            with torch.cuda.stream(stream):
+                destination.copy_(state, non_blocking=True)
+            state.record_stream(stream)  # the allocator must not reuse the state's memory before the copy ends
+            self._pending_devices.add(state.device)
 
     def _copy_stream(self, device: torch.device):
         stream = self._copy_streams.get(device)
