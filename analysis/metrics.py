@@ -55,10 +55,9 @@ class TokenMetrics:
 
     def step_iterations(self) -> np.ndarray:
         """[T, K] the iteration each stored step holds (``Run.step_iterations``): k, or min(k * stride, last)."""
-        k = np.arange(self.distance.shape[1])[None, :]
         if self.step_stride == 1 or self.iterations is None:
-            return np.broadcast_to(k, self.distance.shape)
-        return np.minimum(k * self.step_stride, self.iterations[:, None])
+            return np.broadcast_to(np.arange(self.distance.shape[1])[None, :], self.distance.shape)
+        return schema.stored_step_iterations(self.iterations, self.step_stride, self.distance.shape[1])
 
     def convergence_iterations(self, tol: float = DEFAULT_TOL, metric: str = "relative_distance") -> np.ndarray:
         """[T] :meth:`convergence_steps` as iterations (the same numbers unless a step stride was used); -1 if never."""

@@ -590,16 +590,16 @@ class Capture:
         """One message per signal and forward: [B, T, K] over the steps it was seen at (one host copy)."""
         forward, session = self._forward, self._session
         for (loop, signal), entries in forward.signals.items():
-            last = forward.steps.get(loop, 0)
-            slots = [(selection.slot_of(step, last, self._stride), v) for step, v in entries]
-            entries = [(slot, v) for slot, v in slots if slot is not None]
-            if not entries:
+            ran = forward.steps.get(loop, 0)
+            slotted = [(selection.slot_of(step, ran, self._stride), v) for step, v in entries]
+            kept = [(slot, v) for slot, v in slotted if slot is not None]  # off-stride steps are not stored
+            if not kept:
                 continue
-            steps = [step for step, _ in entries]
-            first, last = min(steps), max(steps)
-            values = torch.stack([v for _, v in entries], dim=-1).to("cpu").numpy()
+            slots = [slot for slot, _ in kept]
+            first, last = min(slots), max(slots)
+            values = torch.stack([v for _, v in kept], dim=-1).to("cpu").numpy()
             block = np.full((forward.batch, forward.stored, last - first + 1), np.nan, dtype=np.float32)
-            block[:, :, np.asarray(steps) - first] = values
+            block[:, :, np.asarray(slots) - first] = values
             self._put(w.Signal(session.run_ids, loop, signal, session.offset, first, block))
         forward.signals.clear()
 

@@ -290,11 +290,10 @@ class Run:
 
     def step_iterations(self, loop: str | None = None) -> np.ndarray:
         """[T, K] the iteration each stored step holds (-1 past a token's last): ``min(k * stride, iterations)``."""
-        iterations = self.iterations_of(loop).astype(np.int64)
+        iterations, last = self._num_steps(loop)
         n_slots = self.dataset(loop).shape[1]
-        k = np.arange(n_slots)[None, :]
-        labels = np.minimum(k * self.step_stride, iterations[:, None])
-        return np.where(k <= self.steps_of(loop)[:, None], labels, -1)
+        labels = schema.stored_step_iterations(iterations, self.step_stride, n_slots)
+        return np.where(np.arange(n_slots)[None, :] <= last[:, None], labels, -1)
 
     def steps_of(self, loop: str | None) -> np.ndarray:
         """The last stored step of each token in ``loop`` (its iteration count, or with a step stride n the slot

@@ -132,3 +132,10 @@ def dataset_chunks(ds) -> tuple[int, ...]:
         return ds.chunks
     stored = ds.attrs.get("source_chunks")
     return tuple(int(c) for c in stored) if stored is not None else ds.shape
+
+
+def stored_step_iterations(iterations: np.ndarray, stride: int, n_slots: int) -> np.ndarray:
+    """[T, K] the iteration stored step k holds for tokens that ran ``iterations``: ``min(k * stride, last)``
+    (with ``step_stride`` the last slot holds each token's final iteration, on the stride or not)."""
+    k = np.arange(n_slots)[None, :]
+    return np.minimum(k * stride, np.asarray(iterations, dtype=np.int64)[:, None])
