@@ -47,7 +47,7 @@ class _Session:
     open_message: Any = None  # OpenRuns, sent once a token is stored (a call that stores none leaves no run)
     offset: int = 0  # tokens stored so far
     forwards: int = 0
-    position_offset: int = 0  # tokens computed so far (positions when the model was given none)
+    tokens_seen: int = 0  # tokens computed so far: the next token's index in the run (and position, if none given)
 
 
 @dataclass
@@ -414,12 +414,12 @@ class Capture:
                 f"batch size changed from {len(session.run_ids)} to {batch} inside one generate() call; "
                 "loopscope records one run per batch row and cannot follow rows being dropped"
             )
-        positions = _positions_for(kwargs, batch, tokens, session.position_offset)
+        positions = _positions_for(kwargs, batch, tokens, session.tokens_seen)
         fed_back = bool(self._in_call) and self._call_name == "generate" and session.forwards > 0
-        indices = np.arange(session.position_offset, session.position_offset + tokens)  # the run's k-th tokens
+        indices = np.arange(session.tokens_seen, session.tokens_seen + tokens)  # the run's k-th tokens
         keep = self._tokens.keep(fed_back, indices)
         forward = self._forward = _Forward(batch=batch, tokens=tokens, side=side, keep=keep)
-        session.position_offset += tokens
+        session.tokens_seen += tokens
         if not forward.stored:
             return
         if session.open_message is not None:
@@ -452,7 +452,7 @@ class Capture:
             return
         if forward.side and not any(forward.steps.values()):  # an embedding call that started no iteration
             self._forward = None  # (Huginn embeds the prompt once to shape its warm start): nothing to record
-            session.position_offset -= forward.tokens
+            session.tokens_seen -= forward.tokens
             return
         if not forward.stored:  # tokens= left out every token of this forward
             session.forwards += 1

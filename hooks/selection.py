@@ -2,7 +2,7 @@
 
 Both selections are applied on the model's device, before any transfer: left-out tokens are dropped with one
 ``index_select`` per state, and left-out iterations are never copied at all. What was kept is written into the
-file (token positions, ``step_stride``), so analysis never has to guess.
+file (each kept token's ``positions``, ``step_stride``), so analysis never has to guess.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class TokenSelection:
 
     named: str | None = None
     span: slice | None = None
-    positions: frozenset[int] | None = None
+    indices: frozenset[int] | None = None
 
     @classmethod
     def parse(cls, value) -> TokenSelection:
@@ -49,12 +49,12 @@ class TokenSelection:
         if isinstance(value, Sequence) and all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in value
         ):
-            return cls(positions=frozenset(int(v) for v in value))
+            return cls(indices=frozenset(int(v) for v in value))
         raise LoopscopeError(f"tokens={value!r} is not one of {', '.join(_NAMED)}, a slice, or a list of token indices")
 
-    def keep(self, fed_back: bool, positions: np.ndarray) -> np.ndarray | None:
+    def keep(self, fed_back: bool, indices: np.ndarray) -> np.ndarray | None:
         """Indices (into this forward's tokens) to store; None means every token. ``fed_back``: the forward decodes
-        tokens ``generate()`` produced; ``positions``: the run's token indices of this forward's tokens."""
+        tokens ``generate()`` produced; ``indices``: the run's token indices of this forward's tokens."""
         if self.named == "all":
             return None
         if self.named is not None:
@@ -62,11 +62,11 @@ class TokenSelection:
             return None if wanted else np.empty(0, dtype=np.int64)
         if self.span is not None:
             s = self.span
-            mask = (positions >= s.start) & ((positions - s.start) % s.step == 0)
+            mask = (indices >= s.start) & ((indices - s.start) % s.step == 0)
             if s.stop is not None:
-                mask &= positions < s.stop
+                mask &= indices < s.stop
         else:
-            mask = np.isin(positions, sorted(self.positions))
+            mask = np.isin(indices, sorted(self.indices))
         return None if mask.all() else np.flatnonzero(mask)
 
     def describe(self) -> str:
@@ -75,7 +75,7 @@ class TokenSelection:
         if self.span is not None:
             s = self.span
             return f"token indices {s.start}:{'' if s.stop is None else s.stop}:{s.step}"
-        return "token indices " + ",".join(str(p) for p in sorted(self.positions))
+        return "token indices " + ",".join(str(p) for p in sorted(self.indices))
 
 
 def check_stride(step_stride) -> int:
