@@ -147,7 +147,7 @@ def writer_alone(tokens: int) -> None:
         def forward(offset: int, n: int) -> None:
             ids = np.arange(offset, offset + n)[None]
             writer.put(w.Tokens([0], offset, ids, np.ones_like(ids, dtype=np.int8), ids, 0))
-            slab = pool.acquire((1, n, steps, hidden), torch.float32)
+            slab = pool.acquire((1, 1, n, steps, hidden), torch.float32)
             slab.normal_()
             writer.put(w.State([0], "core", offset, 0, slab, steps, "float32"))
             writer.put(w.Steps([0], "core", offset, np.full((1, n), steps - 1, np.int32)))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..storage import capture_file, compression as filters, writer as w
+from ..storage import capture_file, compression as filters, schema, writer as w
 from ..storage.buffers import HostBufferPool
 from ..storage.errors import CaptureWriteError, LoopscopeError
 from . import adaptive, distributed, metadata, selection
@@ -48,16 +48,29 @@ class _Session:
     offset: int = 0  # tokens stored so far
     forwards: int = 0
     tokens_seen: int = 0  # tokens computed so far: the next token's index in the run (and position, if none given)
+    chunks: dict[str, tuple[int, int]] = field(default_factory=dict)  # per loop: (tokens, steps) of its chunks
 
 
 @dataclass
 class _Stage:
-    """A host slab [B, T, G, H] filling with G consecutive steps of one loop, sent to the writer when full."""
+    """A host slab filling with consecutive steps of one loop, sent to the writer when full. It is laid out in the
+    run's chunks, [B, P, T, D, H]: P planes of D (the chunk depth) steps, plane 0 starting on a chunk boundary
+    ``base``, so the writer stores each whole chunk straight from the slab (see ``writer.State``)."""
 
     slab: torch.Tensor
+    base: int
     step0: int
     logical: str
     filled: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.slab.shape[1] * self.slab.shape[3] - (self.step0 - self.base)
+
+    def row(self, step: int) -> torch.Tensor:
+        """The [B, T, H] view that holds ``step``."""
+        plane, depth = divmod(step - self.base, self.slab.shape[3])
+        return self.slab[:, plane, :, depth]
 
 
 @dataclass
@@ -126,6 +139,7 @@ class Capture:
         self.adapter = resolve_adapter(model, loop)
         selection.check_stride_for(self._stride, self.adapter)
         self._cast = DTYPES[dtype]
+        self._chunks = tuple(chunks) if chunks else None
         self._loop_dtypes: dict[str, torch.dtype] = {}  # per run: one stored dtype per loop, the first it recorded
         options = {
             "mode": mode,
@@ -165,7 +179,6 @@ class Capture:
             capture_file.RunFiles(self.path, locking=locking),
             self.pool,
             compression=compression,
-            chunk_shape=chunks,
             inner_steps={s.name: s.inner_steps for s in self.adapter.loops if s.inner_steps},
         )
         try:
@@ -621,23 +634,46 @@ class Capture:
         logical = LOGICAL_DTYPES.get(state.dtype)
         if logical is None:
             raise LoopscopeError(f"loop {spec.exit!r} produced {state.dtype} states; only floating point is recorded")
-        per_step = state.numel() * state.element_size()
-        if per_step > self.pool.max_slab_bytes():
-            self._record_split(spec, step, state, logical)
-            return
+        chunk_tokens, depth = self._chunk_shape(spec, state)
         stage = forward.stages.get(spec.name)
-        if stage is not None and (stage.filled == stage.slab.shape[2] or step != stage.step0 + stage.filled):
+        if stage is not None and (stage.filled == stage.capacity or step != stage.step0 + stage.filled):
             self._send_stage(spec.name, stage)
             stage = None
         if stage is None:
-            # Stage as many steps as the last forward of this loop ran (all of them, for decoding), within the
-            # slab limit: one message and one HDF5 write per run for the whole group instead of one per step.
-            hint = self._steps_hint.get(spec.name, 8) + 1
-            group = max(1, min(hint, self.pool.max_slab_bytes() // per_step))
-            shape = (forward.batch, forward.stored, group, state.shape[2])
-            stage = forward.stages[spec.name] = _Stage(self.pool.acquire(shape, state.dtype), step, logical)
-        self._copy(stage.slab[:, :, stage.filled], state)
+            plane = state.numel() * state.element_size() * depth
+            if plane > self.pool.max_slab_bytes():
+                self._record_split(spec, step, state, logical, chunk_tokens)
+                return
+            # As many planes as the last forward of this loop ran steps (all of them, for decoding), within the
+            # slab limit: one message and one HDF5 write per chunk for the whole group instead of one per step.
+            base = step - step % depth
+            expected = self._steps_hint.get(spec.name, 8) + 1  # slots of the forward, s0 included
+            planes = max(1, min(-(-(expected - base) // depth), self.pool.max_slab_bytes() // plane))
+            shape = (forward.batch, planes, forward.stored, depth, state.shape[2])
+            stage = forward.stages[spec.name] = _Stage(self.pool.acquire(shape, state.dtype), base, step, logical)
+        self._copy(stage.row(step), state)
         stage.filled += 1
+
+    def _chunk_shape(self, spec: LoopSpec, state: torch.Tensor) -> tuple[int, int]:
+        """(tokens, steps) per chunk of this loop's states in the current runs, fixed at its first state: the
+        ``chunks=`` option, else sized from the data (see ``schema.state_chunks``) so that one chunk depth of this
+        forward's tokens fits one slab."""
+        session = self._session
+        chunks = session.chunks.get(spec.name)
+        if chunks is None:
+            if self._chunks is not None:
+                chunks = self._chunks
+            else:
+                hint = self._steps_hint.get(spec.name)
+                slots = hint + 1 if hint else None
+                step_bytes = state.numel() * state.element_size()
+                chunk_tokens, depth, _ = schema.state_chunks(
+                    state.shape[2], state.element_size(), slots, state.shape[1],
+                    more_tokens=session.call != "forward", max_depth=max(1, self.pool.max_slab_bytes() // step_bytes),
+                )
+                chunks = (chunk_tokens, depth)
+            session.chunks[spec.name] = chunks
+        return chunks
 
     def _one_dtype(self, spec: LoopSpec, state: torch.Tensor) -> torch.Tensor:
         """Every state of a loop in a run is stored in one dtype, the first it recorded (s0 from float32
@@ -653,24 +689,26 @@ class Capture:
             f"{str(pinned).replace('torch.', '')} ones; pass dtype='float32' to attach() to store one dtype"
         )
 
-    def _record_split(self, spec: LoopSpec, step: int, state: torch.Tensor, logical: str) -> None:
-        """One step larger than a slab (a long prefill): send it in blocks of tokens, one step each."""
+    def _record_split(self, spec: LoopSpec, step: int, state: torch.Tensor, logical: str, chunk_tokens: int) -> None:
+        """A chunk depth of this forward's tokens is larger than a slab (a long prefill): send each step at once,
+        in blocks of whole chunks' tokens where a block holds any."""
         session = self._session
         batch, tokens, hidden = state.shape
         block = max(self.pool.max_slab_bytes() // (batch * hidden * state.element_size()), 1)
+        if block > chunk_tokens:
+            block -= block % chunk_tokens
         for t0 in range(0, tokens, block):
             t1 = min(t0 + block, tokens)
-            slab = self.pool.acquire((batch, t1 - t0, 1, hidden), state.dtype)
-            self._copy(slab[:, :, 0], state[:, t0:t1])
-            self._put(
-                w.State(session.run_ids, spec.name, session.offset + t0, step, slab, 1, logical, self._ready_event())
-            )
+            slab = self.pool.acquire((batch, 1, t1 - t0, 1, hidden), state.dtype)
+            self._copy(slab[:, 0, :, 0], state[:, t0:t1])
+            self._put(w.State(session.run_ids, spec.name, session.offset + t0, step, slab, 1, logical,
+                              self._ready_event(), chunks=session.chunks[spec.name]))
 
     def _send_stage(self, loop: str, stage: "_Stage") -> None:
         session, forward = self._session, self._forward
         self._put(
             w.State(session.run_ids, loop, session.offset, stage.step0, stage.slab, stage.filled, stage.logical,
-                    self._ready_event())
+                    self._ready_event(), base=stage.base, chunks=session.chunks[loop])
         )
         forward.stages.pop(loop, None)
 

@@ -97,7 +97,12 @@ def fill_value(logical: str):
 
 
 def state_chunks(
-    hidden: int, itemsize: int, steps: int | None = None, tokens: int | None = None, more_tokens: bool = True
+    hidden: int,
+    itemsize: int,
+    steps: int | None = None,
+    tokens: int | None = None,
+    more_tokens: bool = True,
+    max_depth: int | None = None,
 ) -> tuple[int, int, int]:
     """Chunk shape (tokens, steps, hidden) for a states dataset.
 
@@ -108,10 +113,12 @@ def state_chunks(
     steps would store 48. ``tokens``, the tokens of the first write, caps the token extent: a short run does not
     store mostly empty 1 MiB chunks. When ``more_tokens`` may follow (generate), the cap is at least
     MIN_CHUNK_TOKENS, rounded up to a power of two; otherwise the tokens are cut into equal blocks.
+    ``max_depth`` caps the depth: the capture stages a chunk's steps for all of a forward's tokens in one host slab
+    (so chunks are written straight from it), and a long prefill's slab must stay within the buffer budget.
     """
     row = max(hidden * itemsize, 1)
     rows = max(TARGET_CHUNK_BYTES // row, 1)
-    depth = max(min(int(math.sqrt(rows)), MAX_CHUNK_STEPS), 1)
+    depth = max(min(int(math.sqrt(rows)), MAX_CHUNK_STEPS, max_depth or MAX_CHUNK_STEPS), 1)
     if steps:
         candidates = range(max(min(MIN_CHUNK_STEPS, steps, depth), 1), depth + 1)
         depth = min(candidates, key=lambda d: (-(-steps // d) * d - steps, -d))

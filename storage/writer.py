@@ -25,6 +25,7 @@ from . import compression as filters, schema
 from .buffers import HostBufferPool
 from .capture_file import RunFiles
 from .errors import CaptureWriteError
+from .preallocate import Reserve
 from .staging import ChunkBudget, ChunkStager
 
 TOKEN_CHUNK = 1024
@@ -52,17 +53,36 @@ class Tokens:
 
 @dataclass
 class State:
-    """Consecutive iterations ``step .. step + steps - 1`` of a block of tokens of every run in a batch:
-    ``slab[b, :, :steps]`` belongs to ``run_ids[b]``."""
+    """Consecutive stored steps ``step .. step + steps - 1`` of a block of tokens of every run in a batch.
+
+    The slab is laid out in the run's chunks: ``slab[b, p, :, d]`` is step ``base + p * D + d`` of run
+    ``run_ids[b]``, P planes of D steps each. With D the chunk depth and ``base`` on a chunk boundary, every chunk
+    a plane covers whole is one contiguous block of the slab, written as it is: no copy between hook and file.
+    """
 
     run_ids: list[int]
     loop: str
     offset: int
     step: int
-    slab: torch.Tensor  # [B, T, G, H] host tensor from the pool, G >= steps
+    slab: torch.Tensor  # [B, P, T, D, H] host tensor from the pool
     steps: int
     logical_dtype: str
     ready: Any = None  # CUDA events to wait on before reading the slab, when the copy was asynchronous
+    base: int | None = None  # the step of plane 0's first row; None: ``step``
+    chunks: tuple[int, int] | None = None  # (tokens, steps) per chunk, used when the run's dataset is created
+
+    def planes(self, row: np.ndarray):
+        """(first step, [T, n, H] block) of each plane's recorded steps in ``row``, one batch row of this slab."""
+        base = self.step if self.base is None else self.base
+        planes, tokens, depth, hidden = row.shape
+        end = self.step + self.steps
+        if tokens == 1 and planes > 1:  # one decoded token: its planes are consecutive in memory, one block
+            yield self.step, row.reshape(1, planes * depth, hidden)[:, self.step - base : end - base]
+            return
+        for p in range(planes):
+            lo, hi = max(self.step, base + p * depth), min(end, base + (p + 1) * depth)
+            if lo < hi:
+                yield lo, row[p, :, lo - base - p * depth : hi - base - p * depth]
 
 
 @dataclass
@@ -118,6 +138,7 @@ class _RunHandles:
     token_bytes_used: int = 0
     signals: dict[str, dict[str, h5py.Dataset]] = field(default_factory=dict)  # loop -> signal name -> [T, K]
     one_forward: bool = False  # a forward() run: its first forward is all its tokens
+    reserve: Reserve | None = None  # disk blocks reserved ahead of the states' writes (see preallocate.py)
 
 
 class _Pending:
@@ -154,7 +175,6 @@ class CaptureWriter:
         *,
         queue_size: int = 256,
         compression: str | None = None,
-        chunk_shape: tuple[int, int] | None = None,
         inner_steps: dict[str, int] | None = None,
     ):
         self.layout = layout
@@ -162,7 +182,6 @@ class CaptureWriter:
         self.pool = pool
         self.compression = compression
         self._filter_options = filters.dataset_options(compression)
-        self.chunk_shape = chunk_shape
         self.staging = ChunkBudget(int(pool.budget_bytes * STAGING_SHARE))
         self.inner_steps = inner_steps or {}
         self.error: BaseException | None = None
@@ -237,7 +256,7 @@ class CaptureWriter:
             group = self.layout.create_run(run_id)
             group.attrs.update(schema.attrs_to_store(attrs))
             group.attrs["complete"] = False
-            handles = _RunHandles(group, one_forward=attrs.get("call") == "forward")
+            handles = _RunHandles(group, one_forward=attrs.get("call") == "forward", reserve=Reserve(group.filename))
             specs = {
                 "token_ids": np.int64,
                 "attention_mask": np.int8,
@@ -329,16 +348,15 @@ class CaptureWriter:
         return ends
 
     def _loop_handles(self, h: _RunHandles, loop: str, hidden: int, m: State, tokens: int):
-        """The loop's datasets in this run, created at its first write, whose shape picks their chunks."""
+        """The loop's datasets in this run, created at its first write, in the chunks the message names (the
+        capture picks them, since it lays out its slabs in them)."""
         if loop in h.loops:
             return h.loops[loop]
         dtype = schema.stored_numpy_dtype(m.logical_dtype)
-        if self.chunk_shape is not None:
-            chunks = (self.chunk_shape[0], self.chunk_shape[1], hidden)
+        if m.chunks is not None:
+            chunks = (m.chunks[0], m.chunks[1], hidden)
         else:
-            chunks = schema.state_chunks(
-                hidden, dtype.itemsize, self._steps_estimate(m), tokens, more_tokens=not h.one_forward
-            )
+            chunks = schema.state_chunks(hidden, dtype.itemsize, None, tokens, more_tokens=not h.one_forward)
         group = h.group[schema.LOOPS].require_group(loop)  # a signal may have created it already
         # No chunk cache: whole chunks are assembled by the stager and written once (see staging.py).
         states = group.create_dataset(
@@ -366,38 +384,28 @@ class CaptureWriter:
         }
         return h.loops[loop]
 
-    def _steps_estimate(self, m: State) -> int | None:
-        """How many steps the loop stores, judged from a run's first write (it picks the chunk depth)."""
-        staged = m.slab.shape[2]
-        if m.step != 0:
-            return None
-        if m.steps < staged:  # the forward ended before the slab filled: these are all its steps
-            return m.steps
-        if staged > 1 and m.slab.nbytes // staged * (staged + 1) <= self.pool.max_slab_bytes():
-            return staged  # the slab was sized to the previous forward's steps, not cut by the budget
-        return None
-
     def _write_state(self, m: State) -> None:
         for event in m.ready or ():
             event.synchronize()
-        slab = m.slab[:, :, : m.steps]
         if m.logical_dtype == "bfloat16":
-            array = slab.view(torch.int16).numpy().view(np.uint16)
+            array = m.slab.view(torch.int16).numpy().view(np.uint16)
         else:
-            array = slab.numpy()
-        t = array.shape[1]
+            array = m.slab.numpy()
+        t, hidden = array.shape[2], array.shape[4]
         last = m.step + m.steps - 1
         for b, run_id in enumerate(m.run_ids):
             h = self._runs[run_id]
+            h.reserve.ahead(t * m.steps * hidden * array.itemsize)
             self._grow_tokens(h, m.offset + t)
-            loop = self._loop_handles(h, m.loop, array.shape[3], m, m.offset + t)
+            loop = self._loop_handles(h, m.loop, hidden, m, m.offset + t)
             if last >= loop["step_capacity"]:  # grown to the steps seen, never past: no edge chunks to trim later
                 states = loop["states"]
                 states.resize((states.shape[0], last + 1, states.shape[2]))
                 loop["step_capacity"] = last + 1
-            loop["stager"].write(m.offset, m.step, array[b])
+            for step, block in m.planes(array[b]):
+                loop["stager"].write(m.offset, step, block)
+                self.bytes_written += block.nbytes
             loop["max_step"] = max(loop["max_step"], last)
-            self.bytes_written += array[b].nbytes
 
     def _write_steps(self, m: Steps) -> None:
         """A forward's step counts, sent after its states: its tokens are final, so their chunks can be written."""
@@ -451,6 +459,7 @@ class CaptureWriter:
             h.group.attrs["n_tokens"] = n
             h.group.attrs["complete"] = m.complete
             self.layout.finish_run(run_id, h.group, complete=m.complete)
+            h.reserve.release()
 
     def abandon_open_runs(self) -> None:
         """Close files of runs that never completed (after a failure), leaving them marked partial."""
@@ -465,6 +474,7 @@ class CaptureWriter:
                 h.group.close()
             except Exception:  # the file may be unwritable (disk full): it stays a .partial file either way
                 pass
+            h.reserve.release()
             self._runs.pop(run_id)
 
 

@@ -8,6 +8,7 @@ Capture-level tests check the same end to end on the reference model.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import h5py
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import loopscope
-from loopscope.storage import capture_file, compression, schema, staging, writer as w
+from loopscope.storage import capture_file, compression, preallocate, schema, staging, writer as w
 from loopscope.storage.buffers import HostBufferPool
 from loopscope.storage.errors import CaptureFileError, LoopscopeError
 
@@ -26,20 +27,22 @@ PLUGIN_FILTERS = ("lz4", "zstd", "blosc-lz4", "bitshuffle-lz4")
 class Driver:
     """Sends writer messages for one batch of runs and keeps the array each run should end up holding."""
 
-    def __init__(self, path, batch=1, hidden=16, dtype=torch.float32, budget=8 << 20, **writer_options):
+    def __init__(self, path, batch=1, hidden=16, dtype=torch.float32, budget=8 << 20, chunks=None, **writer_options):
         capture_file.create_index(str(path), header={"loops": ["core"]}, readout=None)
         self.pool = HostBufferPool(budget)
         self.writer = w.CaptureWriter(capture_file.RunFiles(str(path)), self.pool, **writer_options)
-        self.path, self.batch, self.hidden, self.dtype = path, batch, hidden, dtype
+        self.path, self.batch, self.hidden, self.dtype, self.chunks = path, batch, hidden, dtype, chunks
         self.run_ids = list(range(batch))
         self.expected = [np.full((0, 0, hidden), np.nan, dtype=np.float32) for _ in range(batch)]
         self.offset = 0
         self.generator = torch.Generator().manual_seed(0)
         self.writer.put(w.OpenRuns(self.run_ids, [{"call": "generate", "loops": ["core"]}] * batch))
 
-    def forward(self, tokens: int, steps: int, group: int | None = None, split: int | None = None) -> None:
+    def forward(self, tokens: int, steps: int, group: int | None = None, split: int | None = None,
+                planes: int | None = None) -> None:
         """One forward: ``steps`` stored steps of ``tokens`` tokens, sent ``group`` steps per message (all tokens),
-        or, with ``split``, one step per message in blocks of ``split`` tokens (a prefill larger than a slab)."""
+        or, with ``split``, one step per message in blocks of ``split`` tokens (a prefill larger than a slab), or,
+        with ``planes``, as the capture stages them: slabs of ``planes`` planes of the chunk depth each."""
         ids = np.arange(self.offset, self.offset + tokens, dtype=np.int64)[None].repeat(self.batch, 0)
         self.writer.put(
             w.Tokens(self.run_ids, self.offset, ids, np.ones_like(ids, dtype=np.int8), ids, 0)
@@ -50,18 +53,31 @@ class Driver:
         if split:
             for k in range(steps):
                 for t0 in range(0, tokens, split):
-                    piece = states[:, t0 : t0 + split, k : k + 1].clone()
-                    self.writer.put(w.State(self.run_ids, "core", self.offset + t0, k, piece, 1, self._logical()))
+                    piece = states[:, t0 : t0 + split, k : k + 1].unsqueeze(1).clone()
+                    self._send(self.offset + t0, k, piece, 1)
+        elif planes:
+            depth = self.chunks[1]
+            for k0 in range(0, steps, planes * depth):
+                k1 = min(k0 + planes * depth, steps)
+                slab = torch.zeros(self.batch, planes * depth, tokens, self.hidden, dtype=self.dtype)
+                slab[:, : k1 - k0] = states[:, :, k0:k1].transpose(1, 2)
+                slab = slab.reshape(self.batch, planes, depth, tokens, self.hidden).transpose(2, 3).contiguous()
+                self._send(self.offset, k0, slab, k1 - k0, base=k0)
         else:
             group = group or steps
             for k0 in range(0, steps, group):
                 k1 = min(k0 + group, steps)
-                slab = torch.zeros(self.batch, tokens, group, self.hidden, dtype=self.dtype)
-                slab[:, :, : k1 - k0] = states[:, :, k0:k1]
-                self.writer.put(w.State(self.run_ids, "core", self.offset, k0, slab, k1 - k0, self._logical()))
+                slab = torch.zeros(self.batch, 1, tokens, group, self.hidden, dtype=self.dtype)
+                slab[:, 0, :, : k1 - k0] = states[:, :, k0:k1]
+                self._send(self.offset, k0, slab, k1 - k0)
         steps_array = np.full((self.batch, tokens), steps - 1, dtype=np.int32)
         self.writer.put(w.Steps(self.run_ids, "core", self.offset, steps_array))
         self.offset += tokens
+
+    def _send(self, offset: int, step: int, slab: torch.Tensor, steps: int, base: int | None = None) -> None:
+        self.writer.put(
+            w.State(self.run_ids, "core", offset, step, slab, steps, self._logical(), base=base, chunks=self.chunks)
+        )
 
     def close(self, complete: bool = True) -> None:
         self.writer.put(w.CloseRuns(self.run_ids, complete=complete))
@@ -95,7 +111,7 @@ def _stored_chunks(path) -> tuple:
 def test_prefill_in_step_groups_then_decode(tmp_path, chunks):
     """A prefill sent 3 steps at a time (chunk depths 2 and 4 cut across the groups; depth 3 matches them, so
     whole chunks are written straight from the slab), then decoding."""
-    d = Driver(tmp_path / "c.h5", chunk_shape=chunks)
+    d = Driver(tmp_path / "c.h5", chunks=chunks)
     d.forward(tokens=11, steps=9, group=3)
     for _ in range(13):
         d.forward(tokens=1, steps=9)
@@ -105,9 +121,36 @@ def test_prefill_in_step_groups_then_decode(tmp_path, chunks):
         assert _stored_chunks(d.path)[:2] == chunks
 
 
+@pytest.mark.parametrize("chunks", [(4, 3), (3, 2), (5, 4)])
+def test_prefill_in_chunk_planes_then_decode(tmp_path, chunks):
+    """Slabs laid out in chunk planes, as the hooks send them: 11 tokens x 9 steps, two planes per slab."""
+    d = Driver(tmp_path / "c.h5", chunks=chunks)
+    d.forward(tokens=11, steps=9, planes=2)
+    for _ in range(6):
+        d.forward(tokens=1, steps=9, planes=3)
+    d.close()
+    d.check()
+
+
+def test_a_slab_starting_inside_a_plane(tmp_path):
+    """A loop whose first recorded step is not on a chunk boundary (no s0): rows before it stay NaN."""
+    d = Driver(tmp_path / "c.h5", chunks=(4, 3))
+    ids = np.arange(6, dtype=np.int64)[None]
+    d.writer.put(w.Tokens(d.run_ids, 0, ids, np.ones_like(ids, dtype=np.int8), ids, 0))
+    slab = torch.randn(1, 2, 6, 3, 16, generator=d.generator)  # planes of steps 0-2 and 3-5; steps 1-4 recorded
+    d._send(0, 1, slab.clone(), 4, base=0)
+    d.writer.put(w.Steps(d.run_ids, "core", 0, np.full((1, 6), 4, dtype=np.int32)))
+    expected = np.full((6, 5, 16), np.nan, dtype=np.float32)
+    expected[:, 1:3] = slab[0, 0, :, 1:].numpy()
+    expected[:, 3:5] = slab[0, 1, :, :2].numpy()
+    d.expected[0] = expected
+    d.close()
+    d.check()
+
+
 def test_forwards_with_different_step_counts_leave_nan(tmp_path):
     """Tokens that ran fewer steps than the run's deepest forward read NaN there (fill), never stale data."""
-    d = Driver(tmp_path / "c.h5", chunk_shape=(4, 3))
+    d = Driver(tmp_path / "c.h5", chunks=(4, 3))
     d.forward(tokens=6, steps=4)
     d.forward(tokens=3, steps=8)
     for steps in (2, 8, 5, 1, 7):
@@ -119,7 +162,7 @@ def test_forwards_with_different_step_counts_leave_nan(tmp_path):
 
 
 def test_split_prefill_one_step_per_message(tmp_path):
-    d = Driver(tmp_path / "c.h5", chunk_shape=(4, 4))
+    d = Driver(tmp_path / "c.h5", chunks=(4, 4))
     d.forward(tokens=21, steps=6, split=5)
     d.forward(tokens=1, steps=6)
     d.close()
@@ -127,7 +170,7 @@ def test_split_prefill_one_step_per_message(tmp_path):
 
 
 def test_several_runs_in_a_batch(tmp_path):
-    d = Driver(tmp_path / "c.h5", batch=3, chunk_shape=(4, 2))
+    d = Driver(tmp_path / "c.h5", batch=3, chunks=(4, 2))
     d.forward(tokens=7, steps=5, group=2)
     for _ in range(6):
         d.forward(tokens=1, steps=5)
@@ -139,7 +182,7 @@ def test_several_runs_in_a_batch(tmp_path):
 def test_budget_used_up_falls_back_to_partial_writes(tmp_path, budget):
     """With no room to assemble chunks, rows go through HDF5's partial writes; values stay exact and the staged
     bytes never pass the budget."""
-    d = Driver(tmp_path / "c.h5", batch=2, budget=budget, chunk_shape=(4, 3))
+    d = Driver(tmp_path / "c.h5", batch=2, budget=budget, chunks=(4, 3))
     d.forward(tokens=9, steps=7, group=2)
     for _ in range(9):
         d.forward(tokens=1, steps=7)
@@ -151,20 +194,20 @@ def test_budget_used_up_falls_back_to_partial_writes(tmp_path, budget):
 def test_rows_arriving_after_their_tokens_were_finished_are_not_lost(tmp_path):
     """The hooks send a forward's states before its step counts; should a state come later anyway, it is added to
     the chunk already written instead of replacing it."""
-    d = Driver(tmp_path / "c.h5", chunk_shape=(4, 3))
+    d = Driver(tmp_path / "c.h5", chunks=(4, 3))
     d.forward(tokens=8, steps=4)
-    late = torch.randn(1, 8, 1, 16, generator=d.generator)
-    d.writer.put(w.State(d.run_ids, "core", 0, 4, late.clone(), 1, "float32"))
+    late = torch.randn(1, 1, 8, 1, 16, generator=d.generator)
+    d._send(0, 4, late.clone(), 1)
     grown = np.full((8, 5, 16), np.nan, dtype=np.float32)
     grown[:, :4] = d.expected[0]
-    grown[:, 4] = late[0, :, 0].numpy()
+    grown[:, 4] = late[0, 0, :, 0].numpy()
     d.expected[0] = grown
     d.close()
     d.check()
 
 
 def test_bfloat16_bits_survive_staging(tmp_path):
-    d = Driver(tmp_path / "c.h5", dtype=torch.bfloat16, chunk_shape=(4, 3))
+    d = Driver(tmp_path / "c.h5", dtype=torch.bfloat16, chunks=(4, 3))
     d.forward(tokens=5, steps=4, group=3)
     for _ in range(6):
         d.forward(tokens=1, steps=4)
@@ -186,7 +229,7 @@ def test_each_chunk_is_written_once_without_a_chunk_cache(tmp_path, monkeypatch)
         original(self, key, data)
 
     monkeypatch.setattr(staging.ChunkStager, "_store", spy)
-    d = Driver(tmp_path / "c.h5", chunk_shape=(4, 3))
+    d = Driver(tmp_path / "c.h5", chunks=(4, 3))
     d.forward(tokens=8, steps=6, group=4)  # step groups 0-3, 4-5 cut the chunk of steps 3-5
     for _ in range(9):
         d.forward(tokens=1, steps=6)
@@ -209,7 +252,7 @@ def test_chunk_depth_divides_the_step_count_when_known():
 
 
 def test_unfinished_run_is_not_completed(tmp_path):
-    d = Driver(tmp_path / "c.h5", chunk_shape=(4, 3))
+    d = Driver(tmp_path / "c.h5", chunks=(4, 3))
     d.forward(tokens=5, steps=4)
     d.close(complete=False)
     with loopscope.open(d.path) as capture:
@@ -243,6 +286,71 @@ def test_capture_round_trip_exact_with_each_filter(reference_model, prompt_ids, 
         stored = run.dataset().attrs.get("compression")
         assert (schema.as_text(stored) if stored is not None else None) == codec
         assert capture.meta["options_json"]["compression"] == codec
+
+
+def test_prefill_chunks_are_written_straight_from_the_hooks_slabs(reference_model, reference_recorder, tmp_path,
+                                                                  monkeypatch):
+    """No copy between hook and file on the CPU path: every whole chunk of a prefill is written from the host slab
+    the hook copied the states into, and the values are exact."""
+    slabs, from_slab = [], []
+    acquire, store = HostBufferPool.acquire, staging.ChunkStager._store
+
+    def spy_acquire(self, shape, dtype):
+        slabs.append(acquire(self, shape, dtype))
+        return slabs[-1]
+
+    def spy_store(self, key, data):
+        from_slab.append(any(np.shares_memory(data, slab.numpy()) for slab in slabs))
+        store(self, key, data)
+
+    monkeypatch.setattr(HostBufferPool, "acquire", spy_acquire)
+    monkeypatch.setattr(staging.ChunkStager, "_store", spy_store)
+    recorder = reference_recorder(reference_model)
+    ids = torch.arange(8).unsqueeze(0)
+    with loopscope.attach(reference_model, tmp_path / "c.h5", chunks=(4, 3)):
+        with torch.no_grad():
+            reference_model(ids, num_steps=8)
+    recorder.remove()
+    assert from_slab == [True] * 6  # 8 tokens x 9 states in (4, 3) chunks: 2 x 3 chunks, each written once
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        np.testing.assert_array_equal(capture.runs[0].states(), _expected_generate(recorder, 8))
+
+
+def test_chunk_depth_follows_the_steps_of_the_previous_forward(reference_model, tmp_path):
+    """The first run cannot know its step count and uses the default depth; the next ones get a depth that
+    divides their 9 states, so no chunk is left part empty."""
+    ids = torch.arange(16).unsqueeze(0)
+    with loopscope.attach(reference_model, tmp_path / "c.h5"):
+        with torch.no_grad():
+            reference_model(ids, num_steps=8)
+            reference_model(ids, num_steps=8)
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        first, second = (run.dataset().chunks[1] for run in capture.runs)
+    assert first == schema.DEFAULT_CHUNK_STEPS and 9 % second == 0
+
+
+def test_run_files_keep_no_reserved_space_past_their_end(reference_model, prompt_ids, tmp_path):
+    """Disk blocks are reserved ahead of the chunk writes; what was not used is given back when the run closes."""
+    path = tmp_path / "c.h5"
+    with loopscope.attach(reference_model, path):
+        torch.manual_seed(0)
+        reference_model.generate(prompt_ids, num_steps=6, max_new_tokens=4, do_sample=False)
+    (run_file,) = (tmp_path / "c.h5.runs").glob("*.h5")
+    stat = os.stat(run_file)
+    assert stat.st_blocks * 512 < stat.st_size + (64 << 10)
+
+
+@pytest.mark.skipif(preallocate._fallocate is None, reason="fallocate is Linux only")
+def test_reserve_ahead_then_release(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"x" * 5000)
+    reserve = preallocate.Reserve(str(target))
+    reserve.ahead(1 << 20)
+    grown = os.stat(target)
+    reserve.release()
+    after = os.stat(target)
+    assert grown.st_size == after.st_size == 5000 and target.read_bytes() == b"x" * 5000
+    assert grown.st_blocks * 512 >= preallocate.MIN_RESERVE > after.st_blocks * 512
 
 
 def test_capture_interrupted_by_an_exception_keeps_completed_runs(reference_model, prompt_ids, tmp_path):
