@@ -704,18 +704,18 @@ class Capture:
             self._put(w.State(session.run_ids, spec.name, session.offset + t0, step, slab, 1, logical,
                               self._ready_event(), chunks=session.chunks[spec.name]))
 
-    def _send_stage(self, loop: str, stage: "_Stage") -> None:
+    def _send_stage(self, loop: str, stage: "_Stage", last: bool = False) -> None:
         session, forward = self._session, self._forward
         self._put(
             w.State(session.run_ids, loop, session.offset, stage.step0, stage.slab, stage.filled, stage.logical,
-                    self._ready_event(), base=stage.base, chunks=session.chunks[loop])
+                    self._ready_event(), base=stage.base, chunks=session.chunks[loop], last=last)
         )
         forward.stages.pop(loop, None)
 
     def _flush_stages(self) -> None:
         forward = self._forward
         for loop, stage in list(forward.stages.items()):
-            self._send_stage(loop, stage)
+            self._send_stage(loop, stage, last=True)
         for name, steps in forward.steps.items():  # slots this loop filled: s0 excluded, as the hint expects
             self._steps_hint[name] = -(-steps // self._stride)
 

@@ -100,7 +100,7 @@ class ChunkStager:
                 piece = block[a0 - offset : a1 - offset, b0 - step : b1 - step]
                 key = (ti, ki)
                 if key in self.uncached or ti < self.final_blocks:
-                    self.ds[a0:a1, b0:b1] = piece
+                    self._partial_write(a0, a1, b0, b1, piece)
                     continue
                 chunk = self.open.get(key)
                 whole = a1 - a0 == ct and b1 - b0 == ck
@@ -111,7 +111,7 @@ class ChunkStager:
                     buffer = self.budget.take((ct, ck, self.hidden), self.ds.dtype)
                     if buffer is None:  # over budget: HDF5's own partial write, for this chunk's remaining rows too
                         self.uncached.add(key)
-                        self.ds[a0:a1, b0:b1] = piece
+                        self._partial_write(a0, a1, b0, b1, piece)
                         continue
                     chunk = self.open[key] = _Chunk(buffer, self.fill)
                 ra, rb = a0 - ti * ct, b0 - ki * ck
@@ -144,6 +144,12 @@ class ChunkStager:
             self.budget.forget(chunk.data)
         self.open.clear()
         self.uncached.clear()
+
+    def _partial_write(self, a0: int, a1: int, b0: int, b1: int, piece: np.ndarray) -> None:
+        """Rows through HDF5's own (uncached) partial write; padding rows past the step extent are left out."""
+        b1 = min(b1, self.ds.shape[1])
+        if b1 > b0:
+            self.ds[a0:a1, b0:b1] = piece[:, : b1 - b0]
 
     def _flush(self, key: tuple[int, int]) -> None:
         chunk = self.open.pop(key)

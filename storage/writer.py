@@ -11,6 +11,7 @@ user sees one clear error instead of a silent gap.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import re
 import threading
@@ -70,6 +71,7 @@ class State:
     ready: Any = None  # CUDA events to wait on before reading the slab, when the copy was asynchronous
     base: int | None = None  # the step of plane 0's first row; None: ``step``
     chunks: tuple[int, int] | None = None  # (tokens, steps) per chunk, used when the run's dataset is created
+    last: bool = False  # the forward's last slab of this loop: its tokens get no more steps
 
     def planes(self, row: np.ndarray):
         """(first step, [T, n, H] block) of each plane's recorded steps in ``row``, one batch row of this slab."""
@@ -393,19 +395,33 @@ class CaptureWriter:
             array = m.slab.numpy()
         t, hidden = array.shape[2], array.shape[4]
         last = m.step + m.steps - 1
+        message = self._padded_to_plane_end(m, array)
         for b, run_id in enumerate(m.run_ids):
             h = self._runs[run_id]
-            h.reserve.ahead(t * m.steps * hidden * array.itemsize)
+            h.reserve.ahead(t * message.steps * hidden * array.itemsize)
             self._grow_tokens(h, m.offset + t)
             loop = self._loop_handles(h, m.loop, hidden, m, m.offset + t)
             if last >= loop["step_capacity"]:  # grown to the steps seen, never past: no edge chunks to trim later
                 states = loop["states"]
                 states.resize((states.shape[0], last + 1, states.shape[2]))
                 loop["step_capacity"] = last + 1
-            for step, block in m.planes(array[b]):
+            for step, block in message.planes(array[b]):
                 loop["stager"].write(m.offset, step, block)
-                self.bytes_written += block.nbytes
             loop["max_step"] = max(loop["max_step"], last)
+            self.bytes_written += t * m.steps * hidden * array.itemsize
+
+    def _padded_to_plane_end(self, m: State, array: np.ndarray) -> State:
+        """The forward's last slab of a loop, its last plane filled up with the fill value: these tokens get no
+        more steps, so the plane's empty rows are NaN for good, and each chunk it covers is written whole from the
+        slab instead of being assembled in a buffer. (Only for blocks that hold whole chunks of tokens.) Rows past
+        the dataset's extent are stored in its edge chunks as HDF5 does, and read NaN should the extent grow."""
+        depth = array.shape[3]
+        room = -(m.step + m.steps - (m.step if m.base is None else m.base)) % depth
+        if not m.last or not room or array.shape[2] < (m.chunks or (1 << 62,))[0]:
+            return m
+        end = m.step + m.steps - (m.step if m.base is None else m.base)
+        array[:, end // depth, :, depth - room :] = schema.fill_value(m.logical_dtype)
+        return dataclasses.replace(m, steps=m.steps + room)
 
     def _write_steps(self, m: Steps) -> None:
         """A forward's step counts, sent after its states: its tokens are final, so their chunks can be written."""

@@ -62,7 +62,7 @@ class Driver:
                 slab = torch.zeros(self.batch, planes * depth, tokens, self.hidden, dtype=self.dtype)
                 slab[:, : k1 - k0] = states[:, :, k0:k1].transpose(1, 2)
                 slab = slab.reshape(self.batch, planes, depth, tokens, self.hidden).transpose(2, 3).contiguous()
-                self._send(self.offset, k0, slab, k1 - k0, base=k0)
+                self._send(self.offset, k0, slab, k1 - k0, base=k0, last=k1 == steps)
         else:
             group = group or steps
             for k0 in range(0, steps, group):
@@ -74,9 +74,10 @@ class Driver:
         self.writer.put(w.Steps(self.run_ids, "core", self.offset, steps_array))
         self.offset += tokens
 
-    def _send(self, offset: int, step: int, slab: torch.Tensor, steps: int, base: int | None = None) -> None:
+    def _send(self, offset, step, slab: torch.Tensor, steps: int, base: int | None = None, last=False) -> None:
         self.writer.put(
-            w.State(self.run_ids, "core", offset, step, slab, steps, self._logical(), base=base, chunks=self.chunks)
+            w.State(self.run_ids, "core", offset, step, slab, steps, self._logical(), base=base, chunks=self.chunks,
+                    last=last)
         )
 
     def close(self, complete: bool = True) -> None:
@@ -128,6 +129,18 @@ def test_prefill_in_chunk_planes_then_decode(tmp_path, chunks):
     d.forward(tokens=11, steps=9, planes=2)
     for _ in range(6):
         d.forward(tokens=1, steps=9, planes=3)
+    d.close()
+    d.check()
+
+
+def test_a_forwards_last_plane_is_padded_and_later_deeper_forwards_read_nan_there(tmp_path):
+    """8 steps in planes of 3: the last plane's empty row is filled with NaN so its chunks are written whole; when
+    later tokens run 11 steps, the first tokens read NaN past their own 8."""
+    d = Driver(tmp_path / "c.h5", chunks=(4, 3))
+    d.forward(tokens=8, steps=8, planes=2)
+    d.forward(tokens=4, steps=11, planes=2)
+    for steps in (5, 11, 2):
+        d.forward(tokens=1, steps=steps, planes=4)
     d.close()
     d.check()
 
@@ -288,10 +301,11 @@ def test_capture_round_trip_exact_with_each_filter(reference_model, prompt_ids, 
         assert capture.meta["options_json"]["compression"] == codec
 
 
+@pytest.mark.parametrize("steps", [8, 7])
 def test_prefill_chunks_are_written_straight_from_the_hooks_slabs(reference_model, reference_recorder, tmp_path,
-                                                                  monkeypatch):
+                                                                  monkeypatch, steps):
     """No copy between hook and file on the CPU path: every whole chunk of a prefill is written from the host slab
-    the hook copied the states into, and the values are exact."""
+    the hook copied the states into (with 7 steps, the last plane's empty row is padded), and values are exact."""
     slabs, from_slab = [], []
     acquire, store = HostBufferPool.acquire, staging.ChunkStager._store
 
@@ -309,11 +323,11 @@ def test_prefill_chunks_are_written_straight_from_the_hooks_slabs(reference_mode
     ids = torch.arange(8).unsqueeze(0)
     with loopscope.attach(reference_model, tmp_path / "c.h5", chunks=(4, 3)):
         with torch.no_grad():
-            reference_model(ids, num_steps=8)
+            reference_model(ids, num_steps=steps)
     recorder.remove()
-    assert from_slab == [True] * 6  # 8 tokens x 9 states in (4, 3) chunks: 2 x 3 chunks, each written once
+    assert from_slab == [True] * 6  # 8 tokens x 8 or 9 states in (4, 3) chunks: 2 x 3 chunks, each written once
     with loopscope.open(tmp_path / "c.h5") as capture:
-        np.testing.assert_array_equal(capture.runs[0].states(), _expected_generate(recorder, 8))
+        np.testing.assert_array_equal(capture.runs[0].states(), _expected_generate(recorder, steps))
 
 
 def test_chunk_depth_follows_the_steps_of_the_previous_forward(reference_model, tmp_path):
