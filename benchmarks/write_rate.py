@@ -8,8 +8,9 @@ makes ~1 MB/s of states decoding, ~4 MB/s in prefill, on 2 cores), so timing a r
 not the writer. On a GPU the balance flips and the writer's ceiling is what matters. So the states are real -- one prefill
 of the reference model at n_embd=1024, 32 steps, recorded with a plain hook -- and are then *replayed* through a
 looped module whose iterations cost nothing (``Replay`` below: block k returns the recorded s_k). loopscope
-attaches to it with ``loop="block"`` and does all its real work: hook, copy into a host slab, queue, writer thread,
-chunked h5py writes, run file rename. Two shapes:
+attaches to it with ``loop="block"`` and does all its real work: hook, copy into a host slab laid out in the
+run's chunks, queue, writer thread, disk blocks reserved ahead, each whole chunk written straight from the slab,
+run file rename. Two shapes:
 
 * prefill  one forward of ``--tokens`` tokens: steps+1 writes of [tokens, H] each (big slabs);
 * decode   ``--tokens`` forwards of one token inside one generate(): (steps+1) x tokens writes of [1, H]
@@ -17,10 +18,11 @@ chunked h5py writes, run file rename. Two shapes:
 
 Baselines write the same number of bytes to the same directory, no fsync (both sides end in the page cache):
 ``np.ndarray.tofile`` (one write call), ``os.pwrite`` of the same bytes in chunk-sized pieces, and one h5py
-contiguous dataset. Controls from this thread, with no hooks, queue or threads: "h5py whole chunks" gathers and
-writes loopscope's chunks with ``write_direct_chunk`` (the ceiling of loopscope's write path); "h5py via chunk
-cache" writes one ``dataset[:, k] = slab`` per iteration through a 64 MiB chunk cache (the write path before
-whole-chunk staging); "replay alone" runs the replayed model with nothing attached (the model side's own cost).
+contiguous dataset. Controls from this thread, with no hooks, queue or threads: "h5py whole chunks" writes
+loopscope's chunks, already laid out in memory, with ``write_direct_chunk`` into reserved blocks (the ceiling of
+loopscope's writer: the same calls, without the hook's copy); "h5py via chunk cache" writes one
+``dataset[:, k] = slab`` per iteration through a 64 MiB chunk cache (the write path before whole-chunk staging);
+"replay alone" runs the replayed model with nothing attached (the model side's own cost).
 "loopscope prefill x8" records eight prefill runs in one capture: the sustained rate, with attach/close and the
 first run's start-up spread over eight. Rates use the best of ``--repeats`` interleaved runs (medians beside them).
 
@@ -43,6 +45,7 @@ import torch
 from torch import nn
 
 import loopscope
+from loopscope.storage import preallocate
 
 
 SUSTAINED = 8  # prefill runs per capture for the sustained rate
@@ -122,18 +125,28 @@ def cached_writes(path: str, states: torch.Tensor, chunks) -> None:
             ds[:, k, :] = arrays[k]
 
 
-def whole_chunks(path: str, by_token: np.ndarray, chunks) -> None:
-    """loopscope's write path without the pipeline: gather each chunk into one buffer, write it directly."""
+def chunk_major(by_token: np.ndarray, chunks) -> np.ndarray:
+    """[T, K, H] states rearranged chunk by chunk, [T/ct, K/ck, ct, ck, H] (padded with NaN to whole chunks)."""
     tokens, steps1, hidden = by_token.shape
     ct, ck, _ = chunks
-    buffer = np.full(chunks, np.nan, dtype=by_token.dtype)
+    padded = np.full((-(-tokens // ct) * ct, -(-steps1 // ck) * ck, hidden), np.nan, dtype=by_token.dtype)
+    padded[:tokens, :steps1] = by_token
+    blocks = padded.reshape(padded.shape[0] // ct, ct, padded.shape[1] // ck, ck, hidden)
+    return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3, 4))
+
+
+def whole_chunks(path: str, blocks: np.ndarray, shape, chunks) -> None:
+    """loopscope's writer without the pipeline: every chunk already laid out in memory (as the hooks' slabs lay
+    them out), disk blocks reserved ahead, each chunk written once with ``write_direct_chunk``."""
+    ct, ck, _ = chunks
     with h5py.File(path, "w", libver="latest", rdcc_nbytes=0) as f:
-        ds = f.create_dataset("states", shape=by_token.shape, dtype=by_token.dtype, chunks=chunks)
-        for t0 in range(0, tokens, ct):
-            for k0 in range(0, steps1, ck):
-                block = by_token[t0 : t0 + ct, k0 : k0 + ck]
-                buffer[: block.shape[0], : block.shape[1]] = block
-                ds.id.write_direct_chunk((t0, k0, 0), buffer)
+        ds = f.create_dataset("states", shape=shape, dtype=blocks.dtype, chunks=chunks)
+        reserve = preallocate.Reserve(path)
+        for ti in range(blocks.shape[0]):
+            reserve.ahead(blocks[ti].nbytes)
+            for ki in range(blocks.shape[1]):
+                ds.id.write_direct_chunk((ti * ct, ki * ck, 0), blocks[ti, ki])
+    reserve.release()
 
 
 def pieces(path: str, flat: np.ndarray, piece: int) -> None:
@@ -219,6 +232,7 @@ def main() -> None:
         assert written == nbytes, (written, nbytes)
         c.clear_dir(work)
         by_token = np.ascontiguousarray(states[:, 0].numpy().transpose(1, 0, 2))  # [tokens, steps+1, H]
+        blocks = chunk_major(by_token, chunks)
         piece = int(np.prod(chunks)) * 4
 
         def timed(fn) -> float:
@@ -235,7 +249,7 @@ def main() -> None:
             "loopscope prefill": lambda: capture(prefill_model, path, "prefill", ids),
             "loopscope decode": lambda: capture(decode_model, path, "decode", ids),
             f"loopscope prefill x{SUSTAINED}": lambda: capture(prefill_model, path, "prefill", ids, runs=SUSTAINED),
-            "h5py whole chunks": lambda: whole_chunks(path, by_token, chunks),
+            "h5py whole chunks": lambda: whole_chunks(path, blocks, by_token.shape, chunks),
             "h5py via chunk cache": lambda: cached_writes(path, states, chunks),
             "replay alone: prefill": lambda: replay(prefill_model, "prefill", ids),
             "replay alone: decode": lambda: replay(decode_model, "decode", ids),
