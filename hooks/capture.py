@@ -54,23 +54,25 @@ class _Session:
 @dataclass
 class _Stage:
     """A host slab filling with consecutive steps of one loop, sent to the writer when full. It is laid out in the
-    run's chunks, [B, P, T, D, H]: P planes of D (the chunk depth) steps, plane 0 starting on a chunk boundary
-    ``base``, so the writer stores each whole chunk straight from the slab (see ``writer.State``)."""
+    run's chunks, [P, B, T, D, H]: P planes of D (the chunk depth) steps, plane 0 starting on a chunk boundary
+    ``base``, so the writer stores each whole chunk straight from the slab (see ``writer.State``), and a plane of
+    the whole batch is one contiguous block (one device-to-host copy on CUDA)."""
 
     slab: torch.Tensor
     base: int
     step0: int
     logical: str
     filled: int = 0
+    on_device: torch.Tensor | None = None  # CUDA: the plane being gathered on the device, [B, T, D, H]
+    device_plane: int | None = None  # which plane ``on_device`` holds rows of that are not copied down yet
 
     @property
     def capacity(self) -> int:
-        return self.slab.shape[1] * self.slab.shape[3] - (self.step0 - self.base)
+        return self.slab.shape[0] * self.slab.shape[3] - (self.step0 - self.base)
 
-    def row(self, step: int) -> torch.Tensor:
-        """The [B, T, H] view that holds ``step``."""
-        plane, depth = divmod(step - self.base, self.slab.shape[3])
-        return self.slab[:, plane, :, depth]
+    def place(self, step: int) -> tuple[int, int]:
+        """(plane, row within the plane) of ``step``."""
+        return divmod(step - self.base, self.slab.shape[3])
 
 
 @dataclass
@@ -649,9 +651,9 @@ class Capture:
             base = step - step % depth
             expected = self._steps_hint.get(spec.name, 8) + 1  # slots of the forward, s0 included
             planes = max(1, min(-(-(expected - base) // depth), self.pool.max_slab_bytes() // plane))
-            shape = (forward.batch, planes, forward.stored, depth, state.shape[2])
+            shape = (planes, forward.batch, forward.stored, depth, state.shape[2])
             stage = forward.stages[spec.name] = _Stage(self.pool.acquire(shape, state.dtype), base, step, logical)
-        self._copy(stage.row(step), state)
+        self._copy_step(stage, step, state)
         stage.filled += 1
 
     def _chunk_shape(self, spec: LoopSpec, state: torch.Tensor) -> tuple[int, int]:
@@ -699,13 +701,14 @@ class Capture:
             block -= block % chunk_tokens
         for t0 in range(0, tokens, block):
             t1 = min(t0 + block, tokens)
-            slab = self.pool.acquire((batch, 1, t1 - t0, 1, hidden), state.dtype)
-            self._copy(slab[:, 0, :, 0], state[:, t0:t1])
+            slab = self.pool.acquire((1, batch, t1 - t0, 1, hidden), state.dtype)
+            self._copy(slab[0, :, :, 0], state[:, t0:t1])
             self._put(w.State(session.run_ids, spec.name, session.offset + t0, step, slab, 1, logical,
                               self._ready_event(), chunks=session.chunks[spec.name]))
 
     def _send_stage(self, loop: str, stage: "_Stage", last: bool = False) -> None:
         session, forward = self._session, self._forward
+        self._copy_plane_down(stage)
         self._put(
             w.State(session.run_ids, loop, session.offset, stage.step0, stage.slab, stage.filled, stage.logical,
                     self._ready_event(), base=stage.base, chunks=session.chunks[loop], last=last)
@@ -719,18 +722,48 @@ class Capture:
         for name, steps in forward.steps.items():  # slots this loop filled: s0 excluded, as the hint expects
             self._steps_hint[name] = -(-steps // self._stride)
 
-    def _copy(self, destination: torch.Tensor, state: torch.Tensor) -> None:
-        """Copy into a host slab. From CUDA: on a side stream, into pinned memory, without blocking the model's
-        stream; the writer waits on an event recorded after the copies (see ``_ready_event``)."""
+    def _copy_step(self, stage: _Stage, step: int, state: torch.Tensor) -> None:
+        """Put one step's state [B, T, H] in its row of the stage. On the CPU, one copy straight into the slab. On
+        CUDA the rows of a plane are gathered on the device first (on the side stream), and the plane goes down in
+        one contiguous copy when it is full or the stage is sent: a row of a plane is strided in host memory, and a
+        strided device-to-host copy would go through a pageable temporary and block until it is done."""
+        plane, row = stage.place(step)
         if not state.is_cuda:
-            destination.copy_(state)  # ``state`` is detached: no autograd record, no grad mode needed
+            stage.slab[plane, :, :, row].copy_(state)  # ``state`` is detached: no autograd record, no grad mode
+            return
+        if stage.device_plane is not None and stage.device_plane != plane:
+            self._copy_plane_down(stage)
+        with torch.no_grad():
+            stream = self._copy_stream(state.device)
+            stream.wait_stream(torch.cuda.current_stream(state.device))
+            with torch.cuda.stream(stream):
+                if stage.on_device is None:  # allocated on the side stream: its memory is reused in stream order
+                    stage.on_device = torch.empty(stage.slab.shape[1:], dtype=state.dtype, device=state.device)
+                stage.on_device[:, :, row].copy_(state)
+            state.record_stream(stream)  # the allocator must not reuse the state's memory before the copy ends
+        stage.device_plane = plane
+        if row == stage.slab.shape[3] - 1:
+            self._copy_plane_down(stage)
+
+    def _copy_plane_down(self, stage: _Stage) -> None:
+        """CUDA: the plane gathered on the device goes to its place in the pinned slab, on the side stream."""
+        if stage.device_plane is None:
+            return
+        self._copy(stage.slab[stage.device_plane], stage.on_device)
+        stage.device_plane = None
+
+    def _copy(self, destination: torch.Tensor, state: torch.Tensor) -> None:
+        """Copy into a contiguous block of a host slab. From CUDA: on a side stream, into pinned memory, without
+        blocking the model's stream; the writer waits on an event recorded after the copies (``_ready_event``)."""
+        if not state.is_cuda:
+            destination.copy_(state)
             return
         with torch.no_grad():
             stream = self._copy_stream(state.device)
             stream.wait_stream(torch.cuda.current_stream(state.device))
             with torch.cuda.stream(stream):
                 destination.copy_(state, non_blocking=True)
-            state.record_stream(stream)  # the allocator must not reuse the state's memory before the copy ends
+            state.record_stream(stream)
             self._pending_devices.add(state.device)
 
     def _copy_stream(self, device: torch.device):

@@ -56,7 +56,7 @@ class Tokens:
 class State:
     """Consecutive stored steps ``step .. step + steps - 1`` of a block of tokens of every run in a batch.
 
-    The slab is laid out in the run's chunks: ``slab[b, p, :, d]`` is step ``base + p * D + d`` of run
+    The slab is laid out in the run's chunks: ``slab[p, b, :, d]`` is step ``base + p * D + d`` of run
     ``run_ids[b]``, P planes of D steps each. With D the chunk depth and ``base`` on a chunk boundary, every chunk
     a plane covers whole is one contiguous block of the slab, written as it is: no copy between hook and file.
     """
@@ -65,7 +65,7 @@ class State:
     loop: str
     offset: int
     step: int
-    slab: torch.Tensor  # [B, P, T, D, H] host tensor from the pool
+    slab: torch.Tensor  # [P, B, T, D, H] host tensor from the pool
     steps: int
     logical_dtype: str
     ready: Any = None  # CUDA events to wait on before reading the slab, when the copy was asynchronous
@@ -74,7 +74,7 @@ class State:
     last: bool = False  # the forward's last slab of this loop: its tokens get no more steps
 
     def planes(self, row: np.ndarray):
-        """(first step, [T, n, H] block) of each plane's recorded steps in ``row``, one batch row of this slab."""
+        """(first step, [T, n, H] block) of each plane's recorded steps in ``row`` [P, T, D, H], one batch row."""
         base = self.step if self.base is None else self.base
         planes, tokens, depth, hidden = row.shape
         end = self.step + self.steps
@@ -405,7 +405,7 @@ class CaptureWriter:
                 states = loop["states"]
                 states.resize((states.shape[0], last + 1, states.shape[2]))
                 loop["step_capacity"] = last + 1
-            for step, block in message.planes(array[b]):
+            for step, block in message.planes(array[:, b]):
                 loop["stager"].write(m.offset, step, block)
             loop["max_step"] = max(loop["max_step"], last)
             self.bytes_written += t * m.steps * hidden * array.itemsize
@@ -420,7 +420,7 @@ class CaptureWriter:
         if not m.last or not room or array.shape[2] < (m.chunks or (1 << 62,))[0]:
             return m
         end = m.step + m.steps - (m.step if m.base is None else m.base)
-        array[:, end // depth, :, depth - room :] = schema.fill_value(m.logical_dtype)
+        array[end // depth, :, :, depth - room :] = schema.fill_value(m.logical_dtype)
         return dataclasses.replace(m, steps=m.steps + room)
 
     def _write_steps(self, m: Steps) -> None:

@@ -53,7 +53,7 @@ class Driver:
         if split:
             for k in range(steps):
                 for t0 in range(0, tokens, split):
-                    piece = states[:, t0 : t0 + split, k : k + 1].unsqueeze(1).clone()
+                    piece = states[:, t0 : t0 + split, k : k + 1].unsqueeze(0).clone()
                     self._send(self.offset + t0, k, piece, 1)
         elif planes:
             depth = self.chunks[1]
@@ -61,14 +61,14 @@ class Driver:
                 k1 = min(k0 + planes * depth, steps)
                 slab = torch.zeros(self.batch, planes * depth, tokens, self.hidden, dtype=self.dtype)
                 slab[:, : k1 - k0] = states[:, :, k0:k1].transpose(1, 2)
-                slab = slab.reshape(self.batch, planes, depth, tokens, self.hidden).transpose(2, 3).contiguous()
+                slab = slab.reshape(self.batch, planes, depth, tokens, self.hidden).permute(1, 0, 3, 2, 4).contiguous()
                 self._send(self.offset, k0, slab, k1 - k0, base=k0, last=k1 == steps)
         else:
             group = group or steps
             for k0 in range(0, steps, group):
                 k1 = min(k0 + group, steps)
-                slab = torch.zeros(self.batch, 1, tokens, group, self.hidden, dtype=self.dtype)
-                slab[:, 0, :, : k1 - k0] = states[:, :, k0:k1]
+                slab = torch.zeros(1, self.batch, tokens, group, self.hidden, dtype=self.dtype)
+                slab[0, :, :, : k1 - k0] = states[:, :, k0:k1]
                 self._send(self.offset, k0, slab, k1 - k0)
         steps_array = np.full((self.batch, tokens), steps - 1, dtype=np.int32)
         self.writer.put(w.Steps(self.run_ids, "core", self.offset, steps_array))
@@ -150,12 +150,12 @@ def test_a_slab_starting_inside_a_plane(tmp_path):
     d = Driver(tmp_path / "c.h5", chunks=(4, 3))
     ids = np.arange(6, dtype=np.int64)[None]
     d.writer.put(w.Tokens(d.run_ids, 0, ids, np.ones_like(ids, dtype=np.int8), ids, 0))
-    slab = torch.randn(1, 2, 6, 3, 16, generator=d.generator)  # planes of steps 0-2 and 3-5; steps 1-4 recorded
+    slab = torch.randn(2, 1, 6, 3, 16, generator=d.generator)  # planes of steps 0-2 and 3-5; steps 1-4 recorded
     d._send(0, 1, slab.clone(), 4, base=0)
     d.writer.put(w.Steps(d.run_ids, "core", 0, np.full((1, 6), 4, dtype=np.int32)))
     expected = np.full((6, 5, 16), np.nan, dtype=np.float32)
     expected[:, 1:3] = slab[0, 0, :, 1:].numpy()
-    expected[:, 3:5] = slab[0, 1, :, :2].numpy()
+    expected[:, 3:5] = slab[1, 0, :, :2].numpy()
     d.expected[0] = expected
     d.close()
     d.check()
@@ -182,11 +182,12 @@ def test_split_prefill_one_step_per_message(tmp_path):
     d.check()
 
 
-def test_several_runs_in_a_batch(tmp_path):
+@pytest.mark.parametrize("layout", [dict(group=2), dict(planes=2)])
+def test_several_runs_in_a_batch(tmp_path, layout):
     d = Driver(tmp_path / "c.h5", batch=3, chunks=(4, 2))
-    d.forward(tokens=7, steps=5, group=2)
+    d.forward(tokens=8, steps=5, **layout)
     for _ in range(6):
-        d.forward(tokens=1, steps=5)
+        d.forward(tokens=1, steps=5, **layout)
     d.close()
     d.check()
 
