@@ -27,7 +27,7 @@ from ..storage.reader import CaptureFile, ReadoutNorm, Run
 from . import pca as _pca
 from .metrics import BLOCK_BYTES, METRICS, TokenMetrics, _token_block, block_measures
 from .pca import TrajectoryPCA
-from .reference import open_reference_run, reference_states, resolve_space, space_fn
+from .reference import open_reference_run, reference_states, resolve_space, space_fn, stored_values
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync")
 CONNECT_TIMEOUT = "10s"  # how long to wait for a cluster's scheduler before saying it is unreachable
@@ -87,6 +87,7 @@ class _RunPlan:
     bf16: bool
     readout: ReadoutNorm | None
     steps: np.ndarray
+    dtype: np.dtype  # of the states in the analysis space: float32 (state space) or float64 (readout, float64 runs)
 
 
 def token_metrics(
@@ -120,7 +121,7 @@ def token_metrics(
         args: list = [states, "tkh", steps, "t"]
         if not _is_final(reference):
             ref = dask.delayed(_reference_rows, pure=True)(p.capture, p.position, reference, p.space, p.loop, locking)
-            star = da.from_delayed(ref, shape=(len(p.steps), p.source.shape[2]), dtype=np.float64)
+            star = da.from_delayed(ref, shape=(len(p.steps), p.source.shape[2]), dtype=p.dtype)
             args += [star.rechunk((p.block, -1)), "th"]
         else:
             args += [None, None]
@@ -180,7 +181,8 @@ def trajectory_pca(
                 if not -n <= t < n:
                     raise LoopscopeError(f"token {t} is out of range: run {run.index} has {n} tokens (use 0..{n - 1})")
                 rows = one_token[t % n, : int(plan.steps[t]) + 1]
-                x = rows.map_blocks(_to_space, bf16=plan.bf16, readout=plan.readout, dtype=np.float64)
+                x = rows.map_blocks(_to_space, bf16=plan.bf16, readout=plan.readout, dtype=plan.dtype)
+                x = x.astype(np.float64)  # as the streamed PCA
                 trajectories.append(x)
                 labels.append(_pca._label(run, t))
                 tokens_out.append(t % n)
@@ -273,6 +275,8 @@ def _plan_run(path, position, run: Run, space, loop, block_bytes, locking) -> _R
     name = loop if loop is not None else run.loops[0]
     chunks = schema.dataset_chunks(ds)
     space_fn(run, space)  # one-line error when space="readout" but the file stores no readout norm
+    bf16 = run.logical_dtype(loop) == "bfloat16"
+    readout = run.capture.readout if space == "readout" else None
     return _RunPlan(
         capture=os.fspath(path),
         position=position,
@@ -283,9 +287,10 @@ def _plan_run(path, position, run: Run, space, loop, block_bytes, locking) -> _R
             run.path, ds.name, tuple(ds.shape), ds.dtype, locking, schema.as_text(ds.attrs.get("compression"))
         ),
         block=_token_block(ds.shape[1], ds.shape[2], block_bytes, chunks),
-        bf16=run.logical_dtype(loop) == "bfloat16",
-        readout=run.capture.readout if space == "readout" else None,
+        bf16=bf16,
+        readout=readout,
         steps=steps,
+        dtype=_to_space(np.empty((0, ds.shape[2]), ds.dtype), bf16=bf16, readout=readout).dtype,
     )
 
 
@@ -328,9 +333,14 @@ def _measure_block(raw: np.ndarray, last: np.ndarray, star: np.ndarray | None, *
 
 
 def _to_space(raw: np.ndarray, *, bf16: bool, readout: ReadoutNorm | None) -> np.ndarray:
-    """Stored states -> the analysis space, float64 (bf16 bit patterns widen exactly, as ``Run.decode``)."""
-    data = (raw.astype(np.uint32) << 16).view(np.float32) if bf16 else raw
-    return readout(data) if readout is not None else np.asarray(data, dtype=np.float64)
+    """Stored states -> the analysis space, as ``space_fn``."""
+    data = _decode(raw, bf16=bf16)
+    return readout(data) if readout is not None else stored_values(data)
+
+
+def _decode(raw: np.ndarray, *, bf16: bool) -> np.ndarray:
+    """Stored states -> floats, as ``Run.decode`` (bf16 bit patterns widen exactly)."""
+    return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32) if bf16 else raw
 
 
 def _reference_rows(capture_path, position, reference, space, loop, locking) -> np.ndarray:

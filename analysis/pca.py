@@ -54,7 +54,7 @@ def trajectory_pca(
     for t in tokens:
         if not -n <= t < n:
             raise LoopscopeError(f"token {t} is out of range: run {run.index} has {n} tokens (use 0..{n - 1})")
-        x = to_space(run.states(token=t, loop=loop))
+        x = np.asarray(to_space(run.states(token=t, loop=loop)), dtype=np.float64)
         centre = x.mean(axis=0)
         centred.append(x - centre)
         centres.append(centre)

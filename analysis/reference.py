@@ -37,15 +37,21 @@ def resolve_space(run: Run, space: str) -> str:
 
 
 def space_fn(run: Run, space: str):
-    """The map from stored states to the analysis space (float64): the readout norm, or the identity."""
+    """The map from stored states to the analysis space: the readout norm (float64), or the identity."""
     if space == "state":
-        return lambda x: np.asarray(x, dtype=np.float64)
+        return stored_values
     readout = run.capture.readout
     if readout.kind == "none":
         raise LoopscopeError(
             f"{run.capture.path} stores no readout norm for this model; use space='state' for the raw latent state"
         )
     return readout
+
+
+def stored_values(x: np.ndarray) -> np.ndarray:
+    """Decoded states as they are, in at least float32 (float16 widens exactly): the state space's measures need
+    no float64 copy, since differences of float32 numbers near convergence are exact (``metrics.block_measures``)."""
+    return np.asarray(x, dtype=np.result_type(x.dtype, np.float32))
 
 
 def parse_reference(text: str) -> str | int:
@@ -99,16 +105,17 @@ def reference_states(run: Run, reference_run: Run | None, space: str, loop: str 
     to_space = space_fn(reference_run, space)
     ds = reference_run.dataset(loop)
     steps = reference_run.steps_of(loop)[:n].astype(np.int64)
-    rows = np.empty((n, ds.shape[2]))
     # One read per block of tokens that stopped at the same step (one read in all for a fixed-depth run).
+    blocks = []
     start = 0
     while start < n:
         stop = start + 1
         while stop < n and steps[stop] == steps[start]:
             stop += 1
         block = reference_run.read(np.s_[start:stop, int(steps[start]), :], loop)
-        rows[start:stop] = to_space(reference_run.decode(block, loop))
+        blocks.append(to_space(reference_run.decode(block, loop)))
         start = stop
+    rows = np.concatenate(blocks) if blocks else np.empty((0, ds.shape[2]))
     same_file = os.path.abspath(reference_run.capture.path) == os.path.abspath(run.capture.path)
     where = f"run {reference_run.index}" if same_file else f"{os.path.basename(reference_run.capture.path)}:{reference_run.index}"
     label = f"{where} ({int(steps.max()) if n else 0} steps)"

@@ -11,9 +11,13 @@ import torch
 
 import loopscope
 from loopscope.analysis import METRICS, convergence, token_metrics, trajectory_pca
+from loopscope.analysis.metrics import block_measures
+from loopscope.examples.demo import PROMPT as DEMO_PROMPT
+from loopscope.examples.demo import build_demo_model
 from loopscope.storage.errors import LoopscopeError
 
 PROMPT = "Tokens settle at different speeds."
+RTOL = 1e-5  # every measure against float64 arithmetic on the same states (float32 states are measured in float32)
 
 
 @pytest.fixture
@@ -51,7 +55,7 @@ def _direct(states: np.ndarray, steps: np.ndarray, f, star=None) -> dict[str, np
 
 def _assert_metrics_equal(got, want):
     for name in METRICS:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=0, err_msg=name)
         np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(want[name]), err_msg=name)
 
 
@@ -178,3 +182,65 @@ def test_pca_projections_preserve_the_trajectory_geometry(capture_path):
         assert shared[0].explained.sum() <= 1 + 1e-12
         with pytest.raises(LoopscopeError, match="out of range"):
             trajectory_pca(run, [99])
+
+
+@pytest.fixture(scope="module")
+def converged_captures(tmp_path_factory):
+    """The demo model 64 iterations deep over its prompt, stored as float32, bfloat16 and float16: distances to s*
+    shrink to ~1e-7 of its norm, and the first states are nearly orthogonal to it (cosines near 0)."""
+    model, tokenizer = build_demo_model()
+    ids = tokenizer(DEMO_PROMPT, return_tensors="pt").input_ids
+    folder = tmp_path_factory.mktemp("converged")
+    paths = {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        paths[dtype] = folder / f"{dtype}.h5"
+        with loopscope.attach(model, paths[dtype], dtype=dtype), torch.no_grad():
+            torch.manual_seed(0)
+            model(ids, num_steps=64)
+    return paths
+
+
+@pytest.mark.parametrize("space", ["state", "readout"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_measures_keep_float64_precision_near_convergence(converged_captures, dtype, space):
+    """Every measure within RTOL of float64 arithmetic, also where the distance to s* is a millionth of its norm
+    (where float32 readout states, or norms expanded as |a|^2 + |b|^2 - 2ab, lose every digit) and where the
+    cosine is near 0 (where a float32 dot product loses its relative precision)."""
+    with loopscope.open(converged_captures[dtype]) as capture:
+        run = capture.runs[0]
+        assert run.logical_dtype() == dtype
+        got = token_metrics(run, space=space)
+        want = _direct(run.states(), run.num_steps, (lambda x: x) if space == "state" else capture.readout)
+    relative = want["relative_distance"]
+    assert np.sum((relative > 0) & (relative < 1e-5)) >= 20, "no tokens near convergence: the check would be void"
+    assert np.nanmin(np.abs(want["cosine"])) < 0.01
+    for name in METRICS:
+        np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=0, err_msg=name)
+
+
+def test_float32_measures_fall_back_to_float64_past_its_range(converged_captures):
+    """Captured states scaled so their squares overflow float32 (norms ~1e21) are measured as float64 would."""
+    with loopscope.open(converged_captures["float32"]) as capture:
+        run = capture.runs[0]
+        states = run.states() * np.float32(1e20)
+    assert np.isfinite(states).all()
+    got = block_measures(states, run.num_steps)
+    want = block_measures(states.astype(np.float64), run.num_steps)
+    for name in METRICS:
+        assert not np.isinf(got[name]).any(), name
+        np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=0, err_msg=name)
+
+
+def test_a_cosine_near_zero_keeps_its_relative_precision(converged_captures):
+    """s* turned orthogonal to each token's first state: cosines of ~1e-9 still match float64 arithmetic within
+    RTOL, which a dot product summed in float32 (absolute error ~1e-8) would miss by orders of magnitude."""
+    with loopscope.open(converged_captures["float32"]) as capture:
+        run = capture.runs[0]
+        states = run.states()
+    first, last = states[:, 0].astype(np.float64), states[np.arange(run.num_tokens), run.num_steps].astype(np.float64)
+    along = np.sum(last * first, axis=1) / np.sum(first * first, axis=1)
+    star = (last - along[:, None] * first).astype(np.float32)
+    got = block_measures(states, run.num_steps, star)
+    want = _direct(states, run.num_steps, lambda x: x, star.astype(np.float64))
+    assert np.max(np.abs(want["cosine"][:, 0])) < 1e-6
+    np.testing.assert_allclose(got["cosine"], want["cosine"], rtol=RTOL, atol=0)
