@@ -25,7 +25,7 @@ from ..storage import compression, schema
 from ..storage.errors import CaptureFileError, LoopscopeError, first_line
 from ..storage.reader import CaptureFile, ReadoutNorm, Run
 from . import pca as _pca
-from .metrics import BLOCK_BYTES, METRICS, TokenMetrics, _token_block, block_measures
+from .metrics import BLOCK_BYTES, METRICS, TokenMetrics, _token_block, stored_block_measures
 from .pca import TrajectoryPCA
 from .reference import open_reference_run, reference_states, resolve_space, space_fn, stored_values
 
@@ -328,7 +328,8 @@ def _reference_labels(plans, reference, locking) -> list[str]:
 # ---- tasks (run on workers; arguments are plain data) ---------------------------------------------------------------
 def _measure_block(raw: np.ndarray, last: np.ndarray, star: np.ndarray | None, *, bf16: bool, readout) -> np.ndarray:
     """[b, M, K]: every measure of a block of tokens, from its stored states."""
-    values = block_measures(_to_space(raw, bf16=bf16, readout=readout), last, star)
+    space = readout if readout is not None else stored_values
+    values = stored_block_measures(_decode(raw, bf16=bf16), last, star, space)
     return np.stack([values[name] for name in METRICS], axis=1)
 
 

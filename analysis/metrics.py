@@ -7,11 +7,14 @@ Measures are taken in the readout space (the model's final norm, as the Huginn p
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
+import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -31,6 +34,10 @@ METRIC_HELP = {
 }
 DEFAULT_TOL = 1e-2
 BLOCK_BYTES = 64 << 20
+READ_AHEAD = 1  # blocks read ahead of the one being measured
+SLICE_BYTES = 1 << 20  # states measured at a time, so that they and their scratch copies stay in the CPU cache
+
+_Item = TypeVar("_Item")
 
 
 @dataclass
@@ -148,11 +155,15 @@ def token_metrics(
         ref = reference_states(run, open_reference_run(run, reference, stack), space, loop)
     out = {name: np.full((n_tokens, n_slots), np.nan) for name in METRICS}
     block = _token_block(n_slots, hidden, block_bytes, schema.dataset_chunks(ds))
-    for t0 in range(0, n_tokens, block):
-        t1 = min(t0 + block, n_tokens)
-        states = to_space(run.decode(run.read(np.s_[t0:t1], loop), loop))  # [b, K, H]
+    spans = [(t0, min(t0 + block, n_tokens)) for t0 in range(0, n_tokens, block)]
+    read = _block_reader(run, loop, block)
+
+    def load(span: tuple[int, int]) -> np.ndarray:
+        return run.decode(read(*span), loop)
+
+    for (t0, t1), stored in _read_ahead(load, spans):
         star = ref.states[t0:t1] if ref.states is not None else None
-        for name, value in block_measures(states, steps[t0:t1], star).items():
+        for name, value in stored_block_measures(stored, steps[t0:t1], star, to_space).items():
             out[name][t0:t1] = value
         if progress is not None:
             progress(t1 - t0)
@@ -190,6 +201,20 @@ def block_measures(states: np.ndarray, last: np.ndarray, star: np.ndarray | None
         if states.dtype == np.float32 and _overflowed(values, valid):
             values = _measures(states.astype(np.float64), star.astype(np.float64))
     return {name: np.where(valid, value, np.nan) for name, value in values.items()}
+
+
+def stored_block_measures(
+    stored: np.ndarray, last: np.ndarray, star: np.ndarray | None, to_space: Callable[[np.ndarray], np.ndarray]
+) -> dict[str, np.ndarray]:
+    """:func:`block_measures` of decoded stored states, mapped by ``to_space`` and measured SLICE_BYTES at a time:
+    a slice's analysis-space copy and scratch arrays stay in the CPU cache between the passes over them (whole
+    8 MB blocks measured ~1.3x slower here)."""
+    rows = max(1, SLICE_BYTES * len(stored) // max(stored.nbytes, 1))
+    parts = [
+        block_measures(to_space(stored[t : t + rows]), last[t : t + rows], None if star is None else star[t : t + rows])
+        for t in range(0, len(stored) or 1, rows)
+    ]
+    return {name: np.concatenate([part[name] for part in parts]) for name in METRICS}
 
 
 def _measures(states: np.ndarray, star: np.ndarray) -> dict[str, np.ndarray]:
@@ -254,6 +279,35 @@ def _dot(states: np.ndarray, star: np.ndarray) -> np.ndarray:
     """[b, K] s_k . s* summed in float64, where products of float32 numbers are exact: a cosine near 0 (early
     steps, far from s*) keeps its relative precision, which a float32 sum of cancelling terms would lose."""
     return _row_dot(states.astype(np.float64, copy=False), star.astype(np.float64)[:, None, :])
+
+
+def _block_reader(run: Run, loop: str | None, block: int) -> Callable[[int, int], np.ndarray]:
+    """``read(t0, t1)``: tokens t0:t1 in the stored representation, into READ_AHEAD + 1 buffers in turn (the blocks
+    read ahead and the one being measured), so each result stays valid for READ_AHEAD more calls."""
+    ds = run.dataset(loop)
+    buffers = [np.empty((min(block, ds.shape[0]), *ds.shape[1:]), ds.dtype) for _ in range(READ_AHEAD + 1)]
+    calls = itertools.count()
+
+    def read(t0: int, t1: int) -> np.ndarray:
+        return run.read(np.s_[t0:t1], loop, out=buffers[next(calls) % len(buffers)][: t1 - t0])
+
+    return read
+
+
+def _read_ahead(load: Callable[[_Item], np.ndarray], items: Iterable[_Item]) -> Iterator[tuple[_Item, np.ndarray]]:
+    """``(item, load(item))`` for each item in order, up to READ_AHEAD items loading on a second thread while the
+    caller works on the current one: h5py and numpy release the GIL, so reading overlaps the arithmetic. A loaded
+    item is not used once the next is asked for."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append((item, pool.submit(load, item)))
+            if len(pending) > READ_AHEAD:
+                item, loaded = pending.popleft()
+                yield item, loaded.result()
+        while pending:
+            item, loaded = pending.popleft()
+            yield item, loaded.result()
 
 
 def _token_block(n_slots: int, hidden: int, budget: int, chunks: tuple[int, ...] | None) -> int:
