@@ -311,11 +311,12 @@ def _read_ahead(load: Callable[[_Item], np.ndarray], items: Iterable[_Item]) -> 
 
 
 def _token_block(n_slots: int, hidden: int, budget: int, chunks: tuple[int, ...] | None) -> int:
-    """Tokens per read: about five float64 copies of a token's trajectory fit in ``budget``, in whole chunks.
+    """Tokens per read: what a block holds of a token's trajectory fits in ``budget`` (READ_AHEAD + 1 read buffers
+    and a decoded float32 copy; the float64 work is done a slice of SLICE_BYTES at a time), in whole chunks.
 
     A block smaller than one chunk row straddles chunks and reads each twice (the capture writes ~1 MiB chunks
     with no chunk cache), so it is rounded up to a whole chunk row when that costs at most twice the budget."""
-    per_token = max(n_slots * hidden * 8 * 5, 1)
+    per_token = max(n_slots * hidden * 4 * (READ_AHEAD + 2), 1)
     tokens = max(budget // per_token, 1)
     chunk_tokens = chunks[0] if chunks else 1
     if tokens < chunk_tokens and chunk_tokens * per_token <= 2 * budget:
