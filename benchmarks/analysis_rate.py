@@ -2,13 +2,16 @@
 
     python benchmarks/analysis_rate.py            # ~1 min
     python benchmarks/analysis_rate.py --small    # ~10 s smoke run
+    python benchmarks/analysis_rate.py --readout  # measures in the readout space (an RMSNorm, as Huginn's ln_f)
 
 The capture is made of real states (the n_embd=1024 reference model, 32 steps, replayed through loopscope as in
 ``write_rate.py``) in one prefill-shaped run. Three readers go over the run's file, best of ``--repeats``:
 
 * raw read          ``open().readinto`` of the whole run file in 8 MB blocks (the ceiling);
-* h5py blocks       ``Run.read`` of every token block the analysis reads, no arithmetic (the storage cost);
-* token_metrics     the full streamed analysis: every measure of every token and step, readout space.
+* h5py blocks       ``Run.read`` of every token block the analysis reads, into one buffer, no arithmetic (the
+                    storage cost);
+* token_metrics     the full streamed analysis: every measure of every token and step, in the state space (the
+                    replayed model has no final norm), or with ``--readout`` in the readout space.
 
 ``--cold`` drops the file from the page cache before each read (``posix_fadvise(DONTNEED)`` after an fsync), so
 reads come from the disk; without it every reader works from memory, which measures CPU cost only.
@@ -22,11 +25,14 @@ import os
 import time
 
 import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
+import h5py
 import numpy as np
 from write_rate import Replay, capture, record_states
 
 import loopscope
 from loopscope.analysis import metrics
+from loopscope.analysis.reference import resolve_space
+from loopscope.storage import schema
 
 
 def drop_from_cache(path: str) -> None:
@@ -45,11 +51,22 @@ def raw_read(path: str) -> None:
             pass
 
 
+def store_rmsnorm(path: str, hidden: int) -> None:
+    """Give the capture an RMSNorm readout (weights drawn once): the replayed model has no final norm to record."""
+    with h5py.File(path, "r+") as f:
+        group = f[schema.READOUT]
+        group.attrs.update({"kind": schema.text("rmsnorm"), "eps": 1e-6, "weight_offset": 0.0})
+        weight = np.random.default_rng(0).uniform(0.5, 1.5, hidden).astype(np.float32)
+        group.create_dataset("weight", data=weight)
+
+
 def h5py_blocks(run) -> None:
     ds = run.dataset()
     block = metrics._token_block(ds.shape[1], ds.shape[2], metrics.BLOCK_BYTES, ds.chunks)
+    buffer = np.empty((min(block, ds.shape[0]), *ds.shape[1:]), ds.dtype)  # reused, as the analysis reads
     for t0 in range(0, ds.shape[0], block):
-        run.read(np.s_[t0 : t0 + block])
+        t1 = min(t0 + block, ds.shape[0])
+        run.read(np.s_[t0:t1], out=buffer[: t1 - t0])
 
 
 def main() -> None:
@@ -59,6 +76,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=None, help="default 3 (--small 1)")
     p.add_argument("--cold", action="store_true", help="drop the file from the page cache before each read")
+    p.add_argument("--readout", action="store_true", help="measure in the readout space (a stored RMSNorm)")
     a = p.parse_args()
     tokens = a.tokens or (128 if a.small else 2048)
     repeats = a.repeats or (1 if a.small else 3)
@@ -70,6 +88,8 @@ def main() -> None:
         import torch
 
         capture(Replay([states]), path, "prefill", torch.from_numpy(ids))
+        if a.readout:
+            store_rmsnorm(path, states.shape[-1])
         del states
         with loopscope.open(path) as cap:
             run = cap.runs[0]
@@ -91,6 +111,7 @@ def main() -> None:
             results = c.interleaved(list(readers), repeats, timed)
             shape = run.dataset().shape
             chunks = run.dataset().chunks
+            space = resolve_space(run, "auto")
         best = {name: min(times) for name, times in results.items()}
         rows = [
             [name, f"{best[name]:.3f}", f"{c.median(results[name]):.3f}", c.fmt_rate(size, best[name]),
@@ -99,7 +120,8 @@ def main() -> None:
         ]
         c.table(
             f"{c.fmt_bytes(size)} run file: {shape[0]} tokens x {shape[1]} states x H={shape[2]} float32, "
-            f"chunks {chunks}; {'cold (page cache dropped)' if a.cold else 'warm page cache'}; best of {repeats}",
+            f"chunks {chunks}; {space} space; "
+            f"{'cold (page cache dropped)' if a.cold else 'warm page cache'}; best of {repeats}",
             ["reader", "best s", "median s", "MB/s", "/ raw read"],
             rows,
             caption="target: token_metrics >= 0.5 of the raw read",
