@@ -259,27 +259,20 @@ class CaptureWriter:
             group.attrs.update(schema.attrs_to_store(attrs))
             group.attrs["complete"] = False
             handles = _RunHandles(group, one_forward=attrs.get("call") == "forward", reserve=Reserve(group.filename))
-            specs = {
-                "token_ids": np.int64,
-                "attention_mask": np.int8,
-                "positions": np.int64,
-                "forward_index": np.int32,
-            }
-            for name, dtype in specs.items():
-                handles.token_sets[name] = group.create_dataset(
-                    name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(TOKEN_CHUNK,)
-                )
             group.create_group(schema.LOOPS)
             self._runs[run_id] = handles
 
     def _grow_tokens(self, handles: _RunHandles, needed: int) -> None:
+        """Token extent of the run's datasets: exactly its tokens for a forward() run (they all come at once, so
+        nothing is trimmed at close), else grown in doubling blocks."""
         if needed <= handles.capacity:
             return
-        capacity = max(needed, 2 * handles.capacity, TOKEN_CHUNK)
+        capacity = needed if handles.one_forward else max(needed, 2 * handles.capacity, TOKEN_CHUNK)
         for ds in handles.token_sets.values():
             ds.resize((capacity,))
         for loop in handles.loops.values():
-            loop["num_steps"].resize((capacity,))
+            if loop["num_steps"] is not None:
+                loop["num_steps"].resize((capacity,))
             states = loop["states"]
             states.resize((capacity,) + states.shape[1:])
         for signals in handles.signals.values():
@@ -292,13 +285,6 @@ class CaptureWriter:
         end = m.offset + t
         for b, run_id in enumerate(m.run_ids):
             h = self._runs[run_id]
-            if m.strings is not None and "token_ends" not in h.token_sets:
-                h.token_sets["token_ends"] = h.group.create_dataset(
-                    "token_ends", shape=(h.capacity,), maxshape=(None,), dtype=np.int64, chunks=(TOKEN_CHUNK,)
-                )
-                h.token_bytes = h.group.create_dataset(
-                    "token_bytes", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(16 * TOKEN_CHUNK,)
-                )
             values = {
                 "token_ids": m.token_ids[b],
                 "attention_mask": m.attention_mask[b],
@@ -320,32 +306,64 @@ class CaptureWriter:
         pending.add(offset, values)
 
     def _flush_pending(self, h: _RunHandles) -> None:
-        """Write the per-token metadata gathered so far, one contiguous write per dataset."""
+        """Write the per-token metadata gathered so far, one contiguous write per dataset. Each dataset is created
+        by its first write, with its values: a run of up to TOKEN_CHUNK tokens writes each in one call at close."""
         self._grow_tokens(h, h.n_tokens)
         for name, pending in h.pending.items():
             if not pending.count:
                 continue
             values, start = pending.values[: pending.count], pending.start
             pending.count = 0
-            target = h.token_sets.get(name)
-            if target is None:  # loops/<name>/num_steps
-                loop = h.loops.get(name.split("/", 1)[1]) if name.startswith("loops/") else None
+            if name.startswith("loops/"):  # loops/<name>/num_steps
+                loop = h.loops.get(name.split("/", 1)[1])
                 if loop is None:  # the loop never ran for these tokens: nothing but s0 to say
                     continue
-                target = loop["num_steps"]
+                if loop["num_steps"] is None:
+                    loop["num_steps"] = self._token_dataset(h, loop["group"], "num_steps", start, values)
+                else:
+                    self._token_write(h, loop["num_steps"], start, values)
+                continue
             if name == "token_ends":
                 values = self._append_token_text(h, values)
-            target[start : start + len(values)] = values
+            target = h.token_sets.get(name)
+            if target is None:
+                h.token_sets[name] = self._token_dataset(h, h.group, name, start, values)
+            else:
+                self._token_write(h, target, start, values)
+
+    @staticmethod
+    def _token_dataset(h: _RunHandles, group, name: str, start: int, values: np.ndarray) -> h5py.Dataset:
+        """A per-token dataset [T], resizable in TOKEN_CHUNK chunks, created holding ``values`` at ``start``."""
+        if start == 0:
+            return group.create_dataset(name, data=values, maxshape=(None,), chunks=(TOKEN_CHUNK,))
+        ds = group.create_dataset(
+            name, shape=(max(start + len(values), h.capacity),), maxshape=(None,), dtype=values.dtype,
+            chunks=(TOKEN_CHUNK,),
+        )
+        ds[start : start + len(values)] = values
+        return ds
+
+    @staticmethod
+    def _token_write(h: _RunHandles, ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
+        end = start + len(values)
+        if end > ds.shape[0]:
+            ds.resize((max(end, h.capacity),))
+        ds[start:end] = values
 
     def _append_token_text(self, h: _RunHandles, strings: np.ndarray) -> np.ndarray:
         """Append the tokens' utf-8 bytes to ``token_bytes``; returns where each token's text ends."""
         encoded = [str(t).encode("utf-8") for t in strings]
         ends = h.token_bytes_used + np.cumsum([len(e) for e in encoded], dtype=np.int64)
         new_end = int(ends[-1]) if len(ends) else h.token_bytes_used
-        if new_end > h.token_bytes.shape[0]:
-            h.token_bytes.resize((max(new_end, 2 * h.token_bytes.shape[0]),))
-        if new_end > h.token_bytes_used:
-            h.token_bytes[h.token_bytes_used : new_end] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        if h.token_bytes is None:
+            h.token_bytes = h.group.create_dataset(
+                "token_bytes", data=data, maxshape=(None,), chunks=(16 * TOKEN_CHUNK,)
+            )
+        elif new_end > h.token_bytes_used:
+            if new_end > h.token_bytes.shape[0]:
+                h.token_bytes.resize((max(new_end, 2 * h.token_bytes.shape[0]),))
+            h.token_bytes[h.token_bytes_used : new_end] = data
         h.token_bytes_used = new_end
         return ends
 
@@ -374,14 +392,11 @@ class CaptureWriter:
         states.attrs["logical_dtype"] = schema.text(m.logical_dtype)
         if self.compression is not None:
             states.attrs["compression"] = schema.text(self.compression)
-        num_steps = group.create_dataset(
-            "num_steps", shape=(h.capacity,), maxshape=(None,), dtype=np.int32, chunks=(TOKEN_CHUNK,)
-        )
         stager = ChunkStager(
             states, schema.fill_value(m.logical_dtype), self.staging, filtered=self.compression is not None
         )
         h.loops[loop] = {
-            "group": group, "states": states, "num_steps": num_steps, "max_step": 0,
+            "group": group, "states": states, "num_steps": None, "max_step": 0,  # num_steps: at its first flush
             "step_capacity": states.shape[1], "stager": stager,
         }
         return h.loops[loop]
@@ -457,17 +472,19 @@ class CaptureWriter:
             self._flush_pending(h)
             n = h.n_tokens
             for ds in h.token_sets.values():
-                ds.resize((n,))
+                _resize(ds, (n,))
             if h.token_bytes is not None:
-                h.token_bytes.resize((h.token_bytes_used,))
+                _resize(h.token_bytes, (h.token_bytes_used,))
             for name, signals in h.signals.items():
                 loop = h.loops.get(name)
                 for ds in signals.values():  # as many steps as the loop's states (at least those recorded)
-                    ds.resize((n, loop["max_step"] + 1 if loop else ds.shape[1]))
+                    _resize(ds, (n, loop["max_step"] + 1 if loop else ds.shape[1]))
             for name, loop in h.loops.items():
-                loop["num_steps"].resize((n,))
+                if loop["num_steps"] is None:  # no step counts came (HDF5 would have filled it with zeros)
+                    loop["num_steps"] = loop["group"].create_dataset("num_steps", data=np.zeros(n, dtype=np.int32))
+                _resize(loop["num_steps"], (n,))
                 states = loop["states"]
-                states.resize((n, loop["max_step"] + 1, states.shape[2]))
+                _resize(states, (n, loop["max_step"] + 1, states.shape[2]))
                 inner = self.inner_steps.get(name)
                 if inner:
                     loop["group"].create_dataset("step_labels", data=nested_labels(loop["max_step"], inner))
@@ -492,6 +509,12 @@ class CaptureWriter:
                 pass
             h.reserve.release()
             self._runs.pop(run_id)
+
+
+def _resize(ds: h5py.Dataset, shape: tuple[int, ...]) -> None:
+    """Resize unless already that shape (HDF5 walks the chunk index even for a no-op resize)."""
+    if ds.shape != shape:
+        ds.resize(shape)
 
 
 def _one_line(error: BaseException) -> str:
