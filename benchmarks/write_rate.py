@@ -49,6 +49,7 @@ from loopscope.storage import preallocate
 
 
 SUSTAINED = 8  # prefill runs per capture for the sustained rate
+SHORT_RUNS = 8  # the sustained volume again in runs this many times shorter: what each run file costs
 
 
 class _Block(nn.Module):
@@ -149,15 +150,49 @@ def whole_chunks(path: str, blocks: np.ndarray, shape, chunks) -> None:
     reserve.release()
 
 
-def pieces(path: str, flat: np.ndarray, piece: int) -> None:
-    """A raw sequential write of the same bytes in chunk-sized pieces (a chunked file cannot be one write call)."""
+def pieces(path: str, flat: np.ndarray, piece: int, reserve: bool = False, copies: int = 1) -> None:
+    """A raw sequential write of the same bytes in chunk-sized pieces (a chunked file cannot be one write call),
+    ``copies`` times over; ``reserve``: the file's blocks are allocated first, as loopscope reserves its run files'."""
     view = memoryview(flat).cast("B")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        for start in range(0, len(view), piece):
-            os.pwrite(fd, view[start : start + piece], start)
+        if reserve:
+            os.posix_fallocate(fd, 0, len(view) * copies)
+        for copy in range(copies):
+            for start in range(0, len(view), piece):
+                os.pwrite(fd, view[start : start + piece], copy * len(view) + start)
     finally:
         os.close(fd)
+
+
+def synced(fn, work: str):
+    """``fn`` followed by an fsync of every file it left in ``work`` and of the directories: the bytes are on the
+    disk when it returns, not only in the page cache."""
+
+    def run():
+        fn()
+        for root, _, files in os.walk(work):
+            for name in [*files, "."]:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    return run
+
+
+def rate_table(times: dict, nbytes: int, volume: dict, raws: list[str], title: str, caption: str) -> None:
+    """One row per case: best and median time, MB/s, and the rate against each of the ``raws`` cases."""
+    # Best of N: a 10 ms raw write is at the mercy of the kernel's background work on this VM (one in three took
+    # 0.15 s), and the question is each writer's speed, not the machine's hiccups. Medians are shown too.
+    rate = {name: nbytes * volume.get(name, 1) / min(ts) for name, ts in times.items()}
+    rows = [
+        [name, f"{min(ts):.3f}", f"{c.median(ts):.3f}", f"{rate[name] / c.MB:,.0f}",
+         *[f"{rate[name] / rate[raw]:.3f}" for raw in raws]]
+        for name, ts in times.items()
+    ]
+    c.table(title, ["writer", "best s", "median s", "MB/s", *[f"/ {raw}" for raw in raws]], rows, caption=caption)
 
 
 def codec_table(states: torch.Tensor, ids: torch.Tensor, work: str, repeats: int) -> None:
@@ -203,6 +238,7 @@ def main() -> None:
     p.add_argument("--record", type=int, default=None, help="prefill length actually computed (default 64)")
     p.add_argument("--repeats", type=int, default=None, help="default 5 (--small 1)")
     p.add_argument("--no-codecs", action="store_true", help="skip the compression table")
+    p.add_argument("--disk", action="store_true", help="also time every writer to the disk (fsync), ~1 min more")
     a = p.parse_args()
     tokens = a.tokens or (64 if a.small else 512)
     record = a.record or (16 if a.small else 64)
@@ -220,8 +256,13 @@ def main() -> None:
     )
     prefill_model = Replay([states])
     decode_model = Replay([states[:, :, t : t + 1] for t in range(tokens)])
+    short = max(tokens // SHORT_RUNS, 1)  # the same bytes as x8 again, in many short runs (per-run costs)
+    short_model = Replay([states[:, :, :short].contiguous()])
     ids = torch.arange(tokens).remainder(256).unsqueeze(0)
     flat = states.numpy().reshape(-1)
+    sustained = f"loopscope prefill x{SUSTAINED}"
+    short_name = f"loopscope prefill x{SUSTAINED * SHORT_RUNS} of {short} tokens"
+    volume = {sustained: SUSTAINED, short_name: SUSTAINED}  # bytes per case, in runs of nbytes
 
     with c.workdir() as work:
         path = os.path.join(work, "run.h5")
@@ -245,10 +286,12 @@ def main() -> None:
         cases = {
             "tofile": lambda: flat.tofile(path),
             "pwrite, chunk-sized pieces": lambda: pieces(path, flat, piece),
+            "pwrite pieces, reserved blocks": lambda: pieces(path, flat, piece, reserve=True),
             "h5py contiguous": lambda: h5py.File(path, "w").create_dataset("states", data=flat).file.close(),
             "loopscope prefill": lambda: capture(prefill_model, path, "prefill", ids),
             "loopscope decode": lambda: capture(decode_model, path, "decode", ids),
-            f"loopscope prefill x{SUSTAINED}": lambda: capture(prefill_model, path, "prefill", ids, runs=SUSTAINED),
+            sustained: lambda: capture(prefill_model, path, "prefill", ids, runs=SUSTAINED),
+            short_name: lambda: capture(short_model, path, "prefill", ids[:, :short], runs=SUSTAINED * SHORT_RUNS),
             "h5py whole chunks": lambda: whole_chunks(path, blocks, by_token.shape, chunks),
             "h5py via chunk cache": lambda: cached_writes(path, states, chunks),
             "replay alone: prefill": lambda: replay(prefill_model, "prefill", ids),
@@ -257,32 +300,35 @@ def main() -> None:
         for fn in cases.values():
             timed(fn)
         times = c.interleaved(list(cases), repeats, lambda name: timed(cases[name]))
-
-    # Best of N: a 10 ms raw write is at the mercy of the kernel's background work on this VM (one in three took
-    # 0.15 s), and the question is each writer's speed, not the machine's hiccups. Medians are shown too.
-    best = {name: min(ts) for name, ts in times.items()}
-    raw = {name: nbytes / best[name] for name in ("tofile", "pwrite, chunk-sized pieces")}
-    rows = []
-    for name in cases:
-        rate = nbytes * (SUSTAINED if name.endswith(f"x{SUSTAINED}") else 1) / best[name]
-        rows.append(
-            [
-                name,
-                f"{best[name]:.3f}",
-                f"{c.median(times[name]):.3f}",
-                f"{rate / c.MB:,.0f}",
-                f"{rate / raw['tofile']:.3f}",
-                f"{rate / raw['pwrite, chunk-sized pieces']:.3f}",
-            ]
+        rate_table(
+            times, nbytes, volume, ["tofile", "pwrite pieces, reserved blocks"],
+            f"{c.fmt_bytes(nbytes)} per run ({tokens} tokens x {steps1} states x H={hidden}, float32), loopscope's "
+            f"chunks {chunks}; best of {repeats}",
+            f"writes end in the page cache (no fsync); decode = one forward per token, as in generate(); "
+            f"x{SUSTAINED} = {SUSTAINED} prefill runs in one capture (sustained rate); x{SUSTAINED * SHORT_RUNS}: the "
+            f"same bytes in {short}-token runs (one run file each)",
         )
-    c.table(
-        f"{c.fmt_bytes(nbytes)} per run ({tokens} tokens x {steps1} states x H={hidden}, float32), loopscope's "
-        f"chunks {chunks}; best of {repeats}",
-        ["writer", "best s", "median s", "MB/s", "/ tofile", "/ pwrite pieces"],
-        rows,
-        caption=f"writes end in the page cache (no fsync); decode = one forward per token, as in generate(); "
-        f"x{SUSTAINED} = {SUSTAINED} prefill runs in one capture (sustained rate)",
-    )
+
+        if a.disk:
+            # Every case writes the x8 volume and ends with an fsync of all it wrote: the rate of the disk itself.
+            copies = SUSTAINED
+            disk = {
+                "raw write + fsync": lambda: pieces(path, flat, flat.nbytes, copies=copies),
+                "pwrite pieces, reserved + fsync": lambda: pieces(path, flat, piece, reserve=True, copies=copies),
+                f"{sustained} + fsync": lambda: capture(prefill_model, path, "prefill", ids, runs=copies),
+                f"{short_name} + fsync": lambda: capture(
+                    short_model, path, "prefill", ids[:, :short], runs=copies * SHORT_RUNS
+                ),
+            }
+            disk = {name: synced(fn, work) for name, fn in disk.items()}
+            os.sync()
+            disk_times = c.interleaved(list(disk), repeats, lambda name: timed(disk[name]))
+            rate_table(
+                disk_times, nbytes, dict.fromkeys(disk, copies), ["raw write + fsync", "pwrite pieces, reserved + fsync"],
+                f"to the disk: {c.fmt_bytes(nbytes * copies)} per case, each ending with an fsync of every file and "
+                f"directory it wrote; best of {repeats}",
+                "the time includes the disk's own write-back, so the page cache no longer hides it",
+            )
     if not a.no_codecs:
         with c.workdir() as work:
             # the recorded tokens only: tiled copies would hand the compressors repeats real states never have
