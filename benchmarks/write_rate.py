@@ -1,6 +1,7 @@
 """How fast can loopscope get states onto disk, against writing the same bytes the fastest ways there are?
 
     python benchmarks/write_rate.py            # ~45 s
+    python benchmarks/write_rate.py --disk     # and every writer timed to the disk (fsync), ~1 min more
     python benchmarks/write_rate.py --small    # ~10 s smoke run
 
 Why a replay: on a CPU the model computes far slower than any disk writes (the n_embd=1024 reference model
@@ -17,14 +18,17 @@ run file rename. Two shapes:
            (what generate() produces after the prompt).
 
 Baselines write the same number of bytes to the same directory, no fsync (both sides end in the page cache):
-``np.ndarray.tofile`` (one write call), ``os.pwrite`` of the same bytes in chunk-sized pieces, and one h5py
+``np.ndarray.tofile`` (one write call), ``os.pwrite`` of the same bytes in chunk-sized pieces, the same pieces into
+blocks allocated first (as loopscope reserves its run files' blocks: the fair raw control), and one h5py
 contiguous dataset. Controls from this thread, with no hooks, queue or threads: "h5py whole chunks" writes
 loopscope's chunks, already laid out in memory, with ``write_direct_chunk`` into reserved blocks (the ceiling of
 loopscope's writer: the same calls, without the hook's copy); "h5py via chunk cache" writes one
 ``dataset[:, k] = slab`` per iteration through a 64 MiB chunk cache (the write path before whole-chunk staging);
 "replay alone" runs the replayed model with nothing attached (the model side's own cost).
 "loopscope prefill x8" records eight prefill runs in one capture: the sustained rate, with attach/close and the
-first run's start-up spread over eight. Rates use the best of ``--repeats`` interleaved runs (medians beside them).
+first run's start-up spread over eight; "x64 of 64 tokens" records the same bytes as 64 short runs (what a run file
+costs). ``--disk`` adds a table where the raw writes and those two captures each end with an fsync of every file
+and directory they wrote, so the disk's own write-back is timed too. Rates use the best of ``--repeats`` interleaved runs (medians beside them).
 
 A second table (skip with ``--no-codecs``) captures the prefill with each ``compression=`` filter, float32 and
 bfloat16 states, and reports the run file's size on disk against the states' bytes.
