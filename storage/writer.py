@@ -318,37 +318,11 @@ class CaptureWriter:
                 loop = h.loops.get(name.split("/", 1)[1])
                 if loop is None:  # the loop never ran for these tokens: nothing but s0 to say
                     continue
-                if loop["num_steps"] is None:
-                    loop["num_steps"] = self._token_dataset(h, loop["group"], "num_steps", start, values)
-                else:
-                    self._token_write(h, loop["num_steps"], start, values)
+                loop["num_steps"] = _token_values(h, loop["num_steps"], loop["group"], "num_steps", start, values)
                 continue
             if name == "token_ends":
                 values = self._append_token_text(h, values)
-            target = h.token_sets.get(name)
-            if target is None:
-                h.token_sets[name] = self._token_dataset(h, h.group, name, start, values)
-            else:
-                self._token_write(h, target, start, values)
-
-    @staticmethod
-    def _token_dataset(h: _RunHandles, group, name: str, start: int, values: np.ndarray) -> h5py.Dataset:
-        """A per-token dataset [T], resizable in TOKEN_CHUNK chunks, created holding ``values`` at ``start``."""
-        if start == 0:
-            return group.create_dataset(name, data=values, maxshape=(None,), chunks=(TOKEN_CHUNK,))
-        ds = group.create_dataset(
-            name, shape=(max(start + len(values), h.capacity),), maxshape=(None,), dtype=values.dtype,
-            chunks=(TOKEN_CHUNK,),
-        )
-        ds[start : start + len(values)] = values
-        return ds
-
-    @staticmethod
-    def _token_write(h: _RunHandles, ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
-        end = start + len(values)
-        if end > ds.shape[0]:
-            ds.resize((max(end, h.capacity),))
-        ds[start:end] = values
+            h.token_sets[name] = _token_values(h, h.token_sets.get(name), h.group, name, start, values)
 
     def _append_token_text(self, h: _RunHandles, strings: np.ndarray) -> np.ndarray:
         """Append the tokens' utf-8 bytes to ``token_bytes``; returns where each token's text ends."""
@@ -509,6 +483,20 @@ class CaptureWriter:
                 pass
             h.reserve.release()
             self._runs.pop(run_id)
+
+
+def _token_values(h: _RunHandles, ds, group, name: str, start: int, values: np.ndarray) -> h5py.Dataset:
+    """Write per-token ``values`` at ``start`` into ``ds`` [T] (resizable, TOKEN_CHUNK chunks); ``ds`` None: create
+    it, holding them. Returns the dataset."""
+    if ds is None and start == 0:
+        return group.create_dataset(name, data=values, maxshape=(None,), chunks=(TOKEN_CHUNK,))
+    if ds is None:
+        ds = group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=values.dtype, chunks=(TOKEN_CHUNK,))
+    end = start + len(values)
+    if end > ds.shape[0]:
+        ds.resize((max(end, h.capacity),))
+    ds[start:end] = values
+    return ds
 
 
 def _resize(ds: h5py.Dataset, shape: tuple[int, ...]) -> None:

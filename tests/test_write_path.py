@@ -426,3 +426,29 @@ def test_close_reports_the_memory_used_within_the_budget(reference_model, prompt
         assert 0 < meta["buffer_peak_bytes"] <= budget
         assert 0 < meta["staging_peak_bytes"] <= budget * w.STAGING_SHARE
         assert meta["backpressure_waits"] >= 0 and meta["orphan_loop_calls"] == 0
+
+
+def test_per_token_data_written_in_several_blocks_equals_one_block(
+    reference_model, tokenizer, prompt_ids, tmp_path, monkeypatch
+):
+    """Per-token datasets are created by their first block of metadata and extended by later ones: with blocks of 4
+    tokens (a generate() longer than TOKEN_CHUNK) every per-token array, the token text and the states equal those
+    of the same generate() written in one block at close."""
+
+    def capture(path):
+        with loopscope.attach(reference_model, path, tokenizer=tokenizer):
+            torch.manual_seed(0)
+            reference_model.generate(prompt_ids, num_steps=3, max_new_tokens=11, do_sample=False)
+
+    capture(tmp_path / "one.h5")
+    monkeypatch.setattr(w, "TOKEN_CHUNK", 4)
+    capture(tmp_path / "blocks.h5")
+    with loopscope.open(tmp_path / "one.h5") as one, loopscope.open(tmp_path / "blocks.h5") as blocks:
+        a, b = one.runs[0], blocks.runs[0]
+        assert a.num_tokens == b.num_tokens == prompt_ids.shape[1] + 10
+        for name in ("token_ids", "attention_mask", "positions", "forward_index", "num_steps"):
+            np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
+        assert b.tokens == a.tokens and all(b.tokens)
+        np.testing.assert_array_equal(b.states(), a.states())
+    with h5py.File(tmp_path / "blocks.h5.runs" / "000000.h5") as f:
+        assert f["token_ids"].chunks == (4,) and f["loops/core/num_steps"].chunks == (4,)
