@@ -112,7 +112,9 @@ def state_chunks(
     (s0 included), picks a depth that divides it or nearly: HDF5 stores whole chunks, so a depth of 16 for 33
     steps would store 48. ``tokens``, the tokens of the first write, caps the token extent: a short run does not
     store mostly empty 1 MiB chunks. When ``more_tokens`` may follow (generate), the cap is at least
-    MIN_CHUNK_TOKENS, rounded up to a power of two; otherwise the tokens are cut into equal blocks.
+    MIN_CHUNK_TOKENS, rounded up to a power of two; otherwise the tokens are cut into blocks of a size that divides them
+    (512 tokens under a limit of 36: 16 blocks of 32, not 15 of 35 with a last one of 22), else into the fewest
+    blocks of equal size, so the last chunk is not mostly empty.
     ``max_depth`` caps the depth: the capture stages a chunk's steps for all of a forward's tokens in one host slab
     (so chunks are written straight from it), and a long prefill's slab must stay within the buffer budget.
     """
@@ -127,8 +129,11 @@ def state_chunks(
     extent = max(rows // depth, 1)
     if tokens and more_tokens:
         extent = min(extent, max(MIN_CHUNK_TOKENS, 1 << (int(tokens) - 1).bit_length()))
-    elif tokens:  # all the run's tokens: blocks of equal size, so the last chunk is not mostly empty
-        extent = -(-int(tokens) // -(-int(tokens) // extent))
+    elif tokens:  # all the run's tokens: the largest divisor of them in the top quarter under the limit (every
+        # chunk is then whole in the capture's slab and none needs assembling), else the fewest equal blocks
+        tokens = int(tokens)
+        divisors = [e for e in range(extent, max(extent * 3 // 4, 1) - 1, -1) if tokens % e == 0]
+        extent = divisors[0] if divisors else -(-tokens // -(-tokens // extent))
     return extent, depth, hidden
 
 

@@ -263,6 +263,11 @@ def test_chunk_depth_divides_the_step_count_when_known():
     assert tokens * depth * hidden * 4 <= schema.TARGET_CHUNK_BYTES and hidden == 1024
     assert schema.state_chunks(64, 4, steps=5, tokens=3)[0] == schema.MIN_CHUNK_TOKENS
     assert schema.state_chunks(64, 4, steps=5, tokens=3, more_tokens=False)[0] == 3  # a forward run: no empty rows
+    # a forward run's token blocks divide its tokens where a size near the limit does (512 under 36: 32, not 35 with
+    # a last block of 22 that must be assembled), else they are the fewest equal blocks (37 under 36: 19 + 18)
+    assert schema.state_chunks(1024, 4, steps=33, tokens=512, more_tokens=False, max_depth=8)[:2] == (32, 7)
+    assert schema.state_chunks(1024, 4, steps=33, tokens=37, more_tokens=False, max_depth=8)[0] == 19
+    assert schema.state_chunks(1024, 4, steps=33, tokens=509, more_tokens=False, max_depth=8)[0] == 34
 
 
 def test_unfinished_run_is_not_completed(tmp_path):
