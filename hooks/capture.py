@@ -175,8 +175,7 @@ class Capture:
             locking=locking,
         )
         self._next_run = capture_file.next_run_index(self.path)
-        on_cuda = any(p.is_cuda for p in model.parameters())
-        self.pool = HostBufferPool(int(buffer_mb * (1 << 20)), pin_memory=on_cuda)
+        self.pool = HostBufferPool(int(buffer_mb * (1 << 20)))
         self.writer = w.CaptureWriter(
             capture_file.RunFiles(self.path, locking=locking),
             self.pool,
@@ -652,7 +651,8 @@ class Capture:
             expected = self._steps_hint.get(spec.name, 8) + 1  # slots of the forward, s0 included
             planes = max(1, min(-(-(expected - base) // depth), self.pool.max_slab_bytes() // plane))
             shape = (planes, forward.batch, forward.stored, depth, state.shape[2])
-            stage = forward.stages[spec.name] = _Stage(self.pool.acquire(shape, state.dtype), base, step, logical)
+            slab = self.pool.acquire(shape, state.dtype, state.is_cuda)
+            stage = forward.stages[spec.name] = _Stage(slab, base, step, logical)
         self._copy_step(stage, step, state)
         stage.filled += 1
 
@@ -701,7 +701,7 @@ class Capture:
             block -= block % chunk_tokens
         for t0 in range(0, tokens, block):
             t1 = min(t0 + block, tokens)
-            slab = self.pool.acquire((1, batch, t1 - t0, 1, hidden), state.dtype)
+            slab = self.pool.acquire((1, batch, t1 - t0, 1, hidden), state.dtype, state.is_cuda)
             self._copy(slab[0, :, :, 0], state[:, t0:t1])
             self._put(w.State(session.run_ids, spec.name, session.offset + t0, step, slab, 1, logical,
                               self._ready_event(), chunks=session.chunks[spec.name]))

@@ -5,7 +5,9 @@ writer gives it back once the bytes are in HDF5. Slabs are reused by shape, so a
 slabs once and then recycles them: extra host memory stays under ``budget_bytes`` however many tokens are captured.
 When every slab is in flight the hook waits (back-pressure); the waits are counted and reported at close.
 
-On CUDA the slabs are pinned, so the device-to-host copy can run at full bandwidth.
+Slabs that receive copies from a CUDA device are pinned, so the copy runs at full bandwidth without blocking
+(a ``non_blocking`` copy into pageable memory is synchronous); the caller says which, per slab, from the state's
+own device, so a model moved to the GPU after ``attach`` (or one with no parameters) is still copied asynchronously.
 """
 
 from __future__ import annotations
@@ -33,9 +35,8 @@ class BufferStats:
 class HostBufferPool:
     """A budgeted pool of host tensors keyed by (shape, dtype)."""
 
-    def __init__(self, budget_bytes: int, pin_memory: bool = False):
+    def __init__(self, budget_bytes: int):
         self.budget_bytes = int(budget_bytes)
-        self.pin_memory = pin_memory
         self.stats = BufferStats()
         self._free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Condition()
@@ -45,9 +46,10 @@ class HostBufferPool:
         """The largest slab one hook call may take; larger states are split along the token axis."""
         return max(self.budget_bytes // 4, 1)
 
-    def acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A host tensor of ``shape``/``dtype`` to copy into; blocks while the budget is used up."""
-        key = (tuple(shape), dtype)
+    def acquire(self, shape: tuple[int, ...], dtype: torch.dtype, pinned: bool = False) -> torch.Tensor:
+        """A host tensor of ``shape``/``dtype`` (page-locked if ``pinned``) to copy into; blocks while the budget
+        is used up."""
+        key = (tuple(shape), dtype, pinned)
         nbytes = _nbytes(shape, dtype)
         with self._lock:
             waited_since = None
@@ -57,7 +59,7 @@ class HostBufferPool:
                     slab = self._free[key].pop()
                     break
                 if self.stats.allocated_bytes + nbytes <= self.budget_bytes or self.stats.allocated_bytes == 0:
-                    slab = self._allocate(shape, dtype, nbytes)
+                    slab = self._allocate(shape, dtype, nbytes, pinned)
                     break
                 if self._drop_free_slab():
                     continue  # freed an idle slab of another shape; try again
@@ -65,7 +67,7 @@ class HostBufferPool:
                     waited_since = time.perf_counter()
                     self.stats.waits += 1
                 if self._closed:
-                    slab = self._allocate(shape, dtype, nbytes)
+                    slab = self._allocate(shape, dtype, nbytes, pinned)
                     break
                 self._lock.wait(timeout=1.0)
             if waited_since is not None:
@@ -75,7 +77,7 @@ class HostBufferPool:
     def release(self, slab: torch.Tensor) -> None:
         """Give a slab back once its bytes are written."""
         with self._lock:
-            self._free[(tuple(slab.shape), slab.dtype)].append(slab)
+            self._free[(tuple(slab.shape), slab.dtype, slab.is_pinned())].append(slab)
             self._lock.notify_all()
 
     def close(self) -> None:
@@ -86,8 +88,8 @@ class HostBufferPool:
             self.stats.allocated_bytes = 0
             self._lock.notify_all()
 
-    def _allocate(self, shape, dtype, nbytes) -> torch.Tensor:
-        slab = torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+    def _allocate(self, shape, dtype, nbytes, pinned: bool) -> torch.Tensor:
+        slab = torch.empty(shape, dtype=dtype, pin_memory=pinned)
         self.stats.slabs_allocated += 1
         self.stats.allocated_bytes += nbytes
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.allocated_bytes)

@@ -58,3 +58,41 @@ def test_generate_on_cuda_with_a_small_budget(reference_model, prompt_ids, refer
     with loopscope.open(tmp_path / "c.h5") as capture:
         assert capture.meta["buffer_peak_bytes"] > 0
         np.testing.assert_array_equal(capture.runs[0].states(), _expected(recorder, 5)[0])
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, x):
+        return x * 0.5 + 1.0
+
+
+class _ParameterFree(torch.nn.Module):
+    """A looped module with no parameters at all: nothing tells attach() that the model lives on the GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Scale()
+
+    def forward(self, input_ids):
+        x = torch.ones(*input_ids.shape, 32, device=input_ids.device) * input_ids[..., None]
+        for _ in range(5):
+            x = self.block(x)
+        return x
+
+
+def test_states_of_a_model_without_parameters_go_to_pinned_slabs(tmp_path):
+    """Slabs are pinned by the state's device, not the model's parameters: a non-blocking copy into pageable memory
+    would block the model's stream."""
+    model = _ParameterFree()
+    ids = torch.arange(12, device="cuda").view(1, 12)
+    seen = []
+    handle = model.block.register_forward_hook(lambda m, a, out: seen.append(out.detach().cpu()))
+    cap = loopscope.attach(model, tmp_path / "c.h5", loop="block")
+    with torch.no_grad():
+        model(input_ids=ids)
+    cap.flush()
+    slabs = [slab for free in cap.pool._free.values() for slab in free]
+    cap.close()
+    handle.remove()
+    assert slabs and all(slab.is_pinned() for slab in slabs)
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        np.testing.assert_array_equal(capture.runs[0].states()[:, 1:], torch.stack(seen, dim=2)[0].numpy())

@@ -315,8 +315,8 @@ def test_prefill_chunks_are_written_straight_from_the_hooks_slabs(reference_mode
     slabs, from_slab = [], []
     acquire, store = HostBufferPool.acquire, staging.ChunkStager._store
 
-    def spy_acquire(self, shape, dtype):
-        slabs.append(acquire(self, shape, dtype))
+    def spy_acquire(self, shape, dtype, pinned=False):
+        slabs.append(acquire(self, shape, dtype, pinned))
         return slabs[-1]
 
     def spy_store(self, key, data):
