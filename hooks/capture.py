@@ -17,6 +17,7 @@ without loopscope.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import warnings
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ..storage import capture_file, compression as filters, schema, writer as w
-from ..storage.buffers import HostBufferPool
+from ..storage.buffers import HostBufferPool, PinnedScratch
 from ..storage.errors import CaptureWriteError, LoopscopeError
 from . import adaptive, distributed, metadata, selection
 from .adapters import LoopAdapter, LoopSpec
@@ -102,8 +103,10 @@ class _Forward:
         if self.keep is None:
             return value
         index = self.keep_on.get(value.device)
-        if index is None:
-            index = self.keep_on[value.device] = torch.from_numpy(self.keep).to(value.device)
+        if index is None:  # to a GPU from pinned memory without waiting (a pageable copy would block the host)
+            index = torch.from_numpy(self.keep)
+            index = index.pin_memory().to(value.device, non_blocking=True) if value.is_cuda else index
+            self.keep_on[value.device] = index
         return value.index_select(1, index)
 
 
@@ -176,6 +179,8 @@ class Capture:
         )
         self._next_run = capture_file.next_run_index(self.path)
         self.pool = HostBufferPool(int(buffer_mb * (1 << 20)))
+        self._scratch = PinnedScratch()  # ids, masks and positions copied off a CUDA device
+        self._decode_copy = None
         self.writer = w.CaptureWriter(
             capture_file.RunFiles(self.path, locking=locking),
             self.pool,
@@ -405,7 +410,7 @@ class Capture:
             input_ids = args[0]
         embeds = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))
         if input_ids is not None:
-            ids = input_ids.detach().to("cpu", torch.int64)
+            ids = input_ids.detach()
             if ids.dim() == 1:
                 ids = ids.unsqueeze(0)
         elif isinstance(embeds, torch.Tensor):
@@ -440,16 +445,24 @@ class Capture:
             self._put(session.open_message)
             session.open_message = None
         mask = _mask_for(kwargs.get("attention_mask"), batch, tokens)
-        if keep is not None:
-            ids, positions, mask = ids[:, keep], positions[:, keep], mask[:, keep]
+        host_ids = self._to_host(ids, torch.int64)
+        strings = decode = None
+        if self.tokenizer is not None and ids.is_cuda:  # the ids are still on their way: text on the writer's thread
+            decode = self._writer_decode()
+        elif self.tokenizer is not None:
+            strings = _strings(host_ids if keep is None else host_ids[:, keep], self.tokenizer.decode)
         message = w.Tokens(
-            run_ids=session.run_ids,
-            offset=session.offset,
-            token_ids=ids.numpy(),
-            attention_mask=mask,
-            positions=positions,
-            forward_index=session.forwards,
-            strings=self._strings(ids) if self.tokenizer is not None else None,
+            session.run_ids,
+            session.offset,
+            host_ids,
+            self._to_host(mask, torch.int8),
+            self._to_host(positions, torch.int64),
+            session.forwards,
+            strings=strings,
+            keep=keep,  # applied on the writer's thread
+            decode=decode,
+            ready=self._ready_event(),
+            scratch=self._scratch,
         )
         if side:
             forward.tokens_message = message
@@ -800,9 +813,27 @@ class Capture:
                 self._abort(exc)
                 raise
 
-    def _strings(self, ids: torch.Tensor) -> list[list[str]]:
-        decode = self.tokenizer.decode
-        return [[decode([int(i)]) if i >= 0 else "" for i in row] for row in ids.tolist()]
+    def _writer_decode(self):
+        """The tokenizer's ``decode`` for the writer's thread, on a private copy: a fast tokenizer that the model's
+        thread is using at the same time (a streamer, a call with padding) can refuse a second thread."""
+        if self._decode_copy is None:
+            try:
+                self._decode_copy = copy.deepcopy(self.tokenizer).decode
+            except Exception:  # a tokenizer that cannot be copied: share it
+                self._decode_copy = self.tokenizer.decode
+        return self._decode_copy
+
+    def _to_host(self, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A host copy of a forward's small [B, T] tensor (ids, mask, positions), which the model may reuse once
+        the forward returns. Off a CUDA device it is taken on the model's stream, so nothing later can change it,
+        and copied into a reused pinned tensor on the side stream without waiting: no host synchronisation per
+        forward (the writer waits on the Tokens message's events before reading it)."""
+        value = value.detach().to(dtype=dtype, copy=True)
+        if not value.is_cuda:
+            return value
+        host = self._scratch.take(tuple(value.shape), dtype)
+        self._copy(host, value)
+        return host
 
 
 def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
@@ -839,18 +870,25 @@ def _argument(args, kwargs, where: int | str):
     return kwargs.get("hidden_states", next(iter(kwargs.values()), None) if kwargs else None)
 
 
-def _mask_for(mask, batch: int, tokens: int) -> np.ndarray:
+def _strings(ids: torch.Tensor, decode) -> list[list[str]]:
+    """Each token's own text ([B, T] ids; -1, an embedded input without an id, has none)."""
+    return [[decode([int(i)]) if i >= 0 else "" for i in row] for row in ids.tolist()]
+
+
+def _mask_for(mask, batch: int, tokens: int) -> torch.Tensor:
+    """The forward's [B, T] attention mask where it has one (left where it lives), else ones."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= tokens:
-        return mask[:, -tokens:].detach().to("cpu", torch.int8).numpy()
-    return np.ones((batch, tokens), dtype=np.int8)
+        return mask[:, -tokens:]
+    return torch.ones((batch, tokens), dtype=torch.int8)
 
 
-def _positions_for(kwargs, batch: int, tokens: int, offset: int) -> np.ndarray:
+def _positions_for(kwargs, batch: int, tokens: int, offset: int) -> torch.Tensor:
+    """The forward's [B, T] positions: ``position_ids``, else ``cache_position``, else counted from ``offset``."""
     position_ids = kwargs.get("position_ids")
     if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == tokens:
-        pos = position_ids.detach().to("cpu", torch.int64).reshape(-1, tokens)
-        return pos.expand(batch, tokens).numpy().copy() if pos.shape[0] == 1 else pos.numpy()
+        pos = position_ids.reshape(-1, tokens)
+        return pos.expand(batch, tokens) if pos.shape[0] == 1 else pos
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel() == tokens:
-        return cache_position.detach().to("cpu", torch.int64).reshape(1, tokens).expand(batch, tokens).numpy().copy()
-    return np.broadcast_to(np.arange(offset, offset + tokens, dtype=np.int64), (batch, tokens)).copy()
+        return cache_position.reshape(1, tokens).expand(batch, tokens)
+    return torch.arange(offset, offset + tokens, dtype=torch.int64).expand(batch, tokens)

@@ -109,3 +109,34 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
     for d in shape:
         n *= int(d)
     return n * dtype.itemsize
+
+
+class PinnedScratch:
+    """Small pinned host tensors (a forward's token ids, mask and positions) for copies off a CUDA device that do
+    not block: reused by shape, outside the slab budget (bytes per token, not kilobytes), and at most ``keep`` of a
+    shape are held. The writer gives them back once read; one that is never given back is simply freed."""
+
+    def __init__(self, keep: int = 4, shapes: int = 32):
+        self.keep = keep
+        self.shapes = shapes
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((tuple(shape), dtype))
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def give(self, *tensors) -> None:
+        with self._lock:
+            for t in tensors:
+                if not isinstance(t, torch.Tensor) or not t.is_pinned():
+                    continue
+                key = (tuple(t.shape), t.dtype)
+                if key not in self._free and len(self._free) >= self.shapes:  # prompts of many lengths: forget one
+                    self._free.pop(next(iter(self._free)))
+                free = self._free.setdefault(key, [])
+                if len(free) < self.keep:
+                    free.append(t)

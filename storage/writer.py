@@ -43,13 +43,42 @@ class OpenRuns:
 
 @dataclass
 class Tokens:
+    """A forward's tokens. The arrays are numpy arrays or host tensors; copied off a CUDA device they are pinned
+    tensors still being filled on a side stream (``ready``: events to wait on), so the hook never waits for the
+    device. ``keep`` selects the stored tokens here on the writer's thread; their text is ``strings``, or made here
+    with ``decode`` (the tokenizer's) when the ids were still on their way; ``scratch`` takes the pinned tensors
+    back once read."""
+
     run_ids: list[int]
     offset: int
-    token_ids: np.ndarray  # [B, T] int64
-    attention_mask: np.ndarray  # [B, T] int8
-    positions: np.ndarray  # [B, T] int64
+    token_ids: Any  # [B, T] int64
+    attention_mask: Any  # [B, T] int8
+    positions: Any  # [B, T] int64
     forward_index: int
     strings: list[list[str]] | None = None
+    keep: np.ndarray | None = None  # indices of the stored tokens (tokens=...), None = all
+    decode: Any = None
+    ready: Any = None
+    scratch: Any = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token ids, mask, positions) of the stored tokens, [B, T'] each, once their copies have landed."""
+        for event in self.ready or ():
+            event.synchronize()
+        arrays = [a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+                  for a in (self.token_ids, self.attention_mask, self.positions)]
+        if self.keep is not None:
+            arrays = [a[:, self.keep] for a in arrays]
+        return arrays[0], arrays[1], arrays[2]
+
+    def text(self, ids: np.ndarray) -> list[list[str]] | None:
+        if self.strings is not None or self.decode is None:
+            return self.strings
+        return [[self.decode([int(i)]) if i >= 0 else "" for i in row] for row in ids.tolist()]
+
+    def give_back(self) -> None:
+        if self.scratch is not None:
+            self.scratch.give(self.token_ids, self.attention_mask, self.positions)
 
 
 @dataclass
@@ -235,6 +264,8 @@ class CaptureWriter:
             finally:
                 if isinstance(message, State):
                     self.pool.release(message.slab)
+                elif isinstance(message, Tokens):
+                    message.give_back()
                 self._queue.task_done()
 
     def _handle(self, message) -> None:
@@ -281,20 +312,22 @@ class CaptureWriter:
         handles.capacity = capacity
 
     def _write_tokens(self, m: Tokens) -> None:
-        t = m.token_ids.shape[1]
+        token_ids, attention_mask, positions = m.arrays()
+        strings = m.text(token_ids)
+        t = token_ids.shape[1]
         end = m.offset + t
         for b, run_id in enumerate(m.run_ids):
             h = self._runs[run_id]
             values = {
-                "token_ids": m.token_ids[b],
-                "attention_mask": m.attention_mask[b],
-                "positions": m.positions[b],
+                "token_ids": token_ids[b],
+                "attention_mask": attention_mask[b],
+                "positions": positions[b],
                 "forward_index": np.full(t, m.forward_index, dtype=np.int32),
             }
-            if m.strings is not None:
-                values["token_ends"] = np.array(m.strings[b], dtype=object)  # encoded when written
+            if strings is not None:
+                values["token_ends"] = np.array(strings[b], dtype=object)  # encoded when written
             for name, value in values.items():
-                self._add_pending(h, name, m.offset, value)
+                self._add_pending(h, name, m.offset, value)  # copied: the arrays may go back to the scratch
             h.n_tokens = max(h.n_tokens, end)
 
     def _add_pending(self, h: _RunHandles, name: str, offset: int, values: np.ndarray) -> None:

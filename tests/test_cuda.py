@@ -6,6 +6,8 @@ state equals what plain hooks saw, and the logits are bit-identical with and wit
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,39 @@ def test_states_of_a_model_without_parameters_go_to_pinned_slabs(tmp_path):
     assert slabs and all(slab.is_pinned() for slab in slabs)
     with loopscope.open(tmp_path / "c.h5") as capture:
         np.testing.assert_array_equal(capture.runs[0].states()[:, 1:], torch.stack(seen, dim=2)[0].numpy())
+
+
+def test_a_captured_forward_never_waits_for_the_device(reference_model, tokenizer, prompt_ids, tmp_path):
+    """No host synchronisation in the hooks: the states, and the forward's token ids, mask and positions too, go
+    down on the side stream. A second of GPU work is queued ahead of each forward; a hook that waited for the
+    device would hold the forward's host time to that second."""
+    model = reference_model.cuda()
+    ids = prompt_ids.cuda().repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+
+    def host_seconds_of_a_forward() -> float:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # about a second of device time on the model's stream
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(ids, attention_mask=mask, num_steps=4)
+        elapsed = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return elapsed
+
+    host_seconds_of_a_forward()  # first-call costs out of the way
+    if host_seconds_of_a_forward() > 0.5:
+        pytest.skip("the model's own forward waits for the device here")
+    cap = loopscope.attach(model, tmp_path / "c.h5", tokenizer=tokenizer, tokens=slice(1, None))
+    host_seconds_of_a_forward()  # pinned slabs and scratch allocated once
+    waited = host_seconds_of_a_forward()
+    cap.close()
+    assert waited < 0.5
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        assert len(capture.runs) == 4
+        for b, run in enumerate(capture.runs[2:]):
+            np.testing.assert_array_equal(run.token_ids, ids[b, 1:].cpu().numpy())
+            np.testing.assert_array_equal(run.attention_mask, mask[b, 1:].cpu().numpy())
+            np.testing.assert_array_equal(run.positions, np.arange(1, ids.shape[1]))
+            assert run.tokens == [tokenizer.decode([int(i)]) for i in ids[b, 1:]]
