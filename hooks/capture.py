@@ -828,6 +828,8 @@ class Capture:
         the forward returns. Off a CUDA device it is taken on the model's stream, so nothing later can change it,
         and copied into a reused pinned tensor on the side stream without waiting: no host synchronisation per
         forward (the writer waits on the Tokens message's events before reading it)."""
+        if isinstance(value, np.ndarray):  # made here (no mask given, positions counted)
+            return value
         value = value.detach().to(dtype=dtype, copy=True)
         if not value.is_cuda:
             return value
@@ -875,14 +877,14 @@ def _strings(ids: torch.Tensor, decode) -> list[list[str]]:
     return [[decode([int(i)]) if i >= 0 else "" for i in row] for row in ids.tolist()]
 
 
-def _mask_for(mask, batch: int, tokens: int) -> torch.Tensor:
+def _mask_for(mask, batch: int, tokens: int) -> torch.Tensor | np.ndarray:
     """The forward's [B, T] attention mask where it has one (left where it lives), else ones."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= tokens:
         return mask[:, -tokens:]
-    return torch.ones((batch, tokens), dtype=torch.int8)
+    return np.ones((batch, tokens), dtype=np.int8)
 
 
-def _positions_for(kwargs, batch: int, tokens: int, offset: int) -> torch.Tensor:
+def _positions_for(kwargs, batch: int, tokens: int, offset: int) -> torch.Tensor | np.ndarray:
     """The forward's [B, T] positions: ``position_ids``, else ``cache_position``, else counted from ``offset``."""
     position_ids = kwargs.get("position_ids")
     if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == tokens:
@@ -891,4 +893,4 @@ def _positions_for(kwargs, batch: int, tokens: int, offset: int) -> torch.Tensor
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel() == tokens:
         return cache_position.reshape(1, tokens).expand(batch, tokens)
-    return torch.arange(offset, offset + tokens, dtype=torch.int64).expand(batch, tokens)
+    return np.broadcast_to(np.arange(offset, offset + tokens, dtype=np.int64), (batch, tokens))
