@@ -715,7 +715,9 @@ class Capture:
         for t0 in range(0, tokens, block):
             t1 = min(t0 + block, tokens)
             slab = self.pool.acquire((1, batch, t1 - t0, 1, hidden), state.dtype, state.is_cuda)
-            self._copy(slab[0, :, :, 0], state[:, t0:t1])
+            piece = state[:, t0:t1]
+            # on CUDA a copy taken on the model's stream goes down, not the state, which the model may change later
+            self._copy(slab[0, :, :, 0], piece.clone() if piece.is_cuda else piece)
             self._put(w.State(session.run_ids, spec.name, session.offset + t0, step, slab, 1, logical,
                               self._ready_event(), chunks=session.chunks[spec.name]))
 
@@ -737,37 +739,38 @@ class Capture:
 
     def _copy_step(self, stage: _Stage, step: int, state: torch.Tensor) -> None:
         """Put one step's state [B, T, H] in its row of the stage. On the CPU, one copy straight into the slab. On
-        CUDA the rows of a plane are gathered on the device first (on the side stream), and the plane goes down in
-        one contiguous copy when it is full or the stage is sent: a row of a plane is strided in host memory, and a
-        strided device-to-host copy would go through a pageable temporary and block until it is done."""
+        CUDA the rows of a plane are gathered on the device first, and the plane goes down in one contiguous copy
+        on the side stream when it is full or the stage is sent: a row of a plane is strided in host memory, and a
+        strided device-to-host copy would go through a pageable temporary and block until it is done. The gather
+        runs on the model's own stream, so it reads the state before anything the model queues later can change it
+        in place (a side-stream read could run after such a write)."""
         plane, row = stage.place(step)
         if not state.is_cuda:
             stage.slab[plane, :, :, row].copy_(state)  # ``state`` is detached: no autograd record, no grad mode
             return
         if stage.device_plane is not None and stage.device_plane != plane:
             self._copy_plane_down(stage)
-        with torch.no_grad():
-            stream = self._copy_stream(state.device)
-            stream.wait_stream(torch.cuda.current_stream(state.device))
-            with torch.cuda.stream(stream):
-                if stage.on_device is None:  # allocated on the side stream: its memory is reused in stream order
-                    stage.on_device = torch.empty(stage.slab.shape[1:], dtype=state.dtype, device=state.device)
-                stage.on_device[:, :, row].copy_(state)
-            state.record_stream(stream)  # the allocator must not reuse the state's memory before the copy ends
+        if stage.on_device is None:  # a plane of its own: the one before may still be on its way down
+            stage.on_device = torch.empty(stage.slab.shape[1:], dtype=state.dtype, device=state.device)
+        stage.on_device[:, :, row].copy_(state)  # the model's stream; ``state`` is detached
         stage.device_plane = plane
         if row == stage.slab.shape[3] - 1:
             self._copy_plane_down(stage)
 
     def _copy_plane_down(self, stage: _Stage) -> None:
-        """CUDA: the plane gathered on the device goes to its place in the pinned slab, on the side stream."""
+        """CUDA: the plane gathered on the device goes to its place in the pinned slab, on the side stream; the
+        allocator keeps the plane's device memory until that copy is done (``_copy`` records the stream)."""
         if stage.device_plane is None:
             return
         self._copy(stage.slab[stage.device_plane], stage.on_device)
         stage.device_plane = None
+        stage.on_device = None
 
     def _copy(self, destination: torch.Tensor, state: torch.Tensor) -> None:
         """Copy into a contiguous block of a host slab. From CUDA: on a side stream, into pinned memory, without
-        blocking the model's stream; the writer waits on an event recorded after the copies (``_ready_event``)."""
+        blocking the model's stream; the writer waits on an event recorded after the copies (``_ready_event``).
+        The side stream reads ``state`` after what the model's stream had queued so far, so a CUDA ``state`` must be
+        loopscope's own copy, which nothing else writes."""
         if not state.is_cuda:
             destination.copy_(state)
             return
