@@ -134,3 +134,38 @@ def test_a_captured_forward_never_waits_for_the_device(reference_model, tokenize
             np.testing.assert_array_equal(run.attention_mask, mask[b, 1:].cpu().numpy())
             np.testing.assert_array_equal(run.positions, np.arange(1, ids.shape[1]))
             assert run.tokens == [tokenizer.decode([int(i)]) for i in ids[b, 1:]]
+
+
+class _Double(torch.nn.Module):
+    def forward(self, x):
+        return x * 2.0
+
+
+class _ChangesItsStateInPlace(torch.nn.Module):
+    """Each iteration's output is scaled in place right after the block returns it (as ``h += inp`` would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Double()
+
+    def forward(self, input_ids):
+        x = torch.ones(*input_ids.shape, 4096, device=input_ids.device)
+        for _ in range(6):
+            x = self.block(x)
+            x.mul_(0.25)
+        return x
+
+
+def test_states_changed_in_place_after_the_hook_are_stored_as_the_hook_saw_them(tmp_path):
+    """The device gather runs on the model's stream, before the model's later in-place writes; a side-stream read
+    could land after them."""
+    model = _ChangesItsStateInPlace()
+    ids = torch.zeros(1, 2048, dtype=torch.long, device="cuda")
+    with loopscope.attach(model, tmp_path / "c.h5", loop="block"):
+        with torch.no_grad():
+            model(input_ids=ids)
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        states = capture.runs[0].states()  # [T, 7, H]: s0 = 1, then the block's outputs 2, 1, 0.5, ...
+    expected = [1.0] + [2.0 * 0.5**k for k in range(6)]
+    np.testing.assert_array_equal(states[:, :, 0], np.broadcast_to(np.float32(expected), states.shape[:2]))
+    assert (states == states[:, :, :1]).all()
