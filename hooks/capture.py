@@ -614,7 +614,8 @@ class Capture:
         forward.signals.setdefault((spec.name, signal), []).append((step, kept.clone() if kept is value else kept))
 
     def _flush_signals(self) -> None:
-        """One message per signal and forward: [B, T, K] over the steps it was seen at (one host copy)."""
+        """One message per signal and forward: its values at the steps it was seen at, in one host copy (off a CUDA
+        device without waiting); the writer lays them out over consecutive steps."""
         forward, session = self._forward, self._session
         for (loop, signal), entries in forward.signals.items():
             ran = forward.steps.get(loop, 0)
@@ -622,12 +623,11 @@ class Capture:
             kept = [(slot, v) for slot, v in slotted if slot is not None]  # off-stride steps are not stored
             if not kept:
                 continue
-            slots = [slot for slot, _ in kept]
-            first, last = min(slots), max(slots)
-            values = torch.stack([v for _, v in kept], dim=-1).to("cpu").numpy()
-            block = np.full((forward.batch, forward.stored, last - first + 1), np.nan, dtype=np.float32)
-            block[:, :, np.asarray(slots) - first] = values
-            self._put(w.Signal(session.run_ids, loop, signal, session.offset, first, block))
+            slots = np.asarray([slot for slot, _ in kept])
+            first = int(slots.min())
+            values = self._to_host(torch.stack([v for _, v in kept], dim=-1), torch.float32)  # no wait on CUDA
+            self._put(w.Signal(session.run_ids, loop, signal, session.offset, first, values, slots=slots - first,
+                               ready=self._ready_event(), scratch=self._scratch))
         forward.signals.clear()
 
     # ---- the copy ------------------------------------------------------------------------------------------------
@@ -827,8 +827,8 @@ class Capture:
         return self._decode_copy
 
     def _to_host(self, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A host copy of a forward's small [B, T] tensor (ids, mask, positions), which the model may reuse once
-        the forward returns. Off a CUDA device it is taken on the model's stream, so nothing later can change it,
+        """A host copy of a forward's small per-token tensor (ids, mask, positions, a signal's values), which the
+        model may reuse once the forward returns. Off a CUDA device it is taken on the model's stream, so nothing later can change it,
         and copied into a reused pinned tensor on the side stream without waiting: no host synchronisation per
         forward (the writer waits on the Tokens message's events before reading it)."""
         if isinstance(value, np.ndarray):  # made here (no mask given, positions counted)

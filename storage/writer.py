@@ -63,8 +63,7 @@ class Tokens:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(token ids, mask, positions) of the stored tokens, [B, T'] each, once their copies have landed."""
-        for event in self.ready or ():
-            event.synchronize()
+        _wait(self.ready)
         arrays = [a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
                   for a in (self.token_ids, self.attention_mask, self.positions)]
         if self.keep is not None:
@@ -134,7 +133,24 @@ class Signal:
     name: str
     offset: int
     step: int
-    values: np.ndarray  # [B, T, K] float32
+    values: Any  # [B, T, K] float32, a numpy array or a host tensor (pinned, still landing, as in Tokens)
+    slots: np.ndarray | None = None  # values[..., j] is step ``step + slots[j]`` (NaN between); None: ``step + j``
+    ready: Any = None
+    scratch: Any = None
+
+    def block(self) -> np.ndarray:
+        """[B, T, K] over consecutive steps from ``step``, once the copy has landed."""
+        _wait(self.ready)
+        values = self.values.numpy() if isinstance(self.values, torch.Tensor) else self.values
+        if self.slots is None:
+            return values
+        block = np.full(values.shape[:2] + (int(self.slots.max()) + 1,), np.nan, dtype=np.float32)
+        block[:, :, self.slots] = values
+        return block
+
+    def give_back(self) -> None:
+        if self.scratch is not None:
+            self.scratch.give(self.values)
 
 
 # Small chunks (4 KiB): run files have no chunk cache, so each decoded token's signal write reads and rewrites one.
@@ -264,7 +280,7 @@ class CaptureWriter:
             finally:
                 if isinstance(message, State):
                     self.pool.release(message.slab)
-                elif isinstance(message, Tokens):
+                elif isinstance(message, (Tokens, Signal)):
                     message.give_back()
                 self._queue.task_done()
 
@@ -455,7 +471,8 @@ class CaptureWriter:
                 loop["stager"].finish_tokens(m.offset + m.num_steps.shape[1])
 
     def _write_signal(self, m: Signal) -> None:
-        t, k = m.values.shape[1], m.values.shape[2]
+        values = m.block()
+        t, k = values.shape[1], values.shape[2]
         for b, run_id in enumerate(m.run_ids):
             h = self._runs[run_id]
             self._grow_tokens(h, m.offset + t)
@@ -469,7 +486,7 @@ class CaptureWriter:
                 )
             if m.step + k > ds.shape[1]:
                 ds.resize((ds.shape[0], max(m.step + k, 2 * ds.shape[1])))
-            ds[m.offset : m.offset + t, m.step : m.step + k] = m.values[b]
+            ds[m.offset : m.offset + t, m.step : m.step + k] = values[b]
 
     def _close_runs(self, m: CloseRuns) -> None:
         for run_id in m.run_ids:
@@ -530,6 +547,12 @@ def _token_values(h: _RunHandles, ds, group, name: str, start: int, values: np.n
         ds.resize((max(end, h.capacity),))
     ds[start:end] = values
     return ds
+
+
+def _wait(events) -> None:
+    """Wait for the CUDA events a message's host copies were recorded with (None: copies already done)."""
+    for event in events or ():
+        event.synchronize()
 
 
 def _resize(ds: h5py.Dataset, shape: tuple[int, ...]) -> None:
