@@ -186,6 +186,36 @@ def synced(fn, work: str):
     return run
 
 
+def copy_ceiling(nbytes: int, repeats: int) -> tuple[float, float]:
+    """Memory copy rate of one thread, and of two threads copying at once (numpy releases the GIL), in bytes/s.
+
+    A capture copies every byte twice, at the same time on two threads: the hook out of the model's tensor into a
+    slab, the writer from the slab into the page cache. A raw write copies once. Where two copies at once run no
+    faster than one, memory bandwidth caps a capture near ``dual / single / 2`` of the raw write, whatever it does.
+    """
+    import threading
+
+    pairs = [(np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)) for _ in range(2)]
+    for src, dst in pairs:
+        np.copyto(dst, src)
+
+    def copy(src, dst):
+        for _ in range(repeats):
+            np.copyto(dst, src)
+
+    t = time.perf_counter()
+    copy(*pairs[0])
+    single = repeats * nbytes / (time.perf_counter() - t)
+    threads = [threading.Thread(target=copy, args=pair) for pair in pairs]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    dual = 2 * repeats * nbytes / (time.perf_counter() - t)
+    return single, dual
+
+
 def rate_table(times: dict, nbytes: int, volume: dict, raws: list[str], title: str, caption: str) -> None:
     """One row per case: best and median time, MB/s, and the rate against each of the ``raws`` cases."""
     # Best of N: a 10 ms raw write is at the mercy of the kernel's background work on this VM (one in three took
@@ -311,6 +341,13 @@ def main() -> None:
             f"writes end in the page cache (no fsync); decode = one forward per token, as in generate(); "
             f"x{SUSTAINED} = {SUSTAINED} prefill runs in one capture (sustained rate); x{SUSTAINED * SHORT_RUNS}: the "
             f"same bytes in {short}-token runs (one run file each)",
+        )
+
+        single, dual = copy_ceiling(nbytes, 8)
+        c.console.print(
+            f"memory copies: one thread {single / 1e9:.1f} GB/s, two at once {dual / 1e9:.1f} GB/s together "
+            f"({dual / single:.2f}x); a capture copies each byte twice at once, so memory bandwidth caps it near "
+            f"{dual / single / 2:.2f} of a raw write to the page cache"
         )
 
         if a.disk:
