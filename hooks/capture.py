@@ -828,9 +828,9 @@ class Capture:
 
     def _to_host(self, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A host copy of a forward's small per-token tensor (ids, mask, positions, a signal's values), which the
-        model may reuse once the forward returns. Off a CUDA device it is taken on the model's stream, so nothing later can change it,
-        and copied into a reused pinned tensor on the side stream without waiting: no host synchronisation per
-        forward (the writer waits on the Tokens message's events before reading it)."""
+        model may reuse once the forward returns. Off a CUDA device the copy is taken on the model's stream, so
+        nothing queued later can change it, and goes down into a reused pinned tensor on the side stream without
+        waiting: no host synchronisation per forward (the writer waits on the message's events before reading)."""
         if isinstance(value, np.ndarray):  # made here (no mask given, positions counted)
             return value
         value = value.detach().to(dtype=dtype, copy=True)
