@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import h5py
 import numpy as np
 import pytest
 import torch
 
 import loopscope
+from loopscope.storage import writer as w
 from loopscope.storage.errors import CaptureFileError, LoopNotFoundError, LoopscopeError
 
 
@@ -225,3 +228,33 @@ def test_bad_options_are_one_line_errors(reference_model, tmp_path):
         with pytest.raises(LoopscopeError, match=pattern):
             loopscope.attach(reference_model, tmp_path / "e.h5", **kwargs)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in reference_model.modules())
+
+
+def test_inputs_reused_after_the_forward_do_not_change_what_is_stored(reference_model, tmp_path, monkeypatch):
+    """The writer trails the model; a caller that refills its input buffers for the next forward (as static-cache
+    decoding loops do) must not change the ids, mask or positions already recorded: the hooks keep their own copy.
+    The writer is held back until the buffers have been overwritten."""
+    gate = threading.Event()
+    write_tokens = w.CaptureWriter._write_tokens
+
+    def held_back(self, message):
+        gate.wait(30)
+        write_tokens(self, message)
+
+    monkeypatch.setattr(w.CaptureWriter, "_write_tokens", held_back)
+    ids = torch.arange(3, 19).unsqueeze(0)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    positions = torch.arange(100, 116).unsqueeze(0)
+    expected = ids.clone(), mask.clone(), positions.clone()
+    cap = loopscope.attach(reference_model, tmp_path / "c.h5")
+    with torch.no_grad():
+        reference_model(ids, attention_mask=mask, position_ids=positions, num_steps=3)
+    for buffer in (ids, mask, positions):
+        buffer.fill_(7)
+    gate.set()
+    cap.close()
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        run = capture.runs[0]
+        for stored, want in zip((run.token_ids, run.attention_mask, run.positions), expected):
+            np.testing.assert_array_equal(stored, want[0].numpy())
