@@ -9,6 +9,11 @@ chunk that arrive in pieces -- decoding brings one token per forward, a prefill 
 gathered in a host buffer until the chunk is full, or until its tokens are finished (no more states can come for
 them), and then written whole. Unwritten rows of a written chunk hold the fill value (NaN), as HDF5 would.
 
+Decoding brings one token per forward, its steps laid out in the chunk depth: such a token goes into one buffer
+holding every chunk of its block of tokens (:class:`_TokenRow`, [chunk columns, tokens, depth, H]) in one or two
+copies, rather than a piece per chunk with the bookkeeping of each; the block's chunks are written whole when its
+tokens are finished.
+
 Memory: every buffer comes from one :class:`ChunkBudget` per writer. When it is used up, rows for a new chunk go
 through HDF5's own partial write (still uncached, about 1 GB/s here) and that chunk stays on that path until its
 tokens are finished, so memory stays within the budget however long the capture or large the batch.
@@ -75,6 +80,17 @@ class _Chunk:
         self.count = 0
 
 
+class _TokenRow:
+    """Every chunk of one block of tokens, [columns, ct, ck, H], filled a token at a time (decoding)."""
+
+    __slots__ = ("data", "touched")
+
+    def __init__(self, data: np.ndarray, fill):
+        data[...] = fill
+        self.data = data
+        self.touched = 0  # chunk columns any token reached; the ones past it hold nothing and are not written
+
+
 class ChunkStager:
     """Assembles the chunks of one states dataset [T, K, H] (chunked (ct, ck, H), chunk cache off)."""
 
@@ -88,12 +104,76 @@ class ChunkStager:
         self.uncached: set[tuple[int, int]] = set()  # chunks on HDF5's partial-write path (budget was used up)
         self.final_blocks = 0  # token blocks before this one are written; late rows for them must not replace them
         self.chunks_written = 0
+        self.rows: dict[int, _TokenRow] = {}  # token block -> its chunks, filled by write_token
+        self.piecewise: set[int] = set()  # token blocks written through write(): never a row (one way per block)
+
+    def write_token(self, offset: int, step: int, base: int, planes: np.ndarray, steps: int) -> bool:
+        """One token's stored steps ``step .. step + steps - 1``, ``planes`` [P, ck, H] in this dataset's chunk depth
+        from ``base`` (a chunk boundary): copied into its block's :class:`_TokenRow`. False (nothing done) when the
+        token has to take :meth:`write` instead: its block's chunks are assembled or written that way already (a
+        block is filled one way only), its block is finished, the dataset is compressed, or the budget has no
+        room."""
+        ct, ck = self.ct, self.ck
+        ti, ra = divmod(offset, ct)
+        end = step + steps
+        c0, c1 = base // ck, -(-end // ck)
+        if not self.direct or ti < self.final_blocks or base % ck or ti in self.piecewise:
+            return False
+        row = self._row(ti, c1)
+        if row is None:
+            return False
+        lo, hi = step - base, end - base  # rows of the planes, counted across them
+        if lo == 0:  # from the first plane's start: its whole planes in one copy, then the last one's first rows
+            full = hi // ck
+            row.data[c0 : c0 + full, ra] = planes[:full]
+            if hi % ck:
+                row.data[c0 + full, ra, : hi % ck] = planes[full, : hi % ck]
+        else:  # a later part of a token's steps (an earlier slab of its forward was full): plane by plane
+            for p in range(lo // ck, c1 - c0):
+                r0, r1 = max(lo - p * ck, 0), min(hi - p * ck, ck)
+                row.data[c0 + p, ra, r0:r1] = planes[p, r0:r1]
+        row.touched = max(row.touched, c1)
+        return True
+
+    def _row(self, ti: int, columns: int) -> _TokenRow | None:
+        """Block ``ti``'s row of chunks, at least ``columns`` wide (grown when a token runs deeper than the ones
+        before); None when the budget has no room (a row that cannot grow is written as it is, first)."""
+        row = self.rows.get(ti)
+        if row is not None and row.data.shape[0] >= columns:
+            return row
+        width = max(columns, -(-self.ds.shape[1] // self.ck))
+        buffer = self.budget.take((width, self.ct, self.ck, self.hidden), self.ds.dtype)
+        if buffer is None:
+            if row is not None:
+                self._flush_row(ti, early=True)
+            return None
+        grown = self.rows[ti] = _TokenRow(buffer, self.fill)
+        if row is not None:
+            grown.data[: row.data.shape[0]] = row.data
+            grown.touched = row.touched
+            self.budget.give(row.data)
+        return grown
+
+    def _flush_row(self, ti: int, early: bool = False) -> None:
+        """Write block ``ti``'s touched chunks whole. ``early``: its tokens are not finished, so rows that still
+        come for these chunks go through HDF5's partial write instead of replacing them."""
+        row = self.rows.pop(ti)
+        try:
+            for ki in range(row.touched):
+                self._store((ti, ki), row.data[ki])
+                if early:
+                    self.uncached.add((ti, ki))
+        finally:
+            self.budget.give(row.data)
 
     def write(self, offset: int, step: int, block: np.ndarray) -> None:
         """Rows ``offset..`` x steps ``step..`` of ``block`` [t, k, H]; the dataset already covers them."""
         ct, ck = self.ct, self.ck
         t_end, k_end = offset + block.shape[0], step + block.shape[1]
         for ti in range(offset // ct, (t_end - 1) // ct + 1):
+            if ti in self.rows:  # filled token by token so far: written now, the rest of its rows piece by piece
+                self._flush_row(ti, early=True)
+            self.piecewise.add(ti)
             a0, a1 = max(offset, ti * ct), min(t_end, (ti + 1) * ct)
             for ki in range(step // ck, (k_end - 1) // ck + 1):
                 b0, b1 = max(step, ki * ck), min(k_end, (ki + 1) * ck)
@@ -127,22 +207,33 @@ class ChunkStager:
         last_block = end // self.ct  # chunks of token blocks before this one are final
         for key in [k for k in self.open if k[0] < last_block]:
             self._flush(key)
+        for ti in [t for t in self.rows if t < last_block]:
+            self._flush_row(ti)
         if self.uncached:
             self.uncached = {k for k in self.uncached if k[0] >= last_block}
+        if self.piecewise:
+            self.piecewise = {t for t in self.piecewise if t >= last_block}
         self.final_blocks = max(self.final_blocks, last_block)
 
     def flush_all(self) -> None:
         """Write every chunk still being assembled (the run ends: its last partial chunks)."""
         for key in list(self.open):
             self._flush(key)
+        for ti in list(self.rows):
+            self._flush_row(ti)
         self.uncached.clear()
+        self.piecewise.clear()
         self.final_blocks = 1 << 62
 
     def drop(self) -> None:
         """Forget unwritten chunks (the run was abandoned after a failure)."""
         for chunk in self.open.values():
             self.budget.forget(chunk.data)
+        for row in self.rows.values():
+            self.budget.forget(row.data)
         self.open.clear()
+        self.rows.clear()
+        self.piecewise.clear()
         self.uncached.clear()
 
     def _partial_write(self, a0: int, a1: int, b0: int, b1: int, piece: np.ndarray) -> None:

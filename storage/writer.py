@@ -443,8 +443,12 @@ class CaptureWriter:
                 states = loop["states"]
                 states.resize((states.shape[0], last + 1, states.shape[2]))
                 loop["step_capacity"] = last + 1
-            for step, block in message.planes(array[:, b]):
-                loop["stager"].write(m.offset, step, block)
+            stager, row = loop["stager"], array[:, b]
+            base = message.step if message.base is None else message.base
+            decoded = t == 1 and row.shape[2] == stager.ck  # one token, its planes in the chunk depth
+            if not (decoded and stager.write_token(m.offset, message.step, base, row[:, 0], message.steps)):
+                for step, block in message.planes(row):
+                    stager.write(m.offset, step, block)
             loop["max_step"] = max(loop["max_step"], last)
             self.bytes_written += t * m.steps * hidden * array.itemsize
 

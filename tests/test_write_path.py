@@ -457,3 +457,45 @@ def test_per_token_data_written_in_several_blocks_equals_one_block(
         np.testing.assert_array_equal(b.states(), a.states())
     with h5py.File(tmp_path / "blocks.h5.runs" / "000000.h5") as f:
         assert f["token_ids"].chunks == (4,) and f["loops/core/num_steps"].chunks == (4,)
+
+
+def test_decoded_tokens_fill_their_blocks_chunks_in_one_buffer(tmp_path, monkeypatch):
+    """Tokens decoded one per forward, in slabs of the chunk depth, go into one buffer per block of tokens
+    (``staging._TokenRow``) and each block's chunks are written once, whole. Every value lands where it should,
+    NaN elsewhere: tokens of different depths (a deeper one widens the buffer), a token spread over two slabs, one
+    whose slab starts inside a plane, and a block that a three-token forward joins (it switches to pieces)."""
+    rows, stores = [], []
+    flush_row, store = staging.ChunkStager._flush_row, staging.ChunkStager._store
+
+    def spy_flush_row(self, ti, early=False):
+        rows.append((ti, early, self.rows[ti].data.shape[0]))
+        flush_row(self, ti, early)
+
+    def spy_store(self, key, data):
+        stores.append(key)
+        store(self, key, data)
+
+    monkeypatch.setattr(staging.ChunkStager, "_flush_row", spy_flush_row)
+    monkeypatch.setattr(staging.ChunkStager, "_store", spy_store)
+    d = Driver(tmp_path / "c.h5", chunks=(4, 3))
+    d.forward(tokens=4, steps=6, planes=2)  # block 0: the prefill, whole chunks from its slab
+    for steps in (5, 9, 2, 12):  # block 1 token by token; the 12-step token needs a fourth column
+        d.forward(tokens=1, steps=steps, planes=4)
+    d.forward(tokens=1, steps=10, planes=2)  # block 2: steps 0-5 in one slab, 6-9 in the next
+    ids = np.array([[9]])
+    d.writer.put(w.Tokens(d.run_ids, d.offset, ids, np.ones_like(ids, dtype=np.int8), ids, 0))
+    slab = torch.randn(2, 1, 1, 3, 16, generator=d.generator)  # steps 1-4 of planes 0-2 and 3-5 (no s0)
+    d._send(d.offset, 1, slab.clone(), 4, base=0)
+    d.writer.put(w.Steps(d.run_ids, "core", d.offset, np.full((1, 1), 4, dtype=np.int32)))
+    grown = np.full((d.offset + 1, d.expected[0].shape[1], 16), np.nan, dtype=np.float32)
+    grown[: d.offset] = d.expected[0]
+    grown[d.offset, 1:3], grown[d.offset, 3:5] = slab[0, 0, 0, 1:].numpy(), slab[1, 0, 0, :2].numpy()
+    d.expected[0], d.offset = grown, d.offset + 1
+    d.forward(tokens=3, steps=4, planes=2)  # three tokens at once into block 2 (tokens 10-12) and block 3
+    for steps in (3, 8):
+        d.forward(tokens=1, steps=steps, planes=3)
+    d.close()
+    d.check()
+    assert (1, False, 4) in rows  # block 1 went through one buffer, widened to 4 columns, written when finished
+    assert (2, True, 4) in rows  # block 2's buffer was written early when the three-token forward joined it
+    assert stores.count((1, 0)) == 1 and stores.count((1, 3)) == 1  # block 1's chunks: each written once
