@@ -29,19 +29,25 @@ class Reserve:
     def __init__(self, path: str):
         self._fd = os.open(path, os.O_WRONLY) if _fallocate is not None else None
         self._reserved_to = 0
+        self._unasked = 0  # bytes of the last reserve not yet asked for: no fstat until they are
 
     def ahead(self, nbytes: int) -> None:
         """Make sure the next ``nbytes`` past the file's current end are reserved."""
         if self._fd is None:
             return
+        if nbytes <= self._unasked:  # a decoded token's writes: many fit one reserve (a hint, so no fstat each)
+            self._unasked -= nbytes
+            return
         end = os.fstat(self._fd).st_size
         if end + nbytes <= self._reserved_to:
+            self._unasked = self._reserved_to - end - nbytes
             return
         length = max(int(nbytes), MIN_RESERVE)
         if _fallocate(self._fd, FALLOC_FL_KEEP_SIZE, end, length) != 0:
             self.release()  # out of space or not supported: stop reserving, the writes report any real failure
             return
         self._reserved_to = end + length
+        self._unasked = length - nbytes
 
     def release(self) -> None:
         """Give back the blocks reserved past the end (call once HDF5 has closed the file) and close."""
