@@ -34,7 +34,7 @@ import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is importe
 import torch
 
 import loopscope
-from write_rate import Replay
+from write_rate import Replay, rate_table
 
 
 def pinned_copy(states: torch.Tensor, host: torch.Tensor) -> None:
@@ -141,19 +141,11 @@ def main() -> None:
             for name in cases:  # warm-up: allocator, pinned pool, CUDA streams, h5py
                 timed(name)
             times = c.interleaved(list(cases), repeats, timed)
-            ceiling = nbytes / min(times["pinned copy"])
-            rows = []
-            for name, ts in times.items():
-                rate = nbytes / min(ts)
-                rows.append([name, f"{min(ts):.4f}", f"{c.median(ts):.4f}", f"{rate / c.MB:,.0f}",
-                             f"{rate / ceiling:.3f}"])
-            c.table(
+            rate_table(
+                times, nbytes, {}, ["pinned copy"],
                 f"{shape}: {a.steps + 1} states x H={a.hidden} {a.dtype} = {c.fmt_bytes(nbytes)}; best of {repeats}",
-                ["variant", "best s", "median s", "MB/s", "/ pinned copy"],
-                rows,
-                caption="from the first forward until every copy is done (loopscope: until flush() returns)",
+                "from the first forward until every copy is done (loopscope: until flush() returns)",
             )
-
 
 if __name__ == "__main__":
     main()
