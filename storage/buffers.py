@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -38,6 +39,9 @@ class HostBufferPool:
     def __init__(self, budget_bytes: int):
         self.budget_bytes = int(budget_bytes)
         self.stats = BufferStats()
+        # The pinned slabs, by id (a weak map: a dropped slab leaves no entry). ``Tensor.is_pinned()`` is not asked:
+        # on a machine with a GPU it can start a CUDA context for a capture that never touches the GPU.
+        self._pinned: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self._free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Condition()
         self._closed = False
@@ -77,7 +81,7 @@ class HostBufferPool:
     def release(self, slab: torch.Tensor) -> None:
         """Give a slab back once its bytes are written."""
         with self._lock:
-            self._free[(tuple(slab.shape), slab.dtype, slab.is_pinned())].append(slab)
+            self._free[(tuple(slab.shape), slab.dtype, self._pinned.get(id(slab)) is slab)].append(slab)
             self._lock.notify_all()
 
     def close(self) -> None:
@@ -90,6 +94,8 @@ class HostBufferPool:
 
     def _allocate(self, shape, dtype, nbytes, pinned: bool) -> torch.Tensor:
         slab = torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        if pinned:
+            self._pinned[id(slab)] = slab
         self.stats.slabs_allocated += 1
         self.stats.allocated_bytes += nbytes
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.allocated_bytes)
@@ -120,6 +126,7 @@ class PinnedScratch:
         self.keep = keep
         self.shapes = shapes
         self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._mine: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()  # as in the pool
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -127,12 +134,16 @@ class PinnedScratch:
             free = self._free.get((tuple(shape), dtype))
             if free:
                 return free.pop()
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
+        t = torch.empty(shape, dtype=dtype, pin_memory=True)
+        with self._lock:
+            self._mine[id(t)] = t
+        return t
 
     def give(self, *tensors) -> None:
+        """Take back those of ``tensors`` that came from here (others, such as host arrays, are ignored)."""
         with self._lock:
             for t in tensors:
-                if not isinstance(t, torch.Tensor) or not t.is_pinned():
+                if t is None or self._mine.get(id(t)) is not t:
                     continue
                 key = (tuple(t.shape), t.dtype)
                 if key not in self._free and len(self._free) >= self.shapes:  # prompts of many lengths: forget one
