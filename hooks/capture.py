@@ -450,7 +450,7 @@ class Capture:
         if self.tokenizer is not None and ids.is_cuda:  # the ids are still on their way: text on the writer's thread
             decode = self._writer_decode()
         elif self.tokenizer is not None:
-            strings = _strings(host_ids if keep is None else host_ids[:, keep], self.tokenizer.decode)
+            strings = w.token_texts(host_ids if keep is None else host_ids[:, keep], self.tokenizer.decode)
         message = w.Tokens(
             session.run_ids,
             session.offset,
@@ -873,11 +873,6 @@ def _argument(args, kwargs, where: int | str):
     if len(args) > where:
         return args[where]
     return kwargs.get("hidden_states", next(iter(kwargs.values()), None) if kwargs else None)
-
-
-def _strings(ids: torch.Tensor, decode) -> list[list[str]]:
-    """Each token's own text ([B, T] ids; -1, an embedded input without an id, has none)."""
-    return [[decode([int(i)]) if i >= 0 else "" for i in row] for row in ids.tolist()]
 
 
 def _mask_for(mask, batch: int, tokens: int) -> torch.Tensor | np.ndarray:

@@ -73,7 +73,7 @@ class Tokens:
     def text(self, ids: np.ndarray) -> list[list[str]] | None:
         if self.strings is not None or self.decode is None:
             return self.strings
-        return [[self.decode([int(i)]) if i >= 0 else "" for i in row] for row in ids.tolist()]
+        return token_texts(ids, self.decode)
 
     def give_back(self) -> None:
         if self.scratch is not None:
@@ -551,6 +551,11 @@ def _token_values(h: _RunHandles, ds, group, name: str, start: int, values: np.n
         ds.resize((max(end, h.capacity),))
     ds[start:end] = values
     return ds
+
+
+def token_texts(ids, decode) -> list[list[str]]:
+    """Each token's own text, [B, T] ids (a tensor or an array); -1 (an embedded input without an id) has none."""
+    return [[decode([int(i)]) if i >= 0 else "" for i in row] for row in ids.tolist()]
 
 
 def _wait(events) -> None:
