@@ -101,9 +101,14 @@ class State:
     chunks: tuple[int, int] | None = None  # (tokens, steps) per chunk, used when the run's dataset is created
     last: bool = False  # the forward's last slab of this loop: its tokens get no more steps
 
+    @property
+    def plane_start(self) -> int:
+        """The step of plane 0's first row."""
+        return self.step if self.base is None else self.base
+
     def planes(self, row: np.ndarray):
         """(first step, [T, n, H] block) of each plane's recorded steps in ``row`` [P, T, D, H], one batch row."""
-        base = self.step if self.base is None else self.base
+        base = self.plane_start
         planes, tokens, depth, hidden = row.shape
         end = self.step + self.steps
         if tokens == 1 and planes > 1:  # one decoded token: its planes are consecutive in memory, one block
@@ -425,8 +430,7 @@ class CaptureWriter:
         return h.loops[loop]
 
     def _write_state(self, m: State) -> None:
-        for event in m.ready or ():
-            event.synchronize()
+        _wait(m.ready)
         if m.logical_dtype == "bfloat16":
             array = m.slab.view(torch.int16).numpy().view(np.uint16)
         else:
@@ -444,9 +448,9 @@ class CaptureWriter:
                 states.resize((states.shape[0], last + 1, states.shape[2]))
                 loop["step_capacity"] = last + 1
             stager, row = loop["stager"], array[:, b]
-            base = message.step if message.base is None else message.base
             decoded = t == 1 and row.shape[2] == stager.ck  # one token, its planes in the chunk depth
-            if not (decoded and stager.write_token(m.offset, message.step, base, row[:, 0], message.steps)):
+            if not (decoded and stager.write_token(m.offset, message.step, message.plane_start, row[:, 0],
+                                                   message.steps)):
                 for step, block in message.planes(row):
                     stager.write(m.offset, step, block)
             loop["max_step"] = max(loop["max_step"], last)
@@ -458,10 +462,10 @@ class CaptureWriter:
         slab instead of being assembled in a buffer. (Only for blocks that hold whole chunks of tokens.) Rows past
         the dataset's extent are stored in its edge chunks as HDF5 does, and read NaN should the extent grow."""
         depth = array.shape[3]
-        room = -(m.step + m.steps - (m.step if m.base is None else m.base)) % depth
+        room = -(m.step + m.steps - m.plane_start) % depth
         if not m.last or not room or array.shape[2] < (m.chunks or (1 << 62,))[0]:
             return m
-        end = m.step + m.steps - (m.step if m.base is None else m.base)
+        end = m.step + m.steps - m.plane_start
         array[end // depth, :, :, depth - room :] = schema.fill_value(m.logical_dtype)
         return dataclasses.replace(m, steps=m.steps + room)
 
