@@ -28,7 +28,8 @@ loopscope's writer: the same calls, without the hook's copy); "h5py via chunk ca
 "loopscope prefill x8" records eight prefill runs in one capture: the sustained rate, with attach/close and the
 first run's start-up spread over eight; "x64 of 64 tokens" records the same bytes as 64 short runs (what a run file
 costs). ``--disk`` adds a table where the raw writes and those two captures each end with an fsync of every file
-and directory they wrote, so the disk's own write-back is timed too. Rates use the best of ``--repeats`` interleaved runs (medians beside them).
+and directory they wrote, so the disk's own write-back is timed too. Rates use the best of ``--repeats``
+interleaved runs (medians beside them).
 
 A second table (skip with ``--no-codecs``) captures the prefill with each ``compression=`` filter, float32 and
 bfloat16 states, and reports the run file's size on disk against the states' bytes.
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 
 import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
@@ -193,8 +195,6 @@ def copy_ceiling(nbytes: int, repeats: int) -> tuple[float, float]:
     slab, the writer from the slab into the page cache. A raw write copies once. Where two copies at once run no
     faster than one, memory bandwidth caps a capture near ``dual / single / 2`` of the raw write, whatever it does.
     """
-    import threading
-
     pairs = [(np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)) for _ in range(2)]
     for src, dst in pairs:
         np.copyto(dst, src)
