@@ -315,7 +315,8 @@ def _confirm_count(model: nn.Module, ids: torch.Tensor, exit_unit: _Unit, reps: 
 def _run(model: nn.Module, ids: torch.Tensor) -> None:
     """One probe forward that leaves the model as it was: no autograd, the RNG restored, and in eval mode (a
     training-mode forward would update batch-norm statistics), each module's own mode put back after."""
-    devices = [ids.device] if ids.device.type == "cuda" else []
+    # every GPU the model computes on: a random s0 or dropout on any of them draws from that GPU's generator
+    devices = sorted({t.device.index for t in (ids, *model.parameters(), *model.buffers()) if t.is_cuda})
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
