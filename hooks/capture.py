@@ -64,6 +64,7 @@ class _Stage:
     step0: int
     logical: str
     filled: int = 0
+    device: torch.device | None = None  # of the first state: later ones go to its device type (CPU or CUDA)
     on_device: torch.Tensor | None = None  # CUDA: the plane being gathered on the device, [B, T, D, H]
     device_plane: int | None = None  # which plane ``on_device`` holds rows of that are not copied down yet
 
@@ -505,7 +506,9 @@ class Capture:
             self._end_session(complete=True)
 
     def _end_session(self, complete: bool) -> None:
-        if self._forward is not None:  # an interrupted forward: its staged slabs go back unwritten
+        if self._forward is not None:  # an interrupted forward: its staged slabs go back unwritten, once no copy
+            for stream in self._copy_streams.values():  # into them is still running
+                stream.synchronize()
             for stage in self._forward.stages.values():
                 self.pool.release(stage.slab)
         session, self._session, self._forward = self._session, None, None
@@ -548,8 +551,9 @@ class Capture:
             state = output[spec.output_index] if isinstance(output, (tuple, list)) else output
             if step % self._stride == 0:
                 self._record(spec, step // self._stride, state)
-            elif isinstance(state, torch.Tensor):  # kept by reference in case it is the last step (no copy)
-                forward.final[spec.name] = (step, state.detach(), _version(state))
+            elif isinstance(state, torch.Tensor):  # kept in case it is the last step: by reference (no copy) where
+                version = _version(state)  # an in-place change would show; inference tensors have no counter
+                forward.final[spec.name] = (step, state.detach() if version is not None else state.clone(), version)
 
         return hook
 
@@ -655,17 +659,18 @@ class Capture:
             stage = None
         if stage is None:
             plane = state.numel() * state.element_size() * depth
-            if plane > self.pool.max_slab_bytes():
+            room = self.pool.max_slab_bytes(state.is_cuda)
+            if plane > room:
                 self._record_split(spec, step, state, logical, chunk_tokens)
                 return
             # As many planes as the last forward of this loop ran steps (all of them, for decoding), within the
             # slab limit: one message and one HDF5 write per chunk for the whole group instead of one per step.
             base = step - step % depth
             expected = self._steps_hint.get(spec.name, 8) + 1  # slots of the forward, s0 included
-            planes = max(1, min(-(-(expected - base) // depth), self.pool.max_slab_bytes() // plane))
+            planes = max(1, min(-(-(expected - base) // depth), room // plane))
             shape = (planes, forward.batch, forward.stored, depth, state.shape[2])
             slab = self.pool.acquire(shape, state.dtype, state.is_cuda)
-            stage = forward.stages[spec.name] = _Stage(slab, base, step, logical)
+            stage = forward.stages[spec.name] = _Stage(slab, base, step, logical, device=state.device)
         self._copy_step(stage, step, state)
         stage.filled += 1
 
@@ -684,7 +689,8 @@ class Capture:
                 step_bytes = state.numel() * state.element_size()
                 chunk_tokens, depth, _ = schema.state_chunks(
                     state.shape[2], state.element_size(), slots, state.shape[1],
-                    more_tokens=session.call != "forward", max_depth=max(1, self.pool.max_slab_bytes() // step_bytes),
+                    more_tokens=session.call != "forward",
+                    max_depth=max(1, self.pool.max_slab_bytes(state.is_cuda) // step_bytes),
                 )
                 chunks = (chunk_tokens, depth)
             session.chunks[spec.name] = chunks
@@ -709,7 +715,7 @@ class Capture:
         in blocks of whole chunks' tokens where a block holds any."""
         session = self._session
         batch, tokens, hidden = state.shape
-        block = max(self.pool.max_slab_bytes() // (batch * hidden * state.element_size()), 1)
+        block = max(self.pool.max_slab_bytes(state.is_cuda) // (batch * hidden * state.element_size()), 1)
         if block > chunk_tokens:
             block -= block % chunk_tokens
         for t0 in range(0, tokens, block):
@@ -745,6 +751,8 @@ class Capture:
         runs on the model's own stream, so it reads the state before anything the model queues later can change it
         in place (a side-stream read could run after such a write)."""
         plane, row = stage.place(step)
+        if state.device.type != stage.device.type:  # a CPU s0 before CUDA iterations (an offloaded embedding), or
+            state = state.to(stage.device)  # the reverse: a plane's rows are all gathered the same way
         if not state.is_cuda:
             stage.slab[plane, :, :, row].copy_(state)  # ``state`` is detached: no autograd record, no grad mode
             return
@@ -777,7 +785,9 @@ class Capture:
         with torch.no_grad():
             stream = self._copy_stream(state.device)
             stream.wait_stream(torch.cuda.current_stream(state.device))
-            with torch.cuda.stream(stream):
+            # the state's device made current first: leaving the stream context then stays on it, and does not
+            # start a context on device 0 for a model that lives on another GPU
+            with torch.cuda.device(state.device), torch.cuda.stream(stream):
                 destination.copy_(state, non_blocking=True)
             state.record_stream(stream)
             self._pending_devices.add(state.device)
@@ -863,7 +873,7 @@ def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
 
 
 def _version(state: torch.Tensor) -> int | None:
-    """The in-place change counter (None for inference-mode tensors, which cannot be changed in place)."""
+    """The in-place change counter (None for inference-mode tensors, which keep none)."""
     return None if state.is_inference() else state._version
 
 

@@ -8,6 +8,11 @@ When every slab is in flight the hook waits (back-pressure); the waits are count
 Slabs that receive copies from a CUDA device are pinned, so the copy runs at full bandwidth without blocking
 (a ``non_blocking`` copy into pageable memory is synchronous); the caller says which, per slab, from the state's
 own device, so a model moved to the GPU after ``attach`` (or one with no parameters) is still copied asynchronously.
+PyTorch's pinned-memory cache gives each request a power-of-two block and keeps freed blocks, so a pinned slab
+counts at that block's size, and closing the pool hands the cache's idle blocks back to the system.
+
+Every buffer is made outside inference mode: one made inside it would be an inference tensor, which a later
+forward run outside inference mode may not copy into.
 """
 
 from __future__ import annotations
@@ -45,16 +50,19 @@ class HostBufferPool:
         self._free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Condition()
         self._closed = False
+        self._pinned_any = False
 
-    def max_slab_bytes(self) -> int:
-        """The largest slab one hook call may take; larger states are split along the token axis."""
-        return max(self.budget_bytes // 4, 1)
+    def max_slab_bytes(self, pinned: bool = False) -> int:
+        """The largest slab one hook call may take; larger states are split along the token axis. A pinned slab
+        stays within a power of two, the block it takes (see :func:`_held_bytes`)."""
+        limit = max(self.budget_bytes // 4, 1)
+        return 1 << (limit.bit_length() - 1) if pinned else limit
 
     def acquire(self, shape: tuple[int, ...], dtype: torch.dtype, pinned: bool = False) -> torch.Tensor:
         """A host tensor of ``shape``/``dtype`` (page-locked if ``pinned``) to copy into; blocks while the budget
         is used up."""
         key = (tuple(shape), dtype, pinned)
-        nbytes = _nbytes(shape, dtype)
+        nbytes = _held_bytes(_nbytes(shape, dtype), pinned)
         with self._lock:
             waited_since = None
             while True:
@@ -91,21 +99,26 @@ class HostBufferPool:
             self._free.clear()
             self.stats.allocated_bytes = 0
             self._lock.notify_all()
+            pinned_any, self._pinned_any = self._pinned_any, False
+        if pinned_any:
+            empty_pinned_cache()
 
     def _allocate(self, shape, dtype, nbytes, pinned: bool) -> torch.Tensor:
-        slab = torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        with torch.inference_mode(False):
+            slab = torch.empty(shape, dtype=dtype, pin_memory=pinned)
         if pinned:
             self._pinned[id(slab)] = slab
+            self._pinned_any = True
         self.stats.slabs_allocated += 1
         self.stats.allocated_bytes += nbytes
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.allocated_bytes)
         return slab
 
     def _drop_free_slab(self) -> bool:
-        for key, slabs in self._free.items():
+        for (shape, dtype, pinned), slabs in self._free.items():
             if slabs:
-                slab = slabs.pop()
-                self.stats.allocated_bytes -= _nbytes(slab.shape, slab.dtype)
+                slabs.pop()
+                self.stats.allocated_bytes -= _held_bytes(_nbytes(shape, dtype), pinned)
                 return True
         return False
 
@@ -115,6 +128,19 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
     for d in shape:
         n *= int(d)
     return n * dtype.itemsize
+
+
+def _held_bytes(nbytes: int, pinned: bool) -> int:
+    """Host memory a slab holds: pinned blocks come from PyTorch's cache in powers of two."""
+    return 1 << (nbytes - 1).bit_length() if pinned and nbytes > 1 else nbytes
+
+
+def empty_pinned_cache() -> None:
+    """Hand PyTorch's idle pinned blocks back to the system (process-wide; blocks in use are kept)."""
+    empty = getattr(getattr(torch, "accelerator", None), "memory", None)
+    empty = getattr(empty, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 class PinnedScratch:
@@ -134,7 +160,8 @@ class PinnedScratch:
             free = self._free.get((tuple(shape), dtype))
             if free:
                 return free.pop()
-        t = torch.empty(shape, dtype=dtype, pin_memory=True)
+        with torch.inference_mode(False):
+            t = torch.empty(shape, dtype=dtype, pin_memory=True)
         with self._lock:
             self._mine[id(t)] = t
         return t

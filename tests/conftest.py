@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,35 @@ def forward_recorder():
     yield make
     for recorder in recorders:
         recorder.remove()
+
+
+class _Double(torch.nn.Module):
+    def forward(self, x):
+        return x * 2.0
+
+
+class StateChangedInPlace(torch.nn.Module):
+    """A looped model (``loop="block"``) that scales each iteration's output in place right after the block returns
+    it, as ``h += inp`` would: s0 = 1, then the block's outputs are 2, 1, 0.5, ... as the hooks see them."""
+
+    def __init__(self, hidden: int = 4096, steps: int = 6):
+        super().__init__()
+        self.block = _Double()
+        self.hidden, self.steps = hidden, steps
+
+    def forward(self, input_ids):
+        x = torch.ones(*input_ids.shape, self.hidden, device=input_ids.device)
+        for _ in range(self.steps):
+            x = self.block(x)
+            x.mul_(0.25)
+        return x
+
+    def expected(self) -> np.ndarray:
+        """[steps + 1] what every row of a token's trajectory holds (s0, then each block output)."""
+        return np.float32([1.0] + [2.0 * 0.5**k for k in range(self.steps)])
+
+
+@pytest.fixture
+def state_changed_in_place():
+    """The :class:`StateChangedInPlace` class, to build with the sizes a test needs."""
+    return StateChangedInPlace

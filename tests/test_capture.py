@@ -258,3 +258,33 @@ def test_inputs_reused_after_the_forward_do_not_change_what_is_stored(reference_
         run = capture.runs[0]
         for stored, want in zip((run.token_ids, run.attention_mask, run.positions), expected):
             np.testing.assert_array_equal(stored, want[0].numpy())
+
+
+def test_forwards_in_and_out_of_inference_mode_share_one_capture(reference_model, prompt_ids, reference_recorder,
+                                                                 tmp_path):
+    """Slabs made during an inference_mode forward are reused by the next forwards, under no_grad too: they are
+    made as normal tensors, which both modes may copy into (an inference tensor refuses it outside the mode)."""
+    recorder = reference_recorder(reference_model)
+    with loopscope.attach(reference_model, tmp_path / "modes.h5") as capture:
+        for mode in (torch.inference_mode, torch.inference_mode, torch.no_grad, torch.inference_mode):
+            with mode():
+                reference_model(prompt_ids, num_steps=3)
+            capture.flush()  # the slab is back in the pool before the next forward
+    recorder.remove()
+    with loopscope.open(tmp_path / "modes.h5") as f:
+        assert len(f.runs) == 4
+        for index, run in enumerate(f.runs):
+            want = torch.stack([recorder.s0[3 * index]] + recorder.states[3 * index : 3 * index + 3], dim=2)[0]
+            np.testing.assert_array_equal(run.states(), want.numpy())
+
+
+def test_a_last_state_changed_in_place_under_inference_mode_is_kept_as_the_hook_saw_it(tmp_path,
+                                                                                        state_changed_in_place):
+    """With step_stride the last iteration is held until the forward ends; an inference tensor has no version
+    counter to show an in-place change, so it is held as a copy."""
+    model = state_changed_in_place(hidden=8, steps=5)
+    with loopscope.attach(model, tmp_path / "c.h5", loop="block", step_stride=2), torch.inference_mode():
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        states = capture.runs[0].states()  # s0, iterations 2 and 4, then the last one, 5
+    np.testing.assert_array_equal(states[:, :, 0], np.broadcast_to(model.expected()[[0, 2, 4, 5]], states.shape[:2]))

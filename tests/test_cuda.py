@@ -136,36 +136,85 @@ def test_a_captured_forward_never_waits_for_the_device(reference_model, tokenize
             assert run.tokens == [tokenizer.decode([int(i)]) for i in ids[b, 1:]]
 
 
-class _Double(torch.nn.Module):
-    def forward(self, x):
-        return x * 2.0
-
-
-class _ChangesItsStateInPlace(torch.nn.Module):
-    """Each iteration's output is scaled in place right after the block returns it (as ``h += inp`` would)."""
-
-    def __init__(self):
-        super().__init__()
-        self.block = _Double()
-
-    def forward(self, input_ids):
-        x = torch.ones(*input_ids.shape, 4096, device=input_ids.device)
-        for _ in range(6):
-            x = self.block(x)
-            x.mul_(0.25)
-        return x
-
-
-def test_states_changed_in_place_after_the_hook_are_stored_as_the_hook_saw_them(tmp_path):
+@pytest.mark.parametrize("tokens, hidden", [(64, 256), (2048, 4096)])
+def test_states_changed_in_place_after_the_hook_are_stored_as_the_hook_saw_them(
+    tmp_path, state_changed_in_place, tokens, hidden
+):
     """The device gather runs on the model's stream, before the model's later in-place writes; a side-stream read
-    could land after them."""
-    model = _ChangesItsStateInPlace()
-    ids = torch.zeros(1, 2048, dtype=torch.long, device="cuda")
-    with loopscope.attach(model, tmp_path / "c.h5", loop="block"):
+    could land after them. 64 x 256 floats go through a slab's device plane; 2048 x 4096 (32 MiB a step, over the
+    16 MiB slab limit) go down a step at a time from a copy (``_record_split``)."""
+    model = state_changed_in_place(hidden=hidden)
+    ids = torch.zeros(1, tokens, dtype=torch.long, device="cuda")
+    with loopscope.attach(model, tmp_path / "c.h5", loop="block") as cap:
+        split = tokens * hidden * 4 > cap.pool.max_slab_bytes(pinned=True)
+        assert split == (tokens == 2048)
         with torch.no_grad():
             model(input_ids=ids)
     with loopscope.open(tmp_path / "c.h5") as capture:
-        states = capture.runs[0].states()  # [T, 7, H]: s0 = 1, then the block's outputs 2, 1, 0.5, ...
-    expected = [1.0] + [2.0 * 0.5**k for k in range(6)]
-    np.testing.assert_array_equal(states[:, :, 0], np.broadcast_to(np.float32(expected), states.shape[:2]))
+        states = capture.runs[0].states()  # [T, 7, H]
+    np.testing.assert_array_equal(states[:, :, 0], np.broadcast_to(model.expected(), states.shape[:2]))
     assert (states == states[:, :, :1]).all()
+
+
+def test_a_cpu_s0_before_cuda_iterations_is_stored(tmp_path, state_changed_in_place):
+    """s0 made on the CPU (an offloaded embedding) and the iterations on the GPU fill the same planes of a slab:
+    the CPU row goes up to the device plane, not into the slab the device plane is later copied over."""
+
+    class DoubleOnCuda(torch.nn.Module):
+        def forward(self, x):
+            return x.cuda() * 2.0
+
+    model = state_changed_in_place(hidden=256)  # its first state, s0, is made on the CPU
+    model.block = DoubleOnCuda()
+    ids = torch.zeros(1, 64, dtype=torch.long)
+    with loopscope.attach(model, tmp_path / "c.h5", loop="block", chunks=(64, 4)):
+        with torch.no_grad():
+            model(input_ids=ids)
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        states = capture.runs[0].states()
+    np.testing.assert_array_equal(states[:, :, 0], np.broadcast_to(model.expected(), states.shape[:2]))
+
+
+def test_pinned_memory_is_counted_as_held_and_handed_back_at_close(reference_model, tmp_path):
+    """PyTorch pins memory in power-of-two blocks and caches freed ones: the pool's count covers what PyTorch
+    holds for its slabs, within the budget, and closing hands the idle blocks back."""
+    from loopscope.storage.buffers import empty_pinned_cache
+
+    def pinned_bytes() -> int:
+        return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+
+    model = reference_model.cuda()
+    ids = torch.arange(23, device="cuda").view(1, 23)  # slabs of sizes that are not powers of two
+    torch.cuda.synchronize()
+    empty_pinned_cache()
+    before = pinned_bytes()
+    cap = loopscope.attach(model, tmp_path / "c.h5")
+    with torch.no_grad():
+        model(ids, num_steps=5)
+        model(ids[:, :17], num_steps=5)  # another shape
+    cap.flush()
+    held = pinned_bytes() - before
+    assert 0 < held <= cap.pool.stats.peak_bytes + (1 << 20)  # the ids, masks and positions' scratch aside
+    assert cap.pool.stats.peak_bytes <= cap.pool.budget_bytes
+    cap.close()
+    assert pinned_bytes() - before <= 1 << 20
+
+
+def test_forwards_in_and_out_of_inference_mode_on_cuda(reference_model, reference_recorder, tmp_path):
+    """Pinned slabs and scratch made during an inference_mode forward are reused by a no_grad one."""
+    model = reference_model.cuda()
+    ids = torch.arange(20, device="cuda").view(1, 20)
+    recorder = reference_recorder(model)
+    with loopscope.attach(model, tmp_path / "c.h5") as cap:
+        for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+            with mode():
+                model(ids, num_steps=3)
+            cap.flush()
+    recorder.remove()
+    expected = _expected(recorder, 3)[0]  # the three forwards' tokens one after another
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        assert len(capture.runs) == 3
+        for f, run in enumerate(capture.runs):
+            np.testing.assert_array_equal(run.states(), expected[20 * f : 20 * (f + 1)])
+
+
