@@ -65,6 +65,7 @@ class _Stage:
     logical: str
     filled: int = 0
     device: torch.device | None = None  # of the first state: later ones go to its device type (CPU or CUDA)
+    cuda: bool = False  # whether ``device`` is a CUDA device
     on_device: torch.Tensor | None = None  # CUDA: the plane being gathered on the device, [B, T, D, H]
     device_plane: int | None = None  # which plane ``on_device`` holds rows of that are not copied down yet
 
@@ -670,7 +671,7 @@ class Capture:
             planes = max(1, min(-(-(expected - base) // depth), room // plane))
             shape = (planes, forward.batch, forward.stored, depth, state.shape[2])
             slab = self.pool.acquire(shape, state.dtype, state.is_cuda)
-            stage = forward.stages[spec.name] = _Stage(slab, base, step, logical, device=state.device)
+            stage = forward.stages[spec.name] = _Stage(slab, base, step, logical, device=state.device, cuda=state.is_cuda)
         self._copy_step(stage, step, state)
         stage.filled += 1
 
@@ -751,8 +752,8 @@ class Capture:
         runs on the model's own stream, so it reads the state before anything the model queues later can change it
         in place (a side-stream read could run after such a write)."""
         plane, row = stage.place(step)
-        if state.device.type != stage.device.type:  # a CPU s0 before CUDA iterations (an offloaded embedding), or
-            state = state.to(stage.device)  # the reverse: a plane's rows are all gathered the same way
+        if state.is_cuda != stage.cuda:  # a CPU s0 before CUDA iterations (an offloaded embedding), or the
+            state = state.to(stage.device)  # reverse: a plane's rows are all gathered the same way
         if not state.is_cuda:
             stage.slab[plane, :, :, row].copy_(state)  # ``state`` is detached: no autograd record, no grad mode
             return
