@@ -33,6 +33,7 @@ METRIC_HELP = {
     "norm": "||s_k||",
 }
 DEFAULT_TOL = 1e-2
+CONVERGENCE_METRIC = "relative_distance"  # what convergence_steps compares with the tolerance, by default
 BLOCK_BYTES = 64 << 20
 READ_AHEAD = 1  # blocks read ahead of the one being measured
 SLICE_BYTES = 1 << 20  # states measured at a time, so that they and their scratch copies stay in the CPU cache
@@ -52,21 +53,27 @@ class TokenMetrics:
     token_ids: np.ndarray  # [T]
     positions: np.ndarray  # [T]
     tokens: list[str] | None
-    distance: np.ndarray
-    relative_distance: np.ndarray
-    step_delta: np.ndarray
-    cosine: np.ndarray
-    norm: np.ndarray
+    distance: np.ndarray | None  # each measure None if it was not asked for (``token_metrics(measures=...)``)
+    relative_distance: np.ndarray | None
+    step_delta: np.ndarray | None
+    cosine: np.ndarray | None
+    norm: np.ndarray | None
     iterations: np.ndarray | None = None  # [T] as recorded; differs from num_steps only with a step stride
     step_stride: int = 1
 
+    @property
+    def measures(self) -> tuple[str, ...]:
+        """The measures computed, in :data:`METRICS` order."""
+        return tuple(name for name in METRICS if getattr(self, name) is not None)
+
     def step_iterations(self) -> np.ndarray:
         """[T, K] the iteration each stored step holds (``Run.step_iterations``): k, or min(k * stride, last)."""
+        shape = self[self.measures[0]].shape
         if self.step_stride == 1 or self.iterations is None:
-            return np.broadcast_to(np.arange(self.distance.shape[1])[None, :], self.distance.shape)
-        return schema.stored_step_iterations(self.iterations, self.step_stride, self.distance.shape[1])
+            return np.broadcast_to(np.arange(shape[1])[None, :], shape)
+        return schema.stored_step_iterations(self.iterations, self.step_stride, shape[1])
 
-    def convergence_iterations(self, tol: float = DEFAULT_TOL, metric: str = "relative_distance") -> np.ndarray:
+    def convergence_iterations(self, tol: float = DEFAULT_TOL, metric: str = CONVERGENCE_METRIC) -> np.ndarray:
         """[T] :meth:`convergence_steps` as iterations (the same numbers unless a step stride was used); -1 if never."""
         steps = self.convergence_steps(tol, metric)
         mapped = self.step_iterations()[np.arange(len(steps)), np.maximum(steps, 0)]
@@ -75,9 +82,12 @@ class TokenMetrics:
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in METRICS:
             raise LoopscopeError(f"unknown metric {name!r}; use one of {', '.join(METRICS)}")
-        return getattr(self, name)
+        value = getattr(self, name)
+        if value is None:
+            raise LoopscopeError(f"{name} was not computed; include it in token_metrics(measures=...)")
+        return value
 
-    def convergence_steps(self, tol: float = DEFAULT_TOL, metric: str = "relative_distance") -> np.ndarray:
+    def convergence_steps(self, tol: float = DEFAULT_TOL, metric: str = CONVERGENCE_METRIC) -> np.ndarray:
         """[T] int: the first step from which ``metric`` stays <= ``tol`` up to the token's last step; -1 if never.
 
         With ``reference="final"`` every token converges by its last step (its distance there is 0); against a
@@ -94,17 +104,23 @@ class TokenMetrics:
         return np.where(steps > self.num_steps, -1, steps).astype(np.int64)
 
     def nonfinite_tokens(self) -> np.ndarray:
-        """Indices of tokens with a NaN or infinite distance at some step they ran (a model that blew up)."""
-        valid = np.arange(self.distance.shape[1])[None, :] <= self.num_steps[:, None]
-        return np.nonzero((~np.isfinite(self.distance) & valid).any(axis=1))[0]
+        """Indices of tokens with a NaN or infinite measure at some step they ran (a model that blew up: its NaN
+        states make every measure NaN)."""
+        values = self[self.measures[0]]
+        valid = np.arange(values.shape[1])[None, :] <= self.num_steps[:, None]
+        return np.nonzero((~np.isfinite(values) & valid).any(axis=1))[0]
 
     def to_csv(self, path: str | os.PathLike, *, tol: float = DEFAULT_TOL, append: bool = False) -> int:
         """Write one row per (token, step) up to each token's last step; returns the number of rows.
 
         Columns: run, token_index, position, token_id, token, step (stored), iteration (the same unless a step
         stride was used), num_steps (stored), every measure, and ``converged_at`` (the token's
-        :meth:`convergence_iterations` at ``tol``, repeated on each of its rows).
+        :meth:`convergence_iterations` at ``tol``, repeated on each of its rows). Needs every measure computed.
         """
+        missing = [name for name in METRICS if getattr(self, name) is None]
+        if missing:
+            raise LoopscopeError(f"to_csv writes every measure; {', '.join(missing)} not computed (use the default "
+                                 "token_metrics(measures=METRICS))")
         converged = self.convergence_iterations(tol)
         iterations = self.step_iterations()
         rows = 0
@@ -137,14 +153,18 @@ def token_metrics(
     loop: str | None = None,
     block_bytes: int = BLOCK_BYTES,
     progress: Callable[[int], None] | None = None,
+    measures: Iterable[str] = METRICS,
 ) -> TokenMetrics:
-    """Compute every measure in :data:`METRICS` for ``run`` in one streamed pass.
+    """Compute every measure in :data:`METRICS` (or those named in ``measures``) for ``run`` in one streamed pass.
 
     ``reference``: ``"final"`` (each token's own last state), a run index of the same capture, a :class:`Run`,
     or another capture file as ``"path.h5"`` / ``"path.h5:N"`` (e.g. a 128-iteration run over the same tokens).
     ``space``: ``"readout"`` (the stored final norm), ``"state"`` (raw latent), or ``"auto"`` (readout if stored).
-    ``progress`` is called with the number of tokens finished after each block.
+    ``progress`` is called with the number of tokens finished after each block. ``measures``: fewer measures
+    cost less arithmetic (the distances alone, for a convergence figure, about half of it in the readout space); the
+    others are None in the result.
     """
+    wanted = _wanted(measures)
     space = resolve_space(run, space)
     to_space = space_fn(run, space)
     steps = run.steps_of(loop).astype(np.int64)  # a clear error first if the run has no such loop
@@ -153,7 +173,7 @@ def token_metrics(
     n_tokens, n_slots, hidden = ds.shape
     with contextlib.ExitStack() as stack:
         ref = reference_states(run, open_reference_run(run, reference, stack), space, loop)
-    out = {name: np.full((n_tokens, n_slots), np.nan) for name in METRICS}
+    out = {name: np.full((n_tokens, n_slots), np.nan) if name in wanted else None for name in METRICS}
     block = _token_block(n_slots, hidden, block_bytes, schema.dataset_chunks(ds))
     spans = [(t0, min(t0 + block, n_tokens)) for t0 in range(0, n_tokens, block)]
     read = _block_reader(run, loop, block)
@@ -163,7 +183,7 @@ def token_metrics(
 
     for (t0, t1), stored in _read_ahead(load, spans):
         star = ref.states[t0:t1] if ref.states is not None else None
-        for name, value in stored_block_measures(stored, steps[t0:t1], star, to_space).items():
+        for name, value in stored_block_measures(stored, steps[t0:t1], star, to_space, wanted).items():
             out[name][t0:t1] = value
         if progress is not None:
             progress(t1 - t0)
@@ -182,10 +202,13 @@ def token_metrics(
     )
 
 
-def block_measures(states: np.ndarray, last: np.ndarray, star: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Every measure of a block of tokens: ``states`` [b, K, H] in the analysis space, ``last`` [b] each token's
-    last step, ``star`` [b, H] s* (None: each token's own last state). Each result is [b, K] float64, NaN past
-    ``last``. The one place the arithmetic lives, shared by the streamed and the Dask analysis.
+def block_measures(
+    states: np.ndarray, last: np.ndarray, star: np.ndarray | None = None, measures: Iterable[str] = METRICS
+) -> dict[str, np.ndarray]:
+    """Every measure (or those in ``measures``) of a block of tokens: ``states`` [b, K, H] in the analysis space,
+    ``last`` [b] each token's last step, ``star`` [b, H] s* (None: each token's own last state). Each result is
+    [b, K] float64, NaN past ``last``. The one place the arithmetic lives, shared by the streamed and the Dask
+    analysis.
 
     Float32 states (the stored values in the state space) are measured in float32, at half the memory traffic of
     float64: differences of float32 numbers are exact where they are close (near convergence, where distances are
@@ -196,42 +219,61 @@ def block_measures(states: np.ndarray, last: np.ndarray, star: np.ndarray | None
     if star is None:
         star = states[np.arange(len(last)), last]
     valid = np.arange(states.shape[1])[None, :] <= last[:, None]
+    wanted = _wanted(measures)
     with np.errstate(all="ignore"):  # NaN/Inf states (a model that blew up) give NaN measures, flagged later
-        values = _measures(states, star)
-        if states.dtype == np.float32 and _overflowed(values, valid):
-            values = _measures(states.astype(np.float64), star.astype(np.float64))
+        values, norms = _measures(states, star, wanted)
+        if states.dtype == np.float32 and _overflowed(norms, valid):
+            values, _ = _measures(states.astype(np.float64), star.astype(np.float64), wanted)
     return {name: np.where(valid, value, np.nan) for name, value in values.items()}
 
 
 def stored_block_measures(
-    stored: np.ndarray, last: np.ndarray, star: np.ndarray | None, to_space: Callable[[np.ndarray], np.ndarray]
+    stored: np.ndarray,
+    last: np.ndarray,
+    star: np.ndarray | None,
+    to_space: Callable[[np.ndarray], np.ndarray],
+    measures: Iterable[str] = METRICS,
 ) -> dict[str, np.ndarray]:
     """:func:`block_measures` of decoded stored states, mapped by ``to_space`` and measured SLICE_BYTES at a time:
     a slice's analysis-space copy and scratch arrays stay in the CPU cache between the passes over them (whole
     8 MB blocks measured ~1.3x slower here)."""
     rows = max(1, SLICE_BYTES * len(stored) // max(stored.nbytes, 1))
     parts = [
-        block_measures(to_space(stored[t : t + rows]), last[t : t + rows], None if star is None else star[t : t + rows])
+        block_measures(to_space(stored[t : t + rows]), last[t : t + rows], None if star is None else star[t : t + rows],
+                       measures)
         for t in range(0, len(stored) or 1, rows)
     ]
-    return {name: np.concatenate([part[name] for part in parts]) for name in METRICS}
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
-def _measures(states: np.ndarray, star: np.ndarray) -> dict[str, np.ndarray]:
-    """The five measures of every step, in the precision of ``states`` and ``star``, through one scratch array."""
+def _measures(
+    states: np.ndarray, star: np.ndarray, wanted: frozenset[str]
+) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """The ``wanted`` measures of every step, in the precision of ``states`` and ``star``, through one scratch
+    array; also the norms taken on the way (each a sum of squares, which may overflow float32)."""
     work = np.empty(states.shape, np.result_type(states, star))
     star_norm = _norm(star)[:, None]
-    norms = _norm(states)
-    dist = _norm(np.subtract(states, star[:, None, :], out=work))
-    delta = np.full_like(dist, np.nan)
-    delta[:, 1:] = _norm(np.subtract(states[:, 1:], states[:, :-1], out=work[:, 1:]))
-    return {
-        "distance": dist,
-        "relative_distance": dist / star_norm,
-        "step_delta": delta,
-        "cosine": _dot(states, star) / (norms * star_norm),
-        "norm": norms,
-    }
+    values: dict[str, np.ndarray] = {}
+    norms = [np.broadcast_to(star_norm, states.shape[:2])]
+    if wanted & {"norm", "cosine"}:
+        norms.append(_norm(states))
+        if "norm" in wanted:
+            values["norm"] = norms[-1]
+        if "cosine" in wanted:
+            values["cosine"] = _dot(states, star) / (norms[-1] * star_norm)
+    if wanted & {"distance", "relative_distance"}:
+        dist = _norm(np.subtract(states, star[:, None, :], out=work))
+        norms.append(dist)
+        if "distance" in wanted:
+            values["distance"] = dist
+        if "relative_distance" in wanted:
+            values["relative_distance"] = dist / star_norm
+    if "step_delta" in wanted:
+        delta = np.full(states.shape[:2], np.nan)
+        delta[:, 1:] = _norm(np.subtract(states[:, 1:], states[:, :-1], out=work[:, 1:]))
+        values["step_delta"] = delta
+        norms.append(delta)
+    return {name: values[name] for name in METRICS if name in values}, norms
 
 
 def convergence(run: Run, reference="final", space: str = "auto", *, loop: str | None = None) -> np.ndarray:
@@ -240,7 +282,7 @@ def convergence(run: Run, reference="final", space: str = "auto", *, loop: str |
     The figure the Huginn paper draws; see :func:`token_metrics` for ``reference`` and ``space`` and for the
     other measures.
     """
-    return token_metrics(run, reference, space, loop=loop).distance
+    return token_metrics(run, reference, space, loop=loop, measures=("distance",)).distance
 
 
 def step_profile(values: np.ndarray, low: float = 10, high: float = 90) -> dict[str, np.ndarray]:
@@ -260,9 +302,18 @@ def step_profile(values: np.ndarray, low: float = 10, high: float = 90) -> dict[
         }
 
 
-def _overflowed(values: dict[str, np.ndarray], valid: np.ndarray) -> bool:
+def _overflowed(norms: list[np.ndarray], valid: np.ndarray) -> bool:
     """Whether a sum of squares reached infinity at a step a token ran (in float32 it may be finite in float64)."""
-    return any(np.isinf(values[name][valid]).any() for name in ("norm", "distance", "step_delta"))
+    return any(np.isinf(norm[valid]).any() for norm in norms)
+
+
+def _wanted(measures: Iterable[str]) -> frozenset[str]:
+    """The measures asked for, checked: a clear error for a misspelt name or none at all."""
+    wanted = frozenset([measures] if isinstance(measures, str) else measures)
+    unknown = sorted(wanted - set(METRICS))
+    if unknown or not wanted:
+        raise LoopscopeError(f"measures={sorted(wanted)!r}: name one or more of {', '.join(METRICS)}")
+    return wanted
 
 
 def _norm(x: np.ndarray) -> np.ndarray:

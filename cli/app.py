@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..analysis.metrics import DEFAULT_TOL, METRIC_HELP, METRICS
+from ..analysis.metrics import CONVERGENCE_METRIC, DEFAULT_TOL, METRIC_HELP, METRICS
 from ..storage.errors import LoopscopeError
 
 app = typer.Typer(
@@ -187,7 +187,7 @@ def plot(
         first = chosen[0]
         name = Path(file).name
         if kind == "heatmap":
-            m = _metrics(first, ref, space, loop)
+            m = _metrics(first, ref, space, loop, ("distance",))
             written = figures.heatmap(
                 m.distance, out, tokens=first.tokens, positions=first.positions, reference=m.reference,
                 space=m.space, zeros=zeros, title=f"{name}, run {first.index}: convergence of the latent state",
@@ -196,7 +196,7 @@ def plot(
             if other is None:
                 raise LoopscopeError("--kind compare needs --other: a run index or FILE[:RUN]")
             second = open_reference_run(first, parse_reference(other), stack)
-            a, b = _metrics(first, ref, space, loop), _metrics(second, ref, space, loop)
+            a, b = (_metrics(r, ref, space, loop, ("distance",)) for r in (first, second))
             written = figures.compare(
                 a.distance, b.distance, out, tokens=first.tokens, reference=a.reference, space=a.space, zeros=zeros,
                 titles=(_run_title(first), _run_title(second)),
@@ -204,7 +204,7 @@ def plot(
         elif kind == "curves":
             if metric not in METRICS:
                 raise LoopscopeError(f"--metric {metric}: use one of {', '.join(METRICS)}")
-            series = [(_run_title(r), _metrics(r, ref, space, loop)[metric]) for r in chosen]
+            series = [(_run_title(r), _metrics(r, ref, space, loop, (metric,))[metric]) for r in chosen]
             written = figures.curves(
                 series, out, ylabel=METRIC_HELP[metric], log=metric not in ("cosine", "norm"),
                 title=f"{name}: {METRIC_HELP[metric]} per iteration, s* = {reference}",
@@ -223,13 +223,15 @@ def plot(
             if np.unique(steps).size > 1:
                 written = figures.exits(steps, out, title=f"{_run_title(first)}: steps to exit (adaptive depth)")
             else:
-                converged = _metrics(first, ref, space, loop).convergence_iterations(tol)
+                converged = _metrics(first, ref, space, loop, (CONVERGENCE_METRIC,)).convergence_iterations(tol)
                 written = figures.exits(
                     converged, out, xlabel=f"First step with ||s - s*|| / ||s*|| <= {tol:g} from then on",
                     title=f"{_run_title(first)}: fixed depth {int(steps.max()) if steps.size else 0}, convergence step per token",
                 )
         else:
-            selected = _parse_tokens(tokens) if tokens else _typical_tokens(_metrics(first, ref, space, loop), tol)
+            selected = _parse_tokens(tokens) if tokens else _typical_tokens(
+                _metrics(first, ref, space, loop, (CONVERGENCE_METRIC,)), tol
+            )
             trajectories = trajectory_pca(first, selected, space=space, loop=loop, basis=basis)
             written = figures.pca_trajectories(
                 trajectories, out, title=f"{_run_title(first)}: latent trajectories, principal components"
@@ -333,12 +335,13 @@ def export(
 PLOT_KINDS = ("heatmap", "pca", "curves", "exits", "compare", "signal")
 
 
-def _metrics(run, reference, space, loop):
-    """Every measure of ``run``, with a progress bar while the states stream in."""
+def _metrics(run, reference, space, loop, measures=METRICS):
+    """The measures of ``run`` a command needs (each costs arithmetic), with a progress bar while the states
+    stream in."""
     from ..analysis.metrics import token_metrics
 
     with _progress(f"run {run.index}: reading states", max(run.num_tokens, 1)) as advance:
-        metrics = token_metrics(run, reference, space, loop=loop, progress=advance)
+        metrics = token_metrics(run, reference, space, loop=loop, progress=advance, measures=measures)
     _warn_nonfinite(metrics)
     return metrics
 

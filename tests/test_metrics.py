@@ -244,3 +244,43 @@ def test_a_cosine_near_zero_keeps_its_relative_precision(converged_captures):
     want = _direct(states, run.num_steps, lambda x: x, star.astype(np.float64))
     assert np.max(np.abs(want["cosine"][:, 0])) < 1e-6
     np.testing.assert_allclose(got["cosine"], want["cosine"], rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("measures", [("distance",), ("cosine",), ("step_delta", "relative_distance"), ("norm",)])
+def test_a_subset_of_measures_equals_the_same_measures_of_the_full_pass(capture_path, measures):
+    """Fewer measures cost less arithmetic and give the same numbers; the others are None, and asking for one of
+    them (or writing the CSV, which needs all) says which option computes it."""
+    with loopscope.open(capture_path) as capture:
+        run = capture.runs[0]
+        full = token_metrics(run)
+        some = token_metrics(run, measures=measures)
+    assert some.measures == tuple(name for name in METRICS if name in measures)
+    for name in METRICS:
+        if name in measures:
+            np.testing.assert_array_equal(some[name], full[name], err_msg=name)
+        else:
+            assert getattr(some, name) is None
+            with pytest.raises(LoopscopeError, match=f"{name} was not computed"):
+                some[name]
+    assert some.nonfinite_tokens().size == 0
+    with pytest.raises(LoopscopeError, match="to_csv writes every measure"):
+        some.to_csv(capture_path.with_suffix(".csv"))
+
+
+def test_unknown_or_no_measures_are_one_line_errors(capture_path):
+    with loopscope.open(capture_path) as capture:
+        for bad in (("distance", "speed"), ()):
+            with pytest.raises(LoopscopeError, match="name one or more of distance"):
+                token_metrics(capture.runs[0], measures=bad)
+
+
+def test_a_cosine_alone_still_falls_back_to_float64_past_float32s_range(converged_captures):
+    """The cosine's norms overflow float32 for these states though no norm was asked for: the block is measured
+    again in float64, as the full pass does."""
+    with loopscope.open(converged_captures["float32"]) as capture:
+        run = capture.runs[0]
+        states = run.states() * np.float32(1e20)
+    got = block_measures(states, run.num_steps, measures=("cosine",))
+    want = block_measures(states.astype(np.float64), run.num_steps)
+    assert list(got) == ["cosine"]
+    np.testing.assert_allclose(got["cosine"], want["cosine"], rtol=RTOL, atol=0)
