@@ -278,31 +278,41 @@ class Capture:
         """Replace ``model.<name>`` by an instance attribute that routes through ``call(original, ...)``.
 
         The wrapper keeps ``__wrapped__`` so ``inspect.signature`` (used by transformers to check generate's
-        kwargs) still sees the original signature; :meth:`_uninstall` puts back exactly what was there.
+        kwargs) still sees the original signature. It reads ``__wrapped__`` at each call, so that when several
+        captures wrap one model, the one closed first can unlink itself from the chain (:meth:`_uninstall`).
         """
         original = getattr(self.model, name, None)
         if not callable(original):
             return
-        had_instance_attr = name in vars(self.model)
 
         def wrapper(*args, **kwargs):
-            return call(original, *args, **kwargs)
+            return call(wrapper.__wrapped__, *args, **kwargs)
 
         wrapper.__wrapped__ = original
+        wrapper._loopscope_had_instance_attr = name in vars(self.model)  # what to put back: an attribute, or none
         setattr(self.model, name, wrapper)
-        self._restore.append((name, had_instance_attr, original, wrapper))
+        self._restore.append((name, wrapper))
 
     def _uninstall(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for name, had_instance_attr, original, wrapper in reversed(self._restore):
-            if vars(self.model).get(name) is not wrapper:
-                continue  # someone wrapped it again after us; our wrapper stays, and passes calls straight through
-            if had_instance_attr:
-                setattr(self.model, name, original)
-            else:
-                vars(self.model).pop(name, None)
+        for name, wrapper in reversed(self._restore):
+            top = vars(self.model).get(name)
+            if top is wrapper:
+                if wrapper._loopscope_had_instance_attr:
+                    setattr(self.model, name, wrapper.__wrapped__)
+                else:
+                    vars(self.model).pop(name, None)
+                continue
+            # Wrapped again after us. By a later capture: unlink ours from the chain, the later one inheriting
+            # what ours wraps. By anything else: ours stays, and passes calls straight through (we are closed).
+            above = top
+            while hasattr(above, "_loopscope_had_instance_attr") and above.__wrapped__ is not wrapper:
+                above = above.__wrapped__
+            if hasattr(above, "_loopscope_had_instance_attr"):
+                above.__wrapped__ = wrapper.__wrapped__
+                above._loopscope_had_instance_attr = wrapper._loopscope_had_instance_attr
         self._restore.clear()
 
     # ---- calls -------------------------------------------------------------------------------------------------------

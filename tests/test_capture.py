@@ -288,3 +288,28 @@ def test_a_last_state_changed_in_place_under_inference_mode_is_kept_as_the_hook_
     with loopscope.open(tmp_path / "c.h5") as capture:
         states = capture.runs[0].states()  # s0, iterations 2 and 4, then the last one, 5
     np.testing.assert_array_equal(states[:, :, 0], np.broadcast_to(model.expected()[[0, 2, 4, 5]], states.shape[:2]))
+
+
+@pytest.mark.parametrize("first_closed", ["first attached", "last attached"])
+def test_two_captures_on_one_model_leave_it_as_it_was(reference_model, prompt_ids, tmp_path, first_closed):
+    """Closed in either order, two captures leave no wrapper behind: a deep copy of the model then runs its own
+    weights (a leftover wrapper is bound to the original model and would run that instead)."""
+    import copy
+
+    wrapped = ("forward", "generate")
+    a = loopscope.attach(reference_model, tmp_path / "a.h5")
+    b = loopscope.attach(reference_model, tmp_path / "b.h5")
+    with torch.no_grad():
+        reference_model(prompt_ids, num_steps=2)  # both record it
+    for cap in (a, b) if first_closed == "first attached" else (b, a):
+        cap.close()
+    assert not [name for name in wrapped if name in vars(reference_model)]
+    for path in (a.path, b.path):
+        with loopscope.open(path) as capture:
+            assert len(capture.runs) == 1
+    twin = copy.deepcopy(reference_model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        torch.manual_seed(0)
+        assert not torch.equal(twin(prompt_ids, num_steps=2).logits, reference_model(prompt_ids, num_steps=2).logits)
