@@ -91,7 +91,7 @@ class _Forward:
     side: bool = False
     keep: np.ndarray | None = None  # indices of the tokens this forward stores (tokens=...), None = all
     keep_on: dict = field(default_factory=dict)  # the same indices as a tensor per device, for index_select
-    final: dict[str, tuple[int, torch.Tensor, int]] = field(default_factory=dict)  # off-stride last state per loop
+    final: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)  # off-stride last state per loop
     tokens_message: Any = None  # a side forward's Tokens, sent only once its group has run an iteration
     row_steps: np.ndarray | None = None  # [B] each row's own exit step (Huginn's adaptive exit), 0 = not exited
     signals: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
@@ -483,7 +483,11 @@ class Capture:
 
     def _on_model_exit(self, module, args, kwargs, output):
         if self._forward is not None and not self._forward.side:
-            self._finish_forward()
+            try:  # a forward hook runs after forward() returned, outside the wrapper that aborts on errors
+                self._finish_forward()
+            except BaseException as exc:
+                self._abort(exc)
+                raise
 
     def _finish_forward(self) -> None:
         forward, session = self._forward, self._session
@@ -562,9 +566,8 @@ class Capture:
             state = output[spec.output_index] if isinstance(output, (tuple, list)) else output
             if step % self._stride == 0:
                 self._record(spec, step // self._stride, state)
-            elif isinstance(state, torch.Tensor):  # kept in case it is the last step: by reference (no copy) where
-                version = _version(state)  # an in-place change would show; inference tensors have no counter
-                forward.final[spec.name] = (step, state.detach() if version is not None else state.clone(), version)
+            elif isinstance(state, torch.Tensor):  # kept in case it is the last step, as a copy: the model may
+                forward.final[spec.name] = (step, state.detach().clone())  # change its state in place later
 
         return hook
 
@@ -592,12 +595,7 @@ class Capture:
             held = forward.final.get(spec.name)
             if held is None or held[0] != forward.steps.get(spec.name, 0):
                 continue
-            step, state, version = held
-            if _version(state) != version:
-                raise LoopscopeError(
-                    f"loop {spec.exit!r} changed its last state in place after returning it, so step_stride cannot "
-                    "keep it without a copy; capture with step_stride=1"
-                )
+            step, state = held
             self._record(spec, step // self._stride + 1, state)
         forward.final.clear()
 
@@ -882,10 +880,6 @@ def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
         raise LoopscopeError(f"attach() got unknown option(s) {sorted(unknown)}")
     return Capture(model, path, **options)
 
-
-def _version(state: torch.Tensor) -> int | None:
-    """The in-place change counter (None for inference-mode tensors, which keep none)."""
-    return None if state.is_inference() else state._version
 
 
 def _argument(args, kwargs, where: int | str):

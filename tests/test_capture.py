@@ -278,15 +278,20 @@ def test_forwards_in_and_out_of_inference_mode_share_one_capture(reference_model
             np.testing.assert_array_equal(run.states(), want.numpy())
 
 
-def test_a_last_state_changed_in_place_under_inference_mode_is_kept_as_the_hook_saw_it(tmp_path,
-                                                                                        state_changed_in_place):
-    """With step_stride the last iteration is held until the forward ends; an inference tensor has no version
-    counter to show an in-place change, so it is held as a copy."""
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_a_last_state_changed_in_place_is_kept_as_the_hook_saw_it(tmp_path, state_changed_in_place, mode):
+    """With step_stride the last iteration is held until the forward ends, as a copy: a model that changes it in
+    place afterwards (``h += inp``) still has it stored as returned, and its forward calls are unaffected."""
     model = state_changed_in_place(hidden=8, steps=5)
-    with loopscope.attach(model, tmp_path / "c.h5", loop="block", step_stride=2), torch.inference_mode():
-        model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with mode():
+        plain = model(input_ids=ids)
+        with loopscope.attach(model, tmp_path / "c.h5", loop="block", step_stride=2):
+            for _ in range(2):
+                assert torch.equal(model(input_ids=ids), plain)
     with loopscope.open(tmp_path / "c.h5") as capture:
-        states = capture.runs[0].states()  # s0, iterations 2 and 4, then the last one, 5
+        assert len(capture.runs) == 2
+        states = capture.runs[1].states()  # s0, iterations 2 and 4, then the last one, 5
     np.testing.assert_array_equal(states[:, :, 0], np.broadcast_to(model.expected()[[0, 2, 4, 5]], states.shape[:2]))
 
 
