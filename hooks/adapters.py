@@ -99,7 +99,7 @@ def raven(model: nn.Module) -> LoopAdapter | None:
             "signal exit_value: the exit criterion's value per check, on the last position of each forward",
         ),
         entry_methods=("embed_inputs",),
-        call_methods=("forward_with_adaptive_compute",),
+        call_methods=("forward_with_adaptive_compute", "generate_with_adaptive_compute", "generate_minimal"),
         exit_evaluator_kwargs=("criterion", "exit_threshold", "exit_evaluator"),
     )
 

@@ -242,3 +242,30 @@ def test_a_hand_rolled_loop_outside_generate_is_counted_not_guessed(reference_mo
                 x, block_idx, _ = reference_model.iterate_one_step(embedded, x, block_idx=block_idx, current_step=step)
     with loopscope.open(tmp_path / "o.h5") as capture:
         assert capture.runs == [] and capture.meta["orphan_loop_calls"] == 3
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("generate_with_adaptive_compute", dict(criterion="kl", exit_threshold=1e-4, num_steps=24)),
+        ("generate_minimal", dict(continuous_compute=True, num_steps=5)),
+    ],
+)
+def test_huginns_decoders_called_by_name_are_captured_as_generate_is(
+    reference_model, prompt_ids, tmp_path, method, options
+):
+    """Huginn's model card calls its decoders by name; each call is one run, the same as generate() dispatching to
+    that decoder (before, the adaptive one recorded nothing and the minimal one a run per token)."""
+    paths = {}
+    for name in ("generate", method):
+        paths[name] = tmp_path / f"{name}.h5"
+        with loopscope.attach(reference_model, paths[name]):
+            torch.manual_seed(0)
+            getattr(reference_model, name)(prompt_ids, max_new_tokens=6, do_sample=False, **options)
+    with loopscope.open(paths["generate"]) as via_generate, loopscope.open(paths[method]) as by_name:
+        (want,), (got,) = via_generate.runs, by_name.runs
+        assert got.attrs["call"] == method and got.num_tokens == want.num_tokens > prompt_ids.shape[1]
+        np.testing.assert_array_equal(got.token_ids, want.token_ids)
+        np.testing.assert_array_equal(got.num_steps, want.num_steps)
+        np.testing.assert_array_equal(got.states(), want.states())
+        assert by_name.meta["orphan_loop_calls"] == 0
