@@ -327,6 +327,12 @@ class Capture:
         """generate() (or an adapter's call method): everything it computes is one run per batch row."""
         if self._in_call or self._closed:  # a generate() that calls generate() (dispatchers) is still one call
             return original(*args, **kwargs)
+        beams = _num_beams(self.model, args, kwargs) if name == "generate" else 1
+        if beams > 1:
+            raise LoopscopeError(
+                f"generate(num_beams={beams}): beam search reorders the batch rows at every step, so no row is one "
+                "sequence to record as a run; use num_beams=1 (greedy or sampling), or close the capture first"
+            )
         self._in_call += 1
         self._call_name = name
         # Only decoding loops the adapter describes group tokens by entry-method calls (Huginn: adaptive exit);
@@ -880,6 +886,16 @@ def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
         raise LoopscopeError(f"attach() got unknown option(s) {sorted(unknown)}")
     return Capture(model, path, **options)
 
+
+
+def _num_beams(model: nn.Module, args, kwargs) -> int:
+    """The beam count a generate() call will use: its num_beams=, else its generation config's, else the model's."""
+    if kwargs.get("num_beams") is not None:
+        return int(kwargs["num_beams"])
+    config = kwargs.get("generation_config")
+    if config is None:  # generate(inputs, generation_config, ...) positionally
+        config = next((a for a in args[1:2] if hasattr(a, "num_beams")), getattr(model, "generation_config", None))
+    return int(getattr(config, "num_beams", None) or 1)
 
 
 def _argument(args, kwargs, where: int | str):

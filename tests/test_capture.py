@@ -318,3 +318,18 @@ def test_two_captures_on_one_model_leave_it_as_it_was(reference_model, prompt_id
             p.zero_()
         torch.manual_seed(0)
         assert not torch.equal(twin(prompt_ids, num_steps=2).logits, reference_model(prompt_ids, num_steps=2).logits)
+
+
+def test_beam_search_is_refused_and_the_capture_goes_on(reference_model, prompt_ids, tmp_path):
+    """Beam search reorders the batch rows at every step, so no row is one sequence: generate(num_beams>1) is a
+    one-line error before the model runs, and the capture records the next call as usual."""
+    from transformers import GenerationConfig
+
+    with loopscope.attach(reference_model, tmp_path / "beams.h5") as capture:
+        for options in (dict(num_beams=3), dict(generation_config=GenerationConfig(num_beams=2, max_new_tokens=3))):
+            with pytest.raises(LoopscopeError, match="use num_beams=1"):
+                reference_model.generate(prompt_ids, num_steps=2, max_new_tokens=3, **options)
+        reference_model.generate(prompt_ids, num_steps=2, max_new_tokens=3, num_beams=1, do_sample=False)
+    with loopscope.open(capture.path) as f:
+        (run,) = f.runs
+        assert run.num_tokens == prompt_ids.shape[1] + 2
