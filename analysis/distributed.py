@@ -78,7 +78,7 @@ class _RunPlan:
     """What the driver reads up front for one run (small per-token data), and the graph's inputs."""
 
     capture: str
-    position: int
+    number: int
     run: Any  # the Run while planning, then its per-token data (_TokenData) once the file is closed
     loop: str
     space: str
@@ -120,7 +120,7 @@ def token_metrics(
         steps = da.from_array(p.steps, chunks=(p.block,))
         args: list = [states, "tkh", steps, "t"]
         if not _is_final(reference):
-            ref = dask.delayed(_reference_rows, pure=True)(p.capture, p.position, reference, p.space, p.loop, locking)
+            ref = dask.delayed(_reference_rows, pure=True)(p.capture, p.number, reference, p.space, p.loop, locking)
             star = da.from_delayed(ref, shape=(len(p.steps), p.source.shape[2]), dtype=p.dtype)
             args += [star.rechunk((p.block, -1)), "th"]
         else:
@@ -171,10 +171,10 @@ def trajectory_pca(
     if not any(tokens for _, _, tokens in selection):
         raise LoopscopeError("select at least one token for the PCA")
     trajectories, labels, tokens_out = [], [], []
-    for capture_path, position, tokens in selection:
+    for capture_path, number, tokens in selection:
         with CaptureFile(capture_path, locking=locking) as capture:
-            run = capture.run(position)
-            plan = _plan_run(capture_path, position, run, space, loop, BLOCK_BYTES, locking)
+            run = capture.run(number)
+            plan = _plan_run(capture_path, number, run, space, loop, BLOCK_BYTES, locking)
             n = run.num_tokens
             one_token = da.from_array(plan.source, chunks=(1, -1, -1), asarray=True, lock=False, name=False)
             for t in tokens:
@@ -259,16 +259,16 @@ def _plan_runs(paths, runs, space, loop, block_bytes, locking) -> list[_RunPlan]
     plans = []
     for path in paths:
         with CaptureFile(path, locking=locking) as capture:
-            positions = list(runs) if runs else range(len(capture.runs))
-            if not positions:
+            numbers = list(runs) if runs else [run.index for run in capture.runs]
+            if not numbers:
                 raise LoopscopeError(f"{path} has no complete runs")
-            for position in positions:
-                plans.append(_plan_run(path, position, capture.run(position), space, loop, block_bytes, locking))
+            for number in numbers:
+                plans.append(_plan_run(path, number, capture.run(number), space, loop, block_bytes, locking))
                 plans[-1].run = _TokenData(plans[-1].run, plans[-1].loop)
     return plans
 
 
-def _plan_run(path, position, run: Run, space, loop, block_bytes, locking) -> _RunPlan:
+def _plan_run(path, number, run: Run, space, loop, block_bytes, locking) -> _RunPlan:
     space = resolve_space(run, space)
     steps = run.steps_of(loop).astype(np.int64)  # a clear error first if the run has no such loop
     ds = run.dataset(loop)  # for a merged run, also checks that every source is there (else HDF5 reads NaN)
@@ -279,7 +279,7 @@ def _plan_run(path, position, run: Run, space, loop, block_bytes, locking) -> _R
     readout = run.capture.readout if space == "readout" else None
     return _RunPlan(
         capture=os.fspath(path),
-        position=position,
+        number=number,
         run=run,
         loop=name,
         space=space,
@@ -316,7 +316,7 @@ def _reference_labels(plans, reference, locking) -> list[str]:
     labels = []
     for p in plans:  # the label needs only the reference run's step counts: a small read
         with CaptureFile(p.capture, locking=locking) as capture, contextlib.ExitStack() as stack:
-            run = capture.run(p.position)
+            run = capture.run(p.number)
             ref_run = open_reference_run(run, reference, stack)
             steps = ref_run.steps_of(p.loop)[: run.num_tokens]
             same = os.path.abspath(ref_run.capture.path) == os.path.abspath(run.capture.path)
@@ -344,10 +344,10 @@ def _decode(raw: np.ndarray, *, bf16: bool) -> np.ndarray:
     return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32) if bf16 else raw
 
 
-def _reference_rows(capture_path, position, reference, space, loop, locking) -> np.ndarray:
+def _reference_rows(capture_path, number, reference, space, loop, locking) -> np.ndarray:
     """s* of every token of one run, [T, H] in the analysis space, read where the task runs."""
     with CaptureFile(capture_path, locking=locking) as capture, contextlib.ExitStack() as stack:
-        run = capture.run(position)
+        run = capture.run(number)
         return reference_states(run, open_reference_run(run, reference, stack), space, loop).states
 
 

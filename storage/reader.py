@@ -164,15 +164,29 @@ class CaptureFile:
         return [path for path, complete in capture_file.list_run_files(self.path).values() if not complete]
 
     def run(self, index: int) -> Run:
-        """The ``index``-th completed run, with a clear error when it does not exist."""
+        """The completed run numbered ``index``: its ``Run.index``, as ``loopscope info`` and the run files show.
+        Numbers are never reused, so a run cut short leaves a gap. A negative index counts back from the last
+        complete run (-1: the last). A clear error when there is no such run."""
         runs = self.runs
-        if not -len(runs) <= index < len(runs):
-            if not runs:
-                raise CaptureFileError(f"{self.path} has no complete runs")
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise CaptureFileError(f"a run index is an integer (see `loopscope info`), got {index!r}")
+        if not runs:
+            raise CaptureFileError(f"{self.path} has no complete runs")
+        index = int(index)
+        if index < 0:
+            if index < -len(runs):
+                raise CaptureFileError(f"{self.path} has {len(runs)} complete run(s); run {index} counts back too far")
+            return runs[index]
+        for run in runs:
+            if run.index == index:
+                return run
+        numbers = [run.index for run in runs]
+        if index in capture_file.list_run_files(self.path):
             raise CaptureFileError(
-                f"{self.path} has {len(runs)} complete run(s); run index {index} is out of range (use 0..{len(runs) - 1})"
+                f"run {index} of {self.path} is incomplete (cut short, or still being written); "
+                f"its complete runs are {_number_list(numbers)}"
             )
-        return runs[index]
+        raise CaptureFileError(f"{self.path} has no run {index}; its complete runs are {_number_list(numbers)}")
 
     def close(self) -> None:
         for run in self.__dict__.get("runs", []):
@@ -449,6 +463,17 @@ class Run:
 
 
 _RUN_DATASETS = ("token_ids", "attention_mask", "positions", "forward_index")
+
+
+def _number_list(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _check_run_layout(group: h5py.File, path: str) -> None:

@@ -256,3 +256,46 @@ def test_plot_a_signal(reference_model, prompt_ids, tmp_path):
     assert out.stat().st_size > 10_000
     missing = CliRunner().invoke(app, ["plot", str(tmp_path / "g.h5"), "--kind", "signal", "--signal", "gate"])
     assert missing.exit_code == 1 and "no signal 'gate'" in missing.output and "exit_value" in missing.output
+
+
+def test_a_capture_with_a_gap_in_its_run_numbers(new_reference_model, prompt_ids, tmp_path):
+    """Run 1 cut short by an exception, then appended to: every command takes run numbers as `info` shows them
+    (0 and 2), not positions in the list of complete runs (export once wrote run 3 for --run 1, silently)."""
+    path = tmp_path / "gap.h5"
+    model = new_reference_model()
+    for number, steps in enumerate((4, 6, 3, 2)):
+        with loopscope.attach(model, path, mode="w" if number == 0 else "a"), torch.no_grad():
+            if number == 1:
+                stop = model.transformer.core_block[-1].register_forward_hook(_interrupt_after(3))
+                with pytest.raises(KeyboardInterrupt):
+                    model(prompt_ids, num_steps=steps)
+                stop.remove()
+            else:
+                model(prompt_ids[:, : 3 + number], num_steps=steps)
+    with loopscope.open(path) as capture:
+        assert [r.index for r in capture.runs] == [0, 2, 3]
+        assert capture.run(2).num_tokens == 5 and capture.run(-1).index == 3
+        with pytest.raises(loopscope.LoopscopeError, match="run 1 .* is incomplete .* complete runs are 0, 2-3"):
+            capture.run(1)
+        with pytest.raises(loopscope.LoopscopeError, match="has no run 7"):
+            capture.run(7)
+        want = capture.run(2).states()
+    _ok(["export", path, "--format", "npz", "--run", "0", "--run", "2", "--out", tmp_path / "two.npz"])
+    with np.load(tmp_path / "two.npz") as npz:
+        assert {k.split("/")[1] for k in npz.files if k.startswith("runs/")} == {"000000", "000002"}
+        np.testing.assert_array_equal(npz["runs/000002/loops/core/states"], want)
+    _ok(["export", path, "--format", "npz", "--out", tmp_path / "all.npz"])
+    _ok(["plot", path, "--run", "2", "--out", tmp_path / "two.png"])
+    result = CliRunner().invoke(app, ["plot", str(path), "--run", "1", "--out", str(tmp_path / "one.png")])
+    assert result.exit_code == 1 and "incomplete" in result.output and result.output.count("\n") == 1
+
+
+def _interrupt_after(calls: int):
+    count = [0]
+
+    def hook(module, args, output):
+        count[0] += 1
+        if count[0] == calls:
+            raise KeyboardInterrupt
+
+    return hook

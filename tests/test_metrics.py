@@ -103,7 +103,7 @@ def test_reference_in_another_file_and_longer_sequence(capture_path, reference_m
         for bad in ("final2", str(tmp_path / "missing.h5"), 3.5):
             with pytest.raises(LoopscopeError):
                 token_metrics(short, reference=bad)
-        with pytest.raises(LoopscopeError, match="out of range"):
+        with pytest.raises(LoopscopeError, match="has no run 9; its complete runs are 0-2"):
             token_metrics(short, reference=9)
 
 
