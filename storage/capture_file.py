@@ -107,6 +107,7 @@ def create_index(
     """
     path = os.fspath(path)
     if check_target(path, mode, locking) and mode == "a":
+        _check_same_model(path, header, readout, locking)
         return path
     if mode == "w":
         for run_path, _ in list_run_files(path).values():
@@ -121,6 +122,25 @@ def create_index(
             f"cannot create {path} ({first_line(exc)}); on a network file system try locking=False"
         ) from None
     return path
+
+
+def _check_same_model(path: str, header: dict[str, Any], readout: dict[str, Any] | None, locking) -> None:
+    """Runs added to a capture must come from the model it describes: analysis reads every run out through the
+    one readout norm the index stores, and a run of another model would be measured in the wrong space."""
+    from .reader import CaptureFile, ReadoutNorm
+
+    with CaptureFile(path, locking=locking) as capture:
+        model_class, loops, stored = capture.meta.get("model_class"), capture.loop_names, capture.readout
+    if model_class != header.get("model_class") or loops != list(header.get("loops", [])):
+        raise CaptureFileError(
+            f"{path} holds runs of {model_class} (loops {loops}), not of {header.get('model_class')} "
+            f"(loops {list(header.get('loops', []))}); write this model's runs to another capture file"
+        )
+    if not stored.same_as(ReadoutNorm.from_params(readout)):
+        raise CaptureFileError(
+            f"{path} stores another readout norm than this model's {(readout or {}).get('module') or 'none'} "
+            "(another checkpoint or size?); write this model's runs to another capture file"
+        )
 
 
 def finish_index(path: str, attrs: dict[str, Any], locking: bool | str | None = None) -> None:

@@ -202,11 +202,7 @@ def _check_same_loops(first: CaptureFile, other: CaptureFile) -> None:
 
 
 def _check_same_readout(first: CaptureFile, other: CaptureFile) -> None:
-    ra, rb = first.readout, other.readout
-    same = ra.kind == rb.kind and ra.eps == rb.eps and ra.weight_offset == rb.weight_offset
-    for x, y in ((ra.weight, rb.weight), (ra.bias, rb.bias)):
-        same = same and ((x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y)))
-    if not same:
+    if not first.readout.same_as(other.readout):
         raise MergeError(
             f"{other.path} and {first.path} store different readout norms (different weights?); "
             "merge captures of one model"

@@ -333,3 +333,25 @@ def test_beam_search_is_refused_and_the_capture_goes_on(reference_model, prompt_
     with loopscope.open(capture.path) as f:
         (run,) = f.runs
         assert run.num_tokens == prompt_ids.shape[1] + 2
+
+
+def test_append_refuses_another_model_and_keeps_the_capture(new_reference_model, prompt_ids, tmp_path,
+                                                             state_changed_in_place):
+    """mode="a" adds runs of the model the capture describes only: another checkpoint (its final norm differs)
+    would be read out through the stored norm, silently wrong; another model class is refused too."""
+    path = tmp_path / "a.h5"
+    model = new_reference_model()
+    with loopscope.attach(model, path), torch.no_grad():
+        model(prompt_ids, num_steps=2)
+    tuned = new_reference_model()
+    with torch.no_grad():
+        tuned.transformer.ln_f.weight.mul_(3.0)
+    with pytest.raises(LoopscopeError, match="stores another readout norm than this model's transformer.ln_f"):
+        loopscope.attach(tuned, path, mode="a")
+    with pytest.raises(LoopscopeError, match="holds runs of .*RavenReferenceForCausalLM"):
+        loopscope.attach(state_changed_in_place(hidden=8), path, mode="a", loop="block")
+    same = new_reference_model()  # the same checkpoint, loaded again: appended
+    with loopscope.attach(same, path, mode="a"), torch.no_grad():
+        same(prompt_ids, num_steps=3)
+    with loopscope.open(path) as capture:
+        assert [r.num_steps.max() for r in capture.runs] == [2, 3]
