@@ -5,8 +5,11 @@ works. (``numpy.savez`` and ``safetensors.save_file`` both need every array in m
 layout — an 8-byte header length, a JSON header of dtypes, shapes and byte offsets, then the raw bytes — is simple
 enough to write incrementally, and files are checked with the safetensors library in the tests.)
 
-Names follow the HDF5 layout: ``runs/000000/token_ids``, ``runs/000000/loops/core/states``, ... Token strings and
-the capture header go to ``meta`` (a JSON string: an array in the npz, ``__metadata__`` in safetensors).
+Names follow the HDF5 layout: ``runs/000000/token_ids``, ``runs/000000/loops/core/states``,
+``runs/000000/loops/core/num_steps`` (iterations run, as recorded), ``.../signals/exit_value``, ... With a step
+stride, ``.../step_iterations`` [T, K] says which iteration each stored step holds. Token strings, each run's
+attributes (its ``step_stride``, ``call``, ...) and the capture header go to ``meta`` (a JSON string: an array in
+the npz, ``__metadata__`` in safetensors).
 bfloat16 states stay bfloat16 in safetensors and are widened to float32 (exactly) in npz, which has no bf16.
 """
 
@@ -71,6 +74,7 @@ def export(
         {
             "capture": {k: v for k, v in capture.meta.items() if isinstance(v, (str, int, float, bool, dict, list))},
             "tokens": {schema.run_name(run.index): run.tokens for run in chosen},
+            "runs": {schema.run_name(run.index): _json_safe(run.attrs) for run in chosen},
         }
     )
     parent = os.path.dirname(os.fspath(out)) or "."
@@ -89,15 +93,30 @@ def _run_arrays(run: Run, widen_bf16: bool) -> list[_Array]:
     arrays = []
     small = {key: getattr(run, key) for key in ("token_ids", "attention_mask", "positions", "forward_index")}
     for loop in run.loops:
-        small[f"loops/{loop}/num_steps"] = run.steps_of(loop)
+        small[f"loops/{loop}/num_steps"] = run.iterations_of(loop)  # as stored: iterations, not stored steps
+        if run.step_stride > 1:
+            small[f"loops/{loop}/step_iterations"] = run.step_iterations(loop)
         labels = run.step_labels(loop)
         if labels is not None:
             small[f"loops/{loop}/step_labels"] = labels
+        for signal in run.signal_names(loop):
+            small[f"loops/{loop}/signals/{signal}"] = run.signal(signal, loop)
     for key, data in small.items():
         arrays.append(_Array(f"{prefix}/{key}", data.dtype, data.shape, lambda d=data: iter([d])))
     for loop in run.loops:
         arrays.append(_states_array(run, loop, f"{prefix}/loops/{loop}/states", widen_bf16))
     return arrays
+
+
+def _json_safe(attrs: dict) -> dict:
+    """Run attributes that JSON can hold (numbers, text, flags); arrays as lists."""
+    out = {}
+    for key, value in attrs.items():
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        if isinstance(value, (str, int, float, bool, list)):
+            out[key] = value
+    return out
 
 
 def _states_array(run: Run, loop: str, name: str, widen_bf16: bool) -> _Array:

@@ -299,3 +299,25 @@ def _interrupt_after(calls: int):
             raise KeyboardInterrupt
 
     return hook
+
+
+def test_export_keeps_iterations_stride_and_signals(reference_model, prompt_ids, tmp_path):
+    """With a step stride and an adaptive exit, the exported num_steps are the iterations stored in HDF5 (not
+    the last stored step), the stride and the step-to-iteration map go along, and so do the signals."""
+    import json
+
+    path = tmp_path / "stride.h5"
+    with loopscope.attach(reference_model, path, step_stride=3):
+        torch.manual_seed(0)
+        reference_model.generate(prompt_ids, num_steps=10, max_new_tokens=4, do_sample=False, criterion="latent-diff",
+                                 exit_threshold=0.02)
+    _ok(["export", path, "--format", "npz", "--out", tmp_path / "s.npz"])
+    with loopscope.open(path) as capture, np.load(tmp_path / "s.npz") as npz:
+        (run,) = capture.runs
+        prefix = f"runs/{run.name}/loops/core"
+        assert not np.array_equal(run.iterations_of(), run.steps_of(None))  # the check would be void otherwise
+        np.testing.assert_array_equal(npz[f"{prefix}/num_steps"], run.iterations_of())
+        np.testing.assert_array_equal(npz[f"{prefix}/step_iterations"], run.step_iterations())
+        assert run.signal_names() == ["exit_value"]
+        np.testing.assert_array_equal(npz[f"{prefix}/signals/exit_value"], run.signal("exit_value"))
+        assert json.loads(str(npz["meta"]))["runs"][run.name]["step_stride"] == 3
