@@ -135,8 +135,7 @@ class Capture:
             raise LoopscopeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         if dtype not in DTYPES:
             raise LoopscopeError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-        if buffer_mb <= 0:
-            raise LoopscopeError(f"buffer_mb={buffer_mb} must be positive")
+        _check_options(buffer_mb, chunks, tokenizer)
         filters.check(compression)  # an unknown filter or a missing plugin fails before any file is made
         self.model = model
         self.path = distributed.rank_path(path)  # under torchrun: one file per rank
@@ -886,6 +885,21 @@ def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
         raise LoopscopeError(f"attach() got unknown option(s) {sorted(unknown)}")
     return Capture(model, path, **options)
 
+
+
+def _check_options(buffer_mb, chunks, tokenizer) -> None:
+    """The options whose mistakes would otherwise surface mid-forward, from torch, h5py or the tokenizer."""
+    if isinstance(buffer_mb, bool) or not isinstance(buffer_mb, (int, float)) or not 0 < buffer_mb < float("inf"):
+        raise LoopscopeError(f"buffer_mb={buffer_mb!r} must be a positive number of MiB, e.g. 64")
+    if chunks is not None:
+        parts = tuple(chunks) if isinstance(chunks, (tuple, list)) else ()
+        if len(parts) != 2 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
+                                      for n in parts):
+            raise LoopscopeError(f"chunks={chunks!r} must be (tokens, steps): two positive integers, e.g. (64, 4)")
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise LoopscopeError(
+            f"tokenizer= needs a decode() method (a transformers tokenizer); {type(tokenizer).__name__} has none"
+        )
 
 
 def _num_beams(model: nn.Module, args, kwargs) -> int:

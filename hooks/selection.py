@@ -43,12 +43,16 @@ class TokenSelection:
                 raise LoopscopeError(f"tokens={value!r}: a slice of token indices takes integers")
             if start < 0 or (stop is not None and stop < 0) or step < 1:
                 raise LoopscopeError(f"tokens={value!r}: use non-negative token indices and a positive step")
+            if stop is not None and stop <= start:
+                raise LoopscopeError(f"tokens={value!r} selects no token; its stop must be past its start")
             return cls(span=slice(int(start), None if stop is None else int(stop), int(step)))
         if isinstance(value, range):
             return cls.parse(slice(value.start, value.stop, value.step))
         if isinstance(value, Sequence) and all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in value
         ):
+            if not value:
+                raise LoopscopeError("tokens=[] selects no token; list token indices, or use 'all'")
             return cls(indices=frozenset(int(v) for v in value))
         raise LoopscopeError(f"tokens={value!r} is not one of {', '.join(_NAMED)}, a slice, or a list of token indices")
 

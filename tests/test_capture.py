@@ -224,7 +224,15 @@ def test_append_mode_continues_run_numbers(reference_model, prompt_ids, tmp_path
 
 
 def test_bad_options_are_one_line_errors(reference_model, tmp_path):
-    for kwargs, pattern in [({"dtype": "int8"}, "dtype"), ({"mode": "r"}, "mode"), ({"bogus": 1}, "unknown")]:
+    bad = [
+        ({"dtype": "int8"}, "dtype"), ({"mode": "r"}, "mode"), ({"bogus": 1}, "unknown"),
+        ({"buffer_mb": "64"}, "buffer_mb"), ({"buffer_mb": float("nan")}, "buffer_mb"), ({"buffer_mb": 0}, "buffer_mb"),
+        ({"chunks": (4,)}, "chunks"), ({"chunks": "auto"}, "chunks"), ({"chunks": (0, 4)}, "chunks"),
+        ({"chunks": (2.5, 2)}, "chunks"), ({"chunks": (4, 2, 64)}, "chunks"),
+        ({"tokenizer": object()}, "decode"), ({"tokens": []}, "selects no token"),
+        ({"tokens": slice(5, 2)}, "selects no token"),
+    ]
+    for kwargs, pattern in bad:
         with pytest.raises(LoopscopeError, match=pattern):
             loopscope.attach(reference_model, tmp_path / "e.h5", **kwargs)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in reference_model.modules())
