@@ -27,7 +27,7 @@ from ..storage.reader import CaptureFile, ReadoutNorm, Run
 from . import pca as _pca
 from .metrics import BLOCK_BYTES, METRICS, TokenMetrics, _token_block, stored_block_measures
 from .pca import TrajectoryPCA
-from .reference import open_reference_run, reference_states, resolve_space, space_fn, stored_values
+from .reference import check_reference, open_reference_run, reference_states, resolve_space, space_fn, stored_values
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync")
 CONNECT_TIMEOUT = "10s"  # how long to wait for a cluster's scheduler before saying it is unreachable
@@ -131,8 +131,8 @@ def token_metrics(
                 concatenate=True, bf16=p.bf16, readout=p.readout,
             )
         )
+    labels = _reference_labels(plans, reference, locking)  # also checks each reference before any task runs
     results = compute(*graphs, scheduler=scheduler, workers=workers)
-    labels = _reference_labels(plans, reference, locking)
     out = []
     for p, values, label in zip(plans, results, labels):
         run = p.run
@@ -318,6 +318,7 @@ def _reference_labels(plans, reference, locking) -> list[str]:
         with CaptureFile(p.capture, locking=locking) as capture, contextlib.ExitStack() as stack:
             run = capture.run(p.number)
             ref_run = open_reference_run(run, reference, stack)
+            check_reference(run, ref_run, p.loop)  # on the driver: a clear error before any task runs
             steps = ref_run.steps_of(p.loop)[: run.num_tokens]
             same = os.path.abspath(ref_run.capture.path) == os.path.abspath(run.capture.path)
             where = f"run {ref_run.index}" if same else f"{os.path.basename(ref_run.capture.path)}:{ref_run.index}"

@@ -87,6 +87,24 @@ def open_reference_run(run: Run, reference, stack: contextlib.ExitStack) -> Run 
     raise LoopscopeError(f"reference must be 'final', a run index, a Run or a capture file, got {type(reference).__name__}")
 
 
+def check_reference(run: Run, reference_run: Run, loop: str | None) -> None:
+    """The reference must cover the same tokens (the same ids in the same order, or a longer sequence that starts
+    with them) in states of the same size (a capture of the same model)."""
+    n = run.num_tokens
+    ref_ids = reference_run.token_ids
+    if len(ref_ids) < n or not np.array_equal(ref_ids[:n], run.token_ids):
+        raise LoopscopeError(
+            f"reference run {reference_run.index} covers other tokens than run {run.index}; "
+            "capture the same prompt (the reference may be longer, but must start with the same tokens)"
+        )
+    size, ref_size = run.hidden_size(loop), reference_run.hidden_size(loop)
+    if size != ref_size:
+        raise LoopscopeError(
+            f"reference run {reference_run.index} has states of size {ref_size}, run {run.index} {size}; "
+            "use a reference captured from the same model"
+        )
+
+
 def reference_states(run: Run, reference_run: Run | None, space: str, loop: str | None) -> Reference:
     """Read s* of every token of ``run`` from ``reference_run`` (its last state per token), in ``space``.
 
@@ -95,13 +113,8 @@ def reference_states(run: Run, reference_run: Run | None, space: str, loop: str 
     """
     if reference_run is None:
         return Reference(None, "final")
+    check_reference(run, reference_run, loop)
     n = run.num_tokens
-    ref_ids = reference_run.token_ids
-    if len(ref_ids) < n or not np.array_equal(ref_ids[:n], run.token_ids):
-        raise LoopscopeError(
-            f"reference run {reference_run.index} covers other tokens than run {run.index}; "
-            "capture the same prompt (the reference may be longer, but must start with the same tokens)"
-        )
     to_space = space_fn(reference_run, space)
     ds = reference_run.dataset(loop)
     steps = reference_run.steps_of(loop)[:n].astype(np.int64)

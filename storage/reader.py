@@ -427,18 +427,22 @@ class Run:
     ) -> np.ndarray:
         """States as a numpy array.
 
-        ``token=i`` -> [num_steps[i] + 1, H] (s0, s1, ..., s_n); ``step=k`` -> [T, H] (NaN for tokens that stopped
-        earlier); both -> [H]; neither -> [T, K, H]. bfloat16 captures are widened to float32 (exact) unless
-        ``raw=True``, which returns the stored 16-bit patterns.
+        ``token=i`` -> [num_steps[i] + 1, H] (s0, s1, ..., s_n); ``step=k`` -> [T, H]; both -> [H]; neither ->
+        [T, K, H]. Steps past a token's last are NaN, except in an adaptive batch, where a row that exited early
+        holds the iterations it was carried through while the others ran on (mask with ``steps_of``). bfloat16
+        captures are widened to float32 (exact) unless ``raw=True``, which returns the stored 16-bit patterns.
         """
         ds = self.dataset(loop)
         n_tokens, n_slots = ds.shape[0], ds.shape[1]
+        for name, value in (("token", token), ("step", step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise CaptureFileError(f"{name}={value!r} must be an integer index")
         if token is not None:
             if not -n_tokens <= token < n_tokens:
-                raise IndexError(f"token {token} out of range: run {self.index} has {n_tokens} tokens")
+                raise CaptureFileError(f"token {token} out of range: run {self.index} has {n_tokens} tokens")
             token = token % n_tokens
         if step is not None and not 0 <= step < n_slots:
-            raise IndexError(f"step {step} out of range: loop holds steps 0..{n_slots - 1}")
+            raise CaptureFileError(f"step {step} out of range: loop holds steps 0..{n_slots - 1}")
         if token is not None and step is not None:
             data = self.read(np.s_[token, step, :], loop)
         elif token is not None:
@@ -468,6 +472,8 @@ class Run:
         return data
 
     def _loop(self, loop: str | None) -> h5py.Group:
+        if loop is not None and not isinstance(loop, str):
+            raise CaptureFileError(f"loop={loop!r} must be a loop's name; run {self.index} has {self.loops}")
         loops = self.group[schema.LOOPS]
         names = self.loops
         if loop is None:

@@ -284,3 +284,34 @@ def test_a_cosine_alone_still_falls_back_to_float64_past_float32s_range(converge
     want = block_measures(states.astype(np.float64), run.num_steps)
     assert list(got) == ["cosine"]
     np.testing.assert_allclose(got["cosine"], want["cosine"], rtol=RTOL, atol=0)
+
+
+def test_a_reference_of_another_state_size_is_a_one_line_error(capture_path, tokenizer, tmp_path):
+    from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+
+    register()
+    torch.manual_seed(0)
+    narrow = RavenReferenceForCausalLM(
+        tiny_config(vocab_size=len(tokenizer), padded_vocab_size=len(tokenizer), n_embd=32, n_heads=2, head_dim=16)
+    ).eval()
+    other = tmp_path / "narrow.h5"
+    with loopscope.attach(narrow, other), torch.no_grad():
+        narrow(tokenizer(PROMPT, return_tensors="pt").input_ids, num_steps=8)
+    with loopscope.open(capture_path) as capture:
+        for space in ("state", "readout"):
+            with pytest.raises(LoopscopeError, match="has states of size 32, run 1 64; use a reference captured"):
+                token_metrics(capture.run(1), reference=f"{other}:0", space=space)
+
+
+def test_reader_arguments_of_the_wrong_type_are_named(capture_path):
+    """A caller's mistake is said to be one, not reported as a damaged file."""
+    with loopscope.open(capture_path) as capture:
+        run = capture.runs[0]
+        for kwargs, pattern in [(dict(step=2.0), "step=2.0 must be an integer"),
+                                (dict(token="3"), "token='3' must be an integer"),
+                                (dict(loop=1), "loop=1 must be a loop's name"),
+                                (dict(token=99), "token 99 out of range")]:
+            with pytest.raises(LoopscopeError, match=pattern):
+                run.states(**kwargs)
+        with pytest.raises(LoopscopeError, match="a run index is an integer"):
+            capture.run("0")
