@@ -55,6 +55,11 @@ def trajectory_pca(
         if not -n <= t < n:
             raise LoopscopeError(f"token {t} is out of range: run {run.index} has {n} tokens (use 0..{n - 1})")
         x = np.asarray(to_space(run.states(token=t, loop=loop)), dtype=np.float64)
+        if not np.isfinite(x).all():
+            raise LoopscopeError(
+                f"token {t} of run {run.index} has NaN or infinite states (the model blew up there); "
+                "pick tokens whose states are finite"
+            )
         centre = x.mean(axis=0)
         centred.append(x - centre)
         centres.append(centre)
@@ -71,6 +76,8 @@ def trajectory_pca(
 
 def _principal_axes(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
     """Top principal directions [C, H] of centred rows ``x`` and the variance (sum of squares) along each."""
+    if not np.isfinite(x).all():  # an SVD of them would fail with LinAlgError
+        raise LoopscopeError("a trajectory holds NaN or infinite states (the model blew up); pick other tokens")
     _, singular, vt = np.linalg.svd(x, full_matrices=False)
     return _oriented_axes(vt, singular, n_components)
 

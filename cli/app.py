@@ -403,9 +403,15 @@ def _parse_tokens(text: str) -> list[int]:
 
 
 def _typical_tokens(m, tol: float) -> list[int]:
-    """The fastest, median and slowest token to converge: three different behaviours to look at."""
-    order = np.argsort(m.convergence_steps(tol), kind="stable")
+    """The fastest, median and slowest token to converge (one that never does is slowest of all), among those
+    whose states are finite: three different behaviours to look at."""
+    steps = m.convergence_steps(tol).astype(np.float64)
+    steps[steps < 0] = np.inf
+    finite = np.setdiff1d(np.arange(len(steps)), m.nonfinite_tokens())
+    order = finite[np.argsort(steps[finite], kind="stable")]
     picks = [int(order[0]), int(order[len(order) // 2]), int(order[-1])] if len(order) else []
+    if not picks:
+        raise LoopscopeError("every token has NaN or infinite states (the model blew up); there is nothing to project")
     return list(dict.fromkeys(picks))
 
 

@@ -321,3 +321,35 @@ def test_export_keeps_iterations_stride_and_signals(reference_model, prompt_ids,
         assert run.signal_names() == ["exit_value"]
         np.testing.assert_array_equal(npz[f"{prefix}/signals/exit_value"], run.signal("exit_value"))
         assert json.loads(str(npz["meta"]))["runs"][run.name]["step_stride"] == 3
+
+
+def test_pca_skips_or_names_tokens_whose_states_blew_up(reference_model, prompt_ids, tmp_path):
+    import h5py
+
+    path = tmp_path / "blown.h5"
+    with loopscope.attach(reference_model, path), torch.no_grad():
+        reference_model(prompt_ids, num_steps=6)
+    with loopscope.open(path) as capture:
+        run_file = capture.runs[0].path
+    with h5py.File(run_file, "a") as f:  # as a model that overflowed would have left them
+        f["loops/core/states"][3, 4:] = np.inf
+    output = _ok(["plot", path, "--kind", "pca", "--out", tmp_path / "pca.png"])  # default tokens: finite ones
+    assert "token 3" in output and (tmp_path / "pca.png").exists()
+    result = CliRunner().invoke(app, ["plot", str(path), "--kind", "pca", "--tokens", "3", "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "token 3 of run 0 has NaN or infinite states" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_default_pca_tokens_put_those_that_never_converge_last(capture_path):
+    """Against a deeper reference some tokens never come within tol: they are the slowest, never the fastest."""
+    from loopscope.analysis import token_metrics
+    from loopscope.cli.app import _typical_tokens
+
+    with loopscope.open(capture_path) as capture:
+        m = token_metrics(capture.run(1), reference=0)  # 4 steps against the generate run's 6
+    last = m.relative_distance[np.arange(len(m.num_steps)), m.num_steps]
+    tol = float(np.median(last))
+    steps = m.convergence_steps(tol)
+    assert (steps < 0).any() and (steps >= 0).any()
+    fastest, *_, slowest = _typical_tokens(m, tol)
+    assert steps[fastest] == steps[steps >= 0].min() and steps[slowest] == -1
