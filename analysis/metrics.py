@@ -93,6 +93,8 @@ class TokenMetrics:
         With ``reference="final"`` every token converges by its last step (its distance there is 0); against a
         longer reference run a token may never get within ``tol``.
         """
+        if not (isinstance(tol, (int, float, np.floating)) and 0 <= tol < float("inf")):
+            raise LoopscopeError(f"tol={tol!r} must be a relative distance >= 0, e.g. {DEFAULT_TOL}")
         values = self[metric]
         n_slots = values.shape[1]
         beyond = np.arange(n_slots)[None, :] > self.num_steps[:, None]

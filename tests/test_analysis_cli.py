@@ -177,6 +177,8 @@ def test_cli_errors_are_one_line(capture_path, tmp_path, reference_model, tokeni
         ["plot", cap, "--kind", "curves", "--metric", "speed", "--out", str(tmp_path / "x.png")],
         ["plot", cap, "--space", "pca", "--out", str(tmp_path / "x.png")],
         ["convergence", cap, "--out", str(tmp_path / "x.txt")],
+        ["convergence", cap, "--out", str(tmp_path / "x.csv"), "--tol", "nan"],
+        ["plot", cap, "--kind", "exits", "--tol", "-1", "--out", str(tmp_path / "x.png")],
         ["convergence", cap, "--out", str(tmp_path / "x.csv"), "--reference", "1"],
         ["export", cap, "--format", "parquet"],
         ["export", cap, "--format", "npz", "--out", str(tmp_path / "nodir" / "x.npz")],
