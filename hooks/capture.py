@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -410,6 +411,13 @@ class Capture:
         except Exception as secondary:  # e.g. the writer's own error; the original exception is the one to see
             if str(secondary) != str(exc) and hasattr(exc, "add_note"):
                 exc.add_note(f"loopscope: while closing the capture: {secondary}")
+        # said at once: a caller that catches the exception and goes on would otherwise record nothing, unaware
+        warnings.warn(
+            f"loopscope: {type(exc).__name__} in a captured call closed the capture {self.path} (its completed runs "
+            "are kept); attach again with mode='a' to record more",
+            RuntimeWarning,
+            stacklevel=_caller_level(),
+        )
 
     def _on_model_enter(self, module, args, kwargs):
         if self._forward is not None and self._forward.side:  # a group computed outside forward() ends here
@@ -885,6 +893,21 @@ def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
         raise LoopscopeError(f"attach() got unknown option(s) {sorted(unknown)}")
     return Capture(model, path, **options)
 
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the user's line: the first frame outside loopscope, torch and
+    transformers (a captured call goes through several of their frames, a different number each way)."""
+    import inspect
+
+    packages = [torch, sys.modules.get("transformers")]
+    inside = tuple(os.path.dirname(m.__file__) + os.sep for m in packages if m is not None)
+    inside += (os.path.dirname(os.path.abspath(__file__)) + os.sep,)  # the hooks
+    level = 1
+    frame = inspect.currentframe().f_back  # the function that warns
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_options(buffer_mb, chunks, tokenizer) -> None:

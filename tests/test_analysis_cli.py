@@ -269,7 +269,7 @@ def test_a_capture_with_a_gap_in_its_run_numbers(new_reference_model, prompt_ids
         with loopscope.attach(model, path, mode="w" if number == 0 else "a"), torch.no_grad():
             if number == 1:
                 stop = model.transformer.core_block[-1].register_forward_hook(_interrupt_after(3))
-                with pytest.raises(KeyboardInterrupt):
+                with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="closed the capture"):
                     model(prompt_ids, num_steps=steps)
                 stop.remove()
             else:

@@ -253,7 +253,7 @@ def test_a_loop_whose_dtype_changes_is_stored_in_one_dtype_exactly(tmp_path):
 def test_a_wider_dtype_after_a_narrower_one_is_a_one_line_error(tmp_path):
     model = _HalfLoop(embed_dtype=torch.float16, widen_from=4)
     with pytest.raises(LoopscopeError, match="float32 states after float16 ones; pass dtype='float32'"):
-        with loopscope.attach(model, tmp_path / "wide.h5", loop="block"):
+        with loopscope.attach(model, tmp_path / "wide.h5", loop="block"), pytest.warns(RuntimeWarning, match="closed"):
             model(torch.arange(6).unsqueeze(0))
 
 

@@ -41,7 +41,7 @@ def test_exception_in_the_model_closes_the_capture(reference_model, prompt_ids, 
     with torch.no_grad():
         reference_model(prompt_ids, num_steps=4)  # run 0 completes
     failing = _fail_on_call(reference_model.transformer.core_block[0], 3, exc)
-    with pytest.raises(type(exc)) as raised:
+    with pytest.raises(type(exc)) as raised, pytest.warns(RuntimeWarning, match="closed the capture .*mode='a'"):
         if call == "forward":
             with torch.no_grad():
                 reference_model(prompt_ids, num_steps=4)
@@ -75,7 +75,7 @@ def test_exception_in_the_writer_thread_stops_recording(reference_model, prompt_
     cap.flush()
     shutil.rmtree(str(path) + ".runs")
     (tmp_path / "run.h5.runs").write_text("not a directory")
-    with pytest.raises(CaptureWriteError, match="recording stopped"):
+    with pytest.raises(CaptureWriteError, match="recording stopped"), pytest.warns(RuntimeWarning, match="closed"):
         for _ in range(10):  # the writer is asynchronous: the failure surfaces on a later call
             with torch.no_grad():
                 reference_model(prompt_ids, num_steps=2)

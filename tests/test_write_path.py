@@ -386,7 +386,7 @@ def test_capture_interrupted_by_an_exception_keeps_completed_runs(reference_mode
         with torch.no_grad():
             reference_model(prompt_ids, num_steps=6)
             handle = reference_model.transformer.core_block[-1].register_forward_hook(fail_on_fourth_decode)
-            with pytest.raises(RuntimeError, match="boom"):
+            with pytest.raises(RuntimeError, match="boom"), pytest.warns(RuntimeWarning, match="closed the capture"):
                 reference_model.generate(prompt_ids, num_steps=3, max_new_tokens=10, do_sample=False)
             handle.remove()
     with loopscope.open(path) as capture:
