@@ -21,6 +21,13 @@ ROWS_PER_PAGE = 128
 ITERATIONS = "Iterations at Test-Time"
 
 
+def steps_label(step_stride: int = 1) -> str:
+    """The x axis: iterations, or with a step stride the stored steps (which are not iterations)."""
+    if step_stride == 1:
+        return ITERATIONS
+    return f"Stored step: s0, then 1 in {step_stride} iterations, then each token's last"
+
+
 def check_figure_path(out: str | os.PathLike) -> Path:
     """A figure path with a known extension in an existing directory, or a one-line error saying what to do."""
     path = Path(out)
@@ -43,6 +50,7 @@ def heatmap(
     space: str = "readout",
     zeros: str = "clip",
     rows_per_page: int = ROWS_PER_PAGE,
+    step_stride: int = 1,
 ) -> list[str]:
     """Convergence heatmap: tokens down the y axis, iterations along x, log-scaled ||s_k - s*|| (viridis).
 
@@ -61,7 +69,7 @@ def heatmap(
     norm, shown, note = _log_scale(d, zeros, LogNorm)
     colour_label = f"||s - s*|| ({space} space, s* = {reference}){note}"
     title = title or "Convergence of the latent state"
-    return _paged(plt, shown, norm, out, tokens, positions, colour_label, title, rows_per_page)
+    return _paged(plt, shown, norm, out, tokens, positions, colour_label, title, rows_per_page, step_stride)
 
 
 def signal_heatmap(
@@ -73,6 +81,7 @@ def signal_heatmap(
     positions: np.ndarray | None = None,
     title: str | None = None,
     rows_per_page: int = ROWS_PER_PAGE,
+    step_stride: int = 1,
 ) -> list[str]:
     """A per-token, per-step signal (Ouro's exit gate, Huginn's exit criterion) on a linear colour scale, laid out
     like the convergence heatmap; steps where nothing was recorded stay blank."""
@@ -84,17 +93,17 @@ def signal_heatmap(
         raise LoopscopeError(f"nothing to draw: signal {name!r} has no recorded values")
     norm = Normalize(vmin=np.nanmin(v[np.isfinite(v)]), vmax=np.nanmax(v[np.isfinite(v)]))
     shown = np.where(np.isfinite(v), v, np.nan)
-    return _paged(plt, shown, norm, out, tokens, positions, name, title or f"Signal {name}", rows_per_page)
+    return _paged(plt, shown, norm, out, tokens, positions, name, title or f"Signal {name}", rows_per_page, step_stride)
 
 
-def _paged(plt, shown, norm, out, tokens, positions, colour_label, title, rows_per_page) -> list[str]:
+def _paged(plt, shown, norm, out, tokens, positions, colour_label, title, rows_per_page, step_stride) -> list[str]:
     """Token rows in pages of ``rows_per_page`` sharing one colour scale."""
     n_tokens = shown.shape[0]
     labels = np.arange(n_tokens) if positions is None else np.asarray(positions)
     pages = [(start, min(start + rows_per_page, n_tokens)) for start in range(0, n_tokens, max(rows_per_page, 1))]
     figures = []
     for number, (start, stop) in enumerate(pages, 1):
-        fig = _heatmap_page(plt, shown[start:stop], norm, start, tokens, labels, colour_label)
+        fig = _heatmap_page(plt, shown[start:stop], norm, start, tokens, labels, colour_label, step_stride)
         page_title = title
         if len(pages) > 1:
             page_title += f" (tokens {start}-{stop - 1}, page {number}/{len(pages)})"
@@ -113,6 +122,7 @@ def compare(
     reference: str = "final",
     space: str = "readout",
     zeros: str = "clip",
+    step_strides: tuple[int, int] = (1, 1),
 ) -> list[str]:
     """Two convergence heatmaps side by side on one colour scale (e.g. 32 vs 64 iterations, or two prompts)."""
     plt, LogNorm = _pyplot()
@@ -123,11 +133,11 @@ def compare(
         1, 2, figsize=(14, _height(min(rows, ROWS_PER_PAGE))), constrained_layout=True, squeeze=True
     )
     image = None
-    for ax, d, name in zip(axes, (a, b), titles):
+    for ax, d, name, stride in zip(axes, (a, b), titles, step_strides):
         _, shown, _ = _log_scale(d, zeros, LogNorm)
         image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=_cmap(), norm=norm,
                           extent=(-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5))
-        ax.set_xlabel(ITERATIONS)
+        ax.set_xlabel(steps_label(stride))
         ax.set_title(name)
         rows_shown = _label_rows(d.shape[0])
         ax.set_yticks(rows_shown)
@@ -146,6 +156,7 @@ def curves(
     log: bool = True,
     title: str | None = None,
     band: tuple[float, float] = (10, 90),
+    step_stride: int = 1,
 ) -> list[str]:
     """Mean over tokens per iteration, with the ``band`` percentile spread shaded; one line per (label, [T, K])."""
     from .metrics import step_profile
@@ -164,7 +175,7 @@ def curves(
                         label=f"{label} ({band[0]:g}-{band[1]:g} percentile)")
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel(ITERATIONS)
+    ax.set_xlabel(steps_label(step_stride))
     ax.set_ylabel(ylabel)
     ax.set_title(title or "Mean convergence over tokens")
     ax.grid(True, which="both", alpha=0.3)
@@ -285,12 +296,12 @@ def _label_rows(n: int) -> np.ndarray:
     return np.arange(0, n, max(1, int(np.ceil(n / MAX_TOKEN_LABELS))))
 
 
-def _heatmap_page(plt, shown, norm, start, tokens, labels, colour_label):
+def _heatmap_page(plt, shown, norm, start, tokens, labels, colour_label, step_stride):
     rows, n_steps = shown.shape
     fig, ax = plt.subplots(figsize=(9, _height(rows)), constrained_layout=True)
     image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=_cmap(), norm=norm,
                       extent=(-0.5, n_steps - 0.5, rows - 0.5, -0.5))
-    ax.set_xlabel(ITERATIONS)
+    ax.set_xlabel(steps_label(step_stride))
     ax.set_ylabel("Token")
     ticks = _label_rows(rows)
     ax.set_yticks(ticks)

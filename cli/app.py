@@ -191,6 +191,7 @@ def plot(
             written = figures.heatmap(
                 m.distance, out, tokens=first.tokens, positions=first.positions, reference=m.reference,
                 space=m.space, zeros=zeros, title=f"{name}, run {first.index}: convergence of the latent state",
+                step_stride=first.step_stride,
             )
         elif kind == "compare":
             if other is None:
@@ -199,15 +200,19 @@ def plot(
             a, b = (_metrics(r, ref, space, loop, ("distance",)) for r in (first, second))
             written = figures.compare(
                 a.distance, b.distance, out, tokens=first.tokens, reference=a.reference, space=a.space, zeros=zeros,
-                titles=(_run_title(first), _run_title(second)),
+                titles=(_run_title(first), _run_title(second)), step_strides=(first.step_stride, second.step_stride),
             )
         elif kind == "curves":
             if metric not in METRICS:
                 raise LoopscopeError(f"--metric {metric}: use one of {', '.join(METRICS)}")
+            strides = sorted({r.step_stride for r in chosen})
+            if len(strides) > 1:
+                raise LoopscopeError(f"--kind curves: these runs were stored with step strides {strides}, which "
+                                     "share no x axis; draw each stride separately")
             series = [(_run_title(r), _metrics(r, ref, space, loop, (metric,))[metric]) for r in chosen]
             written = figures.curves(
                 series, out, ylabel=METRIC_HELP[metric], log=metric not in ("cosine", "norm"),
-                title=f"{name}: {METRIC_HELP[metric]} per iteration, s* = {reference}",
+                title=f"{name}: {METRIC_HELP[metric]} per iteration, s* = {reference}", step_stride=strides[0],
             )
         elif kind == "signal":
             names = first.signal_names(loop)
@@ -217,6 +222,7 @@ def plot(
             written = figures.signal_heatmap(
                 first.signal(chosen_signal, loop), out, name=chosen_signal, tokens=first.tokens,
                 positions=first.positions, title=f"{_run_title(first)}: {chosen_signal} per token and step",
+                step_stride=first.step_stride,
             )
         elif kind == "exits":
             steps = first.iterations_of(loop)

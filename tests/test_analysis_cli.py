@@ -355,3 +355,18 @@ def test_default_pca_tokens_put_those_that_never_converge_last(capture_path):
     assert (steps < 0).any() and (steps >= 0).any()
     fastest, *_, slowest = _typical_tokens(m, tol)
     assert steps[fastest] == steps[steps >= 0].min() and steps[slowest] == -1
+
+
+def test_figures_of_a_step_stride_capture_label_stored_steps(reference_model, prompt_ids, tmp_path):
+    """With step_stride the columns are stored steps, not iterations: the x axis says so."""
+    import matplotlib
+
+    path = tmp_path / "stride.h5"
+    with loopscope.attach(reference_model, path, step_stride=3), torch.no_grad():
+        reference_model(prompt_ids, num_steps=7)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text in the SVG
+        for kind in ("heatmap", "curves"):
+            _ok(["plot", path, "--kind", kind, "--out", tmp_path / f"{kind}.svg"])
+    for kind in ("heatmap", "curves"):
+        text = (tmp_path / f"{kind}.svg").read_text()
+        assert "Stored step: s0, then 1 in 3 iterations" in text and "Iterations at Test-Time" not in text
