@@ -430,18 +430,18 @@ class Capture:
 
     def _begin_forward(self, args, kwargs, side: bool = False) -> None:
         self._check_writer()
-        input_ids = kwargs.get("input_ids")
-        if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-            input_ids = args[0]
-        embeds = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))
+        input_ids, embeds = _find_inputs(args, kwargs)
         if input_ids is not None:
             ids = input_ids.detach()
             if ids.dim() == 1:
                 ids = ids.unsqueeze(0)
-        elif isinstance(embeds, torch.Tensor):
+        elif embeds is not None:
             ids = torch.full(embeds.shape[:2], -1, dtype=torch.int64)
         else:
-            raise LoopscopeError("loopscope could not find input_ids or inputs_embeds in the model's forward call")
+            raise LoopscopeError(
+                "loopscope could not find the inputs of the model's forward call: pass input_ids (or inputs_embeds), "
+                "or token ids as an integer tensor [batch, tokens]"
+            )
         batch, tokens = ids.shape
         if self._session is None:
             call = self._call_name if self._in_call else "forward"
@@ -893,6 +893,29 @@ def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
         raise LoopscopeError(f"attach() got unknown option(s) {sorted(unknown)}")
     return Capture(model, path, **options)
 
+
+
+_NOT_IDS = frozenset({"attention_mask", "position_ids", "token_type_ids", "labels", "cache_position"})
+
+
+def _find_inputs(args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(token ids, input embeddings) of a forward call, either None. ``input_ids=`` / ``inputs_embeds=`` first;
+    else the first integer tensor of one or two dims passed (``model(ids)``, nanoGPT's ``model(idx=...)``), leaving
+    out masks and positions; else the first floating tensor [batch, tokens, features] (a looped model over
+    features), whose tokens get id -1."""
+    ids = kwargs.get("input_ids")
+    embeds = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))
+    if isinstance(ids, torch.Tensor) or isinstance(embeds, torch.Tensor):
+        return (ids if isinstance(ids, torch.Tensor) else None), (embeds if isinstance(embeds, torch.Tensor) else None)
+    candidates = [*args, *(value for key, value in kwargs.items() if key not in _NOT_IDS)]
+    tensors = [t for t in candidates if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool and t.dim() in (1, 2):
+            return t, None
+    for t in tensors:
+        if t.is_floating_point() and t.dim() == 3:
+            return None, t
+    return None, None
 
 
 def _caller_level() -> int:

@@ -363,3 +363,43 @@ def test_append_refuses_another_model_and_keeps_the_capture(new_reference_model,
         same(prompt_ids, num_steps=3)
     with loopscope.open(path) as capture:
         assert [r.num_steps.max() for r in capture.runs] == [2, 3]
+
+
+class _NanoLooped(torch.nn.Module):
+    """A looped model in the style of research code: ``forward(idx)``, or float features with no token ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8)
+        self.block = torch.nn.Linear(8, 8)
+
+    def forward(self, idx=None, features=None):
+        x = self.emb(idx) if idx is not None else features
+        for _ in range(3):
+            x = torch.tanh(self.block(x))
+        return x
+
+
+def test_generic_models_called_without_input_ids_are_captured(tmp_path):
+    """nanoGPT's ``model(idx=...)`` is recorded with its token ids; a model over float features [B, T, F], with
+    ids -1 (before, both failed on every call)."""
+    torch.manual_seed(0)
+    model = _NanoLooped().eval()
+    ids = torch.randint(0, 50, (1, 7))
+    features = torch.randn(1, 5, 8)
+    with torch.no_grad():
+        plain = model(idx=ids), model(features=features)
+    seen = []  # what plain hooks see: the block's first input (s0), then each output
+    hooks = [model.block.register_forward_pre_hook(lambda m, a: None if len(seen) % 4 else seen.append(a[0])),
+             model.block.register_forward_hook(lambda m, a, out: seen.append(out.clone()))]
+    with loopscope.attach(model, tmp_path / "nano.h5", loop="block"), torch.no_grad():
+        hooked = model(idx=ids), model(features=features)
+    for hook in hooks:
+        hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(plain, hooked))
+    with loopscope.open(tmp_path / "nano.h5") as capture:
+        by_ids, by_features = capture.runs
+        np.testing.assert_array_equal(by_ids.token_ids, ids[0].numpy())
+        np.testing.assert_array_equal(by_features.token_ids, np.full(5, -1))
+        for run, states in ((by_ids, seen[:4]), (by_features, seen[4:])):
+            np.testing.assert_array_equal(run.states(), torch.stack(states, dim=2)[0].numpy())
