@@ -165,6 +165,9 @@ class Capture:
         self._side_groups = False  # whether entry-method calls start groups of tokens in the current call
         self._warned_stride_exit = False
         self._orphan_calls = 0
+        self._in_forward = 0  # depth of the model's forward() calls running now
+        self._nested = 0  # depth of model calls made inside its own forward(), which are not recorded
+        self._warned_nested = False
         self._handles: list[Any] = []
         self._restore: list = []
         self._steps_hint: dict[str, int] = {}  # steps each loop ran in the previous forward: sizes the next stage
@@ -317,11 +320,14 @@ class Capture:
 
     # ---- calls -------------------------------------------------------------------------------------------------------
     def _forward_call(self, original, *args, **kwargs):
+        self._in_forward += 1
         try:
             return original(*args, **kwargs)
         except BaseException as exc:
             self._abort(exc)
             raise
+        finally:
+            self._in_forward -= 1
 
     def _whole_call(self, name: str, original, *args, **kwargs):
         """generate() (or an adapter's call method): everything it computes is one run per batch row."""
@@ -420,6 +426,13 @@ class Capture:
         )
 
     def _on_model_enter(self, module, args, kwargs):
+        if self._in_forward:  # the model called inside its own forward (from a hook, say): not recorded, and the
+            self._nested += 1  # outer forward goes on as if it had not happened
+            if self._nested == 1 and not self._warned_nested:
+                warnings.warn("loopscope: a call of the model inside its own forward() is not recorded",
+                              stacklevel=_caller_level())
+                self._warned_nested = True
+            return
         if self._forward is not None and self._forward.side:  # a group computed outside forward() ends here
             self._finish_forward()
         elif self._forward is not None:  # the previous forward raised before finishing: its runs are incomplete
@@ -495,6 +508,9 @@ class Capture:
             self._put(message)
 
     def _on_model_exit(self, module, args, kwargs, output):
+        if self._nested:
+            self._nested -= 1
+            return
         if self._forward is not None and not self._forward.side:
             try:  # a forward hook runs after forward() returned, outside the wrapper that aborts on errors
                 self._finish_forward()
@@ -549,7 +565,7 @@ class Capture:
     def _entry_hook(self, spec: LoopSpec):
         def hook(module, args, kwargs):
             forward = self._forward
-            if forward is None or spec.name in forward.s0_taken or forward.steps.get(spec.name, 0):
+            if forward is None or self._nested or spec.name in forward.s0_taken or forward.steps.get(spec.name, 0):
                 return
             forward.s0_taken.add(spec.name)
             if not forward.stored:
@@ -569,8 +585,8 @@ class Capture:
     def _exit_hook(self, spec: LoopSpec):
         def hook(module, args, output):
             forward = self._forward
-            if forward is None:
-                self._orphan_calls += 1
+            if forward is None or self._nested:
+                self._orphan_calls += forward is None
                 return
             step = forward.steps.get(spec.name, 0) + 1
             forward.steps[spec.name] = step
@@ -614,7 +630,7 @@ class Capture:
 
     def _signal_hook(self, spec: LoopSpec, signal: str):
         def hook(module, args, output):
-            if self._forward is None:
+            if self._forward is None or self._nested:
                 return
             value = output[0] if isinstance(output, (tuple, list)) else output
             if isinstance(value, torch.Tensor):

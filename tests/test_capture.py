@@ -403,3 +403,28 @@ def test_generic_models_called_without_input_ids_are_captured(tmp_path):
         np.testing.assert_array_equal(by_features.token_ids, np.full(5, -1))
         for run, states in ((by_ids, seen[:4]), (by_features, seen[4:])):
             np.testing.assert_array_equal(run.states(), torch.stack(states, dim=2)[0].numpy())
+
+
+def test_a_call_of_the_model_inside_its_own_forward_is_not_recorded(reference_model, prompt_ids, reference_recorder,
+                                                                   tmp_path):
+    """A user's hook that runs the model during its forward: the outer forward is recorded whole and exact (before,
+    it was left incomplete), the inner call is left out with a warning."""
+    probed = []
+
+    def probe(module, args, output):
+        if not probed:
+            probed.append(True)
+            reference_model(prompt_ids[:, :3], num_steps=2)
+
+    with torch.no_grad():
+        inner = reference_model.transformer.core_block[-1].register_forward_hook(probe)
+        recorder = reference_recorder(reference_model)  # its hook runs after the probe's
+        with loopscope.attach(reference_model, tmp_path / "n.h5"), pytest.warns(UserWarning, match="not recorded"):
+            reference_model(prompt_ids, num_steps=4)
+        inner.remove()
+        recorder.remove()
+    outer = [recorder.s0[0]] + recorder.states[2:]  # the inner call's two iterations came first
+    with loopscope.open(tmp_path / "n.h5") as capture:
+        (run,) = capture.runs
+        assert run.num_tokens == prompt_ids.shape[1] and capture.meta["orphan_loop_calls"] == 0
+        np.testing.assert_array_equal(run.states(), torch.stack(outer, dim=2)[0].numpy())
