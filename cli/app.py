@@ -272,7 +272,8 @@ def convergence_table(
         raise LoopscopeError(f"--out {out}: directory {parent} does not exist; create it first")
     table = Table("run", "tokens", "steps", "converged at (median)", "never converged", "last step delta (mean)")
     rows = 0
-    with CaptureFile(file) as capture:
+    partial = out.with_name(out.name + ".partial")  # renamed once every run is in: a failure leaves no half table
+    with CaptureFile(file) as capture, _removed_on_error(partial):
         chosen = _selected_runs(capture, run)
         if not chosen:
             raise LoopscopeError(f"{file} has no complete runs")
@@ -280,7 +281,7 @@ def convergence_table(
         computed = _dask_metrics(file, run, reference, space, loop, scheduler, workers) if on_dask else None
         for i, r in enumerate(chosen):
             m = computed[i] if computed else _metrics(r, parse_reference(reference), space, loop)
-            rows += m.to_csv(out, tol=tol, append=i > 0)
+            rows += m.to_csv(partial, tol=tol, append=i > 0)
             converged = m.convergence_steps(tol)
             done = converged[converged >= 0]
             last = m.step_delta[np.arange(len(m.num_steps)), m.num_steps] if len(m.num_steps) else np.array([])
@@ -290,6 +291,7 @@ def convergence_table(
                 f"{np.median(done):g}" if done.size else "-", str(int(np.sum(converged < 0))),
                 f"{last.mean():.3g}" if last.size else "-",
             )
+        os.replace(partial, out)
     console.print(table)
     console.print(f"wrote [bold]{out}[/bold] ({rows} rows, s* = {reference}, tolerance {tol:g})")
 
@@ -339,6 +341,16 @@ def export(
 
 
 PLOT_KINDS = ("heatmap", "pca", "curves", "exits", "compare", "signal")
+
+
+@contextlib.contextmanager
+def _removed_on_error(path: Path):
+    """Delete ``path`` if the block fails (a file written in part)."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _metrics(run, reference, space, loop, measures=METRICS):

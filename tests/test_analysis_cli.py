@@ -370,3 +370,16 @@ def test_figures_of_a_step_stride_capture_label_stored_steps(reference_model, pr
     for kind in ("heatmap", "curves"):
         text = (tmp_path / f"{kind}.svg").read_text()
         assert "Stored step: s0, then 1 in 3 iterations" in text and "Iterations at Test-Time" not in text
+
+
+def test_a_convergence_table_that_fails_partway_leaves_no_file(reference_model, tokenizer, tmp_path):
+    path = tmp_path / "three.h5"
+    first, other = (tokenizer(t, return_tensors="pt").input_ids for t in ("Tokens settle.", "Something else here."))
+    with loopscope.attach(reference_model, path), torch.no_grad():
+        reference_model(first, num_steps=3)
+        reference_model(first, num_steps=6)
+        reference_model(other, num_steps=3)  # run 2: other tokens than the reference, run 1
+    out = tmp_path / "table.csv"
+    result = CliRunner().invoke(app, ["convergence", str(path), "--out", str(out), "--reference", "1"])
+    assert result.exit_code == 1 and "covers other tokens" in result.output
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
