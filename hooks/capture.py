@@ -471,12 +471,17 @@ class Capture:
                 f"batch size changed from {len(session.run_ids)} to {batch} inside one generate() call; "
                 "loopscope records one run per batch row and cannot follow rows being dropped"
             )
-        positions = _positions_for(kwargs, batch, tokens, session.tokens_seen)
         fed_back = bool(self._in_call) and self._call_name == "generate" and session.forwards > 0
-        indices = np.arange(session.tokens_seen, session.tokens_seen + tokens)  # the run's k-th tokens
-        keep = self._tokens.keep(fed_back, indices)
+        # generate(use_cache=False) runs the whole sequence again at each step: only its tokens past those already
+        # recorded are new to the run (the others were recorded when they were first computed)
+        seen = session.tokens_seen if fed_back and tokens > session.tokens_seen else 0
+        positions = _positions_for(kwargs, batch, tokens, session.tokens_seen - seen)
+        indices = np.arange(session.tokens_seen - seen, session.tokens_seen - seen + tokens)  # the run's k-th tokens
+        keep = self._tokens.keep(fed_back, indices[seen:])
+        if seen:
+            keep = np.arange(seen, tokens) if keep is None else keep + seen
         forward = self._forward = _Forward(batch=batch, tokens=tokens, side=side, keep=keep)
-        session.tokens_seen += tokens
+        session.tokens_seen += tokens - seen
         if not forward.stored:
             return
         if session.open_message is not None:

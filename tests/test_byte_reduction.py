@@ -274,3 +274,33 @@ def test_each_run_keeps_its_own_dtype(tmp_path):
         model(ids)
     with loopscope.open(tmp_path / "two.h5") as capture:
         assert [r.logical_dtype() for r in capture.runs] == ["float16", "float32"]
+
+
+def test_generate_without_a_cache_records_each_token_once(reference_model, prompt_ids, reference_recorder, tmp_path):
+    """generate(use_cache=False) runs the whole sequence again at each step: the run holds each token once, from
+    the forward that first computed it (as with a cache), and tokens="generated" keeps the generated ones."""
+
+    def generate():
+        torch.manual_seed(0)
+        return reference_model.generate(prompt_ids, num_steps=3, max_new_tokens=4, do_sample=False, use_cache=False)
+
+    plain = generate()
+    recorder = reference_recorder(reference_model)
+    with loopscope.attach(reference_model, tmp_path / "all.h5"):
+        out = generate()
+    recorder.remove()
+    with loopscope.attach(reference_model, tmp_path / "generated.h5", tokens="generated"):
+        generate()
+    assert torch.equal(out, plain)
+    prompt = prompt_ids.shape[1]
+    forwards = _trajectories(recorder, 3)  # [T_f, 4, H] per forward: the prompt, then the prompt and 1, 2, 3 more
+    expected = torch.cat([forwards[0]] + [f[-1:] for f in forwards[1:]]).numpy()
+    with loopscope.open(tmp_path / "all.h5") as all_tokens, loopscope.open(tmp_path / "generated.h5") as generated:
+        (run,), (new,) = all_tokens.runs, generated.runs
+        assert [f.shape[0] for f in forwards] == [prompt, prompt + 1, prompt + 2, prompt + 3]
+        np.testing.assert_array_equal(run.token_ids, out[0, : prompt + 3].numpy())
+        np.testing.assert_array_equal(run.positions, np.arange(prompt + 3))
+        np.testing.assert_array_equal(run.forward_index, [0] * prompt + [1, 2, 3])
+        np.testing.assert_array_equal(run.states(), expected)
+        np.testing.assert_array_equal(new.positions, np.arange(prompt, prompt + 3))
+        np.testing.assert_array_equal(new.states(), expected[prompt:])
