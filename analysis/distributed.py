@@ -103,7 +103,8 @@ def token_metrics(
     locking: bool | str | None = None,
 ) -> list[TokenMetrics]:
     """Every measure of every selected run of every capture, computed by Dask; one :class:`TokenMetrics` per run,
-    in the order (capture, run), equal to :func:`loopscope.analysis.token_metrics` on the same run.
+    in the order (capture, run), equal to :func:`loopscope.analysis.token_metrics` on the same run with its default
+    ``measures`` (all of them).
 
     ``runs``: run indices (as ``CaptureFile.run``) taken from each capture; None for all. ``reference``: ``"final"``,
     a run index of the same capture, or ``"other.h5[:N]"``; the reference states are read by the workers too.
@@ -174,7 +175,7 @@ def trajectory_pca(
     for capture_path, number, tokens in selection:
         with CaptureFile(capture_path, locking=locking) as capture:
             run = capture.run(number)
-            plan = _plan_run(capture_path, number, run, space, loop, BLOCK_BYTES, locking)
+            plan = _plan_run(capture_path, run.index, run, space, loop, BLOCK_BYTES, locking)
             n = run.num_tokens
             one_token = da.from_array(plan.source, chunks=(1, -1, -1), asarray=True, lock=False, name=False)
             for t in tokens:
@@ -263,7 +264,8 @@ def _plan_runs(paths, runs, space, loop, block_bytes, locking) -> list[_RunPlan]
             if not numbers:
                 raise LoopscopeError(f"{path} has no complete runs")
             for number in numbers:
-                plans.append(_plan_run(path, number, capture.run(number), space, loop, block_bytes, locking))
+                run = capture.run(number)  # -1 and the like resolved once: every task reads this very run
+                plans.append(_plan_run(path, run.index, run, space, loop, block_bytes, locking))
                 plans[-1].run = _TokenData(plans[-1].run, plans[-1].loop)
     return plans
 

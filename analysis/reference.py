@@ -2,7 +2,7 @@
 
 The Huginn paper measures each token's distance to a state computed with many more iterations (128) than the run
 itself; without such a run, a token's own last state is the usual stand-in. Both are supported, plus a run in
-another capture file, named ``"other.h5"`` (its first run) or ``"other.h5:3"``.
+another capture file, named ``"other.h5"`` (its first complete run) or ``"other.h5:3"`` (its run number 3).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def open_reference_run(run: Run, reference, stack: contextlib.ExitStack) -> Run 
         text = os.fspath(reference)
         if text == "final":
             return None
-        path, index = text, 0
+        path, index = text, None  # no ":N": the file's first complete run
         head, sep, tail = text.rpartition(":")
         if sep and tail.isdigit() and not os.path.exists(text):
             path, index = head, int(tail)
@@ -83,6 +83,10 @@ def open_reference_run(run: Run, reference, stack: contextlib.ExitStack) -> Run 
                 f"reference={text!r}: use 'final', a run index of this capture, or an existing capture file[:run]"
             )
         other = stack.enter_context(CaptureFile(path))
+        if index is None:
+            if not other.runs:
+                raise LoopscopeError(f"reference={text!r}: {path} has no complete runs")
+            return other.runs[0]
         return other.run(index)
     raise LoopscopeError(f"reference must be 'final', a run index, a Run or a capture file, got {type(reference).__name__}")
 

@@ -65,8 +65,7 @@ class _Stage:
     step0: int
     logical: str
     filled: int = 0
-    device: torch.device | None = None  # of the first state: later ones go to its device type (CPU or CUDA)
-    cuda: bool = False  # whether ``device`` is a CUDA device
+    cuda: bool = False  # whether its states come from a CUDA device (its slab is then pinned)
     on_device: torch.Tensor | None = None  # CUDA: the plane being gathered on the device, [B, T, D, H]
     device_plane: int | None = None  # which plane ``on_device`` holds rows of that are not copied down yet
 
@@ -331,8 +330,8 @@ class Capture:
 
     def _whole_call(self, name: str, original, *args, **kwargs):
         """generate() (or an adapter's call method): everything it computes is one run per batch row."""
-        if self._in_call or self._closed:  # a generate() that calls generate() (dispatchers) is still one call
-            return original(*args, **kwargs)
+        if self._in_call or self._closed or self._in_forward:  # a generate() calling generate() (a dispatcher) is
+            return original(*args, **kwargs)  # one call; one run inside the model's forward is not recorded
         beams = _num_beams(self.model, args, kwargs) if name == "generate" else 1
         if beams > 1:
             raise LoopscopeError(
@@ -697,7 +696,10 @@ class Capture:
             raise LoopscopeError(f"loop {spec.exit!r} produced {state.dtype} states; only floating point is recorded")
         chunk_tokens, depth = self._chunk_shape(spec, state)
         stage = forward.stages.get(spec.name)
-        if stage is not None and (stage.filled == stage.capacity or step != stage.step0 + stage.filled):
+        # a stage holds consecutive steps from one kind of device: a CPU s0 before CUDA iterations (an offloaded
+        # embedding) goes in a stage of its own, and the iterations in a pinned one
+        if stage is not None and (stage.filled == stage.capacity or step != stage.step0 + stage.filled
+                                  or state.is_cuda != stage.cuda):
             self._send_stage(spec.name, stage)
             stage = None
         if stage is None:
@@ -713,7 +715,7 @@ class Capture:
             planes = max(1, min(-(-(expected - base) // depth), room // plane))
             shape = (planes, forward.batch, forward.stored, depth, state.shape[2])
             slab = self.pool.acquire(shape, state.dtype, state.is_cuda)
-            stage = forward.stages[spec.name] = _Stage(slab, base, step, logical, device=state.device, cuda=state.is_cuda)
+            stage = forward.stages[spec.name] = _Stage(slab, base, step, logical, cuda=state.is_cuda)
         self._copy_step(stage, step, state)
         stage.filled += 1
 
@@ -794,8 +796,6 @@ class Capture:
         runs on the model's own stream, so it reads the state before anything the model queues later can change it
         in place (a side-stream read could run after such a write)."""
         plane, row = stage.place(step)
-        if state.is_cuda != stage.cuda:  # a CPU s0 before CUDA iterations (an offloaded embedding), or the
-            state = state.to(stage.device)  # reverse: a plane's rows are all gathered the same way
         if not state.is_cuda:
             stage.slab[plane, :, :, row].copy_(state)  # ``state`` is detached: no autograd record, no grad mode
             return
@@ -916,25 +916,29 @@ def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
 
 
 
-_NOT_IDS = frozenset({"attention_mask", "position_ids", "token_type_ids", "labels", "cache_position"})
-
-
 def _find_inputs(args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(token ids, input embeddings) of a forward call, either None. ``input_ids=`` / ``inputs_embeds=`` first;
-    else the first integer tensor of one or two dims passed (``model(ids)``, nanoGPT's ``model(idx=...)``), leaving
-    out masks and positions; else the first floating tensor [batch, tokens, features] (a looped model over
-    features), whose tokens get id -1."""
+    else integer ids as the first argument ([T] or [B, T]), or the first integer [B, T] tensor passed by another
+    name (nanoGPT's ``model(idx=...)``) that is no mask, position or type id; else the first floating tensor
+    [batch, tokens, features] (a looped model over features), whose tokens get id -1."""
     ids = kwargs.get("input_ids")
     embeds = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))
     if isinstance(ids, torch.Tensor) or isinstance(embeds, torch.Tensor):
         return (ids if isinstance(ids, torch.Tensor) else None), (embeds if isinstance(embeds, torch.Tensor) else None)
-    candidates = [*args, *(value for key, value in kwargs.items() if key not in _NOT_IDS)]
-    tensors = [t for t in candidates if isinstance(t, torch.Tensor)]
+
+    def integer(t) -> bool:
+        return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+    if args and integer(args[0]) and args[0].dim() in (1, 2):
+        return args[0], None
+    named = [value for key, value in kwargs.items() if not key.endswith(("mask", "position_ids", "type_ids", "labels"))
+             and key != "cache_position"]
+    tensors = [t for t in (*args[1:], *named) if isinstance(t, torch.Tensor)]
     for t in tensors:
-        if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool and t.dim() in (1, 2):
+        if integer(t) and t.dim() == 2:
             return t, None
-    for t in tensors:
-        if t.is_floating_point() and t.dim() == 3:
+    for t in (*args[:1], *tensors):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 3:
             return None, t
     return None, None
 

@@ -246,7 +246,9 @@ def test_a_cosine_near_zero_keeps_its_relative_precision(converged_captures):
     np.testing.assert_allclose(got["cosine"], want["cosine"], rtol=RTOL, atol=0)
 
 
-@pytest.mark.parametrize("measures", [("distance",), ("cosine",), ("step_delta", "relative_distance"), ("norm",)])
+@pytest.mark.parametrize(
+    "measures", [("distance",), ("cosine",), ("step_delta",), ("step_delta", "relative_distance"), ("norm",)]
+)
 def test_a_subset_of_measures_equals_the_same_measures_of_the_full_pass(capture_path, measures):
     """Fewer measures cost less arithmetic and give the same numbers; the others are None, and asking for one of
     them (or writing the CSV, which needs all) says which option computes it."""
@@ -262,9 +264,13 @@ def test_a_subset_of_measures_equals_the_same_measures_of_the_full_pass(capture_
             assert getattr(some, name) is None
             with pytest.raises(LoopscopeError, match=f"{name} was not computed"):
                 some[name]
-    assert some.nonfinite_tokens().size == 0
+    assert some.nonfinite_tokens().size == 0  # step 0 has no step delta, by definition: that is not a NaN state
     with pytest.raises(LoopscopeError, match="to_csv writes every measure"):
         some.to_csv(capture_path.with_suffix(".csv"))
+    states = run.states()
+    states[2, 1] = np.inf  # a token that blew up at step 1
+    flags = block_measures(states, run.num_steps, measures=measures)["nonfinite"]
+    np.testing.assert_array_equal(np.nonzero(flags)[0], [2])
 
 
 def test_unknown_or_no_measures_are_one_line_errors(capture_path):
@@ -282,7 +288,7 @@ def test_a_cosine_alone_still_falls_back_to_float64_past_float32s_range(converge
         states = run.states() * np.float32(1e20)
     got = block_measures(states, run.num_steps, measures=("cosine",))
     want = block_measures(states.astype(np.float64), run.num_steps)
-    assert list(got) == ["cosine"]
+    assert list(got) == ["cosine", "nonfinite"] and not got["nonfinite"].any()
     np.testing.assert_allclose(got["cosine"], want["cosine"], rtol=RTOL, atol=0)
 
 
