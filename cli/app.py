@@ -79,8 +79,12 @@ def info(file: Path = typer.Argument(..., help="A capture file (.h5).")):
         damaged = 0
         for run in capture.runs:
             try:
-                steps = run.iterations_of() if run.loops else None
-                span = f"{steps.min()}-{steps.max()}" if steps is not None and steps.size else "-"
+                spans = []
+                for loop in run.loops:  # HRM's H and L, ALBERT's groups: each loop its own range
+                    steps = run.iterations_of(loop)
+                    spans.append((f"{loop} " if len(run.loops) > 1 else "") + (
+                        f"{steps.min()}-{steps.max()}" if steps.size else "-"))
+                span = ", ".join(spans) or "-"
                 if run.loops and run.step_stride > 1:
                     span += f" (1 in {run.step_stride} kept)"
                 row = (

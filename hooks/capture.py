@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +34,7 @@ from ..storage.errors import CaptureWriteError, LoopscopeError
 from . import adaptive, distributed, metadata, selection
 from .adapters import LoopAdapter, LoopSpec
 from .detect import resolve_adapter
+from .user_frames import user_stacklevel
 
 DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LOGICAL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
@@ -147,6 +147,7 @@ class Capture:
         self._cast = DTYPES[dtype]
         self._chunks = tuple(chunks) if chunks else None
         self._loop_dtypes: dict[str, torch.dtype] = {}  # per run: one stored dtype per loop, the first it recorded
+        self._loop_widths: dict[str, int] = {}  # per run: the state size of each loop, from its first state
         options = {
             "mode": mode,
             "dtype": dtype,
@@ -421,7 +422,7 @@ class Capture:
             f"loopscope: {type(exc).__name__} in a captured call closed the capture {self.path} (its completed runs "
             "are kept); attach again with mode='a' to record more",
             RuntimeWarning,
-            stacklevel=_caller_level(),
+            stacklevel=user_stacklevel(),
         )
 
     def _on_model_enter(self, module, args, kwargs):
@@ -429,7 +430,7 @@ class Capture:
             self._nested += 1  # outer forward goes on as if it had not happened
             if self._nested == 1 and not self._warned_nested:
                 warnings.warn("loopscope: a call of the model inside its own forward() is not recorded",
-                              stacklevel=_caller_level())
+                              stacklevel=user_stacklevel())
                 self._warned_nested = True
             return
         if self._forward is not None and self._forward.side:  # a group computed outside forward() ends here
@@ -464,6 +465,7 @@ class Capture:
             opening = w.OpenRuns(run_ids, [{**attrs, "batch_row": b} for b in range(batch)])
             self._session = _Session(call=call, run_ids=run_ids, open_message=opening)
             self._loop_dtypes.clear()  # each run file holds one dtype per loop; a new run may have another
+            self._loop_widths.clear()
         session = self._session
         if len(session.run_ids) != batch:
             raise LoopscopeError(
@@ -686,6 +688,12 @@ class Capture:
             raise LoopscopeError(
                 f"loop {spec.exit!r} produced a state of shape {tuple(state.shape)}, expected "
                 f"({forward.batch}, {forward.tokens}, hidden); pass loop= with the module that outputs the state"
+            )
+        width = self._loop_widths.setdefault(spec.name, state.shape[2])
+        if state.shape[2] != width:  # s0 and the iterations must be one state, of one size
+            raise LoopscopeError(
+                f"loop {spec.exit!r} produced states {state.shape[2]} wide after {width}-wide ones (s0 included); "
+                "pass loop= with the module whose output is the loop's state"
             )
         state = forward.select(state)
         if self._cast is not None and state.dtype != self._cast:
@@ -941,21 +949,6 @@ def _find_inputs(args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 3:
             return None, t
     return None, None
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` that points a warning at the user's line: the first frame outside loopscope, torch and
-    transformers (a captured call goes through several of their frames, a different number each way)."""
-    import inspect
-
-    packages = [torch, sys.modules.get("transformers")]
-    inside = tuple(os.path.dirname(m.__file__) + os.sep for m in packages if m is not None)
-    inside += (os.path.dirname(os.path.abspath(__file__)) + os.sep,)  # the hooks
-    level = 1
-    frame = inspect.currentframe().f_back  # the function that warns
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _check_options(buffer_mb, chunks, tokenizer) -> None:

@@ -12,13 +12,17 @@ the count, and the file says so.
 
 from __future__ import annotations
 
+import random
+import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..storage.errors import LoopNotFoundError
 from .adapters import KNOWN_FAMILIES, LoopAdapter, LoopSpec
+from .user_frames import user_stacklevel
 
 #: Joins the members of a tied-copies unit in ``LoopSpec.exit``: each member's call is the next iteration.
 TIED = "|"
@@ -82,6 +86,8 @@ class _Unit:
         self.calls: list[tuple[int, int, str]] = []  # (start, end, member) per call, in call order
         self.in_width: int | None = None
         self.out_width: int | None = None
+        self.inputs: dict[int, torch.Tensor] = {}  # call start -> its first tensor argument (held: no address reuse)
+        self.outputs: dict[int, torch.Tensor] = {}  # call start -> the state it returned
 
     @property
     def label(self) -> str:
@@ -110,8 +116,11 @@ def probe(model: nn.Module, input_ids: torch.Tensor | None = None) -> LoopAdapte
         def pre(module, args, kwargs):
             clock[0] += 1
             open_calls.setdefault(name, []).append(clock[0])
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(first, torch.Tensor):
+                unit.inputs[clock[0]] = first
             if unit.in_width is None:
-                unit.in_width = _width(args[0] if args else next(iter(kwargs.values()), None))
+                unit.in_width = _width(first)
 
         def post(module, args, output):
             clock[0] += 1
@@ -119,6 +128,8 @@ def probe(model: nn.Module, input_ids: torch.Tensor | None = None) -> LoopAdapte
             unit.calls.append((start, clock[0], name))
             state = output[0] if isinstance(output, (tuple, list)) and output else output
             unit.out_width = _width(state)
+            if isinstance(state, torch.Tensor):
+                unit.outputs[start] = state
 
         return pre, post
 
@@ -160,7 +171,10 @@ def probe(model: nn.Module, input_ids: torch.Tensor | None = None) -> LoopAdapte
             "pass loop='dotted.module.path'"
         )
     pattern, reps = found
-    exit_unit = pattern[-1]
+    # the state is what the next iteration reads: the last unit of the pattern whose output it is (a gate or a
+    # readout head run on each iteration's state comes after the block, but nothing reads it next time round)
+    carriers = [u for u in pattern if pattern.count(u) == 1 and _feeds_next_iteration(u, pattern, reps)]
+    exit_unit = carriers[-1] if carriers else pattern[-1]
     if pattern.count(exit_unit) > 1 or len(exit_unit.calls) != reps:
         raise LoopNotFoundError(
             f"ambiguous loop in {name}: the repeating pattern {_names(pattern)} runs {reps} times but ends in "
@@ -186,6 +200,13 @@ def probe(model: nn.Module, input_ids: torch.Tensor | None = None) -> LoopAdapte
             entry, channels = unit, hidden
             break
     exit_path = exit_unit.path()
+    if not carriers:
+        warnings.warn(
+            f"loopscope: {exit_path} repeats {reps} times in {name}, but what it returns is not what the next "
+            "repetition reads (the model may add a residual outside it, or not loop at all); check the loop with "
+            "`loopscope info`, or pass loop='dotted.module.path'",
+            stacklevel=user_stacklevel(),
+        )
     steps_from = _confirm_count(model, ids, exit_unit, reps) or f"probe forward: {reps} iterations"
     return LoopAdapter(
         family="detected",
@@ -240,6 +261,28 @@ def _related(a: str, b: str) -> bool:
 
 def _inside(unit: _Unit, other: _Unit) -> bool:
     return any(m.startswith(o + ".") for m in unit.members for o in other.members)
+
+
+def _feeds_next_iteration(unit: _Unit, pattern: list[_Unit], reps: int) -> bool:
+    """Whether each iteration's output of ``unit`` is what a unit of the next iteration reads: the same values,
+    alone or as the first or last channels of a wider input (Huginn's adapter reads [state, embedding])."""
+    readers = [v for v in pattern if len(v.calls) == reps]
+    if len(unit.calls) != reps:
+        return False
+    for k in range(reps - 1):
+        out = unit.outputs.get(unit.calls[k][0])
+        if out is None or not any(_reads(v.inputs.get(v.calls[k + 1][0]), out) for v in readers):
+            return False
+    return True
+
+
+def _reads(inp, out: torch.Tensor) -> bool:
+    if inp is out:
+        return True
+    if not isinstance(inp, torch.Tensor) or inp.shape[:-1] != out.shape[:-1] or inp.shape[-1] < out.shape[-1]:
+        return False
+    width = out.shape[-1]
+    return torch.equal(inp[..., :width], out) or torch.equal(inp[..., -width:], out)
 
 
 def _call_sequence(candidates: list[_Unit]) -> list[_Unit]:
@@ -318,6 +361,7 @@ def _run(model: nn.Module, ids: torch.Tensor) -> None:
     # every GPU the model computes on: a random s0 or dropout on any of them draws from that GPU's generator
     devices = sorted({t.device.index for t in (ids, *model.parameters(), *model.buffers()) if t.is_cuda})
     modes = [(module, module.training) for module in model.modules()]
+    generators = random.getstate(), np.random.get_state()  # a model may draw from Python's or numpy's too
     model.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
@@ -328,6 +372,8 @@ def _run(model: nn.Module, ids: torch.Tensor) -> None:
     finally:
         for module, training in modes:
             module.training = training
+        random.setstate(generators[0])
+        np.random.set_state(generators[1])
 
 
 def _probe_ids(model: nn.Module) -> torch.Tensor:

@@ -6,6 +6,8 @@ iteration; a wrong pick records plausible-looking but wrong states, so every pic
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -204,6 +206,53 @@ def test_two_blocks_looped_together(tmp_path):
     assert "[a, b], 4 times" in adapter.notes[0]
 
 
+class GatedEachIteration(nn.Module):
+    """An exit gate (or a deep-supervision head) run on each iteration's state: it comes last in the repeating
+    pattern, but the next iteration reads the block's output, not its own."""
+
+    def __init__(self, side_width=1):
+        super().__init__()
+        self.embed, self.block, self.side = nn.Embedding(16, H), Block(), nn.Linear(H, side_width)
+        self.head = nn.Linear(H, 16)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for _ in range(4):
+            x = self.block(x)
+            self.side(x)
+        return self.head(x)
+
+
+class ResidualOutside(nn.Module):
+    """x = x + f(x) in the loop body: the state is no module's output, which the probe can only warn about."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.f, self.head = nn.Embedding(16, H), nn.Linear(H, H), nn.Linear(H, 16)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for _ in range(3):
+            x = x + self.f(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("side_width", [1, 2 * H])
+def test_a_side_output_of_each_iteration_is_not_the_state(tmp_path, side_width):
+    """Before, the gate (1 wide: stored as the 'state') or the head (2H wide: a raw error mid-forward) was taken
+    for the loop's exit."""
+    torch.manual_seed(0)
+    model = GatedEachIteration(side_width)
+    adapter = _capture_and_compare(model, tmp_path / "g.h5", model.block, [model.block], 4)
+    assert (adapter.loops[0].exit, adapter.loops[0].entry) == ("block", "block")
+
+
+def test_a_repeated_module_whose_output_is_not_read_next_is_flagged(tmp_path):
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="what it returns is not what the next repetition reads"):
+        loopscope.attach(ResidualOutside(), tmp_path / "r.h5").close()
+
+
 def test_module_entered_outside_the_loop_is_not_the_loop(tmp_path):
     """A norm called before and after the loop repeats too, but not back to back: the block is the loop."""
     torch.manual_seed(0)
@@ -294,14 +343,23 @@ def test_override_errors_name_what_to_do(tmp_path):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+class DrawsFromPython(Looped):
+    """A model that draws from Python's and numpy's generators as it runs (a random depth, a noise schedule)."""
+
+    def forward(self, ids):
+        random.random(), np.random.rand()
+        return super().forward(ids)
+
+
 def test_probe_leaves_rng_and_model_untouched():
-    """The probe forward must not shift the caller's random stream (sampling, dropout) nor leave hooks."""
-    model = Looped()
-    torch.manual_seed(1)
-    expected = torch.rand(3)
-    torch.manual_seed(1)
+    """The probe forward must not shift the caller's random streams (torch's, Python's, numpy's) nor leave hooks."""
+    model = DrawsFromPython()
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    expected = torch.rand(3), random.random(), np.random.rand()
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
     loopscope.hooks.detect.probe(model)
-    assert torch.equal(torch.rand(3), expected)
+    got = torch.rand(3), random.random(), np.random.rand()
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
     assert model.steps == 3
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 

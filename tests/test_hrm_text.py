@@ -70,6 +70,12 @@ def test_two_streams_with_labels(tmp_path, forward_recorder):
         np.testing.assert_array_equal(gen.forward_index, [0] * 5 + [1, 2])
         np.testing.assert_array_equal(gen.states(token=6, loop="L")[-1], recorder.forwards[-1]["L"][-1][0, 0].numpy())
         assert capture.readout.kind == "identity"
+    from typer.testing import CliRunner
+
+    from loopscope.cli.app import app
+
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "hrm.h5")], terminal_width=200)
+    assert info.exit_code == 0 and "H 2-2, L 6-6" in info.output  # each loop's own step range
 
 
 def test_generate_every_token_exact_and_outputs_unchanged(tmp_path, forward_recorder):
