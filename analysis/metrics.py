@@ -261,9 +261,10 @@ def stored_block_measures(
 
 def _measures(
     states: np.ndarray, star: np.ndarray, wanted: frozenset[str]
-) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+) -> tuple[dict[str, np.ndarray], list[tuple[np.ndarray, slice]]]:
     """The ``wanted`` measures of every step, in the precision of ``states`` and ``star``, through one scratch
-    array; also the norms taken on the way (each a sum of squares, which may overflow float32)."""
+    array; also the norms taken on the way, each with the steps it covers (a sum of squares may overflow float32,
+    and a NaN or infinite one marks a state that is)."""
     work = np.empty(states.shape, np.result_type(states, star))
     star_norm = _norm(star)[:, None]
     values: dict[str, np.ndarray] = {}

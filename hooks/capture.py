@@ -591,8 +591,10 @@ class Capture:
     def _exit_hook(self, spec: LoopSpec):
         def hook(module, args, output):
             forward = self._forward
-            if forward is None or self._nested:
-                self._orphan_calls += forward is None
+            if forward is None:
+                self._orphan_calls += 1
+                return
+            if self._nested:
                 return
             step = forward.steps.get(spec.name, 0) + 1
             forward.steps[spec.name] = step
@@ -921,7 +923,6 @@ def attach(model: nn.Module, path: str | os.PathLike, **options) -> Capture:
     if unknown:
         raise LoopscopeError(f"attach() got unknown option(s) {sorted(unknown)}")
     return Capture(model, path, **options)
-
 
 
 def _find_inputs(args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
