@@ -22,11 +22,13 @@ def attach(model, path, **options):
     return _attach(model, path, **options)
 
 
-def open(path, **options):  # noqa: A001 - mirrors h5py.File / builtins.open on purpose
-    """Open a capture file for reading (no torch needed). See :class:`loopscope.storage.reader.CaptureFile`."""
+def open(path, *, missing="error", **options):  # noqa: A001 - mirrors h5py.File / builtins.open on purpose
+    """Open a capture file for reading (no torch needed). See :class:`loopscope.storage.reader.CaptureFile`.
+
+    A run file the index links but the run folder lacks is an error; ``missing="skip"`` reads the other runs."""
     from .storage.reader import CaptureFile
 
-    return CaptureFile(path, **options)
+    return CaptureFile(path, missing=missing, **options)
 
 
 def __getattr__(name):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..storage.errors import LoopscopeError
+from ..storage.safety import figure_text as _t  # titles and labels hold file names, signal names, model text
 
 FORMATS = (".png", ".pdf", ".svg")
 ZERO_MODES = ("clip", "drop")
@@ -107,7 +108,7 @@ def _paged(plt, shown, norm, out, tokens, positions, colour_label, title, rows_p
         page_title = title
         if len(pages) > 1:
             page_title += f" (tokens {start}-{stop - 1}, page {number}/{len(pages)})"
-        fig.axes[0].set_title(page_title)
+        fig.axes[0].set_title(_t(page_title))
         figures.append(fig)
     return _save_pages(plt, figures, out)
 
@@ -138,13 +139,13 @@ def compare(
         image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=_cmap(), norm=norm,
                           extent=(-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5))
         ax.set_xlabel(steps_label(stride))
-        ax.set_title(name)
+        ax.set_title(_t(name))
         rows_shown = _label_rows(d.shape[0])
         ax.set_yticks(rows_shown)
         if tokens is not None and len(tokens) >= d.shape[0]:
             ax.set_yticklabels([printable(tokens[i]) for i in rows_shown], fontsize=8)
     axes[0].set_ylabel("Token")
-    fig.colorbar(image, ax=list(axes)).set_label(f"||s - s*|| ({space} space, s* = {reference}){note}")
+    fig.colorbar(image, ax=list(axes)).set_label(_t(f"||s - s*|| ({space} space, s* = {reference}){note}"))
     return _save_pages(plt, [fig], out)
 
 
@@ -170,14 +171,14 @@ def curves(
         profile = step_profile(values, *band)
         if not profile["step"].size:
             continue
-        line = ax.plot(profile["step"], profile["mean"], label=f"{label} (mean)")[0]
+        line = ax.plot(profile["step"], profile["mean"], label=_t(f"{label} (mean)"))[0]
         ax.fill_between(profile["step"], profile["low"], profile["high"], color=line.get_color(), alpha=0.2,
-                        label=f"{label} ({band[0]:g}-{band[1]:g} percentile)")
+                        label=_t(f"{label} ({band[0]:g}-{band[1]:g} percentile)"))
     if log:
         ax.set_yscale("log")
     ax.set_xlabel(steps_label(step_stride))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title or "Mean convergence over tokens")
+    ax.set_ylabel(_t(ylabel))
+    ax.set_title(_t(title or "Mean convergence over tokens"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save_pages(plt, [fig], out)
@@ -200,9 +201,9 @@ def exits(
         ax.hist(values, bins=edges, color="#3b528b", edgecolor="white")
         ax.axvline(values.mean(), color="#fde725", linewidth=2, label=f"mean {values.mean():.1f}")
         ax.legend()
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(_t(xlabel))
     ax.set_ylabel("Tokens")
-    ax.set_title(title or "Steps to exit per token")
+    ax.set_title(_t(title or "Steps to exit per token"))
     return _save_pages(plt, [fig], out)
 
 
@@ -239,7 +240,7 @@ def pca_trajectories(trajectories, out: str | os.PathLike, *, title: str | None 
                 ax.legend(fontsize=7, loc="best")
     fig.colorbar(scatter, ax=axes, shrink=0.6).set_label("Iteration")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_t(title))
     return _save_pages(plt, [fig], out)
 
 
@@ -312,7 +313,7 @@ def _heatmap_page(plt, shown, norm, start, tokens, labels, colour_label, step_st
     right.set_yticks(ticks)
     right.set_yticklabels([str(int(labels[start + i])) for i in ticks], fontsize=8)
     right.set_ylabel("Position")
-    fig.colorbar(image, ax=[ax, right], pad=0.08).set_label(colour_label)
+    fig.colorbar(image, ax=[ax, right], pad=0.08).set_label(_t(colour_label))
     return fig
 
 

@@ -38,6 +38,8 @@ bfloat16 states, and reports the run file's size on disk against the states' byt
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import threading
 import time
@@ -51,7 +53,7 @@ import torch
 from torch import nn
 
 import loopscope
-from loopscope.storage import preallocate
+from loopscope.storage import preallocate, writer
 
 
 SUSTAINED = 8  # prefill runs per capture for the sustained rate
@@ -109,10 +111,25 @@ def record_states(tokens: int, record: int, steps: int) -> torch.Tensor:
     return states.repeat(1, 1, reps, 1)[:, :, :tokens].contiguous()
 
 
-def capture(model: Replay, path: str, shape: str, ids: torch.Tensor, runs: int = 1, **options) -> None:
-    with loopscope.attach(model, path, loop="block", mode="w", **options):
+def capture(model: Replay, path: str, shape: str, ids: torch.Tensor, runs: int = 1, checksums: bool = True,
+            **options) -> None:
+    with checksums_off(not checksums), loopscope.attach(model, path, loop="block", mode="w", **options):
         for _ in range(runs):
             replay(model, shape, ids)
+
+
+@contextlib.contextmanager
+def checksums_off(off: bool):
+    """The capture builds its writer with Fletcher-32 on every chunk; off, only to measure what that costs."""
+    if not off:
+        yield
+        return
+    original = writer.CaptureWriter
+    writer.CaptureWriter = functools.partial(original, checksums=False)
+    try:
+        yield
+    finally:
+        writer.CaptureWriter = original
 
 
 def replay(model: Replay, shape: str, ids: torch.Tensor) -> None:
@@ -229,6 +246,22 @@ def rate_table(times: dict, nbytes: int, volume: dict, raws: list[str], title: s
     c.table(title, ["writer", "best s", "median s", "MB/s", *[f"/ {raw}" for raw in raws]], rows, caption=caption)
 
 
+OFF = "no checksums: loopscope "  # the same captures with Fletcher-32 off (CaptureWriter(checksums=False))
+
+
+def checksum_table(times: dict, nbytes: int, volume: dict, sustained: str) -> None:
+    """Write rate with Fletcher-32 on every chunk (the default) against the same capture without it."""
+    rows = []
+    for on, off in (("loopscope prefill", f"{OFF}prefill"), ("loopscope decode", f"{OFF}decode"),
+                    (sustained, f"{OFF}prefill x{SUSTAINED}")):
+        rate_on = nbytes * volume.get(on, 1) / min(times[on])
+        rate_off = nbytes * volume.get(off, 1) / min(times[off])
+        rows.append([on.removeprefix("loopscope "), f"{rate_on / c.MB:,.0f}", f"{rate_off / c.MB:,.0f}",
+                     f"{rate_on / rate_off:.3f}"])
+    c.table("checksums: Fletcher-32 on every chunk (default) / off, same run", ["capture", "MB/s on", "MB/s off",
+            "on / off"], rows, caption="best of the interleaved repeats above")
+
+
 def codec_table(states: torch.Tensor, ids: torch.Tensor, work: str, repeats: int) -> None:
     """Bytes on disk and write rate of a prefill capture with each filter, float32 and bfloat16 states."""
     from loopscope.storage import compression
@@ -296,7 +329,7 @@ def main() -> None:
     flat = states.numpy().reshape(-1)
     sustained = f"loopscope prefill x{SUSTAINED}"
     short_name = f"loopscope prefill x{SUSTAINED * SHORT_RUNS} of {short} tokens"
-    volume = {sustained: SUSTAINED, short_name: SUSTAINED}  # bytes per case, in runs of nbytes
+    volume = {sustained: SUSTAINED, short_name: SUSTAINED, f"{OFF}prefill x{SUSTAINED}": SUSTAINED}
 
     with c.workdir() as work:
         path = os.path.join(work, "run.h5")
@@ -325,6 +358,10 @@ def main() -> None:
             "loopscope prefill": lambda: capture(prefill_model, path, "prefill", ids),
             "loopscope decode": lambda: capture(decode_model, path, "decode", ids),
             sustained: lambda: capture(prefill_model, path, "prefill", ids, runs=SUSTAINED),
+            f"{OFF}prefill": lambda: capture(prefill_model, path, "prefill", ids, checksums=False),
+            f"{OFF}decode": lambda: capture(decode_model, path, "decode", ids, checksums=False),
+            f"{OFF}prefill x{SUSTAINED}": lambda: capture(prefill_model, path, "prefill", ids, runs=SUSTAINED,
+                                                         checksums=False),
             short_name: lambda: capture(short_model, path, "prefill", ids[:, :short], runs=SUSTAINED * SHORT_RUNS),
             "h5py whole chunks": lambda: whole_chunks(path, blocks, by_token.shape, chunks),
             "h5py via chunk cache": lambda: cached_writes(path, states, chunks),
@@ -342,6 +379,8 @@ def main() -> None:
             f"x{SUSTAINED} = {SUSTAINED} prefill runs in one capture (sustained rate); x{SUSTAINED * SHORT_RUNS}: the "
             f"same bytes in {short}-token runs (one run file each)",
         )
+
+        checksum_table(times, nbytes, volume, sustained)
 
         single, dual = copy_ceiling(nbytes, 8)
         c.console.print(

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from ..analysis.metrics import CONVERGENCE_METRIC, DEFAULT_TOL, METRIC_HELP, METRICS
 from ..storage.errors import LoopscopeError
+from ..storage.safety import clean
 
 app = typer.Typer(
     help="Record and inspect every iteration of looped-depth language models.",
@@ -26,8 +27,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(soft_wrap=True)  # paths are printed whole, never wrapped
-errors = Console(stderr=True, soft_wrap=True)
+console = Console(soft_wrap=True, emoji=False)  # paths are printed whole, never wrapped
+errors = Console(stderr=True, soft_wrap=True, emoji=False)
+MISSING_HELP = "Run files the index links but the folder lacks: error, or skip them and read the rest."
+
+
+def _text(value) -> str:
+    """A string from a file, a path or the command line, printed as itself: never rich markup, never a terminal
+    control sequence (an ESC stored in a model name must not reach the terminal)."""
+    return escape(clean(value))
 
 
 def _friendly(fn):
@@ -38,7 +46,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except LoopscopeError as exc:
-            errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            errors.print(f"[red]error:[/red] {_text(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -59,22 +67,27 @@ def demo(
     hf_logging.disable_progress_bar()  # the status line below says what is happening
     with console.status("capturing the demo model…"):
         result = run_demo(out, steps=steps, max_new_tokens=max_new_tokens)
-    console.print(f"wrote [bold]{result.capture}[/bold] ({result.tokens} tokens x {steps} iterations)")
-    console.print(f"wrote [bold]{result.figure}[/bold]")
+    console.print(f"wrote [bold]{_text(result.capture)}[/bold] ({result.tokens} tokens x {steps} iterations)")
+    console.print(f"wrote [bold]{_text(result.figure)}[/bold]")
 
 
 @app.command()
 @_friendly
-def info(file: Path = typer.Argument(..., help="A capture file (.h5).")):
+def info(
+    file: Path = typer.Argument(..., help="A capture file (.h5)."),
+    missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
+):
     """Summarise a capture: model, loops, and one row per run."""
+    from ..storage.capture_file import unexpected_files
     from ..storage.reader import CaptureFile
 
-    with CaptureFile(file) as capture:
+    with CaptureFile(file, missing=missing) as capture:
         meta = capture.meta
-        console.print(f"[bold]{file}[/bold]  format v{meta.get('format_version')}  {_size(file)}")
-        console.print(f"model   {meta.get('model_class', '?')} {meta.get('name_or_path', '')}".rstrip())
-        console.print(f"loop    {_describe_loop(meta.get('loop_json'))}")
-        console.print(f"created {meta.get('created', '?')} with loopscope {meta.get('loopscope_version', '?')}")
+        console.print(f"[bold]{_text(file)}[/bold]  format v{_text(meta.get('format_version'))}  {_size(file)}")
+        model = f"{meta.get('model_class', '?')} {meta.get('name_or_path', '')}".rstrip()
+        console.print(f"model   {_text(model)}")
+        console.print(f"loop    {_text(_describe_loop(meta.get('loop_json')))}")
+        console.print(f"created {_text(meta.get('created', '?'))} with loopscope {_text(meta.get('loopscope_version', '?'))}")
         table = Table("run", "call", "tokens", "steps (min-max)", "loops", "dtype", "hidden", "signals")
         damaged = 0
         for run in capture.runs:
@@ -87,7 +100,7 @@ def info(file: Path = typer.Argument(..., help="A capture file (.h5).")):
                 span = ", ".join(spans) or "-"
                 if run.loops and run.step_stride > 1:
                     span += f" (1 in {run.step_stride} kept)"
-                row = (
+                row = tuple(_text(cell) for cell in (
                     str(run.attrs.get("call", "")),
                     str(run.num_tokens),
                     span,
@@ -95,7 +108,7 @@ def info(file: Path = typer.Argument(..., help="A capture file (.h5).")):
                     run.logical_dtype() if run.loops else "-",
                     str(run.hidden_size()) if run.loops else "-",
                     ",".join(n for loop in run.loops for n in run.signal_names(loop)) or "-",
-                )
+                ))
             except LoopscopeError:  # one damaged run file must not hide the others
                 damaged += 1
                 row = ("[red]damaged[/red]", "-", "-", "-", "-", "-", "-")
@@ -105,6 +118,10 @@ def info(file: Path = typer.Argument(..., help="A capture file (.h5).")):
             console.print(f"[yellow]{damaged} damaged run file(s): `loopscope plot --run N` says what is wrong[/yellow]")
         if capture.incomplete_runs:
             console.print(f"[yellow]{len(capture.incomplete_runs)} incomplete run(s) skipped[/yellow]")
+        strays = unexpected_files(capture.path)
+        if strays:
+            names = ", ".join(strays[:5]) + (f" (and {len(strays) - 5} more)" if len(strays) > 5 else "")
+            console.print(f"[yellow]ignored in the run folder (not run files): {_text(names)}[/yellow]")
 
 
 @app.command()
@@ -139,7 +156,7 @@ def capture(
     check_counts(steps, max_new_tokens)
     check_target(out, mode)  # before the model load, which can take minutes
     hf_logging.disable_progress_bar()  # our own status line says what is loading
-    with console.status(f"loading {model}…"):
+    with console.status(f"loading {_text(model)}…"):
         loaded, tokenizer = load_pretrained(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     with _progress("capturing prompts", len(prompts)) as advance:
         summary = capture_prompts(
@@ -173,6 +190,7 @@ def plot(
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="exits/pca: relative distance that counts as converged."),
     other: Optional[str] = typer.Option(None, "--other", help="compare: the second run, as a run index or FILE[:RUN]."),
     signal: Optional[str] = typer.Option(None, "--signal", help="signal: which one (see `loopscope info`), e.g. exit_gate."),
+    missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Draw a figure of one run (or several, for curves): heatmap, PCA trajectories, curves, exits, compare."""
     from ..analysis import figures
@@ -186,7 +204,7 @@ def plot(
     if len(run) > 1 and kind != "curves":
         raise LoopscopeError(f"--kind {kind} draws one run; repeat --run only for curves")
     ref = parse_reference(reference)
-    with CaptureFile(file) as capture, contextlib.ExitStack() as stack:
+    with CaptureFile(file, missing=missing) as capture, contextlib.ExitStack() as stack:
         chosen = [capture.run(i) for i in run]
         first = chosen[0]
         name = Path(file).name
@@ -247,7 +265,7 @@ def plot(
                 trajectories, out, title=f"{_run_title(first)}: latent trajectories, principal components"
             )
     for path in written:
-        console.print(f"wrote [bold]{path}[/bold]")
+        console.print(f"wrote [bold]{_text(path)}[/bold]")
 
 
 @app.command("convergence")
@@ -264,6 +282,7 @@ def convergence_table(
         None, "--scheduler", help="Compute with Dask: threads, processes, or a cluster's address tcp://HOST:PORT (loopscope[scale])."
     ),
     workers: Optional[int] = typer.Option(None, "--workers", help="Dask on this machine with N threads."),
+    missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Every measure per token and step (distance, relative distance, step delta, cosine, norm) as CSV."""
     from ..analysis.reference import parse_reference
@@ -277,7 +296,7 @@ def convergence_table(
     table = Table("run", "tokens", "steps", "converged at (median)", "never converged", "last step delta (mean)")
     rows = 0
     partial = out.with_name(out.name + ".partial")  # renamed once every run is in: a failure leaves no half table
-    with CaptureFile(file) as capture, _removed_on_error(partial):
+    with CaptureFile(file, missing=missing) as capture, _removed_on_error(partial):
         chosen = _selected_runs(capture, run)
         if not chosen:
             raise LoopscopeError(f"{file} has no complete runs")
@@ -297,7 +316,7 @@ def convergence_table(
             )
         os.replace(partial, out)
     console.print(table)
-    console.print(f"wrote [bold]{out}[/bold] ({rows} rows, s* = {reference}, tolerance {tol:g})")
+    console.print(f"wrote [bold]{_text(out)}[/bold] ({rows} rows, s* = {_text(reference)}, tolerance {tol:g})")
 
 
 @app.command()
@@ -312,13 +331,13 @@ def merge(
 
     summary = merge_captures(out, sources, force=force)
     console.print(
-        f"wrote [bold]{summary.path}[/bold]: {summary.runs} run(s) from {summary.sources} file(s), "
+        f"wrote [bold]{_text(summary.path)}[/bold]: {summary.runs} run(s) from {summary.sources} file(s), "
         f"{_human_bytes(summary.state_bytes)} of states mapped, {_human_bytes(summary.file_bytes)} written"
     )
     if summary.skipped_incomplete:
         console.print(f"[yellow]{summary.skipped_incomplete} incomplete run(s) of the sources left out[/yellow]")
     for path in summary.empty_sources:
-        console.print(f"[yellow]{path} has no complete runs[/yellow]")
+        console.print(f"[yellow]{_text(path)} has no complete runs[/yellow]")
 
 
 @app.command()
@@ -328,6 +347,7 @@ def export(
     format: str = typer.Option(..., "--format", help="npz or safetensors."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output file (default: FILE with the format's suffix)."),
     run: Optional[List[int]] = typer.Option(None, "--run", help="Run index; repeat for several (default: all)."),
+    missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Write the states and token data to .npz or .safetensors, streamed (bf16 stays bf16 in safetensors)."""
     from ..storage.export import FORMATS, export as export_capture
@@ -336,12 +356,42 @@ def export(
     if format not in FORMATS:
         raise LoopscopeError(f"--format {format}: use one of {', '.join(FORMATS)}")
     out = out if out is not None else Path(file).with_suffix("." + format)
-    with CaptureFile(file) as capture:
+    with CaptureFile(file, missing=missing) as capture:
         chosen = _selected_runs(capture, run)
         total = sum(r.dataset(loop).size * r.dataset(loop).dtype.itemsize for r in chosen for loop in r.loops)
-        with _progress(f"exporting to {out.name}", max(total, 1)) as advance:
+        with _progress(f"exporting to {_text(out.name)}", max(total, 1)) as advance:
             names = export_capture(capture, out, format, runs=[r.index for r in chosen], progress=advance)
-    console.print(f"wrote [bold]{out}[/bold] ({len(names)} arrays from {len(chosen)} run(s))")
+    console.print(f"wrote [bold]{_text(out)}[/bold] ({len(names)} arrays from {len(chosen)} run(s))")
+
+
+@app.command()
+@_friendly
+def verify(file: Path = typer.Argument(..., help="A capture file (.h5).")):
+    """Check every stored chunk against its checksum; list damaged chunks (exit code 1 when there are any)."""
+    from rich.text import Text
+
+    from ..storage.verify import describe, verify_capture
+
+    with console.status("checking chunks…"):
+        result = verify_capture(file)
+    findings = [(f, "damaged") for f in result.damaged] + [(f, "unchecked") for f in result.unchecked]
+    if findings:
+        table = Table("run", "dataset", "where", "problem")
+        for f, kind in findings:
+            run = Text("index" if f.run is None else str(f.run))
+            problem = Text(f.problem, style="red" if kind == "damaged" else "yellow")
+            table.add_row(run, Text(f.dataset or Path(f.file).name), Text(f.where or "-"), problem)
+        console.print(table)
+    console.print(Text(describe(result)))
+    if result.incomplete:
+        console.print(Text(f"{len(result.incomplete)} incomplete run file(s) checked too", style="yellow"))
+    if result.unchecked:
+        console.print(Text(f"warning: {len(result.unchecked)} dataset(s) not checksummed (written before "
+                           "checksums); their bytes cannot be checked", style="yellow"))
+    if not result.ok:
+        errors.print(Text(f"error: {len(result.damaged)} damaged chunk(s) or file(s) in {file}", style="red"))
+        raise typer.Exit(1)
+    console.print(Text(f"ok: every checksummed chunk of {file} matches", style="green"))
 
 
 PLOT_KINDS = ("heatmap", "pca", "curves", "exits", "compare", "signal")

@@ -237,7 +237,7 @@ class Capture:
                 },
                 locking=self._locking,
             )
-        except OSError:
+        except CaptureWriteError:
             if self.writer.error is None:  # else the writer's error (e.g. disk full) is the one to report
                 raise
         if self._orphan_calls:

@@ -82,9 +82,14 @@ class TokenSelection:
         return "token indices " + ",".join(str(p) for p in sorted(self.indices))
 
 
+MAX_STEP_STRIDE = 1 << 20
+
+
 def check_stride(step_stride) -> int:
     if isinstance(step_stride, bool) or not isinstance(step_stride, (int, np.integer)) or step_stride < 1:
         raise LoopscopeError(f"step_stride={step_stride!r} must be a positive integer (1 keeps every iteration)")
+    if step_stride > MAX_STEP_STRIDE:  # the reader refuses larger strides as damage (storage/safety.py)
+        raise LoopscopeError(f"step_stride={step_stride!r} is over {MAX_STEP_STRIDE}; pass a smaller stride")
     return int(step_stride)
 
 

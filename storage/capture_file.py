@@ -20,13 +20,19 @@ import contextlib
 import os
 import re
 import shutil
+import uuid
 from typing import Any
 
 import h5py
 import numpy as np
 
-from . import schema
-from .errors import CaptureFileError, first_line
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, run numbers are still reserved with O_EXCL
+    fcntl = None  # type: ignore[assignment]
+
+from . import checksum, schema
+from .errors import CaptureFileError, CaptureWriteError, first_line
 
 MODES = ("w-", "x", "w", "a")
 RUN_FILE = re.compile(r"^(\d{6,})(\.partial)?\.h5$")
@@ -38,18 +44,29 @@ def runs_dir(index_path: str) -> str:
 
 
 def list_run_files(index_path: str) -> dict[int, tuple[str, bool]]:
-    """{run index: (file path, complete)} for every run file present."""
+    """{run index: (file path, complete)} for every run file present. Only canonical names count
+    (``run_name(n)`` + ".h5" or ".partial.h5"): a stray ``0000000.h5`` must not stand in for run 0."""
     folder = runs_dir(index_path)
     found: dict[int, tuple[str, bool]] = {}
     if not os.path.isdir(folder):
         return found
     for name in os.listdir(folder):
         match = RUN_FILE.match(name)
-        if match:
+        if match and match.group(1) == schema.run_name(int(match.group(1))):
             index, complete = int(match.group(1)), match.group(2) is None
             if complete or index not in found:
                 found[index] = (os.path.join(folder, name), complete)
     return dict(sorted(found.items()))
+
+
+def unexpected_files(index_path: str) -> list[str]:
+    """Names in the run folder that are not run files (ignored by the reader; ``info`` mentions them)."""
+    folder = runs_dir(index_path)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(n for n in names if not ((m := RUN_FILE.match(n)) and m.group(1) == schema.run_name(int(m.group(1)))))
 
 
 def check_locking(locking) -> None:
@@ -106,17 +123,20 @@ def create_index(
     whose locks fail).
     """
     path = os.fspath(path)
-    if check_target(path, mode, locking) and mode == "a":
-        _check_same_model(path, header, readout, locking)
-        return path
-    if mode == "w":
-        for run_path, _ in list_run_files(path).values():
-            os.remove(run_path)
+    check_target(path, mode, locking)  # refuse early, before anything is made
     try:
-        with _replaced_atomically(path, locking, start_from=None) as index:
-            _write_header(index, header)
-            _write_readout(index, readout)
-        os.makedirs(runs_dir(path), exist_ok=True)
+        if not (mode == "a" and os.path.exists(path)):
+            os.makedirs(runs_dir(path), exist_ok=True)
+        with _index_lock(path, locking):  # checked again under the lock: another writer may have just made it
+            if check_target(path, mode, locking) and mode == "a":
+                _check_same_model(path, header, readout, locking)
+                return path
+            if mode == "w":
+                for run_path, _ in list_run_files(path).values():
+                    os.remove(run_path)
+            with _replaced_atomically(path, locking, start_from=None) as index:
+                _write_header(index, {**header, "capture_id": uuid.uuid4().hex})
+                _write_readout(index, readout)
     except OSError as exc:
         raise CaptureFileError(
             f"cannot create {path} ({first_line(exc)}); on a network file system try locking=False"
@@ -145,25 +165,33 @@ def _check_same_model(path: str, header: dict[str, Any], readout: dict[str, Any]
 
 def finish_index(path: str, attrs: dict[str, Any], locking: bool | str | None = None) -> None:
     """At a clean close: link every completed run into the index (so plain h5py sees them) and store stats.
+    Under the folder lock the copy starts from the newest index, so a writer appending at the same time keeps its
+    links. A failure (a full disk) is a CaptureWriteError: the runs stay in the folder, where the reader finds them.
 
     The index is edited as a copy that replaces it atomically: a kill in the middle leaves the old index, which
     still finds every run through the run directory.
     """
-    with _replaced_atomically(path, locking, start_from=path) as index:
-        runs = index.require_group(schema.RUNS)
-        for number, (run_path, complete) in list_run_files(path).items():
-            name = schema.run_name(number)
-            if complete and name not in runs:
-                relative = os.path.relpath(run_path, os.path.dirname(os.path.abspath(path)))
-                runs[name] = h5py.ExternalLink(relative, "/")
-        index.attrs.update(schema.attrs_to_store(attrs))
+    try:
+        with _index_lock(path, locking), _replaced_atomically(path, locking, start_from=path) as index:
+            runs = index.require_group(schema.RUNS)
+            for number, (run_path, complete) in list_run_files(path).items():
+                name = schema.run_name(number)
+                if complete and name not in runs:
+                    relative = os.path.relpath(run_path, os.path.dirname(os.path.abspath(path)))
+                    runs[name] = h5py.ExternalLink(relative, "/")
+            index.attrs.update(schema.attrs_to_store(attrs))
+    except OSError as exc:
+        raise CaptureWriteError(
+            f"could not link the runs into {path} ({first_line(exc)}); every completed run is kept in "
+            f"{runs_dir(path)} and reads as usual"
+        ) from None
 
 
 @contextlib.contextmanager
 def _replaced_atomically(path: str, locking, *, start_from: str | None):
     """Yield an h5py file written as ``path + ".tmp"`` (a copy of ``start_from``, or empty), flushed to disk and
     renamed over ``path`` on success; on failure ``path`` is untouched and the temporary file removed."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # per writer: two never share one
     if start_from is not None:
         shutil.copyfile(start_from, tmp)
     try:
@@ -195,7 +223,14 @@ def next_run_index(path: str) -> int:
 
 
 class RunFiles:
-    """Creates run files as ``.partial.h5`` and renames them into place when they complete."""
+    """Creates run files as ``.partial.h5`` and renames them into place when they complete.
+
+    Run numbers are reserved on disk, not counted in memory: several processes may append to one capture at once
+    (two jobs on one study file), and a number fixed at attach would let one rename its run over another's. A
+    number is ours once ``NNNNNN.partial.h5`` was created with ``O_EXCL`` and no ``NNNNNN.h5`` exists; a run
+    always exists under one of the two names, so no two writers ever hold the same number. The caller's run keys
+    map to the numbers reserved for them.
+    """
 
     # No chunk cache in run files: states are written as whole chunks (storage/staging.py) and token metadata in
     # blocks of up to writer.TOKEN_CHUNK tokens (each touching one or two chunks), so a cache would only copy; and
@@ -206,27 +241,91 @@ class RunFiles:
         self.folder = runs_dir(index_path)
         self.locking = locking
         self.cache_bytes = cache_bytes
+        self.capture_id = _capture_id(index_path)
+        self._numbers: dict[int, int] = {}  # caller's run key -> run number reserved on disk
+        self._next = -1
 
-    def partial_path(self, run_id: int) -> str:
-        return os.path.join(self.folder, f"{schema.run_name(run_id)}.partial.h5")
+    def number_of(self, key: int) -> int:
+        """The run number reserved for the caller's run ``key``."""
+        return self._numbers[key]
 
-    def final_path(self, run_id: int) -> str:
-        return os.path.join(self.folder, f"{schema.run_name(run_id)}.h5")
+    def partial_path(self, key: int) -> str:
+        return self._path(self._numbers.get(key, key), ".partial.h5")
 
-    def create_run(self, run_id: int) -> h5py.File:
+    def final_path(self, key: int) -> str:
+        return self._path(self._numbers.get(key, key), ".h5")
+
+    def _path(self, number: int, suffix: str) -> str:
+        return os.path.join(self.folder, f"{schema.run_name(number)}{suffix}")
+
+    def _reserve(self) -> int:
+        """The next free run number, taken atomically against every other process writing to this capture."""
         os.makedirs(self.folder, exist_ok=True)
-        run = h5py.File(self.partial_path(run_id), "w", **_h5_kwargs(self.locking, self.cache_bytes))
+        candidate = self._next if self._next >= 0 else next_run_index(self.index_path)
+        while True:
+            try:
+                os.close(os.open(self._path(candidate, ".partial.h5"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:  # another writer's run: look past everything on disk now
+                candidate = max(candidate + 1, next_run_index(self.index_path))
+                continue
+            if os.path.exists(self._path(candidate, ".h5")):  # finished by another writer just before
+                os.remove(self._path(candidate, ".partial.h5"))
+                candidate = max(candidate + 1, next_run_index(self.index_path))
+                continue
+            self._next = candidate + 1
+            return candidate
+
+    def create_run(self, key: int) -> h5py.File:
+        number = self._reserve()
+        self._numbers[key] = number
+        run = h5py.File(self._path(number, ".partial.h5"), "w", **_h5_kwargs(self.locking, self.cache_bytes))
         run.attrs["format"] = schema.text(schema.RUN_FORMAT_NAME)
         run.attrs["format_version"] = schema.FORMAT_VERSION
+        run.attrs["run_number"] = number
+        if self.capture_id:
+            run.attrs["capture_id"] = schema.text(self.capture_id)
         return run
 
-    def finish_run(self, run_id: int, run: h5py.File, *, complete: bool) -> None:
+    def finish_run(self, key: int, run: h5py.File, *, complete: bool) -> None:
         """Close the run's file; a complete run is renamed atomically to its final name."""
+        number = self._numbers.pop(key)
         run.close()
         if complete:
             # No fsync here: a killed process loses nothing that reached the page cache, and an fsync per run
             # would cost more than the run's own writes. (The index, written twice per capture, is fsynced.)
-            os.replace(self.partial_path(run_id), self.final_path(run_id))
+            os.replace(self._path(number, ".partial.h5"), self._path(number, ".h5"))
+
+
+def _capture_id(index_path: str) -> str:
+    """The index's ``capture_id`` (written into every run file, so a run of another capture is recognised)."""
+    try:
+        with h5py.File(index_path, "r") as index:
+            return schema.as_text(index.attrs.get("capture_id")) or ""
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def _index_lock(path: str, locking):
+    """Hold an exclusive lock on the capture's run folder while the index is created or rewritten, so writers
+    appending at once neither replace each other's index nor lose each other's links. ``locking=False`` (file
+    systems without working locks) skips it: run numbers stay safe (O_EXCL), only links may be lost, and the
+    reader finds runs by listing the folder anyway."""
+    if locking is False or fcntl is None:
+        yield
+        return
+    fd = os.open(runs_dir(path), os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if locking != "best-effort":
+                raise CaptureFileError(
+                    f"cannot lock {runs_dir(path)} ({first_line(exc)}); on a network file system pass locking=False"
+                ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_header(file: h5py.File, header: dict[str, Any]) -> None:
@@ -248,4 +347,5 @@ def _write_readout(file: h5py.File, readout: dict[str, Any] | None) -> None:
     group.attrs["module"] = schema.text(readout.get("module", ""))
     for name in ("weight", "bias"):
         if readout.get(name) is not None:
-            group.create_dataset(name, data=np.asarray(readout[name], dtype=np.float32))
+            values = np.asarray(readout[name], dtype=np.float32)
+            group.create_dataset(name, data=values, **checksum.dataset_options(values.shape))

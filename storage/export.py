@@ -78,6 +78,8 @@ def export(
         }
     )
     parent = os.path.dirname(os.fspath(out)) or "."
+    if os.path.exists(out) and not os.path.isfile(out):  # a FIFO would block the write forever
+        raise LoopscopeError(f"{out} exists and is not a regular file; choose another --out")
     if not os.path.isdir(parent):
         raise LoopscopeError(f"{out}: directory {parent} does not exist; create it first")
     writer = _write_npz if fmt == "npz" else _write_safetensors

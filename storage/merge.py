@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from . import capture_file, schema
-from .errors import LoopscopeError, MergeError, first_line
+from . import capture_file, checksum, layout, safety, schema
+from .errors import CaptureFileError, LoopscopeError, MergeError, first_line
 from .reader import CaptureFile, Run
 
 #: Header fields that describe one rank's file, not the merged capture.
 RANK_FIELDS = ("rank", "world_size", "local_rank", "hostname")
 RUN_MAP = "merged_runs"
+OWN_ATTRS = ("capture_id", "run_number")  # what ties a run file to its index: never copied from a source
 
 
 @dataclass
@@ -114,7 +115,8 @@ def _missing_below(group: h5py.Group, path: str, missing: list[str], seen: set[s
             if not os.path.exists(source):
                 missing.append(source)
                 continue
-            with h5py.File(source, "r") as f:
+            with safety.open_h5(source, MergeError, f"{path} maps states in ") as f:  # a FIFO would block
+                layout.check_run(f, source)  # a run file, storing what it declares
                 _missing_below(f, source, missing, seen)
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise MergeError(f"{path}: cannot list its virtual sources ({first_line(exc)})") from None
@@ -137,8 +139,7 @@ def _check_paths(out: str, sources: list[str], force: bool) -> None:
         raise MergeError("give at least one capture to merge")
     seen: dict[str, str] = {}
     for path in sources:
-        if not os.path.exists(path):
-            raise MergeError(f"source {path}: no such file; check the path")
+        safety.require_regular(path, MergeError, "source ")
         key = os.path.realpath(path)
         if key in seen:
             raise MergeError(f"source {path} is given twice (also as {seen[key]}); each run would be merged twice")
@@ -217,12 +218,14 @@ def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
     for number, (position, run) in enumerate(plan):
         source_index = captures[position]
         meta = source_index.meta
-        written.append(files.partial_path(number))
         dst = files.create_run(number)
+        written.append(files.partial_path(number))
         try:
             relative = os.path.relpath(os.path.abspath(run.path), out_dir)
             try:
                 state_bytes += _copy_group(run.group, dst, relative)
+            except CaptureFileError as exc:
+                raise MergeError(f"source {exc}") from None
             except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
                 raise MergeError(
                     f"source {run.path} is damaged or unreadable ({first_line(exc)})"
@@ -247,25 +250,33 @@ def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
 
 def _copy_group(src: h5py.Group, dst: h5py.Group, source_file: str) -> int:
     """Copy ``src`` into ``dst``: states and signals as virtual datasets onto ``source_file``, the rest as data.
-    Returns the bytes mapped virtually."""
-    for key, value in src.attrs.items():
-        dst.attrs[key] = value
+    Returns the bytes mapped virtually. Only hard links are followed, and data is copied only where the source
+    stores what it declares (the source is someone else's file)."""
+    path = src.file.filename
+    for key, value in safety.read_attrs(src, path).items():
+        if src.name != "/" or key not in OWN_ATTRS:  # the merged run has its own capture id and number
+            dst.attrs[key] = value
     mapped = 0
-    for name, obj in src.items():
+    for name in list(src.keys()):
+        obj = safety.hard_child(src, name, path)
+        if isinstance(obj, h5py.Dataset):
+            safety.check_plain(obj, path)
         if isinstance(obj, h5py.Group):
             mapped += _copy_group(obj, dst.create_group(name), source_file)
         elif _is_mapped(obj):
-            layout = h5py.VirtualLayout(shape=obj.shape, dtype=obj.dtype)
-            layout[...] = h5py.VirtualSource(source_file, obj.name, shape=obj.shape, dtype=obj.dtype)
-            virtual = dst.create_virtual_dataset(name, layout, fillvalue=obj.fillvalue)
+            mapping = h5py.VirtualLayout(shape=obj.shape, dtype=obj.dtype)
+            mapping[...] = h5py.VirtualSource(source_file, obj.name, shape=obj.shape, dtype=obj.dtype)
+            virtual = dst.create_virtual_dataset(name, mapping, fillvalue=obj.fillvalue)
             for key, value in obj.attrs.items():
                 virtual.attrs[key] = value
             # Virtual datasets have no chunks of their own; analysis reads in blocks aligned with the source's.
             virtual.attrs["source_chunks"] = np.asarray(schema.dataset_chunks(obj), dtype=np.int64)
             mapped += obj.size * obj.dtype.itemsize
-        else:  # per-token data, stored contiguous: the writer's growable chunks would be mostly empty here
-            copy = dst.create_dataset(name, data=obj[()])
-            for key, value in obj.attrs.items():
+        else:  # per-token data, in chunks of its own size (not the writer's growable ones), with its checksum
+            safety.check_whole(obj, path)
+            data = obj[()]
+            copy = dst.create_dataset(name, data=data, **checksum.dataset_options(np.shape(data)))
+            for key, value in safety.read_attrs(obj, path).items():
                 copy.attrs[key] = value
     return mapped
 
@@ -283,10 +294,13 @@ def _write_index(out: str, captures: list[CaptureFile], plan, locking) -> None:
     tmp = out + ".tmp"
     kwargs = {"libver": "latest", **({} if locking is None else {"locking": locking})}
     try:
-        with h5py.File(first.path, "r", **kwargs) as src, h5py.File(tmp, "w", **kwargs) as index:
-            for key, value in src.attrs.items():
-                if key not in RANK_FIELDS:
+        with safety.open_h5(first.path, MergeError, "source ", **kwargs) as src, h5py.File(tmp, "w", **kwargs) as index:
+            for key, value in safety.read_attrs(src, first.path).items():
+                if key not in RANK_FIELDS and key not in OWN_ATTRS:
                     index.attrs[key] = value
+            own = _own_capture_id(out)
+            if own is not None:  # the id the merged run files were written with ties them to this index
+                index.attrs["capture_id"] = own
             if schema.READOUT in src:
                 src.copy(src[schema.READOUT], index, name=schema.READOUT)
             sources = [
@@ -306,7 +320,8 @@ def _write_index(out: str, captures: list[CaptureFile], plan, locking) -> None:
                 )
             )
             table = np.array([(n, position, run.index) for n, (position, run) in enumerate(plan)], dtype=np.int64)
-            runs_map = index.create_dataset(RUN_MAP, data=table.reshape(-1, 3))
+            table = table.reshape(-1, 3)
+            runs_map = index.create_dataset(RUN_MAP, data=table, **checksum.dataset_options(table.shape))
             runs_map.attrs["columns_json"] = schema.text('["run", "source", "source_run"]')
             group = index.create_group(schema.RUNS)
             out_dir = os.path.dirname(os.path.abspath(out))
@@ -318,6 +333,15 @@ def _write_index(out: str, captures: list[CaptureFile], plan, locking) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _own_capture_id(out: str):
+    """The ``capture_id`` the merged run files carry (written with them), or None."""
+    for path, complete in capture_file.list_run_files(out).values():
+        if complete:
+            with h5py.File(path, "r") as run:
+                return run.attrs.get("capture_id")
+    return None
 
 
 def _remove_capture(path: str) -> None:

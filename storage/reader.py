@@ -8,7 +8,6 @@ trajectory or one iteration touches only the chunks that hold it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,7 +15,7 @@ from functools import cached_property
 import h5py
 import numpy as np
 
-from . import capture_file, compression, schema
+from . import capture_file, layout, safety, schema
 from .errors import CaptureFileError, first_line
 
 
@@ -88,30 +87,31 @@ def _mean_square(x: np.ndarray) -> np.ndarray:
 class CaptureFile:
     """A capture file opened for reading. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike, *, locking: bool | str | None = None):
+    def __init__(self, path: str | os.PathLike, *, locking: bool | str | None = None, missing: str = "error"):
+        """``missing="skip"`` reads the runs that are there when run files the index links are missing (by
+        default that is an error: a deleted run must not vanish silently)."""
         self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise CaptureFileError(f"{self.path}: no such file; check the path")
-        if os.path.isdir(self.path):
-            raise CaptureFileError(f"{self.path} is a directory; pass the .h5 capture file inside it")
+        if missing not in MISSING:
+            raise CaptureFileError(f"missing={missing!r} is not one of {', '.join(map(repr, MISSING))}")
+        self.missing = missing
         capture_file.check_locking(locking)
         self._open_kwargs = {} if locking is None else {"locking": locking}
-        try:
-            self._file = h5py.File(self.path, "r", **self._open_kwargs)
-        except OSError as exc:
-            raise CaptureFileError(f"{self.path} is not a readable HDF5 file ({first_line(exc)})") from None
+        self._file = safety.open_h5(self.path, **self._open_kwargs)
         # Read the whole (small) index now and let go of it, so a capture still running can link its runs in.
         try:
             with _reading(self.path):
+                self._attrs = safety.read_attrs(self._file, self.path)
                 self._validate()
-                self._attrs = dict(self._file.attrs)
                 self.readout = self._read_readout()
+                self._linked = _linked_runs(self._file, self.path)
                 self.loop_names  # parse the loop list now: a damaged one fails here, once
         finally:
             self._file.close()
+        if missing == "error":
+            self._check_run_files()
 
     def _validate(self) -> None:
-        attrs = self._file.attrs
+        attrs = self._attrs
         kind = schema.as_text(attrs.get("format"))
         if kind == schema.RUN_FORMAT_NAME:
             raise CaptureFileError(f"{self.path} is one run's file; open the capture's index file (the .h5 beside {os.path.dirname(self.path)})")
@@ -134,10 +134,7 @@ class CaptureFile:
         for key, value in self._attrs.items():
             value = _text_or(value, value)
             if isinstance(value, str) and key.endswith("_json"):
-                try:
-                    value = json.loads(value)
-                except ValueError:
-                    pass
+                value = safety.parse_json(value)  # damaged, huge or absurdly deep: kept as text
             elif isinstance(value, np.generic):
                 value = value.item()
             out[key] = value
@@ -146,28 +143,43 @@ class CaptureFile:
     @cached_property
     def loop_names(self) -> list[str]:
         """The loops this capture recorded, the primary one first."""
-        names = json.loads(self._attrs.get("loops_json", "[]"))
+        names = safety.parse_json(_text_or(self._attrs.get("loops_json", "[]"), ""))
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise CaptureFileError(f"{self.path}: the loops_json attribute is damaged")
         return names
 
     def _read_readout(self) -> ReadoutNorm:
-        group = self._file.get(schema.READOUT)
+        group = safety.hard_child(self._file, schema.READOUT, self.path, h5py.Group)
         if group is None:
             return ReadoutNorm("none", None, None, 0.0, 0.0)
-        kind = group.attrs.get("kind", "none")
-        norm = ReadoutNorm(
-            kind=_text_or(kind, str(kind)),
-            weight=np.asarray(group["weight"][()], dtype=np.float64) if "weight" in group else None,
-            bias=np.asarray(group["bias"][()], dtype=np.float64) if "bias" in group else None,
-            eps=float(group.attrs.get("eps", 0.0)),
-            weight_offset=float(group.attrs.get("weight_offset", 0.0)),
-        )
+        attrs = safety.read_attrs(group, self.path)
+        kind = attrs.get("kind", "none")
+        vectors = {}
         for name in ("weight", "bias"):
-            value = getattr(norm, name)
-            if value is not None and value.ndim != 1:
-                raise CaptureFileError(f"{self.path}: the readout {name} has shape {value.shape}; the file is damaged")
-        return norm
+            ds = safety.hard_child(group, name, self.path)
+            vectors[name] = None if ds is None else layout.check_readout_vector(ds, self.path, name)
+        return ReadoutNorm(
+            kind=_text_or(kind, str(kind)), weight=vectors["weight"], bias=vectors["bias"],
+            eps=float(attrs.get("eps", 0.0)), weight_offset=float(attrs.get("weight_offset", 0.0)),
+        )
+
+    def _check_run_files(self) -> None:
+        """Every run the index links (after a clean close: every completed run) must be in the run folder; a
+        deleted run file must not vanish from the listing, or shift which run ``runs[0]`` is."""
+        folder = capture_file.runs_dir(self.path)
+        hint = "or open with missing='skip' (loopscope.open(path, missing='skip'), --missing skip) to read the rest"
+        if not os.path.isdir(folder):
+            raise CaptureFileError(
+                f"{self.path}: its run folder {folder} is missing; copy or move the .h5 together with its .runs "
+                f"folder and restore it, {hint}"
+            )
+        present = {n for n, (_, complete) in capture_file.list_run_files(self.path).items() if complete}
+        gone = [n for n in self._linked if n not in present]
+        if gone:
+            raise CaptureFileError(
+                f"{self.path}: run file(s) {_number_list(gone)} that the index links are missing from {folder}; "
+                f"restore them, {hint}"
+            )
 
     @cached_property
     def runs(self) -> list[Run]:
@@ -238,13 +250,12 @@ class Run:
     def group(self) -> h5py.File:
         """The run's HDF5 group (the root of its run file), opened on first use."""
         if self._group is None:
-            try:
-                self._group = h5py.File(self.path, "r", **self.capture._open_kwargs)
-            except OSError as exc:
-                raise CaptureFileError(f"run file {self.path} is unreadable ({first_line(exc)})") from None
+            self._group = safety.open_h5(self.path, what="run file ", **self.capture._open_kwargs)
             try:
                 with _reading(self.path):
-                    _check_run_layout(self._group, self.path)
+                    weight = self.capture.readout.weight
+                    attrs = layout.check_run(self._group, self.path, None if weight is None else len(weight))
+                    self._check_belongs(attrs)
             except CaptureFileError:
                 self._group.close()
                 self._group = None
@@ -257,10 +268,23 @@ class Run:
             self._group.close()
             self._group = None
 
+    def _check_belongs(self, attrs: dict) -> None:
+        """A run file copied in from another capture (or renamed) is an error, not another run's data."""
+        ours, theirs = (schema.as_text(a.get("capture_id")) for a in (self.capture._attrs, attrs))
+        number = attrs.get("run_number")
+        if not ours or not theirs:
+            return  # written before capture ids existed
+        same_number = isinstance(number, (int, np.integer)) and int(number) == self.index
+        if theirs != ours or (number is not None and not same_number):
+            raise CaptureFileError(
+                f"run file {self.path} belongs to another capture (capture {safety.clean(theirs)[:32]}, run "
+                f"{safety.clean(number)}), not run {self.index} of this one; remove it or put it back where it came from"
+            )
+
     @property
     def attrs(self) -> dict:
         with _reading(self.path):
-            items = dict(self.group.attrs.items())
+            items = safety.read_attrs(self.group, self.path)
         return {k: _text_or(v, v.item() if isinstance(v, np.generic) else v) for k, v in items.items()}
 
     @property
@@ -321,7 +345,7 @@ class Run:
     def step_stride(self) -> int:
         """1, or n when the capture kept s0, every n-th iteration and each token's last one (``step_stride=``)."""
         stride = self.attrs.get("step_stride", 1)
-        if not isinstance(stride, (int, np.integer)) or stride < 1:
+        if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride <= safety.MAX_STRIDE:
             raise CaptureFileError(f"{self.path}: step_stride {stride!r} is damaged")
         return int(stride)
 
@@ -459,11 +483,52 @@ class Run:
         ``out``: a C-contiguous array of the selection's shape and the stored dtype to read into and return. h5py
         reads a block into an existing array about 1.7x faster than into a new one, so streamed reads reuse one.
         """
+        from . import checksum
+
+        ds = self.dataset(loop)
         with _reading(self.path):
-            if out is None:
-                return self.dataset(loop)[selection]
-            self.dataset(loop).read_direct(out, selection)
-            return out
+            try:
+                if out is None:
+                    return ds[selection]
+                block = isinstance(selection, slice) and selection.step in (None, 1) and not ds.is_virtual
+                if block:  # a block of tokens, as analysis streams them: chunks checked here, faster than HDF5
+                    start, stop, _ = selection.indices(ds.shape[0])
+                    if checksum.read_token_block(ds, start, stop, out):
+                        return out
+                ds.read_direct(out, selection)
+                return out
+            except (OSError, checksum.ChunkMismatch) as exc:  # HDF5 checks each chunk's Fletcher-32 as it reads
+                if isinstance(exc, OSError) and not _chunk_check_failed(exc):
+                    raise
+                raise CaptureFileError(self._damaged_message(ds, selection, loop)) from None
+
+    def _damaged_message(self, ds: h5py.Dataset, selection, loop: str | None) -> str:
+        """One line naming the run, loop, tokens and steps of the damaged chunk (found by checking the chunks the
+        selection touches; the selection's own span where they cannot be checked here, as in a merged run)."""
+        from . import checksum
+
+        name = loop if loop is not None else self.loops[0]
+        what = "chunk checksum mismatch"
+        try:
+            start, end = h5py._hl.selections.select(ds.shape, selection, ds).id.get_select_bounds()
+            span = [(start[0], end[0]), (start[1], end[1])]
+            if checksum.has_fletcher32(ds):
+                within = tuple((a, b + 1) for a, b in zip(start, end))
+                damaged = list(checksum.damaged_chunks(ds, within))
+                if damaged:
+                    span = [damaged[0].span(0), damaged[0].span(1)]
+                    if damaged[0].reason != "checksum mismatch":  # a chunk that could not even be read
+                        what = f"chunk {damaged[0].reason}"
+                    if len(damaged) > 1:
+                        what += f" (and {len(damaged) - 1} more chunk(s) of this read)"
+                else:
+                    what = "a chunk failed to decode"
+        except Exception:  # naming the place is best effort; the error itself stands
+            span = None
+        where = f"run {self.index}, loop {name}"
+        if span is not None:
+            where += f", tokens {span[0][0]}-{span[0][1]}, steps {span[1][0]}-{span[1][1]}"
+        return f"{where}: {what} (the file was damaged on disk); {_verify_hint(self.capture.path)}"
 
     def decode(self, data: np.ndarray, loop: str | None = None) -> np.ndarray:
         """Stored representation -> float array (bf16 bit patterns become exact float32)."""
@@ -488,7 +553,7 @@ class Run:
         return f"<Run {self.index}: {self.num_tokens} tokens, loops {self.loops}>"
 
 
-_RUN_DATASETS = ("token_ids", "attention_mask", "positions", "forward_index")
+MISSING = ("error", "skip")
 
 
 def _number_list(numbers: list[int]) -> str:
@@ -502,23 +567,15 @@ def _number_list(numbers: list[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def _check_run_layout(group: h5py.File, path: str) -> None:
-    """The datasets every run file has, one entry per token; anything else means the file is damaged."""
-    if schema.as_text(group.attrs.get("format")) != schema.RUN_FORMAT_NAME:
-        raise CaptureFileError(f"{path} is not a loopscope run file")
-    for name in (*_RUN_DATASETS, schema.LOOPS):
-        if name not in group:
-            raise CaptureFileError(f"{path}: run file has no {name!r}; it is damaged (re-capture that run)")
-    n = group["token_ids"].shape
-    for name in _RUN_DATASETS[1:]:
-        if group[name].shape != n:
-            raise CaptureFileError(f"{path}: {name} has shape {group[name].shape}, token_ids {n}; damaged")
-    for loop, sub in group[schema.LOOPS].items():
-        if not isinstance(sub, h5py.Group) or "states" not in sub or "num_steps" not in sub:
-            raise CaptureFileError(f"{path}: loop {loop!r} lacks states or num_steps; damaged")
-        codec = schema.as_text(sub["states"].attrs.get("compression"))
-        if compression.needs_plugin(codec):  # importing hdf5plugin registers the filter with HDF5
-            compression.plugin(f"{path} is compressed with {codec!r}, which", CaptureFileError)
+def _linked_runs(index: h5py.File, path: str) -> list[int]:
+    """Run numbers the index links as /runs/NNNNNN (read as links, never followed)."""
+    group = safety.hard_child(index, schema.RUNS, path, h5py.Group)
+    names = list(group.keys()) if group is not None else []
+    return sorted(
+        int(name) for name in names
+        if name.isascii() and name.isdigit() and name == schema.run_name(int(name))
+        and isinstance(group.get(name, getlink=True), h5py.ExternalLink)
+    )
 
 
 def _text_or(value, fallback):
@@ -534,7 +591,26 @@ def _reading(path: str):
         yield
     except CaptureFileError:
         raise
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+    except OSError as exc:
+        if _chunk_check_failed(exc):
+            folder = os.path.dirname(path)  # a run file lives in INDEX.h5.runs/
+            index = folder[: -len(".runs")] if folder.endswith(".runs") else path
+            raise CaptureFileError(
+                f"{path}: a chunk failed its checksum on read (the file was damaged on disk); {_verify_hint(index)}"
+            ) from None
         raise CaptureFileError(f"{path} is damaged or unreadable ({first_line(exc)})") from None
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+        raise CaptureFileError(f"{path} is damaged or unreadable ({first_line(exc)})") from None
+
+
+def _chunk_check_failed(exc: OSError) -> bool:
+    """Whether HDF5 refused a chunk in its filter pipeline on read: a Fletcher-32 mismatch (HDF5 reports only
+    "filter returned failure during read"), or damaged compressed bytes."""
+    text = str(exc).lower()
+    return "filter returned failure" in text or "fletcher32" in text or "checksum" in text
+
+
+def _verify_hint(index_path: str) -> str:
+    return f"`loopscope verify {index_path}` lists every damaged chunk"
 
 

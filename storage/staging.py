@@ -24,6 +24,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from .checksum import CHECKSUM_BYTES, fletcher32
+
 
 class ChunkBudget:
     """Host memory for chunks being assembled, shared by every open run of one writer; freed buffers are kept
@@ -48,7 +50,8 @@ class ChunkBudget:
             return None
         self.held += nbytes
         self.peak = max(self.peak, self.held)
-        return np.empty(shape, dtype=dtype)
+        # 4 spare bytes past the end: the last chunk of a buffer gets its checksum appended in place (see _store)
+        return np.empty(nbytes + CHECKSUM_BYTES, np.uint8)[:nbytes].view(key[1]).reshape(shape)
 
     def give(self, buffer: np.ndarray) -> None:
         self._free.setdefault((buffer.shape, buffer.dtype), []).append(buffer)
@@ -94,12 +97,15 @@ class _TokenRow:
 class ChunkStager:
     """Assembles the chunks of one states dataset [T, K, H] (chunked (ct, ck, H), chunk cache off)."""
 
-    def __init__(self, dataset: h5py.Dataset, fill, budget: ChunkBudget, *, filtered: bool = False):
+    def __init__(self, dataset: h5py.Dataset, fill, budget: ChunkBudget, *, filtered: bool = False,
+                 checksum: bool = False):
         self.ds = dataset
         self.fill = fill
         self.budget = budget
         self.ct, self.ck, self.hidden = dataset.chunks
-        self.direct = not filtered  # no filter pipeline: a chunk's bytes are the array's bytes
+        self.direct = not filtered  # no filter but Fletcher-32: a chunk's bytes are the array's bytes (+ checksum)
+        self.checksum = checksum  # the dataset has Fletcher-32: direct writes append its 4 bytes themselves
+        self._spare: np.ndarray | None = None  # chunk + checksum, for a chunk with no spare bytes behind it
         self.open: dict[tuple[int, int], _Chunk] = {}
         self.uncached: set[tuple[int, int]] = set()  # chunks on HDF5's partial-write path (budget was used up)
         self.final_blocks = 0  # token blocks before this one are written; late rows for them must not replace them
@@ -267,9 +273,48 @@ class ChunkStager:
 
     def _store(self, key: tuple[int, int], data: np.ndarray) -> None:
         t0, k0 = key[0] * self.ct, key[1] * self.ck
-        if self.direct:
+        if self.direct and self.checksum:
+            self._write_checksummed((t0, k0, 0), data)
+        elif self.direct:
             self.ds.id.write_direct_chunk((t0, k0, 0), data)
         else:  # the filter pipeline compresses it; clipped to the extent (edge chunks)
             t1, k1 = min(t0 + self.ct, self.ds.shape[0]), min(k0 + self.ck, self.ds.shape[1])
             self.ds[t0:t1, k0:k1] = data[: t1 - t0, : k1 - k0]
         self.chunks_written += 1
+
+    def _write_checksummed(self, offsets: tuple[int, int, int], data: np.ndarray) -> None:
+        """A direct chunk write bypasses HDF5's filters, so the Fletcher-32 HDF5 would append is appended here.
+        No copy where the 4 bytes past the chunk belong to the same buffer (the next chunk of a slab, or the
+        spare bytes every staging buffer has): they are set to the checksum for the write and put back after.
+        Only the writer thread touches a slab while it is queued, so nothing sees them in between."""
+        nbytes = data.nbytes
+        value = np.array([fletcher32(data)], dtype="<u4").view(np.uint8)
+        window = _window(data, nbytes + CHECKSUM_BYTES)
+        if window is None:
+            if self._spare is None or self._spare.size != nbytes + CHECKSUM_BYTES:
+                self._spare = np.empty(nbytes + CHECKSUM_BYTES, np.uint8)
+            window = self._spare
+            window[:nbytes] = data.reshape(-1).view(np.uint8)
+            window[nbytes:] = value
+            self.ds.id.write_direct_chunk(offsets, window)
+            return
+        saved = window[nbytes:].copy()
+        window[nbytes:] = value
+        try:
+            self.ds.id.write_direct_chunk(offsets, window)
+        finally:
+            window[nbytes:] = saved
+
+
+def _window(data: np.ndarray, nbytes: int) -> np.ndarray | None:
+    """A writable uint8 view of ``nbytes`` from the start of C-contiguous ``data`` (extending past it into the
+    array it is a view of), or None when its memory ends sooner."""
+    base = data
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    if not (data.flags.c_contiguous and base.flags.c_contiguous and base.flags.writeable):
+        return None
+    start = data.ctypes.data - base.ctypes.data
+    if start < 0 or start + nbytes > base.nbytes:
+        return None
+    return base.reshape(-1).view(np.uint8)[start : start + nbytes]

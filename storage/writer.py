@@ -11,7 +11,10 @@ user sees one clear error instead of a silent gap.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import os
 import queue
 import re
 import threading
@@ -22,7 +25,7 @@ import h5py
 import numpy as np
 import torch
 
-from . import compression as filters, schema
+from . import checksum, compression as filters, schema
 from .buffers import HostBufferPool
 from .capture_file import RunFiles
 from .errors import CaptureWriteError
@@ -228,8 +231,11 @@ class CaptureWriter:
         queue_size: int = 256,
         compression: str | None = None,
         inner_steps: dict[str, int] | None = None,
+        checksums: bool = True,
     ):
         self.layout = layout
+        # Fletcher-32 on every chunked dataset (HDF5 checks it on every read); False only to measure its cost
+        self.checksums = checksums
         self._filename = layout.index_path
         self.pool = pool
         self.compression = compression
@@ -240,6 +246,7 @@ class CaptureWriter:
         self.bytes_written = 0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._runs: dict[int, _RunHandles] = {}
+        self._closing: dict[int, _RunHandles] = {}  # the run being finished, until its file is closed and renamed
         self._thread = threading.Thread(target=self._loop, name="loopscope-writer", daemon=True)
         self._thread.start()
 
@@ -252,9 +259,11 @@ class CaptureWriter:
     def raise_if_failed(self) -> None:
         if self.error is not None:
             reason = _one_line(self.error)
-            raise CaptureWriteError(
+            error = CaptureWriteError(
                 f"writing {self._filename} failed, recording stopped and hooks removed: {reason[:200]}"
-            ) from self.error
+            )
+            error.original = self.error  # the OS error, for code that wants it; not chained, so one traceback
+            raise error from None
 
     def drain(self) -> None:
         """Block until every queued message is written (completed runs are then renamed into place)."""
@@ -372,11 +381,13 @@ class CaptureWriter:
                 loop = h.loops.get(name.split("/", 1)[1])
                 if loop is None:  # the loop never ran for these tokens: nothing but s0 to say
                     continue
-                loop["num_steps"] = _token_values(h, loop["num_steps"], loop["group"], "num_steps", start, values)
+                loop["num_steps"] = _token_values(h, loop["num_steps"], loop["group"], "num_steps", start, values,
+                                                  self.checksums)
                 continue
             if name == "token_ends":
                 values = self._append_token_text(h, values)
-            h.token_sets[name] = _token_values(h, h.token_sets.get(name), h.group, name, start, values)
+            h.token_sets[name] = _token_values(h, h.token_sets.get(name), h.group, name, start, values,
+                                               self.checksums)
 
     def _append_token_text(self, h: _RunHandles, strings: np.ndarray) -> np.ndarray:
         """Append the tokens' utf-8 bytes to ``token_bytes``; returns where each token's text ends."""
@@ -386,7 +397,7 @@ class CaptureWriter:
         data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         if h.token_bytes is None:
             h.token_bytes = h.group.create_dataset(
-                "token_bytes", data=data, maxshape=(None,), chunks=(16 * TOKEN_CHUNK,)
+                "token_bytes", data=data, maxshape=(None,), chunks=(16 * TOKEN_CHUNK,), fletcher32=self.checksums
             )
         elif new_end > h.token_bytes_used:
             if new_end > h.token_bytes.shape[0]:
@@ -415,13 +426,15 @@ class CaptureWriter:
             chunks=chunks,
             fillvalue=schema.fill_value(m.logical_dtype),
             rdcc_nbytes=0,
+            fletcher32=self.checksums,  # h5py puts it after any compression, as the last filter
             **self._filter_options,
         )
         states.attrs["logical_dtype"] = schema.text(m.logical_dtype)
         if self.compression is not None:
             states.attrs["compression"] = schema.text(self.compression)
         stager = ChunkStager(
-            states, schema.fill_value(m.logical_dtype), self.staging, filtered=self.compression is not None
+            states, schema.fill_value(m.logical_dtype), self.staging, filtered=self.compression is not None,
+            checksum=self.checksums,
         )
         h.loops[loop] = {
             "group": group, "states": states, "num_steps": None, "max_step": 0,  # num_steps: at its first flush
@@ -490,7 +503,7 @@ class CaptureWriter:
                 group = h.group[schema.LOOPS].require_group(m.loop).require_group(schema.SIGNALS)
                 ds = signals[m.name] = group.create_dataset(
                     m.name, shape=(h.capacity, SIGNAL_CHUNK[1]), maxshape=(None, None), dtype=np.float32,
-                    chunks=SIGNAL_CHUNK, fillvalue=np.nan,
+                    chunks=SIGNAL_CHUNK, fillvalue=np.nan, fletcher32=self.checksums,
                 )
             if m.step + k > ds.shape[1]:
                 ds.resize((ds.shape[0], max(m.step + k, 2 * ds.shape[1])))
@@ -498,33 +511,48 @@ class CaptureWriter:
 
     def _close_runs(self, m: CloseRuns) -> None:
         for run_id in m.run_ids:
-            h = self._runs.pop(run_id)
-            for loop in h.loops.values():
-                loop["stager"].flush_all()
-            self._flush_pending(h)
-            n = h.n_tokens
-            for ds in h.token_sets.values():
-                _resize(ds, (n,))
-            if h.token_bytes is not None:
-                _resize(h.token_bytes, (h.token_bytes_used,))
-            for name, signals in h.signals.items():
-                loop = h.loops.get(name)
-                for ds in signals.values():  # as many steps as the loop's states (at least those recorded)
-                    _resize(ds, (n, loop["max_step"] + 1 if loop else ds.shape[1]))
-            for name, loop in h.loops.items():
-                if loop["num_steps"] is None:  # no step counts came (HDF5 would have filled it with zeros)
-                    loop["num_steps"] = loop["group"].create_dataset("num_steps", data=np.zeros(n, dtype=np.int32))
-                _resize(loop["num_steps"], (n,))
-                states = loop["states"]
-                _resize(states, (n, loop["max_step"] + 1, states.shape[2]))
-                inner = self.inner_steps.get(name)
-                if inner:
-                    loop["group"].create_dataset("step_labels", data=nested_labels(loop["max_step"], inner))
-            h.group.attrs.update(schema.attrs_to_store(m.attrs))
-            h.group.attrs["n_tokens"] = n
-            h.group.attrs["complete"] = m.complete
-            self.layout.finish_run(run_id, h.group, complete=m.complete)
-            h.reserve.release()
+            try:
+                self._close_run(run_id, m)
+            except BaseException:
+                if run_id in self._closing:  # not finished: closed with the others by abandon_open_runs
+                    self._runs[run_id] = self._closing.pop(run_id)
+                raise
+
+    def _close_run(self, run_id: int, m: CloseRuns) -> None:
+        h = self._closing[run_id] = self._runs.pop(run_id)
+        for loop in h.loops.values():
+            loop["stager"].flush_all()
+        self._flush_pending(h)
+        n = h.n_tokens
+        for ds in h.token_sets.values():
+            _resize(ds, (n,))
+        if h.token_bytes is not None:
+            _resize(h.token_bytes, (h.token_bytes_used,))
+        for name, signals in h.signals.items():
+            loop = h.loops.get(name)
+            for ds in signals.values():  # as many steps as the loop's states (at least those recorded)
+                _resize(ds, (n, loop["max_step"] + 1 if loop else ds.shape[1]))
+        for name, loop in h.loops.items():
+            if loop["num_steps"] is None:  # no step counts came (HDF5 would have filled it with zeros)
+                zeros = np.zeros(n, dtype=np.int32)
+                loop["num_steps"] = loop["group"].create_dataset(
+                    "num_steps", data=zeros, **checksum.dataset_options(zeros.shape, self.checksums, TOKEN_CHUNK)
+                )
+            _resize(loop["num_steps"], (n,))
+            states = loop["states"]
+            _resize(states, (n, loop["max_step"] + 1, states.shape[2]))
+            inner = self.inner_steps.get(name)
+            if inner:
+                labels = nested_labels(loop["max_step"], inner)
+                loop["group"].create_dataset(
+                    "step_labels", data=labels, **checksum.dataset_options(labels.shape, self.checksums)
+                )
+        h.group.attrs.update(schema.attrs_to_store(m.attrs))
+        h.group.attrs["n_tokens"] = n
+        h.group.attrs["complete"] = m.complete
+        self.layout.finish_run(run_id, h.group, complete=m.complete)
+        del self._closing[run_id]
+        h.reserve.release()
 
     def abandon_open_runs(self) -> None:
         """Close files of runs that never completed (after a failure), leaving them marked partial."""
@@ -535,6 +563,11 @@ class CaptureWriter:
             h.loops.clear()
             h.token_sets.clear()
             h.signals.clear()
+            if _disk_full(self.error):  # HDF5 writes its metadata at close, and a close that fails for want of
+                # space leaves the file half-closed inside HDF5, which then crashed the process at exit. The run is
+                # lost anyway: give its blocks back first, so the close succeeds (it stays a .partial file).
+                with contextlib.suppress(OSError):
+                    os.truncate(h.group.filename, 0)
             try:
                 h.group.close()
             except Exception:  # the file may be unwritable (disk full): it stays a .partial file either way
@@ -543,13 +576,15 @@ class CaptureWriter:
             self._runs.pop(run_id)
 
 
-def _token_values(h: _RunHandles, ds, group, name: str, start: int, values: np.ndarray) -> h5py.Dataset:
-    """Write per-token ``values`` at ``start`` into ``ds`` [T] (resizable, TOKEN_CHUNK chunks); ``ds`` None: create
-    it, holding them. Returns the dataset."""
+def _token_values(h: _RunHandles, ds, group, name: str, start: int, values: np.ndarray,
+                  checksums: bool = True) -> h5py.Dataset:
+    """Write per-token ``values`` at ``start`` into ``ds`` [T] (resizable, TOKEN_CHUNK chunks, Fletcher-32 unless
+    ``checksums`` is False); ``ds`` None: create it, holding them. Returns the dataset."""
+    options = {"maxshape": (None,), "chunks": (TOKEN_CHUNK,), "fletcher32": checksums}
     if ds is None and start == 0:
-        return group.create_dataset(name, data=values, maxshape=(None,), chunks=(TOKEN_CHUNK,))
+        return group.create_dataset(name, data=values, **options)
     if ds is None:
-        ds = group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=values.dtype, chunks=(TOKEN_CHUNK,))
+        ds = group.create_dataset(name, shape=(0,), dtype=values.dtype, **options)
     end = start + len(values)
     if end > ds.shape[0]:
         ds.resize((max(end, h.capacity),))
@@ -560,6 +595,11 @@ def _token_values(h: _RunHandles, ds, group, name: str, start: int, values: np.n
 def token_texts(ids, decode) -> list[list[str]]:
     """Each token's own text, [B, T] ids (a tensor or an array); -1 (an embedded input without an id) has none."""
     return [[decode([int(i)]) if i >= 0 else "" for i in row] for row in ids.tolist()]
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether a write failed for want of space (a full disk or quota)."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _wait(events) -> None:

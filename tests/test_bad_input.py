@@ -6,9 +6,13 @@ flips, zeroes and truncates bytes of the index and run files.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import select
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -218,3 +222,154 @@ def test_fuzzed_files_never_escape_as_unhandled_exceptions(pristine, mutation):
             pass
         _cli("info", path)
         _cli("plot", path, "--out", Path(folder) / "fig.png")
+
+
+# ---- crafted structure: declared shapes, attributes and links, checked in a child under a memory limit ---------------
+_WORKER = r"""
+import json, os, resource, sys, traceback
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot
+from typer.testing import CliRunner
+import loopscope
+from loopscope.analysis import token_metrics
+from loopscope.cli.app import app
+from loopscope.storage.errors import LoopscopeError
+
+with open("/proc/self/status") as status:
+    size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (size + 2_500_000_000,) * 2)
+runner = CliRunner()
+for line in sys.stdin:
+    path, figure = line.rstrip("\n").split("\t")
+    problems = []
+    try:
+        try:
+            with loopscope.open(path) as capture:
+                capture.meta
+                for run in capture.runs:
+                    try:
+                        run.token_ids, run.tokens, run.positions, run.attrs, run.step_stride
+                        for loop in run.loops:
+                            run.states(loop=loop)
+                            token_metrics(run, loop=loop).convergence_steps()
+                    except LoopscopeError:
+                        pass
+        except LoopscopeError:
+            pass
+        for args in (["info", path], ["plot", path, "--out", figure]):
+            result = runner.invoke(app, args)
+            text = result.output
+            if result.exception is not None and not isinstance(result.exception, SystemExit):
+                problems.append("".join(traceback.format_exception(result.exception)))
+            elif result.exit_code not in (0, 1) or "Traceback" in text or "\x1b" in text:
+                problems.append(text)
+            elif result.exit_code == 1 and not text.strip().splitlines()[-1].startswith("error:"):
+                problems.append(text)
+    except BaseException:
+        problems.append(traceback.format_exc())
+    print(json.dumps(problems), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def crafted_worker():
+    """A child that checks one crafted capture per line of input (a fresh process per example would cost seconds)."""
+    procs: list[subprocess.Popen] = []
+
+    def check(path: Path, figure: Path) -> list[str]:
+        if not procs or procs[-1].poll() is not None:  # a fresh one after a hang or a crash
+            procs.append(subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        proc = procs[-1]
+        proc.stdin.write(f"{path}\t{figure}\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        if not ready:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{path}: no answer in 60 s (a hang)")
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait()
+            pytest.fail("the checking process died (killed for memory?)")
+        return json.loads(line)
+
+    yield check
+    for proc in procs:
+        if proc.poll() is None:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+
+
+_OBJECTS = {
+    "cap.h5": ["readout", "readout/weight", "runs", "runs/000000"],
+    "cap.h5.runs/000000.h5": ["token_ids", "attention_mask", "positions", "forward_index", "token_bytes", "token_ends",
+                              "loops", "loops/core", "loops/core/states", "loops/core/num_steps"],
+}
+_ATTRS = {
+    ("cap.h5", "/"): ["format", "format_version", "loops_json", "config_json", "loop_json", "name_or_path",
+                      "model_class", "capture_id", "created"],
+    ("cap.h5", "readout"): ["kind", "eps", "weight_offset"],
+    ("cap.h5.runs/000000.h5", "/"): ["format", "step_stride", "call", "capture_id", "run_number"],
+    ("cap.h5.runs/000000.h5", "loops/core/states"): ["logical_dtype", "compression", "source_chunks"],
+}
+_DIMS = st.sampled_from([0, 1, 3, 7, 64, 2**16, 2**20, 2**24, 2**31, 2**40])
+_VALUES = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.sampled_from([2**62, np.uint64(2**64 - 1), float("nan"), float("inf"), True, np.arange(5), np.zeros((2, 2))]),
+    st.text(alphabet=st.sampled_from("ab[/]$\\{}:\x1b\x07\x9b\n\u202e"), max_size=40),
+    st.integers(1, 100_000).map(lambda n: np.bytes_(b"[" * n + b"]" * n)),
+    st.binary(max_size=40).map(np.bytes_),
+)
+
+
+@st.composite
+def _crafts(draw):
+    kind = draw(st.sampled_from(["shape", "attr", "link", "group", "delete"]))
+    if kind == "attr":
+        target, obj = draw(st.sampled_from(sorted(_ATTRS)))
+        return {"kind": kind, "file": target, "object": obj, "name": draw(st.sampled_from(_ATTRS[target, obj])),
+                "value": draw(_VALUES)}
+    target = draw(st.sampled_from(sorted(_OBJECTS)))
+    craft = {"kind": kind, "file": target, "object": draw(st.sampled_from(_OBJECTS[target]))}
+    if kind == "shape":
+        craft["shape"] = tuple(draw(st.lists(_DIMS, min_size=1, max_size=3)))
+        craft["dtype"] = draw(st.sampled_from(["i8", "f4", "u1", "f8", "u2"]))
+    elif kind == "link":
+        craft["link"] = draw(st.sampled_from(["soft:/nowhere", "soft:/", "soft:/loops", "ext:fifo.h5", "ext:/dev/zero",
+                                              "ext:missing.h5", "ext:cap.h5"]))
+    return craft
+
+
+def _craft(folder: Path, craft: dict) -> None:
+    with h5py.File(folder / craft["file"], "a") as f:
+        name = craft["object"]
+        if craft["kind"] == "attr":
+            f[name].attrs[craft["name"]] = craft["value"]
+            return
+        if f.get(name, getlink=True) is not None:
+            del f[name]
+        if craft["kind"] == "shape":
+            shape = craft["shape"]
+            f.create_dataset(name, shape=shape, maxshape=(None,) * len(shape), dtype=craft["dtype"],
+                             chunks=tuple(max(1, min(d, 16)) for d in shape))
+        elif craft["kind"] == "group":
+            f.create_group(name)
+        elif craft["kind"] == "link":
+            how, target = craft["link"].split(":", 1)
+            f[name] = h5py.SoftLink(target) if how == "soft" else h5py.ExternalLink(
+                target if target.startswith("/") else str(folder / target), "/")
+
+
+# 30 fixed examples in the suite; LOOPSCOPE_FUZZ_EXAMPLES=2000 for a longer hunt.
+@settings(max_examples=int(os.environ.get("LOOPSCOPE_FUZZ_EXAMPLES", 30)), deadline=None,
+          derandomize="LOOPSCOPE_FUZZ_EXAMPLES" not in os.environ, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(craft=_crafts())
+def test_crafted_shapes_attributes_and_links_give_one_line_errors(pristine, crafted_worker, craft):
+    with tempfile.TemporaryDirectory() as folder:
+        path = _copy(pristine, Path(folder))
+        os.mkfifo(Path(folder) / "fifo.h5")
+        _craft(Path(folder), craft)
+        problems = crafted_worker(path, Path(folder) / "fig.png")
+        assert not problems, f"{craft}: {problems[0]}"

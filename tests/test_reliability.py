@@ -144,3 +144,48 @@ def test_killed_writer_keeps_completed_runs(tmp_path):
         assert len(capture.runs) >= finished
         for run in capture.runs:
             assert run.states().shape == (32, 7, 64) and not np.isnan(run.states()).any()
+
+
+def test_a_real_full_disk_mid_generation_keeps_completed_runs_and_exits_cleanly(tmp_path):
+    """A real small file system (tmpfs, mounted when running as root) filling up mid-generate(): one clear error,
+    a clean process exit (HDF5 once crashed at shutdown here), and every completed run intact."""
+    import os
+
+    import pytest
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        body = """
+        errors = []
+        cap = loopscope.attach(model, path)
+        try:
+            with torch.no_grad():
+                for i in range(40):
+                    model.generate(torch.arange(3, 40).repeat(2, 1), num_steps=16, max_new_tokens=30, do_sample=False)
+                    cap.flush()
+                    print("RUN", i, flush=True)
+        except CaptureWriteError as exc:
+            errors.append(str(exc))
+        try:
+            cap.close()
+        except CaptureWriteError as exc:
+            errors.append(str(exc))
+        print("ERROR", errors[0] if errors else "none", flush=True)
+        """
+        child = _run_child(body, mount / "c.h5")
+        out, err = child.communicate(timeout=240)
+        assert child.returncode == 0, err[-2000:]
+        lines = out.strip().splitlines()
+        error = [line for line in lines if line.startswith("ERROR")][0]
+        assert "No space left on device" in error and "\n" not in error
+        flushed = sum(line.startswith("RUN") for line in lines)
+        with loopscope.open(mount / "c.h5") as capture:
+            assert len(capture.runs) >= 2 * flushed  # two rows per generate() call, each flushed run complete
+            for run in capture.runs:
+                assert not np.isnan(run.states()).any()
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -1,0 +1,191 @@
+"""Defences against hostile files, shared by the reader, merge, export, the CLI and the figures (no torch).
+
+A crafted file can declare terabytes it does not hold, point HDF5 at a FIFO or /dev/zero, or carry markup and
+terminal escape sequences in its strings. Everything here checks what a file declares against what it can hold
+before anything is allocated or opened, and turns every string from a file into inert text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+
+import h5py
+import numpy as np
+
+from .errors import CaptureFileError
+
+# Generous ceilings: far beyond any real capture, far below what would exhaust memory or time.
+MAX_TOKENS = 1 << 26  # tokens in one run
+MAX_HIDDEN = 1 << 20  # width of a state
+MAX_STEPS = 1 << 20  # stored steps of one loop
+MAX_STRIDE = 1 << 20  # step_stride
+MAX_WHOLE_BYTES = 512 << 20  # one dataset read whole (token data, num_steps, signals, readout, labels)
+MAX_CHUNK_BYTES = 64 << 20  # one states chunk (the writer aims at 1 MiB; a row of 2**20 float64 is 8 MiB)
+MAX_ATTR_BYTES = 4 << 20  # one attribute (config JSON included)
+MAX_JSON_DEPTH = 64
+# Datasets read whole are stored uncompressed; filters such as Fletcher-32 add a few bytes per chunk, so stored
+# bytes are never far below declared ones. States may be compressed, and unwritten chunks read as NaN.
+WHOLE_RATIO = 4
+STATES_RATIO = 1024
+STATES_FILL_FLOOR = 256 << 20
+SPARSE_FILL_FLOOR = 64 << 20
+MIN_CHUNK_BYTES = 4096  # smaller states chunks are refused once a dataset spans more than MANY_CHUNKS of them
+MANY_CHUNKS = 1 << 16
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def require_regular(path: str | os.PathLike, error=CaptureFileError, what: str = "") -> str:
+    """``path`` if it is a regular file (symlinks followed); a FIFO, device or socket would block HDF5 forever."""
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{what}{clean(path)}: no such file; check the path") from None
+    except OSError as exc:
+        raise error(f"{what}{clean(path)}: cannot read it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise error(f"{what}{clean(path)} is a directory; pass the .h5 capture file inside it")
+    if not stat.S_ISREG(mode):
+        raise error(f"{what}{clean(path)} is not a regular file (a FIFO, device or socket); pass a capture file")
+    return path
+
+
+def open_h5(path: str | os.PathLike, error=CaptureFileError, what: str = "", **kwargs) -> h5py.File:
+    """h5py.File(path, "r") after :func:`require_regular`; an unreadable file is one ``error`` line."""
+    path = require_regular(path, error, what)
+    try:
+        return h5py.File(path, "r", **kwargs)
+    except OSError as exc:
+        problem = "is unreadable" if what else "is not a readable HDF5 file"
+        raise error(f"{what}{clean(path)} {problem} ({clean(_first(exc))})") from None
+
+
+def clean(text) -> str:
+    """Text from a file as inert characters: control codes (C0, DEL, C1) shown as ``\\x1b``-style escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def figure_text(text) -> str:
+    """Text from a file for a matplotlib title, label or tick: no control codes, ``$`` never starts mathtext."""
+    return clean(text).replace("$", r"\$")
+
+
+def parse_json(text: str):
+    """Parsed JSON, or ``text`` itself when it is damaged, too long or nested deeper than any loopscope writes."""
+    if len(text) > MAX_ATTR_BYTES:
+        return text
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    return value if _depth(value) <= MAX_JSON_DEPTH else text
+
+
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            todo.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def read_attrs(obj, path: str) -> dict:
+    """Every attribute of ``obj``, each checked to be of a sane size before h5py allocates it."""
+    out = {}
+    for name in list(obj.attrs.keys())[:4096]:
+        aid = obj.attrs.get_id(name)
+        size = int(np.prod(aid.shape or (), dtype=np.float64)) * max(aid.dtype.itemsize, 1)
+        if size > MAX_ATTR_BYTES:
+            raise CaptureFileError(f"{clean(path)}: attribute {clean(name)!r} declares {size} bytes; damaged")
+        out[name] = obj.attrs[name]
+    return out
+
+
+def hard_child(group: h5py.Group, name: str, path: str, kind=None):
+    """``group[name]`` when it is a hard link (of ``kind``), None when absent. Soft and external links are refused:
+    loopscope writes none inside run files, and following one can open any file (a FIFO blocks forever)."""
+    link = group.get(name, getlink=True)
+    if link is None:
+        return None
+    if not isinstance(link, h5py.HardLink):
+        raise CaptureFileError(f"{clean(path)}: {clean(group.name.rstrip('/'))}/{clean(name)} is a link; damaged")
+    obj = group[name]
+    if kind is not None and not isinstance(obj, kind):
+        raise CaptureFileError(f"{clean(path)}: {clean(obj.name)} is not a {kind.__name__.lower()}; damaged")
+    return obj
+
+
+def file_bytes(ds: h5py.Dataset) -> int:
+    """Size of the file holding ``ds``: no dataset in it can store more."""
+    try:
+        return os.path.getsize(ds.file.filename)
+    except OSError:
+        return 0
+
+
+def stored_bytes(ds: h5py.Dataset) -> int:
+    """Bytes ``ds`` has on disk, at most the file's size (a crafted header can claim more)."""
+    return min(int(ds.id.get_storage_size()), file_bytes(ds))
+
+
+def declared_bytes(ds: h5py.Dataset) -> int:
+    return int(np.prod(ds.shape, dtype=np.float64)) * ds.dtype.itemsize if ds.shape else ds.dtype.itemsize
+
+
+def check_plain(ds: h5py.Dataset, path: str) -> None:
+    """No external storage (loopscope never writes it; it can point at /dev/zero or a FIFO)."""
+    if ds.external is not None:
+        raise CaptureFileError(f"{clean(path)}: {clean(ds.name)} uses external storage, which loopscope never writes; damaged")
+
+
+def check_whole(ds: h5py.Dataset, path: str, *, virtual_ok: bool = False, sparse: bool = False) -> None:
+    """A dataset about to be read whole: plain storage, a sane size, and stored bytes that can hold it.
+    ``sparse``: cells never recorded are fill (signals past a token's last step), bounded as states are."""
+    check_plain(ds, path)
+    size = declared_bytes(ds)
+    if size > MAX_WHOLE_BYTES:
+        raise CaptureFileError(f"{clean(path)}: {clean(ds.name)} declares {size} bytes; damaged")
+    if ds.is_virtual:
+        if virtual_ok:
+            return
+        raise CaptureFileError(f"{clean(path)}: {clean(ds.name)} maps other files, which loopscope never does there; damaged")
+    limit = max(SPARSE_FILL_FLOOR, STATES_RATIO * stored_bytes(ds)) if sparse else WHOLE_RATIO * stored_bytes(ds)
+    if size > limit:
+        raise CaptureFileError(
+            f"{clean(path)}: {clean(ds.name)} declares {size} bytes but stores {stored_bytes(ds)}; damaged (re-capture it)"
+        )
+
+
+def check_states(ds: h5py.Dataset, path: str) -> None:
+    """A states dataset streamed in chunks: bounded chunks, not too many tiny ones, and not mostly fill."""
+    check_plain(ds, path)
+    tokens, steps, hidden = ds.shape
+    if hidden > MAX_HIDDEN or steps > MAX_STEPS or tokens > MAX_TOKENS:
+        raise CaptureFileError(f"{clean(path)}: {clean(ds.name)} declares shape {ds.shape}; damaged")
+    if ds.is_virtual or 0 in ds.shape:
+        return
+    chunks = ds.chunks
+    if chunks is not None:  # a contiguous dataset is read in slices of any size
+        chunk_bytes = int(np.prod(chunks, dtype=np.float64)) * ds.dtype.itemsize
+        spanned = np.prod([-(-n // c) for n, c in zip(ds.shape, chunks)], dtype=np.float64)
+        if chunk_bytes > MAX_CHUNK_BYTES or (chunk_bytes < MIN_CHUNK_BYTES and spanned > MANY_CHUNKS):
+            raise CaptureFileError(f"{clean(path)}: {clean(ds.name)} has chunks {chunks} for shape {ds.shape}; damaged")
+    # Only large datasets are weighed (the chunk index is walked to sum the stored bytes).
+    if declared_bytes(ds) > STATES_FILL_FLOOR and declared_bytes(ds) > STATES_RATIO * stored_bytes(ds):
+        raise CaptureFileError(
+            f"{clean(path)}: {clean(ds.name)} declares {declared_bytes(ds)} bytes but stores {stored_bytes(ds)}; damaged"
+        )
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
