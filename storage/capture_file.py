@@ -51,12 +51,20 @@ def list_run_files(index_path: str) -> dict[int, tuple[str, bool]]:
     if not os.path.isdir(folder):
         return found
     for name in os.listdir(folder):
-        match = RUN_FILE.match(name)
-        if match and match.group(1) == schema.run_name(int(match.group(1))):
-            index, complete = int(match.group(1)), match.group(2) is None
+        parsed = _run_file_name(name)
+        if parsed is not None:
+            index, complete = parsed
             if complete or index not in found:
                 found[index] = (os.path.join(folder, name), complete)
     return dict(sorted(found.items()))
+
+
+def _run_file_name(name: str) -> tuple[int, bool] | None:
+    """(run number, complete) for a canonical run file name, else None."""
+    match = RUN_FILE.match(name)
+    if match is None or match.group(1) != schema.run_name(int(match.group(1))):
+        return None
+    return int(match.group(1)), match.group(2) is None
 
 
 def unexpected_files(index_path: str) -> list[str]:
@@ -66,7 +74,7 @@ def unexpected_files(index_path: str) -> list[str]:
         names = os.listdir(folder)
     except OSError:
         return []
-    return sorted(n for n in names if not ((m := RUN_FILE.match(n)) and m.group(1) == schema.run_name(int(m.group(1)))))
+    return sorted(name for name in names if _run_file_name(name) is None)
 
 
 def check_locking(locking) -> None:
@@ -286,14 +294,17 @@ class RunFiles:
             run.attrs["capture_id"] = schema.text(self.capture_id)
         return run
 
-    def finish_run(self, key: int, run: h5py.File, *, complete: bool) -> None:
-        """Close the run's file; a complete run is renamed atomically to its final name."""
+    def finish_run(self, key: int, run: h5py.File, *, complete: bool) -> str:
+        """Close the run's file; a complete run is renamed atomically to its final name. Returns the file's path."""
         number = self._numbers.pop(key)
         run.close()
-        if complete:
-            # No fsync here: a killed process loses nothing that reached the page cache, and an fsync per run
-            # would cost more than the run's own writes. (The index, written twice per capture, is fsynced.)
-            os.replace(self._path(number, ".partial.h5"), self._path(number, ".h5"))
+        partial = self._path(number, ".partial.h5")
+        if not complete:
+            return partial
+        # No fsync here: a killed process loses nothing that reached the page cache, and an fsync per run would
+        # cost more than the run's own writes. (The index, written twice per capture, is fsynced.)
+        os.replace(partial, self._path(number, ".h5"))
+        return self._path(number, ".h5")
 
 
 def _capture_id(index_path: str) -> str:

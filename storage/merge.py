@@ -243,8 +243,7 @@ def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
         except BaseException:
             dst.close()
             raise
-        files.finish_run(number, dst, complete=True)
-        written[-1] = files.final_path(number)
+        written[-1] = files.finish_run(number, dst, complete=True)  # the number reserved may differ from ours
     return state_bytes
 
 

@@ -143,13 +143,18 @@ def test_token_data_on_dev_zero_is_refused(pristine, tmp_path):
     _declare_tokens(_run_file(path), 2**24, external=True)
     api_error(path, "external storage")
     cli_error("external storage", "plot", path, "--run", "0", "--out", tmp_path / "x.png")
-    index = _copy(pristine, tmp_path / "index")
+    _refused_readout_weight(pristine, tmp_path / "index", "external storage", shape=(2**20,),
+                            external=[("/dev/zero", 0, 2**22)])
+
+
+def _refused_readout_weight(pristine, folder, message, **dataset):
+    """A copy whose /readout/weight is replaced by ``dataset``: the API and `info` refuse it with ``message``."""
+    index = _copy(pristine, folder)
     with h5py.File(index, "a") as f:
         del f["readout/weight"]
-        f["readout"].create_dataset("weight", shape=(2**20,), dtype=np.float32,
-                                    external=[("/dev/zero", 0, 2**22)])
-    api_error(index, "external storage")
-    cli_error("external storage", "info", index)
+        f["readout"].create_dataset("weight", dtype=np.float32, **dataset)
+    api_error(index, message)
+    cli_error(message, "info", index)
 
 
 def test_huge_hidden_size_token_bytes_and_readout_weight(pristine, tmp_path):
@@ -169,12 +174,8 @@ def test_huge_hidden_size_token_bytes_and_readout_weight(pristine, tmp_path):
     api_error(text, "token_bytes declares")
     cli_error("token_bytes declares", "plot", text, "--run", "0", "--out", tmp_path / "x.png")
 
-    weight = _copy(pristine, tmp_path / "weight")
-    with h5py.File(weight, "a") as f:
-        del f["readout/weight"]
-        f["readout"].create_dataset("weight", shape=(2**34,), maxshape=(None,), dtype=np.float32, chunks=(2**16,))
-    api_error(weight, "readout weight")
-    cli_error("readout weight", "info", weight)
+    _refused_readout_weight(pristine, tmp_path / "weight", "readout weight", shape=(2**34,), maxshape=(None,),
+                            chunks=(2**16,))
 
 
 def test_fill_and_gzip_bombs_are_refused(pristine, tmp_path):
