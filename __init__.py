@@ -7,22 +7,32 @@ One added line attaches the recorder::
 and ``loopscope.open("run.h5")`` reads the capture back without needing torch.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-__all__ = ["attach", "open", "__version__", "LoopscopeError"]
+import os
+from typing import TYPE_CHECKING
+
+from ._version import __version__
+from .errors import CaptureFileError, CaptureWriteError, LoopNotFoundError, LoopscopeError, MergeError
+
+if TYPE_CHECKING:
+    from .hooks.capture import Capture, attach
+    from .storage.reader import CaptureFile
+
+__all__ = [
+    "attach",
+    "Capture",
+    "open",
+    "__version__",
+    "LoopscopeError",
+    "CaptureFileError",
+    "CaptureWriteError",
+    "LoopNotFoundError",
+    "MergeError",
+]
 
 
-def attach(model, path, **options):
-    """Attach forward hooks to ``model``'s recurrent block and stream every iteration to ``path``.
-
-    See :func:`loopscope.hooks.capture.attach` for the options.
-    """
-    from .hooks.capture import attach as _attach
-
-    return _attach(model, path, **options)
-
-
-def open(path, *, missing="error", **options):  # noqa: A001 - mirrors h5py.File / builtins.open on purpose
+def open(path: str | os.PathLike, *, missing: str = "error", **options) -> CaptureFile:  # noqa: A001 - mirrors h5py.File
     """Open a capture file for reading (no torch needed). See :class:`loopscope.storage.reader.CaptureFile`.
 
     A run file the index links but the run folder lacks is an error; ``missing="skip"`` reads the other runs."""
@@ -31,13 +41,15 @@ def open(path, *, missing="error", **options):  # noqa: A001 - mirrors h5py.File
     return CaptureFile(path, missing=missing, **options)
 
 
-def __getattr__(name):
-    # Lazy so that ``import loopscope`` stays light (analysis and the reader need no torch).
-    if name == "LoopscopeError":
-        from .storage.errors import LoopscopeError
+def __getattr__(name: str):
+    # ``attach`` and ``Capture`` need torch: imported on first use, so ``loopscope.attach`` is the one real function
+    # (with its keyword-only options) and ``import loopscope`` stays torch-free for readers.
+    if name in ("attach", "Capture"):
+        from .hooks import capture
 
-        return LoopscopeError
-    if name in ("analysis", "hooks", "storage", "cli", "examples"):
+        return getattr(capture, name)
+    # Subpackages on first use, so that ``import loopscope`` stays light (analysis and the reader need no torch).
+    if name in ("analysis", "hooks", "storage", "cli", "families", "models", "examples"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from ..storage import compression, schema
-from ..storage.errors import CaptureFileError, LoopscopeError, first_line
+from ..errors import CaptureFileError, LoopscopeError, first_line
 from ..storage.reader import CaptureFile, ReadoutNorm, Run
 from . import pca as _pca
 from .metrics import BLOCK_BYTES, METRICS, TokenMetrics, _token_block, stored_block_measures

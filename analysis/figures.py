@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..storage.errors import LoopscopeError
+from ..errors import LoopscopeError
 from ..storage.safety import figure_text as _t  # titles and labels hold file names, signal names, model text
 
 FORMATS = (".png", ".pdf", ".svg")

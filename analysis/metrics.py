@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from ..storage import schema
-from ..storage.errors import LoopscopeError
+from ..errors import LoopscopeError
 from ..storage.reader import Run
 from .reference import open_reference_run, reference_states, resolve_space, space_fn
 

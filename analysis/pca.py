@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..storage.errors import LoopscopeError
+from ..errors import LoopscopeError
 from ..storage.reader import Run
 from .reference import resolve_space, space_fn
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..storage.errors import LoopscopeError
+from ..errors import LoopscopeError
 from ..storage.reader import CaptureFile, Run
 
 SPACES = ("auto", "readout", "state")

@@ -29,7 +29,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import loopscope  # noqa: E402
-from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config  # noqa: E402
+from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config  # noqa: E402
 
 console = Console(width=120)
 

@@ -133,15 +133,16 @@ def writer_alone(tokens: int) -> None:
     import numpy as np
     import torch
 
-    from loopscope.storage import capture_file, writer as w
-    from loopscope.storage.buffers import HostBufferPool
+    from loopscope.storage import index, run_files
+    from loopscope.storage.write import writer as w
+    from loopscope.storage.write.buffers import HostBufferPool
 
     hidden, steps = MODEL["n_embd"], STEPS + 1
     with c.workdir() as work:
         path = os.path.join(work, "w.h5")
-        capture_file.create_index(path, header={"loops": ["core"]}, readout=None)
+        index.create_index(path, header={"loops": ["core"]}, readout=None)
         pool = HostBufferPool(64 << 20)
-        writer = w.CaptureWriter(capture_file.RunFiles(path), pool)
+        writer = w.CaptureWriter(run_files.RunFiles(path), pool)
         writer.put(w.OpenRuns([0], [{"call": "generate"}]))
 
         def forward(offset: int, n: int) -> None:

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 import loopscope
-from loopscope.storage import preallocate, writer
+from loopscope.storage.write import preallocate, writer
 
 
 SUSTAINED = 8  # prefill runs per capture for the sustained rate

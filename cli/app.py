@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..analysis.metrics import CONVERGENCE_METRIC, DEFAULT_TOL, METRIC_HELP, METRICS
-from ..storage.errors import LoopscopeError
+from ..errors import LoopscopeError
 from ..storage.safety import clean
 
 app = typer.Typer(
@@ -62,7 +62,7 @@ def demo(
     """Capture the shipped demo model (a small trained looped LM) on a prompt and draw its convergence heatmap."""
     from transformers.utils import logging as hf_logging
 
-    from ..examples.demo import run_demo
+    from ..models.demo import run_demo
 
     hf_logging.disable_progress_bar()  # the status line below says what is happening
     with console.status("capturing the demo model…"):
@@ -78,7 +78,7 @@ def info(
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Summarise a capture: model, loops, and one row per run."""
-    from ..storage.capture_file import unexpected_files
+    from ..storage.run_files import unexpected_files
     from ..storage.reader import CaptureFile
 
     with CaptureFile(file, missing=missing) as capture:
@@ -150,7 +150,7 @@ def capture(
 
     from ..hooks.pretrained import capture_prompts, check_counts, load_pretrained, read_prompts
 
-    from ..storage.capture_file import check_target
+    from ..storage.index import check_target
 
     prompts = read_prompts(prompt, prompt_file)
     check_counts(steps, max_new_tokens)
@@ -498,7 +498,7 @@ def _describe_loop(loop) -> str:
 
 def _size(path: Path) -> str:
     """Size of the index plus its run files."""
-    from ..storage.capture_file import list_run_files
+    from ..storage.run_files import list_run_files
 
     try:
         size = float(os.path.getsize(path) + sum(os.path.getsize(p) for p, _ in list_run_files(str(path)).values()))

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import loopscope
-from loopscope.examples.demo import build_demo_model
+from loopscope.models.demo import build_demo_model
 
 
 def main() -> None:

@@ -36,8 +36,8 @@ def build(model_name: str | None, seed: int):
         local = int(os.environ.get("LOCAL_RANK", 0))
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         return load_pretrained(model_name, device=device)
-    from loopscope.examples.demo_tokenizer import build_tokenizer
-    from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+    from loopscope.models.demo_tokenizer import build_tokenizer
+    from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
 
     tokenizer = build_tokenizer()
     register()

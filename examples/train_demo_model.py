@@ -3,9 +3,9 @@
 Why: a randomly initialised looped model converges in a way that says nothing about the text. A model that has
 learnt some language settles at different speeds for different tokens -- the picture of Fig. 1 / Fig. 11 of "Scaling up Test-Time Compute with
 Latent Reasoning" (Geiping et al. 2025). This script trains such a model once; its weights ship with the package in
-``examples/demo_model/`` and the demo loads them. Re-running it is only needed to check or change that model:
+``models/demo_model/`` and the demo loads them. Re-running it is only needed to check or change that model:
 
-    python -m loopscope.examples.train_demo_model --out examples/demo_model
+    python -m loopscope.examples.train_demo_model --out models/demo_model
 
 Measured: trained with a mean of 8 iterations (1400 steps, 12 min), the model learnt to converge in about 5
 iterations for every token alike (convergence steps at 1e-2 within 1-3 of each other); with a mean of 24 (the
@@ -366,7 +366,7 @@ def model_card(summary: dict) -> str:
     return f"""# loopscope demo model
 
 A toy looped-depth (recurrent-depth) language model of the Huginn-shaped reference architecture
-(`loopscope/examples/huginn_reference.py`), trained so that `loopscope demo` has a model whose tokens converge at
+(`loopscope/models/huginn_reference.py`), trained so that `loopscope demo` has a model whose tokens converge at
 different speeds. **It is a toy for the demo and the tests only**: {summary['parameters']:,} parameters, trained for
 {h['steps']} steps on under a megabyte of Python docstrings. It writes docstring-flavoured English, not sense.
 

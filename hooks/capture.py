@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..storage import capture_file, compression as filters, schema, writer as w
-from ..storage.buffers import HostBufferPool, PinnedScratch
-from ..storage.errors import CaptureWriteError, LoopscopeError
+from ..storage import compression as filters, index, run_files, schema
+from ..storage.write import writer as w
+from ..storage.write.buffers import HostBufferPool, PinnedScratch
+from ..errors import CaptureWriteError, LoopscopeError
 from . import adaptive, distributed, metadata, selection
 from .adapters import LoopAdapter, LoopSpec
 from .detect import resolve_adapter
@@ -175,19 +176,19 @@ class Capture:
         self._pending_devices: set[torch.device] = set()
         self._closed = False
         self._locking = locking
-        capture_file.create_index(
+        index.create_index(
             self.path,
             mode,
             header=metadata.describe(model, self.adapter, options),
             readout=metadata.readout_params(model, self.adapter),
             locking=locking,
         )
-        self._next_run = capture_file.next_run_index(self.path)
+        self._next_run = run_files.next_run_index(self.path)
         self.pool = HostBufferPool(int(buffer_mb * (1 << 20)))
         self._scratch = PinnedScratch()  # ids, masks and positions copied off a CUDA device
         self._decode_copy = None
         self.writer = w.CaptureWriter(
-            capture_file.RunFiles(self.path, locking=locking),
+            run_files.RunFiles(self.path, locking=locking),
             self.pool,
             compression=compression,
             inner_steps={s.name: s.inner_steps for s in self.adapter.loops if s.inner_steps},
@@ -226,7 +227,7 @@ class Capture:
         self.pool.close()
         stats = self.pool.stats
         try:
-            capture_file.finish_index(
+            index.finish_index(
                 self.path,
                 {
                     "buffer_peak_bytes": stats.peak_bytes,

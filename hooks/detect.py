@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..storage.errors import LoopNotFoundError
+from ..errors import LoopNotFoundError
 from .adapters import KNOWN_FAMILIES, LoopAdapter, LoopSpec
 from .user_frames import user_stacklevel
 

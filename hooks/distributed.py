@@ -18,7 +18,7 @@ import socket
 import sys
 from dataclasses import asdict, dataclass
 
-from ..storage.errors import LoopscopeError
+from ..errors import LoopscopeError
 
 PLACEHOLDER = "{rank}"
 

@@ -17,7 +17,7 @@ def describe(model: nn.Module, adapter: LoopAdapter, options: dict[str, Any]) ->
     """The header written at the root of the capture file."""
     import transformers
 
-    from .. import __version__
+    from .._version import __version__
 
     config = getattr(model, "config", None)
     config_json = None

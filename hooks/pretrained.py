@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..storage.errors import LoopscopeError
+from ..errors import LoopscopeError
 from .capture import attach
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,7 +58,7 @@ def load_pretrained(name_or_path: str, *, trust_remote_code: bool = False, devic
     """(model in eval mode on ``device``, tokenizer). Our reference architecture is registered first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..examples.huginn_reference import register
+    from ..models.huginn_reference import register
 
     if dtype not in DTYPES:
         raise LoopscopeError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")

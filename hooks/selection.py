@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..storage.errors import LoopscopeError
+from ..errors import LoopscopeError
 from .adapters import LoopAdapter
 
 _NAMED = ("all", "prompt", "generated")

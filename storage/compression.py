@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import LoopscopeError
+from ..errors import LoopscopeError
 
 INSTALL_HINT = "pip install 'loopscope[compress]'"
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import schema
-from .errors import LoopscopeError
+from ..errors import LoopscopeError
 from .reader import CaptureFile, Run
 
 FORMATS = ("npz", "safetensors")

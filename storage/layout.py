@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from . import compression, safety, schema
-from .errors import CaptureFileError
+from ..errors import CaptureFileError
 
 TOKEN_DATASETS = ("token_ids", "attention_mask", "positions", "forward_index")
 MAX_LOOPS = 64

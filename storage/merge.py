@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from . import capture_file, checksum, layout, safety, schema
-from .errors import CaptureFileError, LoopscopeError, MergeError, first_line
+from . import checksum, layout, run_files, safety, schema
+from ..errors import CaptureFileError, LoopscopeError, MergeError, first_line
 from .reader import CaptureFile, Run
 
 #: Header fields that describe one rank's file, not the merged capture.
@@ -76,7 +76,7 @@ def merge(
             if isinstance(exc, OSError):
                 raise MergeError(f"cannot write {out} ({first_line(exc)})") from None
             raise
-    size = os.path.getsize(out) + sum(os.path.getsize(p) for p, _ in capture_file.list_run_files(out).values())
+    size = os.path.getsize(out) + sum(os.path.getsize(p) for p, _ in run_files.list_run_files(out).values())
     return MergeSummary(
         path=out,
         runs=len(plan),
@@ -151,7 +151,7 @@ def _check_paths(out: str, sources: list[str], force: bool) -> None:
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise MergeError(f"cannot create {out}: directory {parent} does not exist; create it first")
-    if (os.path.exists(out) or capture_file.list_run_files(out)) and not force:
+    if (os.path.exists(out) or run_files.list_run_files(out)) and not force:
         raise MergeError(f"{out} already exists; pass --force (force=True) to replace it")
 
 
@@ -212,8 +212,8 @@ def _check_same_readout(first: CaptureFile, other: CaptureFile) -> None:
 
 # ---- writing --------------------------------------------------------------------------------------------------------
 def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
-    files = capture_file.RunFiles(out, locking=locking)
-    out_dir = os.path.abspath(capture_file.runs_dir(out))
+    files = run_files.RunFiles(out, locking=locking)
+    out_dir = os.path.abspath(run_files.runs_dir(out))
     state_bytes = 0
     for number, (position, run) in enumerate(plan):
         source_index = captures[position]
@@ -324,7 +324,7 @@ def _write_index(out: str, captures: list[CaptureFile], plan, locking) -> None:
             runs_map.attrs["columns_json"] = schema.text('["run", "source", "source_run"]')
             group = index.create_group(schema.RUNS)
             out_dir = os.path.dirname(os.path.abspath(out))
-            for number, (path, complete) in capture_file.list_run_files(out).items():
+            for number, (path, complete) in run_files.list_run_files(out).items():
                 if complete:
                     group[schema.run_name(number)] = h5py.ExternalLink(os.path.relpath(path, out_dir), "/")
         os.replace(tmp, out)
@@ -336,7 +336,7 @@ def _write_index(out: str, captures: list[CaptureFile], plan, locking) -> None:
 
 def _own_capture_id(out: str):
     """The ``capture_id`` the merged run files carry (written with them), or None."""
-    for path, complete in capture_file.list_run_files(out).values():
+    for path, complete in run_files.list_run_files(out).values():
         if complete:
             with h5py.File(path, "r") as run:
                 return run.attrs.get("capture_id")
@@ -345,7 +345,7 @@ def _own_capture_id(out: str):
 
 def _remove_capture(path: str) -> None:
     """Remove an existing capture at ``path`` (its index and run files) before it is replaced."""
-    for run_path, _ in capture_file.list_run_files(path).values():
+    for run_path, _ in run_files.list_run_files(path).values():
         os.remove(run_path)
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)

@@ -15,8 +15,8 @@ from functools import cached_property
 import h5py
 import numpy as np
 
-from . import capture_file, layout, safety, schema
-from .errors import CaptureFileError, first_line
+from . import layout, run_files, safety, schema
+from ..errors import CaptureFileError, first_line
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class CaptureFile:
         if missing not in MISSING:
             raise CaptureFileError(f"missing={missing!r} is not one of {', '.join(map(repr, MISSING))}")
         self.missing = missing
-        capture_file.check_locking(locking)
+        run_files.check_locking(locking)
         self._open_kwargs = {} if locking is None else {"locking": locking}
         self._file = safety.open_h5(self.path, **self._open_kwargs)
         # Read the whole (small) index now and let go of it, so a capture still running can link its runs in.
@@ -166,14 +166,14 @@ class CaptureFile:
     def _check_run_files(self) -> None:
         """Every run the index links (after a clean close: every completed run) must be in the run folder; a
         deleted run file must not vanish from the listing, or shift which run ``runs[0]`` is."""
-        folder = capture_file.runs_dir(self.path)
+        folder = run_files.runs_dir(self.path)
         hint = "or open with missing='skip' (loopscope.open(path, missing='skip'), --missing skip) to read the rest"
         if not os.path.isdir(folder):
             raise CaptureFileError(
                 f"{self.path}: its run folder {folder} is missing; copy or move the .h5 together with its .runs "
                 f"folder and restore it, {hint}"
             )
-        present = {n for n, (_, complete) in capture_file.list_run_files(self.path).items() if complete}
+        present = {n for n, (_, complete) in run_files.list_run_files(self.path).items() if complete}
         gone = [n for n in self._linked if n not in present]
         if gone:
             raise CaptureFileError(
@@ -186,14 +186,14 @@ class CaptureFile:
         """Completed runs in capture order (one per batch row of each forward or generate call)."""
         return [
             Run(self, number, path)
-            for number, (path, complete) in capture_file.list_run_files(self.path).items()
+            for number, (path, complete) in run_files.list_run_files(self.path).items()
             if complete
         ]
 
     @property
     def incomplete_runs(self) -> list[str]:
         """Files of runs still being written, or cut short (the writer was killed or failed)."""
-        return [path for path, complete in capture_file.list_run_files(self.path).values() if not complete]
+        return [path for path, complete in run_files.list_run_files(self.path).values() if not complete]
 
     def run(self, index: int) -> Run:
         """The completed run numbered ``index``: its ``Run.index``, as ``loopscope info`` and the run files show.
@@ -213,7 +213,7 @@ class CaptureFile:
             if run.index == index:
                 return run
         numbers = [run.index for run in runs]
-        if index in capture_file.list_run_files(self.path):
+        if index in run_files.list_run_files(self.path):
             raise CaptureFileError(
                 f"run {index} of {self.path} is incomplete (cut short, or still being written); "
                 f"its complete runs are {_number_list(numbers)}"

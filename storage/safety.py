@@ -15,7 +15,7 @@ import stat
 import h5py
 import numpy as np
 
-from .errors import CaptureFileError
+from ..errors import CaptureFileError
 
 # Generous ceilings: far beyond any real capture, far below what would exhaust memory or time.
 MAX_TOKENS = 1 << 26  # tokens in one run

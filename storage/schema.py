@@ -1,7 +1,7 @@
 """The capture file's layout: the contract between the capture side and the offline side.
 
 The index file (``run.h5``) holds the header and the readout norm; each run is its own file (see
-``capture_file.py``), linked into the index as ``/runs/NNNNNN`` once the capture closes cleanly::
+``run_files.py``), linked into the index as ``/runs/NNNNNN`` once the capture closes cleanly::
 
     /                         attrs: format, format_version, versions, model, config JSON, loop adapter, options
     /readout/                 attrs: kind (rmsnorm | layernorm | identity | none), eps, weight_offset; weight [, bias]

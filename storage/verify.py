@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import h5py
 
-from . import capture_file, checksum, schema
-from .errors import CaptureFileError, first_line
+from . import checksum, run_files, schema
+from ..errors import CaptureFileError, first_line
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def verify_capture(path: str | os.PathLike, *, locking: bool | str | None = None
     result = VerifyResult(path)
     seen: set[tuple[str, str]] = set()
     _check_file(result, None, path, kwargs, seen)
-    for number, (run_path, complete) in capture_file.list_run_files(path).items():
+    for number, (run_path, complete) in run_files.list_run_files(path).items():
         if not complete:
             result.incomplete.append(run_path)
         _check_file(result, number, run_path, kwargs, seen)

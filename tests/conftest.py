@@ -8,8 +8,8 @@ import torch
 
 import loopscope
 
-from loopscope.examples.demo_tokenizer import build_tokenizer
-from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+from loopscope.models.demo_tokenizer import build_tokenizer
+from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 import loopscope
 from loopscope.analysis import token_metrics, trajectory_pca
 from loopscope.cli.app import app
-from loopscope.storage.errors import CaptureFileError, LoopscopeError
+from loopscope.errors import CaptureFileError, LoopscopeError
 
 PACKAGE_ROOT = Path(loopscope.__file__).parent
 
@@ -234,7 +234,7 @@ from typer.testing import CliRunner
 import loopscope
 from loopscope.analysis import token_metrics
 from loopscope.cli.app import app
-from loopscope.storage.errors import LoopscopeError
+from loopscope.errors import LoopscopeError
 
 with open("/proc/self/status") as status:
     size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))

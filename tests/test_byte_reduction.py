@@ -11,7 +11,7 @@ import torch
 
 import loopscope
 from loopscope.analysis import token_metrics
-from loopscope.storage.errors import LoopscopeError
+from loopscope.errors import LoopscopeError
 
 
 def _trajectories(recorder, steps):
@@ -184,7 +184,7 @@ def test_a_call_that_stores_no_token_leaves_no_run(reference_model, prompt_ids, 
 
 def test_prompt_and_generated_in_a_token_by_token_forward(reference_model, prompt_ids, tmp_path):
     """forward_with_adaptive_compute runs the prompt one token per group: every token is still prompt."""
-    from loopscope.examples.huginn_reference import get_adaptive_exit_evaluator
+    from loopscope.models.huginn_reference import get_adaptive_exit_evaluator
 
     for which, expected in (("prompt", prompt_ids.shape[1]), ("generated", 0)):
         path = tmp_path / f"{which}.h5"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import loopscope
-from loopscope.storage import writer as w
-from loopscope.storage.errors import CaptureFileError, LoopNotFoundError, LoopscopeError
+from loopscope.storage.write import writer as w
+from loopscope.errors import CaptureFileError, LoopNotFoundError, LoopscopeError
 
 
 def _forward_logits(model, ids, steps, seed=1):

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 import loopscope
 from loopscope.cli.app import app
-from loopscope.storage import capture_file, checksum, merge, writer as w
-from loopscope.storage.errors import CaptureFileError
+from loopscope.storage import checksum, index, merge, run_files
+from loopscope.storage.write import writer as w
+from loopscope.errors import CaptureFileError
 from loopscope.storage.verify import verify_capture
 
 
@@ -27,7 +28,7 @@ def _datasets(path) -> dict[str, h5py.Dataset]:
 
 
 def _all_files(path) -> list[str]:
-    return [str(path)] + [p for p, _ in capture_file.list_run_files(str(path)).values()]
+    return [str(path)] + [p for p, _ in run_files.list_run_files(str(path)).values()]
 
 
 def _flip(path: str, dataset: str, chunk: int = 0, at: int = 17) -> tuple[int, ...]:
@@ -79,7 +80,7 @@ def test_fletcher32_equals_hdf5s_own_filter(tmp_path, data):
 
 def test_a_direct_chunk_write_without_spare_bytes_behind_it_is_checksummed_too(tmp_path):
     """Chunks written straight from a slab take the 4 bytes behind them in place; the last one has none."""
-    from loopscope.storage.staging import ChunkBudget, ChunkStager
+    from loopscope.storage.write.staging import ChunkBudget, ChunkStager
 
     slab = np.random.default_rng(0).standard_normal((2, 4, 3, 8)).astype(np.float32)  # two whole chunks
     with h5py.File(tmp_path / "s.h5", "w") as f:
@@ -139,10 +140,10 @@ def test_every_dataset_of_a_capture_is_checksummed(reference_model, tokenizer, r
 
 def test_signals_and_step_labels_are_checksummed(tmp_path):
     """Datasets the reference model never makes: a signal (Ouro's exit gate) and nested-loop labels."""
-    from loopscope.storage.buffers import HostBufferPool
+    from loopscope.storage.write.buffers import HostBufferPool
 
-    capture_file.create_index(str(tmp_path / "c.h5"), header={"loops": ["core"]}, readout=None)
-    writer = w.CaptureWriter(capture_file.RunFiles(str(tmp_path / "c.h5")), HostBufferPool(1 << 20),
+    index.create_index(str(tmp_path / "c.h5"), header={"loops": ["core"]}, readout=None)
+    writer = w.CaptureWriter(run_files.RunFiles(str(tmp_path / "c.h5")), HostBufferPool(1 << 20),
                              inner_steps={"core": 2})
     ids = np.arange(5, dtype=np.int64)[None]
     writer.put(w.OpenRuns([0], [{"call": "forward"}]))
@@ -153,7 +154,7 @@ def test_signals_and_step_labels_are_checksummed(tmp_path):
     writer.put(w.CloseRuns([0]))
     writer.close()
     writer.raise_if_failed()
-    found = _datasets(capture_file.list_run_files(str(tmp_path / "c.h5"))[0][0])
+    found = _datasets(run_files.list_run_files(str(tmp_path / "c.h5"))[0][0])
     assert {"loops/core/signals/gate", "loops/core/step_labels", "loops/core/states"} <= set(found)
     assert all(checksum.has_fletcher32(ds) for ds in found.values())
 
@@ -162,7 +163,7 @@ def test_signals_and_step_labels_are_checksummed(tmp_path):
 def test_a_flipped_bit_in_states_is_a_one_line_error_naming_run_loop_and_tokens(reference_model, tokenizer,
                                                                                 tmp_path):
     path = _capture(reference_model, tokenizer, tmp_path / "c.h5")
-    run_file = capture_file.list_run_files(str(path))[0][0]
+    run_file = run_files.list_run_files(str(path))[0][0]
     with loopscope.open(path) as capture:
         clean = capture.runs[0].states()
         ct, ck, _ = capture.runs[0].dataset().chunks
@@ -201,7 +202,7 @@ def test_a_clean_capture_verifies(reference_model, tokenizer, tmp_path):
 
 def test_a_flipped_bit_in_token_ids_is_detected(reference_model, tokenizer, tmp_path):
     path = _capture(reference_model, tokenizer, tmp_path / "c.h5", new_tokens=3)
-    run_file = capture_file.list_run_files(str(path))[1][0]
+    run_file = run_files.list_run_files(str(path))[1][0]
     _flip(run_file, "token_ids", at=2)
     with loopscope.open(path) as capture:
         with pytest.raises(CaptureFileError, match="chunk failed its checksum") as info:
@@ -240,7 +241,7 @@ def test_a_merged_capture_is_verified_through_its_sources(reference_model, token
             assert ds.is_virtual or checksum.has_fletcher32(ds), (file, name)
     clean = verify_capture(out)
     assert clean.ok and clean.virtual and not clean.unchecked
-    _flip(capture_file.list_run_files(str(a))[1][0], "loops/core/states", at=64)
+    _flip(run_files.list_run_files(str(a))[1][0], "loops/core/states", at=64)
     damaged = verify_capture(out)
     assert [f.run for f in damaged.damaged] == [1] and "source" in damaged.damaged[0].dataset
     with loopscope.open(out) as capture:
@@ -266,7 +267,7 @@ def test_streamed_block_reads_check_each_chunk_themselves(reference_model, token
         assert checked == [True]
         np.testing.assert_array_equal(run.read(np.s_[ct:], out=out[ct:]), ds[ct:])
         assert checked[-1] is True
-    _flip(capture_file.list_run_files(str(path))[0][0], "loops/core/states", chunk=1, at=8)
+    _flip(run_files.list_run_files(str(path))[0][0], "loops/core/states", chunk=1, at=8)
     with loopscope.open(path) as capture:
         run = capture.runs[0]
         with pytest.raises(CaptureFileError, match=r"run 0, loop core, tokens \d+-\d+, steps \d+-\d+: chunk checksum"):

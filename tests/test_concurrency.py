@@ -20,7 +20,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time, torch
     import loopscope
-    from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+    from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
     register(); torch.manual_seed(0)
     model = RavenReferenceForCausalLM(tiny_config()).eval()
     path, writer, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
@@ -66,11 +66,11 @@ def test_writers_appending_at_once_keep_every_run_under_distinct_numbers(tmp_pat
 def test_reserved_numbers_skip_runs_on_disk_and_partial_files(tmp_path):
     """A writer that attached earlier keeps counting from its own next number; where another process has taken
     that number (finished or still partial), it moves past everything on disk."""
-    from loopscope.storage import capture_file
+    from loopscope.storage import run_files
 
     index = str(tmp_path / "c.h5")
     (tmp_path / "c.h5.runs").mkdir()
-    first, second = capture_file.RunFiles(index), capture_file.RunFiles(index)
+    first, second = run_files.RunFiles(index), run_files.RunFiles(index)
     a = first.create_run(0)
     b = second.create_run(0)  # both start at 0; the second finds 000000.partial.h5 taken
     assert (first.number_of(0), second.number_of(0)) == (0, 1)

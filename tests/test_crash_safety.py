@@ -31,7 +31,7 @@ CHILD = textwrap.dedent(
     import numpy as np, torch
     torch.set_num_threads(1)  # tiny model: more threads only fight over the CPU
     import loopscope
-    from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+    from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
     register(); torch.manual_seed(0)
     model = RavenReferenceForCausalLM(tiny_config()).eval()
     path, side, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -149,7 +149,7 @@ CLOSE_CHILD = textwrap.dedent(
     import os, sys, torch
     torch.set_num_threads(1)
     import loopscope
-    from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+    from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
     register(); torch.manual_seed(0)
     model = RavenReferenceForCausalLM(tiny_config()).eval()
     path = sys.argv[1]

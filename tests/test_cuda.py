@@ -178,7 +178,7 @@ def test_a_cpu_s0_before_cuda_iterations_is_stored(tmp_path, state_changed_in_pl
 def test_pinned_memory_is_counted_as_held_and_handed_back_at_close(reference_model, tmp_path):
     """PyTorch pins memory in power-of-two blocks and caches freed ones: the pool's count covers what PyTorch
     holds for its slabs, within the budget, and closing hands the idle blocks back."""
-    from loopscope.storage.buffers import empty_pinned_cache
+    from loopscope.storage.write.buffers import empty_pinned_cache
 
     def pinned_bytes() -> int:
         return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)

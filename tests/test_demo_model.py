@@ -9,8 +9,8 @@ import torch
 
 import loopscope
 from loopscope.analysis import token_metrics
-from loopscope.examples.demo import MODEL_DIR, PROMPT, build_demo_model
-from loopscope.examples.huginn_reference import RavenReferenceForCausalLM
+from loopscope.models.demo import MODEL_DIR, PROMPT, build_demo_model
+from loopscope.models.huginn_reference import RavenReferenceForCausalLM
 
 HELD_OUT = "Return the number of items in a container. The argument may be a sequence or a collection."
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import loopscope
-from loopscope.storage.errors import LoopNotFoundError
+from loopscope.errors import LoopNotFoundError
 
 H = 8
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import loopscope
-from loopscope.storage.errors import CaptureWriteError
+from loopscope.errors import CaptureWriteError
 
 
 def _fail_on_call(module, n: int, exc: BaseException):

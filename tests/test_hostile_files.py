@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import loopscope
-from loopscope.storage.errors import LoopscopeError
+from loopscope.errors import LoopscopeError
 from loopscope.storage.merge import merge
 
 TIMEOUT = 60
@@ -33,7 +33,7 @@ import matplotlib.pyplot
 import loopscope
 from loopscope.analysis import token_metrics
 from loopscope.cli.app import app
-from loopscope.storage.errors import LoopscopeError
+from loopscope.errors import LoopscopeError
 
 def vm_size():
     with open("/proc/self/status") as status:

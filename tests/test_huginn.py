@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import loopscope
-from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, tiny_config
+from loopscope.models.huginn_reference import RavenReferenceForCausalLM, tiny_config
 
 
 class GroupRecorder:
@@ -145,7 +145,7 @@ def test_batch_rows_keep_their_own_exit_step(reference_model, tmp_path):
 
 
 def test_forward_with_adaptive_compute_runs_token_by_token(reference_model, prompt_ids, tmp_path):
-    from loopscope.examples.huginn_reference import get_adaptive_exit_evaluator
+    from loopscope.models.huginn_reference import get_adaptive_exit_evaluator
 
     torch.manual_seed(0)
     plain = reference_model.forward_with_adaptive_compute(prompt_ids, get_adaptive_exit_evaluator(reference_model, "kl", 1e-4))

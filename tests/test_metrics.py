@@ -12,9 +12,9 @@ import torch
 import loopscope
 from loopscope.analysis import METRICS, convergence, token_metrics, trajectory_pca
 from loopscope.analysis.metrics import block_measures
-from loopscope.examples.demo import PROMPT as DEMO_PROMPT
-from loopscope.examples.demo import build_demo_model
-from loopscope.storage.errors import LoopscopeError
+from loopscope.models.demo import PROMPT as DEMO_PROMPT
+from loopscope.models.demo import build_demo_model
+from loopscope.errors import LoopscopeError
 
 PROMPT = "Tokens settle at different speeds."
 RTOL = 1e-5  # every measure against float64 arithmetic on the same states (float32 states are measured in float32)
@@ -293,7 +293,7 @@ def test_a_cosine_alone_still_falls_back_to_float64_past_float32s_range(converge
 
 
 def test_a_reference_of_another_state_size_is_a_one_line_error(capture_path, tokenizer, tmp_path):
-    from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+    from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
 
     register()
     torch.manual_seed(0)

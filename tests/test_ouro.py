@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import loopscope
-from loopscope.examples.ouro_reference import OuroReferenceForCausalLM, exit_distribution, register, tiny_config
+from loopscope.models.ouro_reference import OuroReferenceForCausalLM, exit_distribution, register, tiny_config
 
 
 def _ouro(**overrides):

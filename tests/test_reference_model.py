@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from loopscope.examples import demo_tokenizer
-from loopscope.examples.demo_tokenizer import build_tokenizer
-from loopscope.examples.huginn_reference import (
+from loopscope.models import demo_tokenizer
+from loopscope.models.demo_tokenizer import build_tokenizer
+from loopscope.models.huginn_reference import (
     RavenReferenceConfig,
     RavenReferenceForCausalLM,
     RecurrentKVCache,

@@ -18,8 +18,8 @@ CHILD_PRELUDE = textwrap.dedent(
     """
     import resource, signal, sys, time, torch
     import loopscope
-    from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
-    from loopscope.storage.errors import CaptureWriteError
+    from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+    from loopscope.errors import CaptureWriteError
     register(); torch.manual_seed(0)
     model = RavenReferenceForCausalLM(tiny_config()).eval()
     path = sys.argv[1]

@@ -22,7 +22,7 @@ from loopscope.analysis.metrics import METRICS
 from loopscope.cli.app import app
 from loopscope.examples.capture_torchrun import DEFAULT_PROMPTS
 from loopscope.hooks import distributed as ranks
-from loopscope.storage.errors import LoopscopeError, MergeError
+from loopscope.errors import LoopscopeError, MergeError
 from loopscope.storage.merge import merge
 
 PROMPT_A = "Looped models think by iterating."
@@ -265,7 +265,7 @@ def test_merge_errors_are_one_line(study, tmp_path, tokenizer, new_reference_mod
     cases.append((lambda: merge(out, [a, str(renamed / "b.h5")]), "recorded loops"))
 
     wide = str(tmp_path / "wide.h5")
-    from loopscope.examples.huginn_reference import RavenReferenceForCausalLM, tiny_config
+    from loopscope.models.huginn_reference import RavenReferenceForCausalLM, tiny_config
 
     torch.manual_seed(0)
     model = RavenReferenceForCausalLM(tiny_config(n_embd=32, vocab_size=len(tokenizer), padded_vocab_size=len(tokenizer)))

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import loopscope
-from loopscope.storage import capture_file, compression, preallocate, schema, staging, writer as w
-from loopscope.storage.buffers import HostBufferPool
-from loopscope.storage.errors import CaptureFileError, LoopscopeError
+from loopscope.storage import compression, index, run_files, schema
+from loopscope.storage.write import preallocate, staging, writer as w
+from loopscope.storage.write.buffers import HostBufferPool
+from loopscope.errors import CaptureFileError, LoopscopeError
 
 PLUGIN_FILTERS = ("lz4", "zstd", "blosc-lz4", "bitshuffle-lz4")
 
@@ -28,9 +29,9 @@ class Driver:
     """Sends writer messages for one batch of runs and keeps the array each run should end up holding."""
 
     def __init__(self, path, batch=1, hidden=16, dtype=torch.float32, budget=8 << 20, chunks=None, **writer_options):
-        capture_file.create_index(str(path), header={"loops": ["core"]}, readout=None)
+        index.create_index(str(path), header={"loops": ["core"]}, readout=None)
         self.pool = HostBufferPool(budget)
-        self.writer = w.CaptureWriter(capture_file.RunFiles(str(path)), self.pool, **writer_options)
+        self.writer = w.CaptureWriter(run_files.RunFiles(str(path)), self.pool, **writer_options)
         self.path, self.batch, self.hidden, self.dtype, self.chunks = path, batch, hidden, dtype, chunks
         self.run_ids = list(range(batch))
         self.expected = [np.full((0, 0, hidden), np.nan, dtype=np.float32) for _ in range(batch)]
@@ -252,7 +253,7 @@ def test_each_chunk_is_written_once_without_a_chunk_cache(tmp_path, monkeypatch)
     # 17 tokens x 6 steps in (4, 3) chunks: 5 token blocks x 2 step blocks, each chunk written exactly once
     assert sorted(stored) == [(t, k) for t in range(5) for k in range(2)]
     assert set(caches) == {0}
-    with h5py.File(capture_file.RunFiles(str(d.path)).final_path(0), "r") as f:
+    with h5py.File(run_files.RunFiles(str(d.path)).final_path(0), "r") as f:
         assert f["loops/core/states"].id.get_num_chunks() == 10
 
 

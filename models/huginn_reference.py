@@ -55,7 +55,7 @@ __all__ = [
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
-#: Vocabulary of ``tiny_config()``: sized for ``examples/demo_tokenizer.py`` (256 bytes + specials + merges).
+#: Vocabulary of ``tiny_config()``: sized for ``models/demo_tokenizer.py`` (256 bytes + specials + merges).
 TINY_VOCAB_SIZE = 320
 
 

@@ -4,7 +4,7 @@ h5py serialises every call behind one global lock, so parallel writers gain noth
 queue keeps the model's thread free of file I/O. The model side (``hooks/capture.py``) only ever puts messages;
 this thread creates one file per run, grows its datasets in large blocks, turns slabs into whole chunks (see
 ``staging.py``) and hands the slabs back to the pool, and when the run completes trims it, closes it and renames it
-into place (see ``capture_file.py`` for why).
+into place (see ``run_files.py`` for why).
 A failure here (disk full, permissions) is kept and re-raised on the model's thread at its next hook call, so the
 user sees one clear error instead of a silent gap.
 """
@@ -25,10 +25,10 @@ import h5py
 import numpy as np
 import torch
 
-from . import checksum, compression as filters, schema
+from .. import checksum, compression as filters, schema
 from .buffers import HostBufferPool
-from .capture_file import RunFiles
-from .errors import CaptureWriteError
+from ..run_files import RunFiles
+from ...errors import CaptureWriteError
 from .preallocate import Reserve
 from .staging import ChunkBudget, ChunkStager
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from .checksum import CHECKSUM_BYTES, fletcher32
+from ..checksum import CHECKSUM_BYTES, fletcher32
 
 
 class ChunkBudget:

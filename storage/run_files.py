@@ -1,0 +1,175 @@
+"""Where a capture's runs live on disk: the run folder, its file names, and reserving run numbers.
+
+A capture named ``run.h5`` is an *index* file plus one HDF5 file per run::
+
+    run.h5                  header (format, versions, model, config, loop adapter, options) and /readout;
+                            after a clean close also /runs/NNNNNN as external links to the run files
+    run.h5.runs/NNNNNN.h5   one finished run (its root group is the run)
+    run.h5.runs/NNNNNN.partial.h5   a run being written, or cut short by a crash or an error
+
+Why not one file: an HDF5 file that is open for writing when its process is killed, or whose disk fills up, can be
+left unreadable as a whole (truncated superblock), taking every earlier run with it. Here a run's file is closed
+and atomically renamed when the run completes, and the index is only open for a moment at the start and at the
+end, so a killed or failed capture keeps every completed run, and another process can read completed runs while
+the capture goes on. The reader finds runs by listing the directory; the links are a convenience for plain h5py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import h5py
+
+from . import schema
+from ..errors import CaptureFileError
+
+RUN_FILE = re.compile(r"^(\d{6,})(\.partial)?\.h5$")
+
+
+def runs_dir(index_path: str) -> str:
+    """The directory holding the run files of the capture whose index is ``index_path``."""
+    return index_path + ".runs"
+
+
+def list_run_files(index_path: str) -> dict[int, tuple[str, bool]]:
+    """{run index: (file path, complete)} for every run file present. Only canonical names count
+    (``run_name(n)`` + ".h5" or ".partial.h5"): a stray ``0000000.h5`` must not stand in for run 0."""
+    folder = runs_dir(index_path)
+    found: dict[int, tuple[str, bool]] = {}
+    if not os.path.isdir(folder):
+        return found
+    for name in os.listdir(folder):
+        parsed = run_file_name(name)
+        if parsed is not None:
+            index, complete = parsed
+            if complete or index not in found:
+                found[index] = (os.path.join(folder, name), complete)
+    return dict(sorted(found.items()))
+
+
+def run_file_name(name: str) -> tuple[int, bool] | None:
+    """(run number, complete) for a canonical run file name, else None."""
+    match = RUN_FILE.match(name)
+    if match is None or match.group(1) != schema.run_name(int(match.group(1))):
+        return None
+    return int(match.group(1)), match.group(2) is None
+
+
+def unexpected_files(index_path: str) -> list[str]:
+    """Names in the run folder that are not run files (ignored by the reader; ``info`` mentions them)."""
+    folder = runs_dir(index_path)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(name for name in names if run_file_name(name) is None)
+
+
+def check_locking(locking) -> None:
+    """h5py's ``locking=`` values (None: HDF5's default); anything else is a one-line error, not h5py's later."""
+    if not (locking is None or locking is True or locking is False or locking == "best-effort"):
+        raise CaptureFileError(f"locking={locking!r} is not one of None, True, False, 'best-effort'")
+
+
+def h5_kwargs(locking, cache_bytes: int | None = None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"libver": "latest"}
+    if cache_bytes is not None:
+        kwargs.update(rdcc_nbytes=cache_bytes, rdcc_w0=1.0)
+    if locking is not None:
+        kwargs["locking"] = locking
+    return kwargs
+
+
+
+
+def next_run_index(path: str) -> int:
+    """The first free run number (appending continues the numbering)."""
+    return max(list_run_files(path), default=-1) + 1
+
+
+class RunFiles:
+    """Creates run files as ``.partial.h5`` and renames them into place when they complete.
+
+    Run numbers are reserved on disk, not counted in memory: several processes may append to one capture at once
+    (two jobs on one study file), and a number fixed at attach would let one rename its run over another's. A
+    number is ours once ``NNNNNN.partial.h5`` was created with ``O_EXCL`` and no ``NNNNNN.h5`` exists; a run
+    always exists under one of the two names, so no two writers ever hold the same number. The caller's run keys
+    map to the numbers reserved for them.
+    """
+
+    # No chunk cache in run files: states are written as whole chunks (storage/staging.py) and token metadata in
+    # blocks of up to writer.TOKEN_CHUNK tokens (each touching one or two chunks), so a cache would only copy; and
+    # a chunk left dirty in it by a failed write is flushed again when HDF5 shuts down, which could crash the
+    # process at exit.
+    def __init__(self, index_path: str, *, locking: bool | str | None = None, cache_bytes: int = 0):
+        self.index_path = index_path
+        self.folder = runs_dir(index_path)
+        self.locking = locking
+        self.cache_bytes = cache_bytes
+        self.capture_id = _capture_id(index_path)
+        self._numbers: dict[int, int] = {}  # caller's run key -> run number reserved on disk
+        self._next = -1
+
+    def number_of(self, key: int) -> int:
+        """The run number reserved for the caller's run ``key``."""
+        return self._numbers[key]
+
+    def partial_path(self, key: int) -> str:
+        return self._path(self._numbers.get(key, key), ".partial.h5")
+
+    def final_path(self, key: int) -> str:
+        return self._path(self._numbers.get(key, key), ".h5")
+
+    def _path(self, number: int, suffix: str) -> str:
+        return os.path.join(self.folder, f"{schema.run_name(number)}{suffix}")
+
+    def _reserve(self) -> int:
+        """The next free run number, taken atomically against every other process writing to this capture."""
+        os.makedirs(self.folder, exist_ok=True)
+        candidate = self._next if self._next >= 0 else next_run_index(self.index_path)
+        while True:
+            try:
+                os.close(os.open(self._path(candidate, ".partial.h5"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:  # another writer's run: look past everything on disk now
+                candidate = max(candidate + 1, next_run_index(self.index_path))
+                continue
+            if os.path.exists(self._path(candidate, ".h5")):  # finished by another writer just before
+                os.remove(self._path(candidate, ".partial.h5"))
+                candidate = max(candidate + 1, next_run_index(self.index_path))
+                continue
+            self._next = candidate + 1
+            return candidate
+
+    def create_run(self, key: int) -> h5py.File:
+        number = self._reserve()
+        self._numbers[key] = number
+        run = h5py.File(self._path(number, ".partial.h5"), "w", **h5_kwargs(self.locking, self.cache_bytes))
+        run.attrs["format"] = schema.text(schema.RUN_FORMAT_NAME)
+        run.attrs["format_version"] = schema.FORMAT_VERSION
+        run.attrs["run_number"] = number
+        if self.capture_id:
+            run.attrs["capture_id"] = schema.text(self.capture_id)
+        return run
+
+    def finish_run(self, key: int, run: h5py.File, *, complete: bool) -> str:
+        """Close the run's file; a complete run is renamed atomically to its final name. Returns the file's path."""
+        number = self._numbers.pop(key)
+        run.close()
+        partial = self._path(number, ".partial.h5")
+        if not complete:
+            return partial
+        # No fsync here: a killed process loses nothing that reached the page cache, and an fsync per run would
+        # cost more than the run's own writes. (The index, written twice per capture, is fsynced.)
+        os.replace(partial, self._path(number, ".h5"))
+        return self._path(number, ".h5")
+
+
+def _capture_id(index_path: str) -> str:
+    """The index's ``capture_id`` (written into every run file, so a run of another capture is recognised)."""
+    try:
+        with h5py.File(index_path, "r") as index:
+            return schema.as_text(index.attrs.get("capture_id")) or ""
+    except OSError:
+        return ""
