@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import LoopNotFoundError
-from .adapters import KNOWN_FAMILIES, LoopAdapter, LoopSpec
+from .. import families
+from ..families.adapter import LoopAdapter, LoopSpec
 from .user_frames import user_stacklevel
 
 #: Joins the members of a tied-copies unit in ``LoopSpec.exit``: each member's call is the next iteration.
@@ -45,11 +46,7 @@ def resolve_adapter(model: nn.Module, loop: str | Sequence[str] | LoopAdapter | 
             _check_path(model, path)
             specs.append(LoopSpec(name=_loop_name(path, len(paths)), exit=path))
         return LoopAdapter(family="custom", loops=tuple(specs), steps_from="loop= override")
-    for family in KNOWN_FAMILIES:
-        adapter = family(model)
-        if adapter is not None:
-            return adapter
-    return probe(model)
+    return families.match(model) or probe(model)
 
 
 def _loop_name(path: str, how_many: int) -> str:

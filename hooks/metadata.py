@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .adapters import LoopAdapter
+from ..families.adapter import LoopAdapter
 
 
 def describe(model: nn.Module, adapter: LoopAdapter, options: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LoopscopeError
-from .adapters import LoopAdapter
+from ..families.adapter import LoopAdapter
 
 _NAMED = ("all", "prompt", "generated")
 

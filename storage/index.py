@@ -24,7 +24,8 @@ except ImportError:  # not POSIX: no lock, run numbers are still reserved with O
 
 from . import checksum, schema
 from ..errors import CaptureFileError, CaptureWriteError, first_line
-from .reader import CaptureFile, ReadoutNorm
+from .reader import CaptureFile
+from .readout import ReadoutNorm
 from .run_files import check_locking, h5_kwargs, list_run_files, runs_dir
 
 MODES = ("w-", "x", "w", "a")

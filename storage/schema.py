@@ -79,6 +79,12 @@ def as_text(value) -> str | None:
     return None
 
 
+def text_or(value, fallback):
+    """An attribute's text (fixed- or variable-length string), or ``fallback`` when it holds no text."""
+    decoded = as_text(value)
+    return fallback if decoded is None else decoded
+
+
 def run_name(index: int) -> str:
     """The group name of run ``index`` (zero-padded so names sort in capture order)."""
     return f"{index:06d}"

@@ -17,6 +17,7 @@ import h5py
 
 from . import checksum, run_files, schema
 from ..errors import CaptureFileError, first_line
+from .reader import CaptureFile
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,6 @@ class VerifyResult:
 
 def verify_capture(path: str | os.PathLike, *, locking: bool | str | None = None) -> VerifyResult:
     """Check every chunk of the capture at ``path`` (its index and every run file, complete or not)."""
-    from .reader import CaptureFile
-
     path = os.fspath(path)
     CaptureFile(path, locking=locking).close()  # a one-line error when it is not a readable capture
     kwargs = {"libver": "latest", **({} if locking is None else {"locking": locking})}

@@ -345,7 +345,7 @@ def test_pca_skips_or_names_tokens_whose_states_blew_up(reference_model, prompt_
 def test_default_pca_tokens_put_those_that_never_converge_last(capture_path):
     """Against a deeper reference some tokens never come within tol: they are the slowest, never the fastest."""
     from loopscope.analysis import token_metrics
-    from loopscope.cli.app import _typical_tokens
+    from loopscope.cli.plots import _typical_tokens
 
     with loopscope.open(capture_path) as capture:
         m = token_metrics(capture.run(1), reference=0)  # 4 steps against the generate run's 6

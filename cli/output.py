@@ -1,0 +1,111 @@
+"""What every command prints with: the consoles, safe text, the error wrapper, progress bars and small formatters.
+
+Kept apart from the commands so that plots and measures print exactly as the commands do, on the same consoles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import LoopscopeError
+from ..storage.run_files import list_run_files
+from ..storage.safety import clean
+
+console = Console(soft_wrap=True, emoji=False)  # paths are printed whole, never wrapped
+errors = Console(stderr=True, soft_wrap=True, emoji=False)
+
+
+def text(value) -> str:
+    """A string from a file, a path or the command line, printed as itself: never rich markup, never a terminal
+    control sequence (an ESC stored in a model name must not reach the terminal)."""
+    return escape(clean(value))
+
+
+def friendly(fn):
+    """Turn LoopscopeError (and a missing file) into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoopscopeError as exc:
+            errors.print(f"[red]error:[/red] {text(exc)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def progress(description: str, total: int):
+    """A transient rich progress bar on stderr, so stdout keeps only results; yields ``advance(n)``."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=errors, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@contextlib.contextmanager
+def removed_on_error(path: Path):
+    """Delete ``path`` if the block fails (a file written in part)."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def warn_nonfinite(metrics) -> None:
+    """Say which tokens blew up: their blanks in figures and empty CSV cells would otherwise go unexplained."""
+    bad = metrics.nonfinite_tokens()
+    if bad.size:
+        errors.print(
+            f"[yellow]warning:[/yellow] run {metrics.run}: {bad.size} token(s) have NaN or infinite states "
+            f"(first: token {int(bad[0])}); they are left blank in figures and empty in CSV",
+            highlight=False,
+        )
+
+
+def run_title(run) -> str:
+    """'FILE run N (D steps)': names a run in figure titles and legends, where several runs may meet."""
+    steps = run.iterations_of(None) if run.loops else np.array([])
+    depth = f"{int(steps.max())} steps" if steps.size else "no steps"
+    if run.loops and run.step_stride > 1:
+        depth += f", 1 in {run.step_stride} stored"
+    return f"{Path(run.capture.path).name} run {run.index} ({depth})"
+
+
+def describe_loop(loop) -> str:
+    """'family: exit module, ...' from the stored adapter JSON; '?' where it is missing or damaged."""
+    if not isinstance(loop, dict):
+        return "? (no readable loop description)"
+    loops = loop.get("loops") if isinstance(loop.get("loops"), list) else []
+    exits = [str(spec.get("exit", "?")) for spec in loops if isinstance(spec, dict)]
+    return f"{loop.get('family', '?')}: {', '.join(exits) or '?'}"
+
+
+def capture_size(path: Path) -> str:
+    """Size of the index plus its run files: the index alone holds almost none of a capture's bytes."""
+    try:
+        size = float(os.path.getsize(path) + sum(os.path.getsize(p) for p, _ in list_run_files(str(path)).values()))
+    except OSError:  # a run file renamed or removed meanwhile (a capture still running)
+        return "size unknown"
+    return human_bytes(size)
+
+
+def human_bytes(size: float) -> str:
+    """Bytes in the largest binary unit that keeps the number readable."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""

@@ -1,0 +1,48 @@
+"""The per-run rows of the tables ``info`` and ``convergence`` print: one summary line that tells runs apart.
+
+Kept out of the commands so that they stay parse, call, print; every cell is safe text, ready for rich.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .output import text
+
+INFO_COLUMNS = ("run", "call", "tokens", "steps (min-max)", "loops", "dtype", "hidden", "signals")
+DAMAGED_ROW = ("[red]damaged[/red]", "-", "-", "-", "-", "-", "-")
+CONVERGENCE_COLUMNS = ("run", "tokens", "steps", "converged at (median)", "never converged", "last step delta (mean)")
+
+
+def info_row(run) -> tuple:
+    """The cells after the run index in ``info``; raises LoopscopeError when the run file is damaged."""
+    spans = []
+    for loop in run.loops:  # HRM's H and L, ALBERT's groups: each loop its own range
+        steps = run.iterations_of(loop)
+        spans.append((f"{loop} " if len(run.loops) > 1 else "") + (
+            f"{steps.min()}-{steps.max()}" if steps.size else "-"))
+    span = ", ".join(spans) or "-"
+    if run.loops and run.step_stride > 1:
+        span += f" (1 in {run.step_stride} kept)"
+    return tuple(text(cell) for cell in (
+        str(run.attrs.get("call", "")),
+        str(run.num_tokens),
+        span,
+        ",".join(run.loops),
+        run.logical_dtype() if run.loops else "-",
+        str(run.hidden_size()) if run.loops else "-",
+        ",".join(n for loop in run.loops for n in run.signal_names(loop)) or "-",
+    ))
+
+
+def convergence_row(run, m, tol: float) -> tuple:
+    """The ``convergence`` summary of one run's measures ``m``: the CSV holds the detail."""
+    converged = m.convergence_steps(tol)
+    done = converged[converged >= 0]
+    last = m.step_delta[np.arange(len(m.num_steps)), m.num_steps] if len(m.num_steps) else np.array([])
+    last = last[np.isfinite(last)]
+    return (
+        str(run.index), str(run.num_tokens), f"{m.num_steps.min()}-{m.num_steps.max()}" if run.num_tokens else "-",
+        f"{np.median(done):g}" if done.size else "-", str(int(np.sum(converged < 0))),
+        f"{last.mean():.3g}" if last.size else "-",
+    )

@@ -1,0 +1,124 @@
+"""What the tracker knows about one call of the model: the runs it fills (:class:`Session`), one pass through the
+model's forward (:class:`Forward`), and where a forward's inputs are (ids, mask, positions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .transfer import Stage
+
+
+@dataclass
+class Session:
+    """Runs being filled by one forward() or generate() call."""
+
+    call: str
+    run_ids: list[int]
+    open_message: Any = None  # OpenRuns, sent once a token is stored (a call that stores none leaves no run)
+    offset: int = 0  # tokens stored so far
+    forwards: int = 0
+    tokens_seen: int = 0  # tokens computed so far: the next token's index in the run (and position, if none given)
+    chunks: dict[str, tuple[int, int]] = field(default_factory=dict)  # per loop: (tokens, steps) of its chunks
+
+
+@dataclass
+class Forward:
+    """Bookkeeping for one pass through the model's top-level forward (or one group of tokens computed outside it,
+    started by one of the adapter's ``entry_methods``: a *side* forward, which ends when the next one begins)."""
+
+    batch: int
+    tokens: int
+    steps: dict[str, int] = field(default_factory=dict)
+    s0_taken: set[str] = field(default_factory=set)
+    stages: dict[str, Stage] = field(default_factory=dict)
+    side: bool = False
+    keep: np.ndarray | None = None  # indices of the tokens this forward stores (tokens=...), None = all
+    keep_on: dict = field(default_factory=dict)  # the same indices as a tensor per device, for index_select
+    final: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)  # off-stride last state per loop
+    tokens_message: Any = None  # a side forward's Tokens, sent only once its group has run an iteration
+    row_steps: np.ndarray | None = None  # [B] each row's own exit step (Huginn's adaptive exit), 0 = not exited
+    signals: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
+
+    @property
+    def stored(self) -> int:
+        return self.tokens if self.keep is None else len(self.keep)
+
+    def select(self, value: torch.Tensor) -> torch.Tensor:
+        """The stored tokens of a [B, T, ...] tensor, selected where it lives (before any copy to the host)."""
+        if self.keep is None:
+            return value
+        index = self.keep_on.get(value.device)
+        if index is None:  # to a GPU from pinned memory without waiting (a pageable copy would block the host)
+            index = torch.from_numpy(self.keep)
+            index = index.pin_memory().to(value.device, non_blocking=True) if value.is_cuda else index
+            self.keep_on[value.device] = index
+        return value.index_select(1, index)
+
+
+def find_inputs(args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(token ids, input embeddings) of a forward call, either None. ``input_ids=`` / ``inputs_embeds=`` first;
+    else integer ids as the first argument ([T] or [B, T]), or the first integer [B, T] tensor passed by another
+    name (nanoGPT's ``model(idx=...)``) that is no mask, position or type id; else the first floating tensor
+    [batch, tokens, features] (a looped model over features), whose tokens get id -1."""
+    ids = kwargs.get("input_ids")
+    embeds = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))
+    if isinstance(ids, torch.Tensor) or isinstance(embeds, torch.Tensor):
+        return (ids if isinstance(ids, torch.Tensor) else None), (embeds if isinstance(embeds, torch.Tensor) else None)
+
+    def integer(t) -> bool:
+        return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+    if args and integer(args[0]) and args[0].dim() in (1, 2):
+        return args[0], None
+    named = [value for key, value in kwargs.items() if not key.endswith(("mask", "position_ids", "type_ids", "labels"))
+             and key != "cache_position"]
+    tensors = [t for t in (*args[1:], *named) if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        if integer(t) and t.dim() == 2:
+            return t, None
+    for t in (*args[:1], *tensors):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 3:
+            return None, t
+    return None, None
+
+
+def num_beams(model: nn.Module, args, kwargs) -> int:
+    """The beam count a generate() call will use: its num_beams=, else its generation config's, else the model's."""
+    if kwargs.get("num_beams") is not None:
+        return int(kwargs["num_beams"])
+    config = kwargs.get("generation_config")
+    if config is None:  # generate(inputs, generation_config, ...) positionally
+        config = next((a for a in args[1:2] if hasattr(a, "num_beams")), getattr(model, "generation_config", None))
+    return int(getattr(config, "num_beams", None) or 1)
+
+
+def argument(args, kwargs, where: int | str):
+    if isinstance(where, str):
+        return kwargs.get(where)
+    if len(args) > where:
+        return args[where]
+    return kwargs.get("hidden_states", next(iter(kwargs.values()), None) if kwargs else None)
+
+
+def mask_for(mask, batch: int, tokens: int) -> torch.Tensor | np.ndarray:
+    """The forward's [B, T] attention mask where it has one (left where it lives), else ones."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= tokens:
+        return mask[:, -tokens:]
+    return np.ones((batch, tokens), dtype=np.int8)
+
+
+def positions_for(kwargs, batch: int, tokens: int, offset: int) -> torch.Tensor | np.ndarray:
+    """The forward's [B, T] positions: ``position_ids``, else ``cache_position``, else counted from ``offset``."""
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == tokens:
+        pos = position_ids.reshape(-1, tokens)
+        return pos.expand(batch, tokens) if pos.shape[0] == 1 else pos
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel() == tokens:
+        return cache_position.reshape(1, tokens).expand(batch, tokens)
+    return np.broadcast_to(np.arange(offset, offset + tokens, dtype=np.int64), (batch, tokens))

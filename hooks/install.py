@@ -1,0 +1,74 @@
+"""Putting hooks and method wrappers on a model, and taking every one of them off again.
+
+Two mechanisms, each where only it works: torch forward (pre-)hooks on modules (the loop's exit and entry, signal
+modules, the model itself), and wrappers around model methods that run without a module call of their own
+(``forward`` as called directly, ``generate``, a family's entry and call methods). Several captures may wrap one
+model; each removes only its own, in any order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+
+class Installed:
+    """The hooks and method wrappers one capture put on ``model``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._handles: list[Any] = []
+        self._wrappers: list[tuple[str, Any]] = []
+
+    def before(self, module: nn.Module, hook: Callable) -> None:
+        """``hook(module, args, kwargs)`` before each call of ``module``."""
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def after(self, module: nn.Module, hook: Callable, *, with_kwargs: bool = False) -> None:
+        """``hook(module, args, output)`` (or ``(module, args, kwargs, output)``) after each call of ``module``."""
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=with_kwargs))
+
+    def wrap_method(self, name: str, call: Callable) -> None:
+        """Replace ``model.<name>`` by an instance attribute that routes through ``call(original, ...)``.
+
+        The wrapper keeps ``__wrapped__`` so ``inspect.signature`` (used by transformers to check generate's
+        kwargs) still sees the original signature. It reads ``__wrapped__`` at each call, so that when several
+        captures wrap one model, the one closed first can unlink itself from the chain (:meth:`remove`).
+        """
+        original = getattr(self.model, name, None)
+        if not callable(original):
+            return
+
+        def wrapper(*args, **kwargs):
+            return call(wrapper.__wrapped__, *args, **kwargs)
+
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        # what to put back: an attribute, or none
+        wrapper._loopscope_had_instance_attr = name in vars(self.model)  # type: ignore[attr-defined]
+        setattr(self.model, name, wrapper)
+        self._wrappers.append((name, wrapper))
+
+    def remove(self) -> None:
+        """Take off every hook and wrapper; safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for name, wrapper in reversed(self._wrappers):
+            top = vars(self.model).get(name)
+            if top is wrapper:
+                if wrapper._loopscope_had_instance_attr:
+                    setattr(self.model, name, wrapper.__wrapped__)
+                else:
+                    vars(self.model).pop(name, None)
+                continue
+            # Wrapped again after us. By a later capture: unlink ours from the chain, the later one inheriting
+            # what ours wraps. By anything else: ours stays, and passes calls straight through (we are closed).
+            above = top
+            while hasattr(above, "_loopscope_had_instance_attr") and above.__wrapped__ is not wrapper:
+                above = above.__wrapped__
+            if hasattr(above, "_loopscope_had_instance_attr"):
+                above.__wrapped__ = wrapper.__wrapped__
+                above._loopscope_had_instance_attr = wrapper._loopscope_had_instance_attr
+        self._wrappers.clear()

@@ -1,0 +1,394 @@
+"""Sessions, forwards and steps: what the model's calls mean, turned into writer messages. Knows nothing of devices.
+
+Labels are the point of the product, so this module owns them:
+
+* a *run* is one batch row of one ``forward()`` call, or of one whole ``generate()`` call (prefill and every
+  decoded token in order), or of one call of a method the adapter names (``call_methods``, e.g. Huginn's
+  ``forward_with_adaptive_compute``);
+* within one forward of the model, the exit module's k-th call is step k of every token that forward computes;
+  step 0 is s0, read before the first iteration. Decoding loops that bypass ``forward()`` (Huginn's adaptive
+  exit) are grouped by the adapter's ``entry_methods`` instead: each call starts the next group of tokens;
+* token ids come from the forward's ``input_ids``; positions from ``cache_position``/``position_ids``;
+* ``tokens=`` and ``step_stride=`` choose what is stored (``selection.py``), on the device, before any copy.
+
+Hooks only read tensors (detached, copied into host slabs), so the model's outputs are bit-identical with and
+without loopscope.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CaptureWriteError, LoopscopeError
+from ..families.adapter import LoopAdapter, LoopSpec
+from ..storage.write import messages
+from ..storage.write.writer import CaptureWriter
+from . import forwards, selection
+from .forwards import Forward, Session
+from .recorder import StateRecorder
+from .transfer import DeviceTransfer
+from .user_frames import user_stacklevel
+
+
+class Tracker:
+    """The hook callbacks of one capture: which run, forward and step each call of the model and its loop is."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: LoopAdapter,
+        writer: CaptureWriter,
+        transfer: DeviceTransfer,
+        *,
+        tokenizer,
+        tokens: selection.TokenSelection,
+        stride: int,
+        cast: torch.dtype | None,
+        chunks: tuple[int, int] | None,
+        next_run: int,
+        abort: Callable[[BaseException], None],
+    ):
+        self.model = model
+        self.adapter = adapter
+        self.writer = writer
+        self.transfer = transfer
+        self.recorder = StateRecorder(transfer, self.put, stride=stride, cast=cast, chunks=chunks)
+        self.tokenizer = tokenizer
+        self.abort = abort  # stops the capture after an error; the caller re-raises
+        self.closed = False
+        self.orphan_calls = 0  # loop calls outside any forward: counted, not recorded
+        self._tokens = tokens
+        self._stride = stride
+        self._next_run = next_run
+        self._session: Session | None = None
+        self._forward: Forward | None = None
+        self._in_call = 0  # depth of generate()/call_methods calls; the outermost one makes the runs
+        self._call_name = "forward"
+        self._side_groups = False  # whether entry-method calls start groups of tokens in the current call
+        self._warned_stride_exit = False
+        self._in_forward = 0  # depth of the model's forward() calls running now
+        self._nested = 0  # depth of model calls made inside its own forward(), which are not recorded
+        self._warned_nested = False
+        self._decode_copy = None
+
+    # ---- calls of the model (wrappers around its methods) ------------------------------------------------------------
+    def forward_call(self, original, *args, **kwargs):
+        self._in_forward += 1
+        try:
+            return original(*args, **kwargs)
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+        finally:
+            self._in_forward -= 1
+
+    def whole_call(self, name: str, original, *args, **kwargs):
+        """generate() (or an adapter's call method): everything it computes is one run per batch row."""
+        if self._in_call or self.closed or self._in_forward:  # a generate() calling generate() (a dispatcher) is
+            return original(*args, **kwargs)  # one call; one run inside the model's forward is not recorded
+        beams = forwards.num_beams(self.model, args, kwargs) if name == "generate" else 1
+        if beams > 1:
+            raise LoopscopeError(
+                f"generate(num_beams={beams}): beam search reorders the batch rows at every step, so no row is one "
+                "sequence to record as a run; use num_beams=1 (greedy or sampling), or close the capture first"
+            )
+        self._in_call += 1
+        self._call_name = name
+        # Only decoding loops the adapter describes group tokens by entry-method calls (Huginn: adaptive exit);
+        # others that bypass forward() (Huginn's diffusion-style sampler) leave their loop calls unrecorded.
+        self._side_groups = name in self.adapter.call_methods or any(
+            k in kwargs for k in self.adapter.exit_evaluator_kwargs
+        )
+        try:
+            if self.adapter.watch_call is not None:  # the family learns each row's own exit step (Huginn)
+                args, kwargs = self.adapter.watch_call(self.model, args, kwargs, self.on_exit_check)
+            result = original(*args, **kwargs)
+        except BaseException as exc:
+            self._in_call -= 1
+            self.abort(exc)
+            raise
+        self._in_call -= 1
+        self._side_groups = False
+        if self._forward is not None and self._forward.side:
+            self._finish_forward()
+        if self._session is not None:
+            self.end_session(complete=True)
+        return result
+
+    def side_entry(self, original, *args, **kwargs):
+        """An entry method (Huginn's ``embed_inputs``): inside forward() nothing happens; inside generate() a call
+        begins a new group of tokens, whose iterations are the loop calls until the next group begins."""
+        if self.closed or (self._forward is not None and not self._forward.side) or not self._side_groups:
+            return original(*args, **kwargs)  # loop calls outside any call stay orphans (counted, not recorded)
+        try:
+            if self._forward is not None:
+                self._finish_forward()
+            self._begin_forward(args, kwargs, side=True)
+            return original(*args, **kwargs)
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+
+    def on_exit_check(self, exits: torch.Tensor, values: torch.Tensor) -> None:
+        """A family's exit evaluator decided (``exits`` per row) on ``values``: note each row's own exit step."""
+        forward = self._forward
+        if forward is None or self.closed:
+            return
+        spec = self.adapter.loops[0]
+        step = forward.steps.get(spec.name, 0)
+        exits = exits.detach().reshape(-1).to("cpu")
+        if exits.numel() == forward.batch:
+            if forward.row_steps is None:
+                forward.row_steps = np.zeros(forward.batch, dtype=np.int32)
+            newly = exits.numpy().astype(bool) & (forward.row_steps == 0)
+            forward.row_steps[newly] = step
+        values = values.detach().float()
+        if values.numel() == forward.batch:  # one value per row, computed on the last position
+            per_token = torch.full((forward.batch, forward.tokens), float("nan"), device=values.device)
+            per_token[:, -1] = values.reshape(-1)
+            values = per_token
+        self.recorder.add_signal(forward, spec, "exit_value", step, values)
+
+    # ---- the model's own forward (pre- and post-hooks on the model) --------------------------------------------------
+    def on_model_enter(self, module, args, kwargs):
+        if self._in_forward:  # the model called inside its own forward (from a hook, say): not recorded, and the
+            self._nested += 1  # outer forward goes on as if it had not happened
+            if self._nested == 1 and not self._warned_nested:
+                warnings.warn("loopscope: a call of the model inside its own forward() is not recorded",
+                              stacklevel=user_stacklevel())
+                self._warned_nested = True
+            return
+        if self._forward is not None and self._forward.side:  # a group computed outside forward() ends here
+            self._finish_forward()
+        elif self._forward is not None:  # the previous forward raised before finishing: its runs are incomplete
+            if self._session is not None:
+                self.end_session(complete=False)  # also gives the interrupted forward's staged slabs back
+            self._forward = None
+        self._begin_forward(args, kwargs)
+
+    def on_model_exit(self, module, args, kwargs, output):
+        if self._nested:
+            self._nested -= 1
+            return
+        if self._forward is not None and not self._forward.side:
+            try:  # a forward hook runs after forward() returned, outside the wrapper that aborts on errors
+                self._finish_forward()
+            except BaseException as exc:
+                self.abort(exc)
+                raise
+
+    def _begin_forward(self, args, kwargs, side: bool = False) -> None:
+        self.check_writer()
+        input_ids, embeds = forwards.find_inputs(args, kwargs)
+        if input_ids is not None:
+            ids = input_ids.detach()
+            if ids.dim() == 1:
+                ids = ids.unsqueeze(0)
+        elif embeds is not None:
+            ids = torch.full(embeds.shape[:2], -1, dtype=torch.int64)
+        else:
+            raise LoopscopeError(
+                "loopscope could not find the inputs of the model's forward call: pass input_ids (or inputs_embeds), "
+                "or token ids as an integer tensor [batch, tokens]"
+            )
+        batch, tokens = ids.shape
+        if self._session is None:
+            call = self._call_name if self._in_call else "forward"
+            run_ids = list(range(self._next_run, self._next_run + batch))
+            self._next_run += batch
+            attrs = {"call": call, "batch_size": batch, "loops": [s.name for s in self.adapter.loops],
+                     "step_stride": self._stride}
+            opening = messages.OpenRuns(run_ids, [{**attrs, "batch_row": b} for b in range(batch)])
+            self._session = Session(call=call, run_ids=run_ids, open_message=opening)
+            self.recorder.new_runs()
+        session = self._session
+        if len(session.run_ids) != batch:
+            raise LoopscopeError(
+                f"batch size changed from {len(session.run_ids)} to {batch} inside one generate() call; "
+                "loopscope records one run per batch row and cannot follow rows being dropped"
+            )
+        fed_back = bool(self._in_call) and self._call_name == "generate" and session.forwards > 0
+        # generate(use_cache=False) runs the whole sequence again at each step: only its tokens past those already
+        # recorded are new to the run (the others were recorded when they were first computed)
+        seen = session.tokens_seen if fed_back and tokens > session.tokens_seen else 0
+        positions = forwards.positions_for(kwargs, batch, tokens, session.tokens_seen - seen)
+        indices = np.arange(session.tokens_seen - seen, session.tokens_seen - seen + tokens)  # the run's k-th tokens
+        keep = self._tokens.keep(fed_back, indices[seen:])
+        if seen:
+            keep = np.arange(seen, tokens) if keep is None else keep + seen
+        forward = self._forward = Forward(batch=batch, tokens=tokens, side=side, keep=keep)
+        session.tokens_seen += tokens - seen
+        if not forward.stored:
+            return
+        if session.open_message is not None:
+            self.put(session.open_message)
+            session.open_message = None
+        mask = forwards.mask_for(kwargs.get("attention_mask"), batch, tokens)
+        host_ids = self.transfer.to_host(ids, torch.int64)
+        strings = decode = None
+        if self.tokenizer is not None and ids.is_cuda:  # the ids are still on their way: text on the writer's thread
+            decode = self._writer_decode()
+        elif self.tokenizer is not None:
+            strings = messages.token_texts(host_ids if keep is None else host_ids[:, keep], self.tokenizer.decode)
+        message = messages.Tokens(
+            session.run_ids,
+            session.offset,
+            host_ids,
+            self.transfer.to_host(mask, torch.int8),
+            self.transfer.to_host(positions, torch.int64),
+            session.forwards,
+            strings=strings,
+            keep=keep,  # applied on the writer's thread
+            decode=decode,
+            ready=self.transfer.ready_event(),
+            scratch=self.transfer.scratch,
+        )
+        if side:
+            forward.tokens_message = message
+        else:
+            self.put(message)
+
+    def _finish_forward(self) -> None:
+        forward, session = self._forward, self._session
+        if forward is None or session is None:
+            return
+        if forward.side and not any(forward.steps.values()):  # an embedding call that started no iteration
+            self._forward = None  # (Huginn embeds the prompt once to shape its warm start): nothing to record
+            session.tokens_seen -= forward.tokens
+            return
+        if not forward.stored:  # tokens= left out every token of this forward
+            session.forwards += 1
+            self._forward = None
+            if not self._in_call:
+                self.end_session(complete=True)
+            return
+        if forward.tokens_message is not None:
+            self.put(forward.tokens_message)
+        self.recorder.record_finals(session, forward, self.adapter.loops)
+        self.recorder.flush_stages(session, forward)
+        self.recorder.flush_signals(session, forward)
+        for spec in self.adapter.loops:
+            steps = np.full((forward.batch, forward.stored), forward.steps.get(spec.name, 0), dtype=np.int32)
+            if forward.row_steps is not None and spec is self.adapter.loops[0]:
+                exited = forward.row_steps > 0
+                steps[exited] = self._stored_exit(forward.row_steps[exited], forward.steps.get(spec.name, 0))[:, None]
+            self.put(messages.Steps(session.run_ids, spec.name, session.offset, steps))
+        session.offset += forward.stored
+        session.forwards += 1
+        self._forward = None
+        if not self._in_call:
+            self.end_session(complete=True)
+
+    def end_session(self, complete: bool) -> None:
+        """The runs of the current call end (complete or cut short); a session that stored nothing made no runs."""
+        if self._session is None:
+            return
+        if self._forward is not None:  # an interrupted forward: its staged slabs go back unwritten
+            self.transfer.release(self._forward.stages.values())
+        session, self._session, self._forward = self._session, None, None
+        if session.open_message is not None:  # nothing was stored: no runs, and their numbers are free again
+            if self._next_run == session.run_ids[-1] + 1:
+                self._next_run = session.run_ids[0]
+            return
+        self.put(messages.CloseRuns(session.run_ids, complete=complete, attrs={"forwards": session.forwards}))
+
+    # ---- the loop's modules (hooks on entry, exit and signal modules) ------------------------------------------------
+    def entry_hook(self, spec: LoopSpec):
+        def hook(module, args, kwargs):
+            forward = self._forward
+            if forward is None or self._nested or spec.name in forward.s0_taken or forward.steps.get(spec.name, 0):
+                return
+            forward.s0_taken.add(spec.name)
+            if not forward.stored:
+                return
+            if spec.s0_parameter:
+                value = self.model.get_parameter(spec.s0_parameter).expand(forward.batch, forward.tokens, -1)
+            else:
+                value = forwards.argument(args, kwargs, spec.entry_arg)
+            if not isinstance(value, torch.Tensor):
+                return
+            if spec.entry_channels is not None:
+                value = value[..., : spec.entry_channels]
+            self.recorder.record(self._session, forward, spec, 0, value)
+
+        return hook
+
+    def exit_hook(self, spec: LoopSpec):
+        def hook(module, args, output):
+            forward = self._forward
+            if forward is None:
+                self.orphan_calls += 1
+                return
+            if self._nested:
+                return
+            step = forward.steps.get(spec.name, 0) + 1
+            forward.steps[spec.name] = step
+            if not forward.stored:
+                return
+            state = output[spec.output_index] if isinstance(output, (tuple, list)) else output
+            if step % self._stride == 0:
+                self.recorder.record(self._session, forward, spec, step // self._stride, state)
+            elif isinstance(state, torch.Tensor):  # kept in case it is the last step, as a copy: the model may
+                forward.final[spec.name] = (step, state.detach().clone())  # change its state in place later
+
+        return hook
+
+    def signal_hook(self, spec: LoopSpec, signal: str):
+        def hook(module, args, output):
+            if self._forward is None or self._nested:
+                return
+            value = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(value, torch.Tensor):
+                step = self._forward.steps.get(spec.name, 0)
+                self.recorder.add_signal(self._forward, spec, signal, step, value.detach())
+
+        return hook
+
+    def _stored_exit(self, exits: np.ndarray, last: int) -> np.ndarray:
+        """Rows of an adaptive batch that exited between stored steps (with ``step_stride``) are recorded up to
+        their last stored iteration: only the batch's own last iteration is kept off the stride."""
+        off = (exits % self._stride != 0) & (exits != last)
+        if off.any():
+            if not self._warned_stride_exit:
+                warnings.warn(
+                    f"loopscope: with step_stride={self._stride}, rows of an adaptive batch that exit between stored "
+                    "steps are recorded up to their last stored iteration; use batch size 1 or step_stride=1 to "
+                    "keep each row's exit state",
+                    stacklevel=user_stacklevel(),
+                )
+                self._warned_stride_exit = True
+            exits = np.where(off, exits - exits % self._stride, exits)
+        return exits
+
+    # ---- the writer --------------------------------------------------------------------------------------------------
+    def put(self, message) -> None:
+        """Hand a message to the writer, first surfacing (and acting on) a failure of the writer."""
+        self.check_writer()
+        self.writer.put(message)
+
+    def check_writer(self) -> None:
+        """After a write failure (disk full, ...) stop recording: detach the hooks, close the capture (completed
+        runs stay), then raise the clear error. Hooks of the model itself run outside its forward, so this cannot
+        rely on the forward wrapper to close."""
+        if self.writer.error is not None:
+            try:
+                self.writer.raise_if_failed()
+            except CaptureWriteError as exc:
+                self.abort(exc)
+                raise
+
+    def _writer_decode(self):
+        """The tokenizer's ``decode`` for the writer's thread, on a private copy: a fast tokenizer that the model's
+        thread is using at the same time (a streamer, a call with padding) can refuse a second thread."""
+        if self._decode_copy is None:
+            try:
+                self._decode_copy = copy.deepcopy(self.tokenizer).decode
+            except Exception:  # a tokenizer that cannot be copied: share it
+                self._decode_copy = self.tokenizer.decode
+        return self._decode_copy

@@ -1,0 +1,333 @@
+"""One run of a capture read back, lazily: asking for one token's trajectory or one iteration touches only the
+chunks that hold it. Every read is checked (layout, shapes, chunk checksums), so a damaged file gives a one-line
+:class:`CaptureFileError` naming the run, loop, tokens and steps. No torch here.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import h5py
+import numpy as np
+
+from . import checksum, layout, safety, schema
+from ..errors import CaptureFileError
+from .damage import chunk_check_failed, reading, verify_hint
+from .virtual import check_sources
+
+if TYPE_CHECKING:
+    from .reader import CaptureFile
+
+
+class Run:
+    """One sequence's capture: its tokens and, for each loop, every iteration's state."""
+
+    def __init__(self, capture: CaptureFile, index: int, path: str):
+        self.capture = capture
+        self.index = index
+        self.name = schema.run_name(index)
+        self.path = path
+        self._group: h5py.File | None = None
+        self._sources_checked = False  # a merged run's states live in other files (virtual datasets)
+        self._datasets: dict[str | None, h5py.Dataset] = {}  # checked states datasets, while the file is open
+
+    @property
+    def group(self) -> h5py.File:
+        """The run's HDF5 group (the root of its run file), opened on first use."""
+        if self._group is None:
+            self._group = safety.open_h5(self.path, what="run file ", **self.capture._open_kwargs)
+            try:
+                with reading(self.path):
+                    weight = self.capture.readout.weight
+                    attrs = layout.check_run(self._group, self.path, None if weight is None else len(weight))
+                    self._check_belongs(attrs)
+            except CaptureFileError:
+                self._group.close()
+                self._group = None
+                raise
+        return self._group
+
+    def close(self) -> None:
+        self._datasets.clear()
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+
+    def _check_belongs(self, attrs: dict) -> None:
+        """A run file copied in from another capture (or renamed) is an error, not another run's data."""
+        ours, theirs = (schema.as_text(a.get("capture_id")) for a in (self.capture._attrs, attrs))
+        number = attrs.get("run_number")
+        if not ours or not theirs:
+            return  # written before capture ids existed
+        same_number = isinstance(number, (int, np.integer)) and int(number) == self.index
+        if theirs != ours or (number is not None and not same_number):
+            raise CaptureFileError(
+                f"run file {self.path} belongs to another capture (capture {safety.clean(theirs)[:32]}, run "
+                f"{safety.clean(number)}), not run {self.index} of this one; remove it or put it back where it came from"
+            )
+
+    @property
+    def attrs(self) -> dict:
+        with reading(self.path):
+            items = safety.read_attrs(self.group, self.path)
+        return {k: schema.text_or(v, v.item() if isinstance(v, np.generic) else v) for k, v in items.items()}
+
+    @property
+    def loops(self) -> list[str]:
+        with reading(self.path):
+            present = set(self.group[schema.LOOPS].keys())
+        ordered = [name for name in self.capture.loop_names if name in present]
+        return ordered + sorted(present - set(ordered))
+
+    @cached_property
+    def token_ids(self) -> np.ndarray:
+        return self._array("token_ids")
+
+    @cached_property
+    def tokens(self) -> list[str] | None:
+        """Each token's text (when the capture had a tokenizer), from ``token_bytes`` cut at ``token_ends``."""
+        if "token_ends" not in self.group:
+            return None
+        ends = self._array("token_ends")
+        with reading(self.path):
+            data = self.group["token_bytes"][()].tobytes()
+        if ends.size and (np.any(np.diff(ends) < 0) or ends[0] < 0 or ends[-1] > len(data)):
+            raise CaptureFileError(f"{self.path}: token_ends do not fit token_bytes; damaged")
+        starts = np.concatenate([[0], ends[:-1]])
+        return [data[a:b].decode("utf-8", "replace") for a, b in zip(starts.tolist(), ends.tolist())]
+
+    @cached_property
+    def attention_mask(self) -> np.ndarray:
+        return self._array("attention_mask")
+
+    @cached_property
+    def positions(self) -> np.ndarray:
+        return self._array("positions")
+
+    @cached_property
+    def forward_index(self) -> np.ndarray:
+        return self._array("forward_index")
+
+    def _array(self, name: str) -> np.ndarray:
+        """A per-token dataset, read whole; checked to hold one integer per token."""
+        with reading(self.path):
+            data = self.group[name][()]
+        if data.shape != (self.num_tokens,) or data.dtype.kind not in "iu":
+            raise CaptureFileError(f"{self.path}: dataset {name} has shape {data.shape}, dtype {data.dtype}; damaged")
+        return data
+
+    @property
+    def num_tokens(self) -> int:
+        with reading(self.path):
+            return int(self.group["token_ids"].shape[0])
+
+    @property
+    def num_steps(self) -> np.ndarray:
+        """Iterations each token ran in the primary loop ([T] int)."""
+        return self.steps_of(None)
+
+    @property
+    def step_stride(self) -> int:
+        """1, or n when the capture kept s0, every n-th iteration and each token's last one (``step_stride=``)."""
+        stride = self.attrs.get("step_stride", 1)
+        if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride <= safety.MAX_STRIDE:
+            raise CaptureFileError(f"{self.path}: step_stride {stride!r} is damaged")
+        return int(stride)
+
+    def iterations_of(self, loop: str | None = None) -> np.ndarray:
+        """Iterations each token ran in ``loop``, as recorded (``steps_of`` gives stored steps; they differ with a
+        step stride; an adaptive batch row that exited between stored steps is recorded up to its last stored one)."""
+        return self._num_steps(loop)[0]
+
+    def step_iterations(self, loop: str | None = None) -> np.ndarray:
+        """[T, K] the iteration each stored step holds (-1 past a token's last): ``min(k * stride, iterations)``."""
+        iterations, last = self._num_steps(loop)
+        n_slots = self.dataset(loop).shape[1]
+        labels = schema.stored_step_iterations(iterations, self.step_stride, n_slots)
+        return np.where(np.arange(n_slots)[None, :] <= last[:, None], labels, -1)
+
+    def steps_of(self, loop: str | None) -> np.ndarray:
+        """The last stored step of each token in ``loop`` (its iteration count, or with a step stride n the slot
+        that holds its last iteration); checked against the stored steps, so indexing with it is safe."""
+        return self._num_steps(loop)[1]
+
+    def _num_steps(self, loop: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """(iterations as recorded, last stored step), validated against the states' shape."""
+        with reading(self.path):
+            group = self._loop(loop)
+            iterations = group["num_steps"][()]
+            n_tokens, n_slots = group["states"].shape[:2]
+        if iterations.shape != (n_tokens,) or iterations.dtype.kind not in "iu":
+            raise CaptureFileError(f"{self.path}: num_steps has shape {iterations.shape} for {n_tokens} tokens; damaged")
+        stride = self.step_stride
+        steps = -(-iterations // stride) if stride > 1 else iterations
+        if steps.size and (steps.min() < 0 or steps.max() >= n_slots):
+            raise CaptureFileError(
+                f"{self.path}: num_steps ranges {steps.min()}..{steps.max()} but states hold steps 0..{n_slots - 1}; damaged"
+            )
+        return iterations, steps
+
+    def step_labels(self, loop: str | None = None) -> np.ndarray | None:
+        """[K, D] nested-loop labels of each stored step (HRM's L loop: its (h, l) cycle), or None."""
+        with reading(self.path):
+            group = self._loop(loop)
+            return group["step_labels"][()] if "step_labels" in group else None
+
+    def signal_names(self, loop: str | None = None) -> list[str]:
+        """Per-token scalars recorded beside ``loop``'s states (e.g. ``exit_gate``, ``exit_value``)."""
+        with reading(self.path):
+            group = self._loop(loop)
+            return sorted(group[schema.SIGNALS]) if schema.SIGNALS in group else []
+
+    def signal(self, name: str, loop: str | None = None) -> np.ndarray:
+        """[T, K] float32 values of signal ``name`` per token and step (K as the states); NaN where not recorded."""
+        names = self.signal_names(loop)
+        if name not in names:
+            raise CaptureFileError(f"run {self.index} has no signal {name!r}; it has {names or 'none'}")
+        with reading(self.path):
+            ds = self._loop(loop)[schema.SIGNALS][name]
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.shape[0] != self.num_tokens:
+                raise CaptureFileError(f"{self.path}: signal {name!r} is damaged")
+            virtual = ds.is_virtual
+        if virtual:
+            self._check_sources_once()
+        with reading(self.path):
+            return ds[()].astype(np.float32, copy=False)
+
+    def dataset(self, loop: str | None = None) -> h5py.Dataset:
+        """The raw states dataset [T, K, H] of ``loop`` (stored dtype; bf16 as uint16 bits).
+
+        Looked up and checked once per open file: a streamed reader asks for it once per block."""
+        if loop in self._datasets:
+            return self._datasets[loop]
+        with reading(self.path):
+            ds = self._loop(loop)["states"]
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 3 or ds.dtype.kind not in "fu":
+                raise CaptureFileError(f"{self.path}: the states of loop {loop or self.loops[0]!r} are damaged")
+            virtual = ds.is_virtual
+        if virtual:
+            self._check_sources_once()
+        self._datasets[loop] = ds
+        return ds
+
+    def _check_sources_once(self) -> None:
+        """A merged run reads other files through virtual datasets; HDF5 would read a missing one as NaN, silently."""
+        if not self._sources_checked:
+            check_sources(self)
+            self._sources_checked = True
+
+    def logical_dtype(self, loop: str | None = None) -> str:
+        ds = self.dataset(loop)
+        with reading(self.path):
+            value = ds.attrs.get("logical_dtype", "float32")
+        value = schema.text_or(value, str(value))
+        expected = {"bfloat16": "u", "float16": "f", "float32": "f", "float64": "f"}.get(value)
+        if expected is None or ds.dtype.kind != expected:
+            raise CaptureFileError(f"{self.path}: states stored as {ds.dtype} with logical dtype {value!r}; damaged")
+        return value
+
+    def hidden_size(self, loop: str | None = None) -> int:
+        return int(self.dataset(loop).shape[2])
+
+    def states(
+        self, token: int | None = None, step: int | None = None, *, loop: str | None = None, raw: bool = False
+    ) -> np.ndarray:
+        """States as a numpy array.
+
+        ``token=i`` -> [num_steps[i] + 1, H] (s0, s1, ..., s_n); ``step=k`` -> [T, H]; both -> [H]; neither ->
+        [T, K, H]. Steps past a token's last are NaN, except in an adaptive batch, where a row that exited early
+        holds the iterations it was carried through while the others ran on (mask with ``steps_of``). bfloat16
+        captures are widened to float32 (exact) unless ``raw=True``, which returns the stored 16-bit patterns.
+        """
+        ds = self.dataset(loop)
+        n_tokens, n_slots = ds.shape[0], ds.shape[1]
+        for name, value in (("token", token), ("step", step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise CaptureFileError(f"{name}={value!r} must be an integer index")
+        if token is not None:
+            if not -n_tokens <= token < n_tokens:
+                raise CaptureFileError(f"token {token} out of range: run {self.index} has {n_tokens} tokens")
+            token = token % n_tokens
+        if step is not None and not 0 <= step < n_slots:
+            raise CaptureFileError(f"step {step} out of range: loop holds steps 0..{n_slots - 1}")
+        if token is not None and step is not None:
+            data = self.read(np.s_[token, step, :], loop)
+        elif token is not None:
+            data = self.read(np.s_[token, : int(self.steps_of(loop)[token]) + 1, :], loop)
+        elif step is not None:
+            data = self.read(np.s_[:, step, :], loop)
+        else:
+            data = self.read(np.s_[()], loop)
+        return data if raw else self.decode(data, loop)
+
+    def read(self, selection, loop: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """``dataset(loop)[selection]`` in the stored representation; a damaged file gives a CaptureFileError.
+
+        ``out``: a C-contiguous array of the selection's shape and the stored dtype to read into and return. h5py
+        reads a block into an existing array about 1.7x faster than into a new one, so streamed reads reuse one.
+        """
+        ds = self.dataset(loop)
+        with reading(self.path):
+            try:
+                if out is None:
+                    return ds[selection]
+                block = isinstance(selection, slice) and selection.step in (None, 1) and not ds.is_virtual
+                if block:  # a block of tokens, as analysis streams them: chunks checked here, faster than HDF5
+                    start, stop, _ = selection.indices(ds.shape[0])
+                    if checksum.read_token_block(ds, start, stop, out):
+                        return out
+                ds.read_direct(out, selection)
+                return out
+            except (OSError, checksum.ChunkMismatch) as exc:  # HDF5 checks each chunk's Fletcher-32 as it reads
+                if isinstance(exc, OSError) and not chunk_check_failed(exc):
+                    raise
+                raise CaptureFileError(self._damaged_message(ds, selection, loop)) from None
+
+    def _damaged_message(self, ds: h5py.Dataset, selection, loop: str | None) -> str:
+        """One line naming the run, loop, tokens and steps of the damaged chunk (found by checking the chunks the
+        selection touches; the selection's own span where they cannot be checked here, as in a merged run)."""
+        name = loop if loop is not None else self.loops[0]
+        what = "chunk checksum mismatch"
+        try:
+            start, end = h5py._hl.selections.select(ds.shape, selection, ds).id.get_select_bounds()
+            span = [(start[0], end[0]), (start[1], end[1])]
+            if checksum.has_fletcher32(ds):
+                within = tuple((a, b + 1) for a, b in zip(start, end))
+                damaged = list(checksum.damaged_chunks(ds, within))
+                if damaged:
+                    span = [damaged[0].span(0), damaged[0].span(1)]
+                    if damaged[0].reason != "checksum mismatch":  # a chunk that could not even be read
+                        what = f"chunk {damaged[0].reason}"
+                    if len(damaged) > 1:
+                        what += f" (and {len(damaged) - 1} more chunk(s) of this read)"
+                else:
+                    what = "a chunk failed to decode"
+        except Exception:  # naming the place is best effort; the error itself stands
+            span = None
+        where = f"run {self.index}, loop {name}"
+        if span is not None:
+            where += f", tokens {span[0][0]}-{span[0][1]}, steps {span[1][0]}-{span[1][1]}"
+        return f"{where}: {what} (the file was damaged on disk); {verify_hint(self.capture.path)}"
+
+    def decode(self, data: np.ndarray, loop: str | None = None) -> np.ndarray:
+        """Stored representation -> float array (bf16 bit patterns become exact float32)."""
+        if self.logical_dtype(loop) == "bfloat16":
+            return np.left_shift(data, 16, dtype=np.uint32).view(np.float32)  # one pass, no uint32 temporary
+        return data
+
+    def _loop(self, loop: str | None) -> h5py.Group:
+        if loop is not None and not isinstance(loop, str):
+            raise CaptureFileError(f"loop={loop!r} must be a loop's name; run {self.index} has {self.loops}")
+        loops = self.group[schema.LOOPS]
+        names = self.loops
+        if loop is None:
+            if not names:
+                raise CaptureFileError(f"run {self.index} recorded no loop iterations (the loop never ran)")
+            loop = names[0]
+        if loop not in loops:
+            raise CaptureFileError(f"run {self.index} has no loop {loop!r}; it has {names}")
+        return loops[loop]
+
+    def __repr__(self) -> str:
+        return f"<Run {self.index}: {self.num_tokens} tokens, loops {self.loops}>"
