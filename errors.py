@@ -4,6 +4,8 @@ Every error a user can cause (a bad file, a model without a loop, a full disk) i
 that fits on one line and says what to do. The CLI prints ``str(error)`` and exits non-zero instead of a traceback.
 """
 
+from __future__ import annotations
+
 
 class LoopscopeError(Exception):
     """Base class: anything loopscope raises deliberately."""
@@ -19,6 +21,9 @@ class LoopNotFoundError(LoopscopeError):
 
 class CaptureWriteError(LoopscopeError):
     """Writing the capture failed (disk full, permissions); the hooks were removed and earlier runs kept."""
+
+    #: The OS or HDF5 error behind it, for code that wants it (not chained, so a user sees one traceback).
+    original: BaseException | None = None
 
 
 class MergeError(LoopscopeError):

@@ -2,7 +2,7 @@
 
 A study of thousands of prompts fills terabytes; the streamed analysis (``metrics.py``) reads it on one core.
 Here every run's states dataset becomes a ``dask.array`` whose blocks are whole HDF5 chunks of tokens, the
-measures are one ``blockwise`` call per run (the same arithmetic, :func:`metrics.block_measures`), and one
+measures are one ``blockwise`` call per run (the same arithmetic, :func:`measures.block_measures`), and one
 ``compute`` runs every block of every run and file in parallel: on local threads by default, or on a
 ``dask.distributed`` cluster given its address (``scheduler="tcp://host:port"``).
 
@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
 
-from ..storage import compression, schema
 from ..errors import CaptureFileError, LoopscopeError, first_line
+from ..storage import compression, schema
 from ..storage.reader import CaptureFile, ReadoutNorm, Run
 from . import pca as _pca
 from .metrics import BLOCK_BYTES, METRICS, TokenMetrics, _token_block, stored_block_measures
@@ -128,8 +129,14 @@ def token_metrics(
             args += [None, None]
         graphs.append(
             da.blockwise(
-                _measure_block, "tmk", *args, new_axes={"m": len(METRICS)}, dtype=np.float64,
-                concatenate=True, bf16=p.bf16, readout=p.readout,
+                _measure_block,
+                "tmk",
+                *args,
+                new_axes={"m": len(METRICS)},
+                dtype=np.float64,
+                concatenate=True,
+                bf16=p.bf16,
+                readout=p.readout,
             )
         )
     labels = _reference_labels(plans, reference, locking)  # also checks each reference before any task runs
@@ -139,10 +146,17 @@ def token_metrics(
         run = p.run
         out.append(
             TokenMetrics(
-                run=run.index, loop=p.loop, space=p.space, reference=label, num_steps=p.steps,
-                token_ids=run.token_ids, positions=run.positions, tokens=run.tokens,
+                run=run.index,
+                loop=p.loop,
+                space=p.space,
+                reference=label,
+                num_steps=p.steps,
+                token_ids=run.token_ids,
+                positions=run.positions,
+                tokens=run.tokens,
                 **{name: values[:, i, :] for i, name in enumerate(METRICS)},
-                iterations=run.iterations, step_stride=run.step_stride,
+                iterations=run.iterations,
+                step_stride=run.step_stride,
             )
         )
     return out
@@ -320,6 +334,7 @@ def _reference_labels(plans, reference, locking) -> list[str]:
         with CaptureFile(p.capture, locking=locking) as capture, contextlib.ExitStack() as stack:
             run = capture.run(p.number)
             ref_run = open_reference_run(run, reference, stack)
+            assert ref_run is not None  # "final" returned above
             check_reference(run, ref_run, p.loop)  # on the driver: a clear error before any task runs
             steps = ref_run.steps_of(p.loop)[: run.num_tokens]
             same = os.path.abspath(ref_run.capture.path) == os.path.abspath(run.capture.path)
@@ -347,7 +362,7 @@ def _decode(raw: np.ndarray, *, bf16: bool) -> np.ndarray:
     return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32) if bf16 else raw
 
 
-def _reference_rows(capture_path, number, reference, space, loop, locking) -> np.ndarray:
+def _reference_rows(capture_path, number, reference, space, loop, locking) -> np.ndarray | None:
     """s* of every token of one run, [T, H] in the analysis space, read where the task runs."""
     with CaptureFile(capture_path, locking=locking) as capture, contextlib.ExitStack() as stack:
         run = capture.run(number)
@@ -357,5 +372,3 @@ def _reference_rows(capture_path, number, reference, space, loop, locking) -> np
 def _token_axes(centred: np.ndarray, n_components: int):
     axes, variance = _pca._principal_axes(centred, n_components)
     return axes, variance, float(np.sum(centred * centred))
-
-

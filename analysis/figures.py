@@ -136,8 +136,14 @@ def compare(
     image = None
     for ax, d, name, stride in zip(axes, (a, b), titles, step_strides):
         _, shown, _ = _log_scale(d, zeros, LogNorm)
-        image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=_cmap(), norm=norm,
-                          extent=(-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5))
+        image = ax.imshow(
+            shown,
+            aspect="auto",
+            interpolation="nearest",
+            cmap=_cmap(),
+            norm=norm,
+            extent=(-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5),
+        )
         ax.set_xlabel(steps_label(stride))
         ax.set_title(_t(name))
         rows_shown = _label_rows(d.shape[0])
@@ -172,8 +178,14 @@ def curves(
         if not profile["step"].size:
             continue
         line = ax.plot(profile["step"], profile["mean"], label=_t(f"{label} (mean)"))[0]
-        ax.fill_between(profile["step"], profile["low"], profile["high"], color=line.get_color(), alpha=0.2,
-                        label=_t(f"{label} ({band[0]:g}-{band[1]:g} percentile)"))
+        ax.fill_between(
+            profile["step"],
+            profile["low"],
+            profile["high"],
+            color=line.get_color(),
+            alpha=0.2,
+            label=_t(f"{label} ({band[0]:g}-{band[1]:g} percentile)"),
+        )
     if log:
         ax.set_yscale("log")
     ax.set_xlabel(steps_label(step_stride))
@@ -300,8 +312,14 @@ def _label_rows(n: int) -> np.ndarray:
 def _heatmap_page(plt, shown, norm, start, tokens, labels, colour_label, step_stride):
     rows, n_steps = shown.shape
     fig, ax = plt.subplots(figsize=(9, _height(rows)), constrained_layout=True)
-    image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=_cmap(), norm=norm,
-                      extent=(-0.5, n_steps - 0.5, rows - 0.5, -0.5))
+    image = ax.imshow(
+        shown,
+        aspect="auto",
+        interpolation="nearest",
+        cmap=_cmap(),
+        norm=norm,
+        extent=(-0.5, n_steps - 0.5, rows - 0.5, -0.5),
+    )
     ax.set_xlabel(steps_label(step_stride))
     ax.set_ylabel("Token")
     ticks = _label_rows(rows)

@@ -12,19 +12,19 @@ import contextlib
 import csv
 import itertools
 import os
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
-from ..storage import schema
 from ..errors import LoopscopeError
+from ..storage import schema
 from ..storage.reader import Run
+from .measures import METRICS, NONFINITE, _wanted, stored_block_measures
 from .reference import open_reference_run, reference_states, resolve_space, space_fn
 
-#: Every measure, each [T, K] with K = max steps + 1 (s_0..s_n); NaN past a token's last step.
-METRICS = ("distance", "relative_distance", "step_delta", "cosine", "norm")
 METRIC_HELP = {
     "distance": "||s_k - s*||",
     "relative_distance": "||s_k - s*|| / ||s*||",
@@ -33,11 +33,9 @@ METRIC_HELP = {
     "norm": "||s_k||",
 }
 DEFAULT_TOL = 1e-2
-NONFINITE = "nonfinite"  # block_measures' key for its [b] flags of tokens with a NaN or infinite state
 CONVERGENCE_METRIC = "relative_distance"  # what convergence_steps compares with the tolerance, by default
 BLOCK_BYTES = 64 << 20
 READ_AHEAD = 1  # blocks read ahead of the one being measured
-SLICE_BYTES = 1 << 20  # states measured at a time, so that they and their scratch copies stay in the CPU cache
 
 _Item = TypeVar("_Item")
 
@@ -124,8 +122,10 @@ class TokenMetrics:
         """
         missing = [name for name in METRICS if getattr(self, name) is None]
         if missing:
-            raise LoopscopeError(f"to_csv writes every measure; {', '.join(missing)} not computed (use the default "
-                                 "token_metrics(measures=METRICS))")
+            raise LoopscopeError(
+                f"to_csv writes every measure; {', '.join(missing)} not computed (use the default "
+                "token_metrics(measures=METRICS))"
+            )
         converged = self.convergence_iterations(tol)
         iterations = self.step_iterations()
         rows = 0
@@ -133,16 +133,34 @@ class TokenMetrics:
             writer = csv.writer(handle)
             if not append or handle.tell() == 0:
                 writer.writerow(
-                    ["run", "token_index", "position", "token_id", "token", "step", "iteration", "num_steps", *METRICS,
-                     "converged_at"]
+                    [
+                        "run",
+                        "token_index",
+                        "position",
+                        "token_id",
+                        "token",
+                        "step",
+                        "iteration",
+                        "num_steps",
+                        *METRICS,
+                        "converged_at",
+                    ]
                 )
             columns = [self[name] for name in METRICS]
             for t in range(len(self.num_steps)):
                 token = self.tokens[t] if self.tokens is not None else ""
                 for k in range(int(self.num_steps[t]) + 1):
                     writer.writerow(
-                        [self.run, t, int(self.positions[t]), int(self.token_ids[t]), token, k, int(iterations[t, k]),
-                         int(self.num_steps[t])]
+                        [
+                            self.run,
+                            t,
+                            int(self.positions[t]),
+                            int(self.token_ids[t]),
+                            token,
+                            k,
+                            int(iterations[t, k]),
+                            int(self.num_steps[t]),
+                        ]
                         + [_number(c[t, k]) for c in columns]
                         + [int(converged[t])]
                     )
@@ -178,7 +196,9 @@ def token_metrics(
     n_tokens, n_slots, hidden = ds.shape
     with contextlib.ExitStack() as stack:
         ref = reference_states(run, open_reference_run(run, reference, stack), space, loop)
-    out = {name: np.full((n_tokens, n_slots), np.nan) if name in wanted else None for name in METRICS}
+    out: dict[str, np.ndarray | None] = {
+        name: np.full((n_tokens, n_slots), np.nan) if name in wanted else None for name in METRICS
+    }
     nonfinite = np.zeros(n_tokens, dtype=bool)
     block = _token_block(n_slots, hidden, block_bytes, schema.dataset_chunks(ds))
     spans = [(t0, min(t0 + block, n_tokens)) for t0 in range(0, n_tokens, block)]
@@ -192,7 +212,9 @@ def token_metrics(
         values = stored_block_measures(stored, steps[t0:t1], star, to_space, wanted)
         nonfinite[t0:t1] = values.pop(NONFINITE)
         for name, value in values.items():
-            out[name][t0:t1] = value
+            target = out[name]
+            assert target is not None  # only wanted measures are computed
+            target[t0:t1] = value
         if progress is not None:
             progress(t1 - t0)
     return TokenMetrics(
@@ -211,94 +233,15 @@ def token_metrics(
     )
 
 
-def block_measures(
-    states: np.ndarray, last: np.ndarray, star: np.ndarray | None = None, measures: Iterable[str] = METRICS
-) -> dict[str, np.ndarray]:
-    """Every measure (or those in ``measures``) of a block of tokens: ``states`` [b, K, H] in the analysis space,
-    ``last`` [b] each token's last step, ``star`` [b, H] s* (None: each token's own last state). Each result is
-    [b, K] float64, NaN past ``last``; and under :data:`NONFINITE`, [b] bool, whether a token has a NaN or infinite
-    state at a step it ran (found in the sums of squares taken, so it holds whichever measures were asked for). The
-    one place the arithmetic lives, shared by the streamed and the Dask analysis.
-
-    Float32 states (the stored values in the state space) are measured in float32, at half the memory traffic of
-    float64: differences of float32 numbers are exact where they are close (near convergence, where distances are
-    tiny), sums of squares (BLAS) carry ~1e-7 relative error, and dot products accumulate in float64. A block whose
-    squares overflow float32 (norms past ~1e19) is measured again in float64.
-    """
-    states = np.asarray(states, dtype=np.result_type(states, np.float32))
-    if star is None:
-        star = states[np.arange(len(last)), last]
-    valid = np.arange(states.shape[1])[None, :] <= last[:, None]
-    wanted = _wanted(measures)
-    with np.errstate(all="ignore"):  # NaN/Inf states (a model that blew up) give NaN measures, flagged later
-        values, norms = _measures(states, star, wanted)
-        if states.dtype == np.float32 and _overflowed(norms, valid):
-            values, norms = _measures(states.astype(np.float64), star.astype(np.float64), wanted)
-        nonfinite = np.zeros(len(last), dtype=bool)
-        for norm, columns in norms:
-            nonfinite |= (~np.isfinite(norm) & valid[:, columns]).any(axis=1)
-    return {**{name: np.where(valid, value, np.nan) for name, value in values.items()}, NONFINITE: nonfinite}
-
-
-def stored_block_measures(
-    stored: np.ndarray,
-    last: np.ndarray,
-    star: np.ndarray | None,
-    to_space: Callable[[np.ndarray], np.ndarray],
-    measures: Iterable[str] = METRICS,
-) -> dict[str, np.ndarray]:
-    """:func:`block_measures` of decoded stored states, mapped by ``to_space`` and measured SLICE_BYTES at a time:
-    a slice's analysis-space copy and scratch arrays stay in the CPU cache between the passes over them (whole
-    8 MB blocks measured ~1.3x slower here)."""
-    rows = max(1, SLICE_BYTES * len(stored) // max(stored.nbytes, 1))
-    parts = [
-        block_measures(to_space(stored[t : t + rows]), last[t : t + rows], None if star is None else star[t : t + rows],
-                       measures)
-        for t in range(0, len(stored) or 1, rows)
-    ]
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-
-
-def _measures(
-    states: np.ndarray, star: np.ndarray, wanted: frozenset[str]
-) -> tuple[dict[str, np.ndarray], list[tuple[np.ndarray, slice]]]:
-    """The ``wanted`` measures of every step, in the precision of ``states`` and ``star``, through one scratch
-    array; also the norms taken on the way, each with the steps it covers (a sum of squares may overflow float32,
-    and a NaN or infinite one marks a state that is)."""
-    work = np.empty(states.shape, np.result_type(states, star))
-    star_norm = _norm(star)[:, None]
-    values: dict[str, np.ndarray] = {}
-    every = slice(None)
-    norms = [(np.broadcast_to(star_norm, states.shape[:2]), every)]  # (sums of squares, the steps they cover)
-    if wanted & {"norm", "cosine"}:
-        state_norms = _norm(states)
-        norms.append((state_norms, every))
-        if "norm" in wanted:
-            values["norm"] = state_norms
-        if "cosine" in wanted:
-            values["cosine"] = _dot(states, star) / (state_norms * star_norm)
-    if wanted & {"distance", "relative_distance"}:
-        dist = _norm(np.subtract(states, star[:, None, :], out=work))
-        norms.append((dist, every))
-        if "distance" in wanted:
-            values["distance"] = dist
-        if "relative_distance" in wanted:
-            values["relative_distance"] = dist / star_norm
-    if "step_delta" in wanted:
-        delta = np.full(states.shape[:2], np.nan)
-        delta[:, 1:] = _norm(np.subtract(states[:, 1:], states[:, :-1], out=work[:, 1:]))
-        values["step_delta"] = delta
-        norms.append((delta[:, 1:], slice(1, None)))  # step 0 has no delta, by definition
-    return {name: values[name] for name in METRICS if name in values}, norms
-
-
 def convergence(run: Run, reference="final", space: str = "auto", *, loop: str | None = None) -> np.ndarray:
     """[T, max_steps + 1] float64: ||f(s_k) - f(s*)|| of each token; NaN past a token's last step.
 
     The figure the Huginn paper draws; see :func:`token_metrics` for ``reference`` and ``space`` and for the
     other measures.
     """
-    return token_metrics(run, reference, space, loop=loop, measures=("distance",)).distance
+    distance = token_metrics(run, reference, space, loop=loop, measures=("distance",)).distance
+    assert distance is not None  # asked for
+    return distance
 
 
 def step_profile(values: np.ndarray, low: float = 10, high: float = 90) -> dict[str, np.ndarray]:
@@ -316,36 +259,6 @@ def step_profile(values: np.ndarray, low: float = 10, high: float = 90) -> dict[
             "low": np.nanpercentile(data, low, axis=0),
             "high": np.nanpercentile(data, high, axis=0),
         }
-
-
-def _overflowed(norms: list[tuple[np.ndarray, slice]], valid: np.ndarray) -> bool:
-    """Whether a sum of squares reached infinity at a step a token ran (in float32 it may be finite in float64)."""
-    return any(np.isinf(norm[valid[:, columns]]).any() for norm, columns in norms)
-
-
-def _wanted(measures: Iterable[str]) -> frozenset[str]:
-    """The measures asked for, checked: a clear error for a misspelt name or none at all."""
-    wanted = frozenset([measures] if isinstance(measures, str) else measures)
-    unknown = sorted(wanted - set(METRICS))
-    if unknown or not wanted:
-        raise LoopscopeError(f"measures={sorted(wanted)!r}: name one or more of {', '.join(METRICS)}")
-    return wanted
-
-
-def _norm(x: np.ndarray) -> np.ndarray:
-    """Euclidean norm over the last axis, as float64, without the squared temporary ``np.linalg.norm`` makes."""
-    return np.sqrt(_row_dot(x, x).astype(np.float64))
-
-
-def _row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Dot product of matching rows (last axis), through BLAS (sdot/ddot: ~3x ``einsum``, and more precise)."""
-    return np.matmul(a[..., None, :], b[..., :, None])[..., 0, 0]
-
-
-def _dot(states: np.ndarray, star: np.ndarray) -> np.ndarray:
-    """[b, K] s_k . s* summed in float64, where products of float32 numbers are exact: a cosine near 0 (early
-    steps, far from s*) keeps its relative precision, which a float32 sum of cancelling terms would lose."""
-    return _row_dot(states.astype(np.float64, copy=False), star.astype(np.float64)[:, None, :])
 
 
 def _block_reader(run: Run, loop: str | None, block: int) -> Callable[[int, int], np.ndarray]:

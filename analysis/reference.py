@@ -50,7 +50,7 @@ def space_fn(run: Run, space: str):
 
 def stored_values(x: np.ndarray) -> np.ndarray:
     """Decoded states as they are, in at least float32 (float16 widens exactly): the state space's measures need
-    no float64 copy, since differences of float32 numbers near convergence are exact (``metrics.block_measures``)."""
+    no float64 copy, since differences of float32 numbers near convergence are exact (``measures.block_measures``)."""
     return np.asarray(x, dtype=np.result_type(x.dtype, np.float32))
 
 
@@ -88,7 +88,9 @@ def open_reference_run(run: Run, reference, stack: contextlib.ExitStack) -> Run 
                 raise LoopscopeError(f"reference={text!r}: {path} has no complete runs")
             return other.runs[0]
         return other.run(index)
-    raise LoopscopeError(f"reference must be 'final', a run index, a Run or a capture file, got {type(reference).__name__}")
+    raise LoopscopeError(
+        f"reference must be 'final', a run index, a Run or a capture file, got {type(reference).__name__}"
+    )
 
 
 def check_reference(run: Run, reference_run: Run, loop: str | None) -> None:
@@ -134,6 +136,10 @@ def reference_states(run: Run, reference_run: Run | None, space: str, loop: str 
         start = stop
     rows = np.concatenate(blocks) if blocks else np.empty((0, ds.shape[2]))
     same_file = os.path.abspath(reference_run.capture.path) == os.path.abspath(run.capture.path)
-    where = f"run {reference_run.index}" if same_file else f"{os.path.basename(reference_run.capture.path)}:{reference_run.index}"
+    where = (
+        f"run {reference_run.index}"
+        if same_file
+        else f"{os.path.basename(reference_run.capture.path)}:{reference_run.index}"
+    )
     label = f"{where} ({int(steps.max()) if n else 0} steps)"
     return Reference(rows, label)

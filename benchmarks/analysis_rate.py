@@ -137,8 +137,13 @@ def main() -> None:
             space = resolve_space(run, "auto")
         best = {name: min(times) for name, times in results.items()}
         rows = [
-            [name, f"{best[name]:.3f}", f"{c.median(results[name]):.3f}", c.fmt_rate(size, best[name]),
-             f"{best['raw read'] / best[name]:.3f}"]
+            [
+                name,
+                f"{best[name]:.3f}",
+                f"{c.median(results[name]):.3f}",
+                c.fmt_rate(size, best[name]),
+                f"{best['raw read'] / best[name]:.3f}",
+            ]
             for name in readers
         ]
         c.table(
@@ -151,10 +156,20 @@ def main() -> None:
             "loopscope (raw chunk + numpy) for the streamed token blocks, by HDF5's pipeline for 'HDF5 checks'; "
             f"'{OFF.strip()}' rows read the same capture written without checksums",
         )
-        rows = [[name, c.fmt_rate(size, best[name]), c.fmt_rate(size, best[OFF + name]),
-                 f"{best[OFF + name] / best[name]:.3f}"] for name in ("h5py blocks", "token_metrics", "convergence")]
-        c.table("checksums: read rate with every chunk checked / the same capture without checksums",
-                ["reader", "MB/s checked", "MB/s unchecked", "checked / unchecked"], rows)
+        rows = [
+            [
+                name,
+                c.fmt_rate(size, best[name]),
+                c.fmt_rate(size, best[OFF + name]),
+                f"{best[OFF + name] / best[name]:.3f}",
+            ]
+            for name in ("h5py blocks", "token_metrics", "convergence")
+        ]
+        c.table(
+            "checksums: read rate with every chunk checked / the same capture without checksums",
+            ["reader", "MB/s checked", "MB/s unchecked", "checked / unchecked"],
+            rows,
+        )
 
 
 if __name__ == "__main__":

@@ -77,7 +77,11 @@ def main() -> None:
         try:
             for n in WORKERS:
                 clusters[n] = LocalCluster(
-                    n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0",
+                    n_workers=n,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address=":0",
                     silence_logs=50,
                 )
                 variants[f"dask cluster, {n} proc"] = lambda n=n: dd.token_metrics(
@@ -104,8 +108,14 @@ def main() -> None:
     for name in variants:
         base = "dask threads, 1" if "threads" in name else "dask cluster, 1 proc" if "cluster" in name else name
         rows.append(
-            [name, f"{best[name]:.3f}", f"{c.median(results[name]):.3f}", c.fmt_rate(size, best[name]),
-             f"{best[base] / best[name]:.2f}", f"{best['streamed, 1 process'] / best[name]:.2f}"]
+            [
+                name,
+                f"{best[name]:.3f}",
+                f"{c.median(results[name]):.3f}",
+                c.fmt_rate(size, best[name]),
+                f"{best[base] / best[name]:.2f}",
+                f"{best['streamed, 1 process'] / best[name]:.2f}",
+            ]
         )
     c.table(
         f"{c.fmt_bytes(size)} of states: {a.files} merged rank files x {runs} run(s) x {tokens} tokens x "

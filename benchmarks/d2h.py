@@ -19,7 +19,8 @@ tokens) and a decode (``--decode`` one-token forwards inside one generate()). Va
                   default 64 MiB budget a 2048-token plane of H=5280 is split into token blocks);
 * loopscope to file  the real writer too, into the page cache (bounded by the host's write rate, not the copy).
 
-Times run from the first forward until ``flush()`` returns (every copy waited for; the run file complete). Best of ``--repeats``, medians
+Times run from the first forward until ``flush()`` returns (every copy waited for; the run file complete).
+Best of ``--repeats``, medians
 beside. On a machine without CUDA the script says so and exits; ``--device cpu`` runs the same cases on the CPU
 (host-to-host copies, no pinning: a check of the script, not a device-to-host figure).
 """
@@ -32,9 +33,9 @@ import time
 
 import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
 import torch
+from write_rate import Replay, rate_table
 
 import loopscope
-from write_rate import Replay, rate_table
 
 
 def pinned_copy(states: torch.Tensor, host: torch.Tensor) -> None:
@@ -53,6 +54,7 @@ def capture(model: Replay, path: str, ids: torch.Tensor, decode: bool, file: boo
     attach and close, which create and finish the index file once per capture, are left out."""
     cap = loopscope.attach(model, path, loop="block", mode="w", **options)
     if not file:
+
         def wait_only(message) -> None:  # the slab goes back to the pool in the writer loop's finally
             for event in message.ready or ():
                 event.synchronize()
@@ -108,6 +110,7 @@ def main() -> None:
             ids = torch.zeros(1, states.shape[2], dtype=torch.long, device=device)
             nbytes = states.numel() * states.element_size()
             if is_decode:  # the ceiling for one token's states at a time: as many small copies as decoding makes
+
                 def pinned():
                     for t in range(states.shape[2]):
                         pinned_copy(states[:, :, t : t + 1], host[:, :, t : t + 1])
@@ -116,6 +119,7 @@ def main() -> None:
                     for t in range(states.shape[2]):
                         pageable_copy(states[:, :, t : t + 1])
             else:
+
                 def pinned():
                     pinned_copy(states, host)
 
@@ -142,10 +146,14 @@ def main() -> None:
                 timed(name)
             times = c.interleaved(list(cases), repeats, timed)
             rate_table(
-                times, nbytes, {}, ["pinned copy"],
+                times,
+                nbytes,
+                {},
+                ["pinned copy"],
                 f"{shape}: {a.steps + 1} states x H={a.hidden} {a.dtype} = {c.fmt_bytes(nbytes)}; best of {repeats}",
                 "from the first forward until every copy is done (loopscope: until flush() returns)",
             )
+
 
 if __name__ == "__main__":
     main()

@@ -55,8 +55,11 @@ def child(variant: str, tokens: int) -> None:
         result = c.run_variant(variant, model, ids, STEPS, tokens, work)
         hwm1 = c.proc_status_kb("VmHWM")
     # Without a reset, a peak reached before generate() (model init) can hide growth: say so.
-    print(json.dumps(dict(growth_kb=hwm1 - rss0, reset=reset, hwm_before_kb=hwm0, bytes=result.bytes,
-                          seconds=result.total_s)))
+    print(
+        json.dumps(
+            dict(growth_kb=hwm1 - rss0, reset=reset, hwm_before_kb=hwm0, bytes=result.bytes, seconds=result.total_s)
+        )
+    )
 
 
 def measure(variant: str, tokens: int) -> dict:
@@ -73,8 +76,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None, help="processes per cell (default 1)")
     p.add_argument("--jobs", type=int, default=2, help="subprocesses at a time (default 2)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of plain,loopscope,naive")
-    p.add_argument("--writer", type=int, default=None, metavar="TOKENS",
-                   help="instead: RSS of the writer alone over TOKENS decoded tokens (no model)")
+    p.add_argument(
+        "--writer",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="instead: RSS of the writer alone over TOKENS decoded tokens (no model)",
+    )
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "TOKENS"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -116,7 +124,9 @@ def main() -> None:
     for t in counts:
         low = {v: mib(v, t)[0] for v in variants}
         states = f"{t * (STEPS + 1) * MODEL['n_embd'] * 4 / 2**20:.1f}"
-        rows.append([t, states] + [cell(mib(v, t)) for v in variants] + [f"{low[v] - low['plain']:+.1f}" for v in extra])
+        rows.append(
+            [t, states] + [cell(mib(v, t)) for v in variants] + [f"{low[v] - low['plain']:+.1f}" for v in extra]
+        )
     c.table(
         "peak RSS growth during generate(), MiB"
         + (f" (min-max over {repeats} processes per cell; differences use the minimums)" if repeats > 1 else ""),
@@ -161,8 +171,14 @@ def writer_alone(tokens: int) -> None:
             forward(15 + n, 1)
             if n % max(tokens // 8, 1) == 0:
                 writer.drain()
-                rows.append([n, f"{n * steps * hidden * 4 / 2**20:.1f}", f"{(c.proc_status_kb('VmRSS') - rss0) / 1024:+.1f}",
-                             f"{writer.staging.held / 2**20:.1f}"])
+                rows.append(
+                    [
+                        n,
+                        f"{n * steps * hidden * 4 / 2**20:.1f}",
+                        f"{(c.proc_status_kb('VmRSS') - rss0) / 1024:+.1f}",
+                        f"{writer.staging.held / 2**20:.1f}",
+                    ]
+                )
         writer.put(w.CloseRuns([0]))
         writer.close()
     c.table(

@@ -6,7 +6,8 @@
 
 Why a replay: on a CPU the model computes far slower than any disk writes (the n_embd=1024 reference model
 makes ~1 MB/s of states decoding, ~4 MB/s in prefill, on 2 cores), so timing a real generate() measures the model,
-not the writer. On a GPU the balance flips and the writer's ceiling is what matters. So the states are real -- one prefill
+not the writer. On a GPU the balance flips and the writer's ceiling is what matters. So the states are real --
+one prefill
 of the reference model at n_embd=1024, 32 steps, recorded with a plain hook -- and are then *replayed* through a
 looped module whose iterations cost nothing (``Replay`` below: block k returns the recorded s_k). loopscope
 attaches to it with ``loop="block"`` and does all its real work: hook, copy into a host slab laid out in the
@@ -40,13 +41,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import glob
 import os
 import threading
 import time
 
 import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
-import glob
-
 import h5py
 import numpy as np
 import torch
@@ -54,7 +54,6 @@ from torch import nn
 
 import loopscope
 from loopscope.storage.write import preallocate, writer
-
 
 SUSTAINED = 8  # prefill runs per capture for the sustained rate
 SHORT_RUNS = 8  # the sustained volume again in runs this many times shorter: what each run file costs
@@ -111,8 +110,9 @@ def record_states(tokens: int, record: int, steps: int) -> torch.Tensor:
     return states.repeat(1, 1, reps, 1)[:, :, :tokens].contiguous()
 
 
-def capture(model: Replay, path: str, shape: str, ids: torch.Tensor, runs: int = 1, checksums: bool = True,
-            **options) -> None:
+def capture(
+    model: Replay, path: str, shape: str, ids: torch.Tensor, runs: int = 1, checksums: bool = True, **options
+) -> None:
     with checksums_off(not checksums), loopscope.attach(model, path, loop="block", mode="w", **options):
         for _ in range(runs):
             replay(model, shape, ids)
@@ -239,8 +239,13 @@ def rate_table(times: dict, nbytes: int, volume: dict, raws: list[str], title: s
     # 0.15 s), and the question is each writer's speed, not the machine's hiccups. Medians are shown too.
     rate = {name: nbytes * volume.get(name, 1) / min(ts) for name, ts in times.items()}
     rows = [
-        [name, f"{min(ts):.3f}", f"{c.median(ts):.3f}", f"{rate[name] / c.MB:,.0f}",
-         *[f"{rate[name] / rate[raw]:.3f}" for raw in raws]]
+        [
+            name,
+            f"{min(ts):.3f}",
+            f"{c.median(ts):.3f}",
+            f"{rate[name] / c.MB:,.0f}",
+            *[f"{rate[name] / rate[raw]:.3f}" for raw in raws],
+        ]
         for name, ts in times.items()
     ]
     c.table(title, ["writer", "best s", "median s", "MB/s", *[f"/ {raw}" for raw in raws]], rows, caption=caption)
@@ -252,14 +257,27 @@ OFF = "no checksums: loopscope "  # the same captures with Fletcher-32 off (Capt
 def checksum_table(times: dict, nbytes: int, volume: dict, sustained: str) -> None:
     """Write rate with Fletcher-32 on every chunk (the default) against the same capture without it."""
     rows = []
-    for on, off in (("loopscope prefill", f"{OFF}prefill"), ("loopscope decode", f"{OFF}decode"),
-                    (sustained, f"{OFF}prefill x{SUSTAINED}")):
+    for on, off in (
+        ("loopscope prefill", f"{OFF}prefill"),
+        ("loopscope decode", f"{OFF}decode"),
+        (sustained, f"{OFF}prefill x{SUSTAINED}"),
+    ):
         rate_on = nbytes * volume.get(on, 1) / min(times[on])
         rate_off = nbytes * volume.get(off, 1) / min(times[off])
-        rows.append([on.removeprefix("loopscope "), f"{rate_on / c.MB:,.0f}", f"{rate_off / c.MB:,.0f}",
-                     f"{rate_on / rate_off:.3f}"])
-    c.table("checksums: Fletcher-32 on every chunk (default) / off, same run", ["capture", "MB/s on", "MB/s off",
-            "on / off"], rows, caption="best of the interleaved repeats above")
+        rows.append(
+            [
+                on.removeprefix("loopscope "),
+                f"{rate_on / c.MB:,.0f}",
+                f"{rate_off / c.MB:,.0f}",
+                f"{rate_on / rate_off:.3f}",
+            ]
+        )
+    c.table(
+        "checksums: Fletcher-32 on every chunk (default) / off, same run",
+        ["capture", "MB/s on", "MB/s off", "on / off"],
+        rows,
+        caption="best of the interleaved repeats above",
+    )
 
 
 def codec_table(states: torch.Tensor, ids: torch.Tensor, work: str, repeats: int) -> None:
@@ -286,8 +304,16 @@ def codec_table(states: torch.Tensor, ids: torch.Tensor, work: str, repeats: int
                 times.append(time.perf_counter() - t)
                 on_disk = sum(os.path.getsize(p) for p in glob.glob(path + ".runs/*.h5"))
                 c.clear_dir(work)
-            rows.append([dtype, codec or "none", c.fmt_bytes(on_disk), f"{logical / on_disk:.3f}",
-                         f"{logical / min(times) / c.MB:,.0f}", f"{logical / c.median(times) / c.MB:,.0f}"])
+            rows.append(
+                [
+                    dtype,
+                    codec or "none",
+                    c.fmt_bytes(on_disk),
+                    f"{logical / on_disk:.3f}",
+                    f"{logical / min(times) / c.MB:,.0f}",
+                    f"{logical / c.median(times) / c.MB:,.0f}",
+                ]
+            )
     c.table(
         f"compression: one prefill of the {ids.shape[1]} recorded tokens (not tiled), {c.fmt_bytes(nbytes)} of "
         f"float32 states; best of {repeats}",
@@ -360,8 +386,9 @@ def main() -> None:
             sustained: lambda: capture(prefill_model, path, "prefill", ids, runs=SUSTAINED),
             f"{OFF}prefill": lambda: capture(prefill_model, path, "prefill", ids, checksums=False),
             f"{OFF}decode": lambda: capture(decode_model, path, "decode", ids, checksums=False),
-            f"{OFF}prefill x{SUSTAINED}": lambda: capture(prefill_model, path, "prefill", ids, runs=SUSTAINED,
-                                                         checksums=False),
+            f"{OFF}prefill x{SUSTAINED}": lambda: capture(
+                prefill_model, path, "prefill", ids, runs=SUSTAINED, checksums=False
+            ),
             short_name: lambda: capture(short_model, path, "prefill", ids[:, :short], runs=SUSTAINED * SHORT_RUNS),
             "h5py whole chunks": lambda: whole_chunks(path, blocks, by_token.shape, chunks),
             "h5py via chunk cache": lambda: cached_writes(path, states, chunks),
@@ -372,7 +399,10 @@ def main() -> None:
             timed(fn)
         times = c.interleaved(list(cases), repeats, lambda name: timed(cases[name]))
         rate_table(
-            times, nbytes, volume, ["tofile", "pwrite pieces, reserved blocks"],
+            times,
+            nbytes,
+            volume,
+            ["tofile", "pwrite pieces, reserved blocks"],
             f"{c.fmt_bytes(nbytes)} per run ({tokens} tokens x {steps1} states x H={hidden}, float32), loopscope's "
             f"chunks {chunks}; best of {repeats}",
             f"writes end in the page cache (no fsync); decode = one forward per token, as in generate(); "
@@ -404,7 +434,10 @@ def main() -> None:
             os.sync()
             disk_times = c.interleaved(list(disk), repeats, lambda name: timed(disk[name]))
             rate_table(
-                disk_times, nbytes, dict.fromkeys(disk, copies), ["raw write + fsync", "pwrite pieces, reserved + fsync"],
+                disk_times,
+                nbytes,
+                dict.fromkeys(disk, copies),
+                ["raw write + fsync", "pwrite pieces, reserved + fsync"],
                 f"to the disk: {c.fmt_bytes(nbytes * copies)} per case, each ending with an fsync of every file and "
                 f"directory it wrote; best of {repeats}",
                 "the time includes the disk's own write-back, so the page cache no longer hides it",

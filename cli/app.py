@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -17,7 +16,15 @@ from ..errors import LoopscopeError
 from . import plots
 from .measures import dask_metrics, run_metrics
 from .output import (
-    capture_size, console, describe_loop, errors, friendly, human_bytes, progress, removed_on_error, text,
+    capture_size,
+    console,
+    describe_loop,
+    errors,
+    friendly,
+    human_bytes,
+    progress,
+    removed_on_error,
+    text,
 )
 from .tables import CONVERGENCE_COLUMNS, DAMAGED_ROW, INFO_COLUMNS, convergence_row, info_row
 
@@ -95,11 +102,9 @@ def info(
 def capture(
     model: str = typer.Argument(..., help="A local model directory or a hub id (loaded with AutoModelForCausalLM)."),
     out: Path = typer.Option(..., "--out", help="Capture file to write (.h5)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (one run)."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="One prompt per line (one run each)."),
-    steps: Optional[int] = typer.Option(
-        None, "--steps", help="Iterations per token (num_steps); default: the model's."
-    ),
+    prompt: str | None = typer.Option(None, "--prompt", help="Prompt text (one run)."),
+    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="One prompt per line (one run each)."),
+    steps: int | None = typer.Option(None, "--steps", help="Iterations per token (num_steps); default: the model's."),
     max_new_tokens: int = typer.Option(0, "--max-new-tokens", help="Tokens to generate; 0 records one forward."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (Huginn)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto."),
@@ -108,10 +113,10 @@ def capture(
     seed: int = typer.Option(0, "--seed", help="torch seed set before each prompt (Huginn draws s0 at random)."),
     tokens: str = typer.Option("all", "--tokens", help="Tokens to store: all, prompt or generated."),
     step_stride: int = typer.Option(1, "--step-stride", help="Store s0, every N-th iteration and each token's last."),
-    criterion: Optional[str] = typer.Option(
+    criterion: str | None = typer.Option(
         None, "--criterion", help="Huginn adaptive exit: kl, entropy-diff, latent-diff, cosine, argmax-stability."
     ),
-    exit_threshold: Optional[float] = typer.Option(None, "--exit-threshold", help="Threshold for --criterion."),
+    exit_threshold: float | None = typer.Option(None, "--exit-threshold", help="Threshold for --criterion."),
 ):
     """Load a model, run the prompts through it with loopscope attached, and write the capture."""
     from transformers.utils import logging as hf_logging
@@ -127,9 +132,19 @@ def capture(
         loaded, tokenizer = load_pretrained(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     with progress("capturing prompts", len(prompts)) as advance:
         summary = capture_prompts(
-            loaded, tokenizer, prompts, out, steps=steps, max_new_tokens=max_new_tokens, mode=mode, seed=seed,
-            on_prompt=lambda i: advance(1), criterion=criterion, exit_threshold=exit_threshold,
-            tokens=tokens, step_stride=step_stride,
+            loaded,
+            tokenizer,
+            prompts,
+            out,
+            steps=steps,
+            max_new_tokens=max_new_tokens,
+            mode=mode,
+            seed=seed,
+            on_prompt=lambda i: advance(1),
+            criterion=criterion,
+            exit_threshold=exit_threshold,
+            tokens=tokens,
+            step_stride=step_stride,
         )
     console.print(
         f"wrote [bold]{summary.path}[/bold]: {summary.prompts} prompt(s), {summary.tokens} tokens, on {summary.device}"
@@ -141,35 +156,44 @@ def capture(
 def plot(
     file: Path = typer.Argument(..., help="A capture file (.h5)."),
     kind: str = typer.Option("heatmap", "--kind", help=plots.KIND_HELP),
-    run: List[int] = typer.Option([0], "--run", help="Run index (see `loopscope info`); repeat for curves."),
+    run: list[int] = typer.Option([0], "--run", help="Run index (see `loopscope info`); repeat for curves."),
     reference: str = typer.Option(
         "final", "--reference", help="s*: final (each token's last state), a run index, or FILE[:RUN]."
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Figure file (.png, .pdf or .svg); default KIND.png."),
+    out: Path | None = typer.Option(None, "--out", help="Figure file (.png, .pdf or .svg); default KIND.png."),
     space: str = typer.Option(
         "auto", "--space", help="readout (final norm applied, as in the paper), state, or auto (readout if stored)."
     ),
-    loop: Optional[str] = typer.Option(None, "--loop", help="Which loop, for models with several."),
+    loop: str | None = typer.Option(None, "--loop", help="Which loop, for models with several."),
     zeros: str = typer.Option(
         "clip", "--zeros", help="heatmap: show s* itself (distance 0) at the floor (clip) or blank (drop)."
     ),
-    tokens: Optional[str] = typer.Option(
-        None, "--tokens",
+    tokens: str | None = typer.Option(
+        None,
+        "--tokens",
         help="pca: token indices, e.g. 3,7,12 (default: fastest, median and slowest to converge).",
     ),
     basis: str = typer.Option("token", "--basis", help="pca: components per token, or shared by the tokens shown."),
     metric: str = typer.Option("distance", "--metric", help="curves: " + ", ".join(METRICS) + "."),
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="exits/pca: relative distance that counts as converged."),
-    other: Optional[str] = typer.Option(None, "--other", help="compare: the second run, as a run index or FILE[:RUN]."),
-    signal: Optional[str] = typer.Option(
+    other: str | None = typer.Option(None, "--other", help="compare: the second run, as a run index or FILE[:RUN]."),
+    signal: str | None = typer.Option(
         None, "--signal", help="signal: which one (see `loopscope info`), e.g. exit_gate."
     ),
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Draw a figure of one run (or several, for curves): heatmap, PCA trajectories, curves, exits, compare."""
     options = plots.PlotOptions(
-        reference=reference, space=space, loop=loop, zeros=zeros, tokens=tokens, basis=basis, metric=metric, tol=tol,
-        other=other, signal=signal,
+        reference=reference,
+        space=space,
+        loop=loop,
+        zeros=zeros,
+        tokens=tokens,
+        basis=basis,
+        metric=metric,
+        tol=tol,
+        other=other,
+        signal=signal,
     )
     for path in plots.draw(file, kind, run, out, missing, options):
         console.print(f"wrote [bold]{text(path)}[/bold]")
@@ -180,16 +204,17 @@ def plot(
 def convergence_table(
     file: Path = typer.Argument(..., help="A capture file (.h5)."),
     out: Path = typer.Option(..., "--out", help="CSV to write: one row per run, token and step."),
-    run: Optional[List[int]] = typer.Option(None, "--run", help="Run index; repeat for several (default: all)."),
+    run: list[int] | None = typer.Option(None, "--run", help="Run index; repeat for several (default: all)."),
     reference: str = typer.Option("final", "--reference", help="s*: final, a run index, or FILE[:RUN]."),
     space: str = typer.Option("auto", "--space", help="readout, state, or auto (readout if stored)."),
-    loop: Optional[str] = typer.Option(None, "--loop", help="Which loop, for models with several."),
+    loop: str | None = typer.Option(None, "--loop", help="Which loop, for models with several."),
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Relative distance that counts as converged."),
-    scheduler: Optional[str] = typer.Option(
-        None, "--scheduler",
+    scheduler: str | None = typer.Option(
+        None,
+        "--scheduler",
         help="Compute with Dask: threads, processes, or a cluster's address tcp://HOST:PORT (loopscope[scale]).",
     ),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Dask on this machine with N threads."),
+    workers: int | None = typer.Option(None, "--workers", help="Dask on this machine with N threads."),
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Every measure per token and step (distance, relative distance, step delta, cosine, norm) as CSV."""
@@ -223,7 +248,7 @@ def convergence_table(
 @friendly
 def merge(
     out: Path = typer.Argument(..., help="The merged capture to write (.h5)."),
-    sources: List[Path] = typer.Argument(..., help="Captures to join, e.g. cap.rank*.h5 from a torchrun job."),
+    sources: list[Path] = typer.Argument(..., help="Captures to join, e.g. cap.rank*.h5 from a torchrun job."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ):
     """Join captures into one whose states are HDF5 virtual datasets over theirs: nothing is copied."""
@@ -245,12 +270,13 @@ def merge(
 def export(
     file: Path = typer.Argument(..., help="A capture file (.h5)."),
     format: str = typer.Option(..., "--format", help="npz or safetensors."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output file (default: FILE with the format's suffix)."),
-    run: Optional[List[int]] = typer.Option(None, "--run", help="Run index; repeat for several (default: all)."),
+    out: Path | None = typer.Option(None, "--out", help="Output file (default: FILE with the format's suffix)."),
+    run: list[int] | None = typer.Option(None, "--run", help="Run index; repeat for several (default: all)."),
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Write the states and token data to .npz or .safetensors, streamed (bf16 stays bf16 in safetensors)."""
-    from ..storage.export import FORMATS, export as export_capture
+    from ..storage.export import FORMATS
+    from ..storage.export import export as export_capture
     from ..storage.reader import CaptureFile
 
     if format not in FORMATS:
@@ -286,15 +312,20 @@ def verify(file: Path = typer.Argument(..., help="A capture file (.h5).")):
     if result.incomplete:
         console.print(Text(f"{len(result.incomplete)} incomplete run file(s) checked too", style="yellow"))
     if result.unchecked:
-        console.print(Text(f"warning: {len(result.unchecked)} dataset(s) not checksummed (written before "
-                           "checksums); their bytes cannot be checked", style="yellow"))
+        console.print(
+            Text(
+                f"warning: {len(result.unchecked)} dataset(s) not checksummed (written before "
+                "checksums); their bytes cannot be checked",
+                style="yellow",
+            )
+        )
     if not result.ok:
         errors.print(Text(f"error: {len(result.damaged)} damaged chunk(s) or file(s) in {file}", style="red"))
         raise typer.Exit(1)
     console.print(Text(f"ok: every checksummed chunk of {file} matches", style="green"))
 
 
-def _selected_runs(capture, indices: Optional[List[int]]) -> list:
+def _selected_runs(capture, indices: list[int] | None) -> list:
     """The runs named by repeated ``--run`` options, or every complete run when none is given."""
     return [capture.run(i) for i in indices] if indices else capture.runs
 

@@ -25,8 +25,13 @@ def dask_metrics(file, runs, reference, space, loop, scheduler, workers) -> list
 
     with console.status(f"computing on Dask ({scheduler or 'threads'})…"):
         results = distributed_token_metrics(
-            file, runs=runs, reference=parse_reference(reference), space=space, loop=loop,
-            scheduler=scheduler, workers=workers,
+            file,
+            runs=runs,
+            reference=parse_reference(reference),
+            space=space,
+            loop=loop,
+            scheduler=scheduler,
+            workers=workers,
         )
     for metrics in results:
         warn_nonfinite(metrics)

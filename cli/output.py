@@ -88,7 +88,8 @@ def describe_loop(loop) -> str:
     """'family: exit module, ...' from the stored adapter JSON; '?' where it is missing or damaged."""
     if not isinstance(loop, dict):
         return "? (no readable loop description)"
-    loops = loop.get("loops") if isinstance(loop.get("loops"), list) else []
+    listed = loop.get("loops")
+    loops = listed if isinstance(listed, list) else []
     exits = [str(spec.get("exit", "?")) for spec in loops if isinstance(spec, dict)]
     return f"{loop.get('family', '?')}: {', '.join(exits) or '?'}"
 

@@ -60,8 +60,14 @@ def _heatmap(fig: _Figure) -> list:
 
     first, m = fig.first, fig.metrics(fig.first, "distance")
     return figures.heatmap(
-        m.distance, fig.out, tokens=first.tokens, positions=first.positions, reference=m.reference,
-        space=m.space, zeros=fig.options.zeros, title=f"{fig.name}, run {first.index}: convergence of the latent state",
+        m.distance,
+        fig.out,
+        tokens=first.tokens,
+        positions=first.positions,
+        reference=m.reference,
+        space=m.space,
+        zeros=fig.options.zeros,
+        title=f"{fig.name}, run {first.index}: convergence of the latent state",
         step_stride=first.step_stride,
     )
 
@@ -74,10 +80,18 @@ def _compare(fig: _Figure) -> list:
         raise LoopscopeError("--kind compare needs --other: a run index or FILE[:RUN]")
     first = fig.first
     second = open_reference_run(first, parse_reference(fig.options.other), fig.stack)
+    if second is None:  # --other final: there is no second run to draw
+        raise LoopscopeError("--kind compare needs --other: a run index or FILE[:RUN] (not 'final')")
     a, b = (fig.metrics(r, "distance") for r in (first, second))
     return figures.compare(
-        a.distance, b.distance, fig.out, tokens=first.tokens, reference=a.reference, space=a.space,
-        zeros=fig.options.zeros, titles=(run_title(first), run_title(second)),
+        a.distance,
+        b.distance,
+        fig.out,
+        tokens=first.tokens,
+        reference=a.reference,
+        space=a.space,
+        zeros=fig.options.zeros,
+        titles=(run_title(first), run_title(second)),
         step_strides=(first.step_stride, second.step_stride),
     )
 
@@ -90,12 +104,18 @@ def _curves(fig: _Figure) -> list:
         raise LoopscopeError(f"--metric {metric}: use one of {', '.join(METRICS)}")
     strides = sorted({r.step_stride for r in fig.runs})
     if len(strides) > 1:
-        raise LoopscopeError(f"--kind curves: these runs were stored with step strides {strides}, which "
-                             "share no x axis; draw each stride separately")
+        raise LoopscopeError(
+            f"--kind curves: these runs were stored with step strides {strides}, which "
+            "share no x axis; draw each stride separately"
+        )
     series = [(run_title(r), fig.metrics(r, metric)[metric]) for r in fig.runs]
     return figures.curves(
-        series, fig.out, ylabel=METRIC_HELP[metric], log=metric not in ("cosine", "norm"),
-        title=f"{fig.name}: {METRIC_HELP[metric]} per iteration, s* = {fig.options.reference}", step_stride=strides[0],
+        series,
+        fig.out,
+        ylabel=METRIC_HELP[metric],
+        log=metric not in ("cosine", "norm"),
+        title=f"{fig.name}: {METRIC_HELP[metric]} per iteration, s* = {fig.options.reference}",
+        step_stride=strides[0],
     )
 
 
@@ -108,8 +128,12 @@ def _signal(fig: _Figure) -> list:
         raise LoopscopeError(f"--kind signal needs --signal NAME; run {first.index} has {names or 'no signals'}")
     chosen = signal or names[0]
     return figures.signal_heatmap(
-        first.signal(chosen, loop), fig.out, name=chosen, tokens=first.tokens,
-        positions=first.positions, title=f"{run_title(first)}: {chosen} per token and step",
+        first.signal(chosen, loop),
+        fig.out,
+        name=chosen,
+        tokens=first.tokens,
+        positions=first.positions,
+        title=f"{run_title(first)}: {chosen} per token and step",
         step_stride=first.step_stride,
     )
 
@@ -125,7 +149,9 @@ def _exits(fig: _Figure) -> list:
     converged = fig.metrics(first, CONVERGENCE_METRIC).convergence_iterations(tol)
     depth = int(steps.max()) if steps.size else 0
     return figures.exits(
-        converged, fig.out, xlabel=f"First step with ||s - s*|| / ||s*|| <= {tol:g} from then on",
+        converged,
+        fig.out,
+        xlabel=f"First step with ||s - s*|| / ||s*|| <= {tol:g} from then on",
         title=f"{run_title(first)}: fixed depth {depth}, convergence step per token",
     )
 

@@ -19,20 +19,24 @@ def info_row(run) -> tuple:
     spans = []
     for loop in run.loops:  # HRM's H and L, ALBERT's groups: each loop its own range
         steps = run.iterations_of(loop)
-        spans.append((f"{loop} " if len(run.loops) > 1 else "") + (
-            f"{steps.min()}-{steps.max()}" if steps.size else "-"))
+        spans.append(
+            (f"{loop} " if len(run.loops) > 1 else "") + (f"{steps.min()}-{steps.max()}" if steps.size else "-")
+        )
     span = ", ".join(spans) or "-"
     if run.loops and run.step_stride > 1:
         span += f" (1 in {run.step_stride} kept)"
-    return tuple(text(cell) for cell in (
-        str(run.attrs.get("call", "")),
-        str(run.num_tokens),
-        span,
-        ",".join(run.loops),
-        run.logical_dtype() if run.loops else "-",
-        str(run.hidden_size()) if run.loops else "-",
-        ",".join(n for loop in run.loops for n in run.signal_names(loop)) or "-",
-    ))
+    return tuple(
+        text(cell)
+        for cell in (
+            str(run.attrs.get("call", "")),
+            str(run.num_tokens),
+            span,
+            ",".join(run.loops),
+            run.logical_dtype() if run.loops else "-",
+            str(run.hidden_size()) if run.loops else "-",
+            ",".join(n for loop in run.loops for n in run.signal_names(loop)) or "-",
+        )
+    )
 
 
 def convergence_row(run, m, tol: float) -> tuple:
@@ -42,7 +46,10 @@ def convergence_row(run, m, tol: float) -> tuple:
     last = m.step_delta[np.arange(len(m.num_steps)), m.num_steps] if len(m.num_steps) else np.array([])
     last = last[np.isfinite(last)]
     return (
-        str(run.index), str(run.num_tokens), f"{m.num_steps.min()}-{m.num_steps.max()}" if run.num_tokens else "-",
-        f"{np.median(done):g}" if done.size else "-", str(int(np.sum(converged < 0))),
+        str(run.index),
+        str(run.num_tokens),
+        f"{m.num_steps.min()}-{m.num_steps.max()}" if run.num_tokens else "-",
+        f"{np.median(done):g}" if done.size else "-",
+        str(int(np.sum(converged < 0))),
         f"{last.mean():.3g}" if last.size else "-",
     )

@@ -28,7 +28,9 @@ class LoopSpec:
     entry: str | None = None  # module whose input at the first iteration holds s0 (None: the exit module's own input)
     entry_channels: int | None = None  # keep only the first N channels of that input (Huginn's adapter sees [s, e])
     entry_arg: int | str = 0  # positional index or keyword name of the entry input that carries s0
-    s0_parameter: str | None = None  # s0 is this (learned or frozen) parameter broadcast over tokens, e.g. HRM's z_L_init
+    s0_parameter: str | None = (
+        None  # s0 is this (learned or frozen) parameter broadcast over tokens, e.g. HRM's z_L_init
+    )
     output_index: int = 0  # element of a tuple output that is the state
     nesting: tuple[str, ...] = ()  # label names for nested loops, e.g. ("h", "l")
     inner_steps: int | None = None  # iterations of this loop per outer iteration, for nested labels

@@ -20,8 +20,12 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
     if config is None or not hasattr(config, "num_hidden_groups") or not hasattr(config, "num_hidden_layers"):
         return None
     prefix = next(
-        (p for p in ("albert.", "") if has_module(model, p + "encoder.albert_layer_groups")
-         and has_module(model, p + "encoder.embedding_hidden_mapping_in")),
+        (
+            p
+            for p in ("albert.", "")
+            if has_module(model, p + "encoder.albert_layer_groups")
+            and has_module(model, p + "encoder.embedding_hidden_mapping_in")
+        ),
         None,
     )
     if prefix is None:

@@ -12,7 +12,9 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
     config = getattr(model, "config", None)
     if config is None or not (hasattr(config, "H_cycles") and hasattr(config, "L_cycles")):
         return None
-    prefix = next((p for p in ("model.", "") if has_module(model, p + "H_module") and has_module(model, p + "L_module")), None)
+    prefix = next(
+        (p for p in ("model.", "") if has_module(model, p + "H_module") and has_module(model, p + "L_module")), None
+    )
     if prefix is None:
         return None
     return LoopAdapter(

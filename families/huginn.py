@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import cast
 
 from torch import nn
 
@@ -28,8 +29,8 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
         return None
     if not (has_module(model, "transformer.core_block") and has_module(model, "transformer.adapter")):
         return None
-    core = model.get_submodule("transformer.core_block")
-    hidden = getattr(config, "n_embd", None) or getattr(config, "hidden_size")
+    core = cast(nn.ModuleList, model.get_submodule("transformer.core_block"))
+    hidden = getattr(config, "n_embd", None) or config.hidden_size
     return LoopAdapter(
         family="huginn-raven",
         loops=(

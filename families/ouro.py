@@ -18,7 +18,8 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
     if config is None or not hasattr(config, "total_ut_steps"):
         return None
     prefix = next(
-        (p for p in ("model.", "") if all(has_module(model, p + m) for m in ("norm", "layers.0", "early_exit_gate"))), None
+        (p for p in ("model.", "") if all(has_module(model, p + m) for m in ("norm", "layers.0", "early_exit_gate"))),
+        None,
     )
     if prefix is None:
         return None

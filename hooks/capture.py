@@ -22,8 +22,8 @@ from torch import nn
 from ..errors import CaptureWriteError, LoopscopeError
 from ..families.adapter import LoopAdapter
 from ..storage import index, run_files
-from ..storage.write.buffers import HostBufferPool
 from ..storage.write import writer as w
+from ..storage.write.buffers import HostBufferPool
 from . import distributed, metadata, selection
 from .detect import resolve_adapter
 from .install import Installed

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import LoopNotFoundError
 from .. import families
+from ..errors import LoopNotFoundError
 from ..families.adapter import LoopAdapter, LoopSpec
 from .user_frames import user_stacklevel
 
@@ -190,6 +190,8 @@ def probe(model: nn.Module, input_ids: torch.Tensor | None = None) -> LoopAdapte
     for unit in pattern:  # the first unit of an iteration that reads the state (or the state plus more, as Huginn)
         if len(unit.calls) != reps * pattern.count(unit):
             continue  # also called outside the loop: its first call would not be the first iteration's
+        if hidden is None:
+            break
         if unit.in_width == hidden:
             entry = unit
             break
@@ -211,8 +213,11 @@ def probe(model: nn.Module, input_ids: torch.Tensor | None = None) -> LoopAdapte
         steps_from=steps_from,
         notes=(
             f"found by a probe forward: iteration = {_names(pattern)}, {reps} times; candidates: {considered}",
-            *(("tied copies (shared parameter storage) count as one block: each member's call is the next "
-               "iteration",) if TIED in exit_path else ()),
+            *(
+                ("tied copies (shared parameter storage) count as one block: each member's call is the next iteration",)
+                if TIED in exit_path
+                else ()
+            ),
         ),
     )
 
@@ -220,7 +225,8 @@ def probe(model: nn.Module, input_ids: torch.Tensor | None = None) -> LoopAdapte
 def _units(model: nn.Module) -> tuple[dict[str, _Unit], dict[str, str]]:
     """Group the model's called modules into units: a module alone, or tied copies sharing all parameters."""
     named = [
-        (name, module) for name, module in model.named_modules()
+        (name, module)
+        for name, module in model.named_modules()
         if name and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
     ]
     by_key: dict[tuple, list[str]] = {}
@@ -310,7 +316,7 @@ def _repeating_run(sequence: list[_Unit], name: str, considered: str) -> tuple[l
     if not best:
         return None
     (covered, period), found = min(best.items())
-    patterns = {tuple(sequence[s: s + period]) for s, _ in found}
+    patterns = {tuple(sequence[s : s + period]) for s, _ in found}
     if len(patterns) > 1:
         runs = "; ".join(f"{_names(list(p))} x{-covered // period}" for p in patterns)
         raise LoopNotFoundError(
@@ -318,7 +324,7 @@ def _repeating_run(sequence: list[_Unit], name: str, considered: str) -> tuple[l
             "pass loop= with the module whose one call is one iteration"
         )
     start, reps = found[0]
-    return sequence[start: start + period], reps
+    return sequence[start : start + period], reps
 
 
 def _names(pattern: list[_Unit]) -> str:
@@ -337,7 +343,7 @@ def _confirm_count(model: nn.Module, ids: torch.Tensor, exit_unit: _Unit, reps: 
     members = [model.get_submodule(m) for m in exit_unit.members]
     for owner, where, key in settings[:4]:
         count = [0]
-        handles = [m.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1)) for m in members]
+        handles = [m.register_forward_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1)) for m in members]
         try:
             setattr(owner, key, reps + 1)
             _run(model, ids)

@@ -75,8 +75,11 @@ def find_inputs(args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]
 
     if args and integer(args[0]) and args[0].dim() in (1, 2):
         return args[0], None
-    named = [value for key, value in kwargs.items() if not key.endswith(("mask", "position_ids", "type_ids", "labels"))
-             and key != "cache_position"]
+    named = [
+        value
+        for key, value in kwargs.items()
+        if not key.endswith(("mask", "position_ids", "type_ids", "labels")) and key != "cache_position"
+    ]
     tensors = [t for t in (*args[1:], *named) if isinstance(t, torch.Tensor)]
     for t in tensors:
         if integer(t) and t.dim() == 2:

@@ -56,7 +56,7 @@ class Installed:
             handle.remove()
         self._handles.clear()
         for name, wrapper in reversed(self._wrappers):
-            top = vars(self.model).get(name)
+            top: Any = vars(self.model).get(name)
             if top is wrapper:
                 if wrapper._loopscope_had_instance_attr:
                     setattr(self.model, name, wrapper.__wrapped__)
@@ -65,7 +65,7 @@ class Installed:
                 continue
             # Wrapped again after us. By a later capture: unlink ours from the chain, the later one inheriting
             # what ours wraps. By anything else: ours stays, and passes calls straight through (we are closed).
-            above = top
+            above: Any = top
             while hasattr(above, "_loopscope_had_instance_attr") and above.__wrapped__ is not wrapper:
                 above = above.__wrapped__
             if hasattr(above, "_loopscope_had_instance_attr"):

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
 from ..families.adapter import LoopAdapter
+from . import distributed
 
 
 def describe(model: nn.Module, adapter: LoopAdapter, options: dict[str, Any]) -> dict[str, Any]:

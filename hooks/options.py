@@ -62,7 +62,7 @@ class CaptureOptions:
             dtype=dtype,
             buffer_mb=buffer_mb,
             compression=compression,
-            chunks=tuple(chunks) if chunks else None,  # type: ignore[arg-type]
+            chunks=tuple(chunks) if chunks else None,
             locking=locking,
             tokens=selection.TokenSelection.parse(tokens),  # bad options fail before the probe forwards
             step_stride=selection.check_stride(step_stride),

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ def load_pretrained(name_or_path: str, *, trust_remote_code: bool = False, devic
     register()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code, dtype=DTYPES[dtype]
         )
     except (OSError, ValueError, KeyError, ImportError) as exc:
@@ -97,7 +98,7 @@ def capture_prompts(
     Huginn's adaptive exit in ``generate()``; ``capture_options`` go to :func:`attach` (``tokens``, ``step_stride``).
     """
     check_counts(steps, max_new_tokens)
-    extra = {}
+    extra: dict[str, Any] = {}
     if criterion is not None or exit_threshold is not None:
         if not max_new_tokens or not hasattr(model, "generate_with_adaptive_compute"):
             raise LoopscopeError(
@@ -124,8 +125,7 @@ def capture_prompts(
                 torch.manual_seed(seed)
             with torch.no_grad():
                 if max_new_tokens:
-                    model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=pad, **extra)
+                    model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **extra)
                 else:
                     model(ids, **extra)
             if on_prompt is not None:

@@ -23,7 +23,12 @@ from .forwards import Forward, Session
 from .transfer import DeviceTransfer, Stage
 
 #: Logical dtype name stored in the file for each torch dtype a state may have.
-LOGICAL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
+LOGICAL_DTYPES = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
 
 
 class StateRecorder:
@@ -167,16 +172,35 @@ class StateRecorder:
             # on CUDA a copy taken on the model's stream goes down, not the state, which the model may change later
             self.transfer.copy(slab[0, :, :, 0], piece.clone() if piece.is_cuda else piece)
             self._put(
-                messages.State(session.run_ids, spec.name, session.offset + t0, step, slab, 1, logical,
-                               self.transfer.ready_event(), chunks=session.chunks[spec.name])
+                messages.State(
+                    session.run_ids,
+                    spec.name,
+                    session.offset + t0,
+                    step,
+                    slab,
+                    1,
+                    logical,
+                    self.transfer.ready_event(),
+                    chunks=session.chunks[spec.name],
+                )
             )
 
     def _send_stage(self, session: Session, forward: Forward, loop: str, stage: Stage, last: bool = False) -> None:
         self.transfer.copy_plane_down(stage)
         self._put(
-            messages.State(session.run_ids, loop, session.offset, stage.step0, stage.slab, stage.filled,
-                           stage.logical, self.transfer.ready_event(), base=stage.base,
-                           chunks=session.chunks[loop], last=last)
+            messages.State(
+                session.run_ids,
+                loop,
+                session.offset,
+                stage.step0,
+                stage.slab,
+                stage.filled,
+                stage.logical,
+                self.transfer.ready_event(),
+                base=stage.base,
+                chunks=session.chunks[loop],
+                last=last,
+            )
         )
         forward.stages.pop(loop, None)
 
@@ -217,7 +241,16 @@ class StateRecorder:
             first = int(slots.min())
             values = self.transfer.to_host(torch.stack([v for _, v in kept], dim=-1), torch.float32)  # no wait
             self._put(
-                messages.Signal(session.run_ids, loop, signal, session.offset, first, values, slots=slots - first,
-                                ready=self.transfer.ready_event(), scratch=self.transfer.scratch)
+                messages.Signal(
+                    session.run_ids,
+                    loop,
+                    signal,
+                    session.offset,
+                    first,
+                    values,
+                    slots=slots - first,
+                    ready=self.transfer.ready_event(),
+                    scratch=self.transfer.scratch,
+                )
             )
         forward.signals.clear()

@@ -70,7 +70,7 @@ class TokenSelection:
             if s.stop is not None:
                 mask &= indices < s.stop
         else:
-            mask = np.isin(indices, sorted(self.indices))
+            mask = np.isin(indices, sorted(self.indices or ()))
         return None if mask.all() else np.flatnonzero(mask)
 
     def describe(self) -> str:
@@ -79,7 +79,7 @@ class TokenSelection:
         if self.span is not None:
             s = self.span
             return f"token indices {s.start}:{'' if s.stop is None else s.stop}:{s.step}"
-        return "token indices " + ",".join(str(p) for p in sorted(self.indices))
+        return "token indices " + ",".join(str(p) for p in sorted(self.indices or ()))
 
 
 MAX_STEP_STRIDE = 1 << 20

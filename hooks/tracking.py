@@ -160,8 +160,10 @@ class Tracker:
         if self._in_forward:  # the model called inside its own forward (from a hook, say): not recorded, and the
             self._nested += 1  # outer forward goes on as if it had not happened
             if self._nested == 1 and not self._warned_nested:
-                warnings.warn("loopscope: a call of the model inside its own forward() is not recorded",
-                              stacklevel=user_stacklevel())
+                warnings.warn(
+                    "loopscope: a call of the model inside its own forward() is not recorded",
+                    stacklevel=user_stacklevel(),
+                )
                 self._warned_nested = True
             return
         if self._forward is not None and self._forward.side:  # a group computed outside forward() ends here
@@ -202,8 +204,12 @@ class Tracker:
             call = self._call_name if self._in_call else "forward"
             run_ids = list(range(self._next_run, self._next_run + batch))
             self._next_run += batch
-            attrs = {"call": call, "batch_size": batch, "loops": [s.name for s in self.adapter.loops],
-                     "step_stride": self._stride}
+            attrs = {
+                "call": call,
+                "batch_size": batch,
+                "loops": [s.name for s in self.adapter.loops],
+                "step_stride": self._stride,
+            }
             opening = messages.OpenRuns(run_ids, [{**attrs, "batch_row": b} for b in range(batch)])
             self._session = Session(call=call, run_ids=run_ids, open_message=opening)
             self.recorder.new_runs()

@@ -14,7 +14,10 @@ from ..errors import LoopscopeError
 
 INSTALL_HINT = "pip install 'loopscope[compress]'"
 
-_BUILTIN = {"gzip": {"compression": "gzip", "compression_opts": 4}, "lzf": {"compression": "lzf"}}
+_BUILTIN: dict[str, dict[str, Any]] = {
+    "gzip": {"compression": "gzip", "compression_opts": 4},
+    "lzf": {"compression": "lzf"},
+}
 _PLUGIN = ("lz4", "zstd", "blosc-lz4", "bitshuffle-lz4")
 NAMES = (*_BUILTIN, *_PLUGIN)
 

@@ -15,25 +15,32 @@ bfloat16 states stay bfloat16 in safetensors and are widened to float32 (exactly
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
-from . import schema
 from ..errors import LoopscopeError
+from . import schema
 from .reader import CaptureFile, Run
 
 FORMATS = ("npz", "safetensors")
 BLOCK_BYTES = 32 << 20
 _SAFETENSORS_DTYPES = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
-    np.dtype(np.uint8): "U8", np.dtype(np.uint16): "U16",
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.uint16): "U16",
 }
 
 
@@ -104,7 +111,7 @@ def _run_arrays(run: Run, widen_bf16: bool) -> list[_Array]:
         for signal in run.signal_names(loop):
             small[f"loops/{loop}/signals/{signal}"] = run.signal(signal, loop)
     for key, data in small.items():
-        arrays.append(_Array(f"{prefix}/{key}", data.dtype, data.shape, lambda d=data: iter([d])))
+        arrays.append(_Array(f"{prefix}/{key}", data.dtype, data.shape, functools.partial(iter, [data])))
     for loop in run.loops:
         arrays.append(_states_array(run, loop, f"{prefix}/loops/{loop}/states", widen_bf16))
     return arrays
@@ -140,7 +147,11 @@ def _write_npz(path: str, arrays: list[_Array], meta: str, progress) -> None:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for array in arrays:
             with archive.open(array.name + ".npy", "w", force_zip64=True) as handle:
-                header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": array.shape}
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(array.dtype),
+                    "fortran_order": False,
+                    "shape": array.shape,
+                }
                 np.lib.format.write_array_header_1_0(handle, header)
                 for block in array.blocks():
                     handle.write(np.ascontiguousarray(block, dtype=array.dtype).tobytes())
@@ -156,7 +167,11 @@ def _write_safetensors(path: str, arrays: list[_Array], meta: str, progress) -> 
         code = array.safetensors_dtype or _SAFETENSORS_DTYPES.get(array.dtype)
         if code is None:
             raise LoopscopeError(f"{array.name}: dtype {array.dtype} has no safetensors equivalent; export to npz")
-        header[array.name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        header[array.name] = {
+            "dtype": code,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the byte buffer starts 8-byte aligned

@@ -22,8 +22,8 @@ try:
 except ImportError:  # not POSIX: no lock, run numbers are still reserved with O_EXCL
     fcntl = None  # type: ignore[assignment]
 
-from . import checksum, schema
 from ..errors import CaptureFileError, CaptureWriteError, first_line
+from . import checksum, schema
 from .reader import CaptureFile
 from .readout import ReadoutNorm
 from .run_files import check_locking, h5_kwargs, list_run_files, runs_dir

@@ -11,8 +11,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from . import compression, safety, schema
 from ..errors import CaptureFileError
+from . import compression, safety, schema
 
 TOKEN_DATASETS = ("token_ids", "attention_mask", "positions", "forward_index")
 MAX_LOOPS = 64
@@ -104,7 +104,12 @@ def _check_loop(loops: h5py.Group, loop: str, n_tokens: int, path: str, readout_
 def check_readout_vector(ds, path: str, name: str) -> np.ndarray:
     """The readout norm's weight or bias: a 1-D float vector of a sane width that the file really stores."""
     where = safety.clean(path)
-    if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.shape[0] > safety.MAX_HIDDEN or ds.dtype.kind not in "fiu":
+    if (
+        not isinstance(ds, h5py.Dataset)
+        or ds.ndim != 1
+        or ds.shape[0] > safety.MAX_HIDDEN
+        or ds.dtype.kind not in "fiu"
+    ):
         shape = getattr(ds, "shape", None)
         raise CaptureFileError(f"{where}: the readout {name} has shape {shape}; the file is damaged")
     safety.check_whole(ds, path)

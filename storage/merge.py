@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
 
-from . import checksum, run_files, safety, schema
 from ..errors import CaptureFileError, LoopscopeError, MergeError, first_line
+from . import checksum, run_files, safety, schema
 from .reader import CaptureFile, Run
 from .virtual import check_sources, missing_sources  # noqa: F401 - the README names merge.check_sources
 
@@ -46,7 +47,7 @@ class MergeSummary:
 
 def merge(
     out: str | os.PathLike,
-    sources: list[str | os.PathLike],
+    sources: Sequence[str | os.PathLike],
     *,
     force: bool = False,
     locking: bool | str | None = None,
@@ -135,8 +136,9 @@ def _plan(captures: list[CaptureFile]) -> list[tuple[int, Run]]:
                     known = shapes.setdefault(loop, (*seen, f"{capture.path} run {run.index}"))
                     if seen != known[:2]:
                         raise MergeError(
-                            f"loop {loop!r}: {capture.path} run {run.index} has hidden size {seen[0]}, dtype {seen[1]}; "
-                            f"{known[2]} has hidden size {known[0]}, dtype {known[1]}; merge captures of one model and dtype"
+                            f"loop {loop!r}: {capture.path} run {run.index} has hidden size {seen[0]}, "
+                            f"dtype {seen[1]}; {known[2]} has hidden size {known[0]}, dtype {known[1]}; "
+                            "merge captures of one model and dtype"
                         )
             except MergeError:
                 raise
@@ -183,9 +185,7 @@ def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
             except CaptureFileError as exc:
                 raise MergeError(f"source {exc}") from None
             except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-                raise MergeError(
-                    f"source {run.path} is damaged or unreadable ({first_line(exc)})"
-                ) from None
+                raise MergeError(f"source {run.path} is damaged or unreadable ({first_line(exc)})") from None
             dst.attrs.update(
                 schema.attrs_to_store(
                     {

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from functools import cached_property
+from typing import Any
 
 import h5py
 import numpy as np
 
-from . import layout, run_files, safety, schema
 from ..errors import CaptureFileError
+from . import layout, run_files, safety, schema
 from .damage import reading
 from .readout import ReadoutNorm
 from .run import Run
@@ -31,7 +32,7 @@ class CaptureFile:
             raise CaptureFileError(f"missing={missing!r} is not one of {', '.join(map(repr, MISSING))}")
         self.missing = missing
         run_files.check_locking(locking)
-        self._open_kwargs = {} if locking is None else {"locking": locking}
+        self._open_kwargs: dict[str, Any] = {} if locking is None else {"locking": locking}
         self._file = safety.open_h5(self.path, **self._open_kwargs)
         # Read the whole (small) index now and let go of it, so a capture still running can link its runs in.
         try:
@@ -40,7 +41,7 @@ class CaptureFile:
                 self._validate()
                 self.readout = self._read_readout()
                 self._linked = _linked_runs(self._file, self.path)
-                self.loop_names  # parse the loop list now: a damaged one fails here, once
+                _ = self.loop_names  # parse the loop list now: a damaged one fails here, once
         finally:
             self._file.close()
         if missing == "error":
@@ -50,7 +51,10 @@ class CaptureFile:
         attrs = self._attrs
         kind = schema.as_text(attrs.get("format"))
         if kind == schema.RUN_FORMAT_NAME:
-            raise CaptureFileError(f"{self.path} is one run's file; open the capture's index file (the .h5 beside {os.path.dirname(self.path)})")
+            raise CaptureFileError(
+                f"{self.path} is one run's file; open the capture's index file "
+                f"(the .h5 beside {os.path.dirname(self.path)})"
+            )
         if kind != schema.FORMAT_NAME:
             raise CaptureFileError(f"{self.path} is an HDF5 file but not a loopscope capture (no 'format' attribute)")
         version = int(attrs.get("format_version", -1))
@@ -95,8 +99,11 @@ class CaptureFile:
             ds = safety.hard_child(group, name, self.path)
             vectors[name] = None if ds is None else layout.check_readout_vector(ds, self.path, name)
         return ReadoutNorm(
-            kind=schema.text_or(kind, str(kind)), weight=vectors["weight"], bias=vectors["bias"],
-            eps=float(attrs.get("eps", 0.0)), weight_offset=float(attrs.get("weight_offset", 0.0)),
+            kind=schema.text_or(kind, str(kind)),
+            weight=vectors["weight"],
+            bias=vectors["bias"],
+            eps=float(attrs.get("eps", 0.0)),
+            weight_offset=float(attrs.get("weight_offset", 0.0)),
         )
 
     def _check_run_files(self) -> None:
@@ -189,7 +196,10 @@ def _linked_runs(index: h5py.File, path: str) -> list[int]:
     group = safety.hard_child(index, schema.RUNS, path, h5py.Group)
     names = list(group.keys()) if group is not None else []
     return sorted(
-        int(name) for name in names
-        if name.isascii() and name.isdigit() and name == schema.run_name(int(name))
+        int(name)
+        for name in names
+        if name.isascii()
+        and name.isdigit()
+        and name == schema.run_name(int(name))
         and isinstance(group.get(name, getlink=True), h5py.ExternalLink)
     )

@@ -22,7 +22,7 @@ class ReadoutNorm:
     weight_offset: float  # 1.0 for norms that scale by (1 + weight), else 0.0
 
     @classmethod
-    def from_params(cls, readout: dict | None) -> "ReadoutNorm":
+    def from_params(cls, readout: dict | None) -> ReadoutNorm:
         """The norm a capture stores for ``readout`` (``hooks.metadata.readout_params``), as it reads it back."""
         if not readout:
             return cls("none", None, None, 0.0, 0.0)
@@ -30,16 +30,22 @@ class ReadoutNorm:
         def stored(value):
             return None if value is None else np.asarray(value, dtype=np.float32).astype(np.float64)
 
-        return cls(str(readout["kind"]), stored(readout.get("weight")), stored(readout.get("bias")),
-                   float(readout.get("eps", 0.0)), float(readout.get("weight_offset", 0.0)))
+        return cls(
+            str(readout["kind"]),
+            stored(readout.get("weight")),
+            stored(readout.get("bias")),
+            float(readout.get("eps", 0.0)),
+            float(readout.get("weight_offset", 0.0)),
+        )
 
-    def same_as(self, other: "ReadoutNorm") -> bool:
+    def same_as(self, other: ReadoutNorm) -> bool:
         """Whether two norms read states out identically: kind, eps, offset and every parameter, exactly."""
         if (self.kind, self.eps, self.weight_offset) != (other.kind, other.eps, other.weight_offset):
             return False
         pairs = ((self.weight, other.weight), (self.bias, other.bias))
-        return all((a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
-                   for a, b in pairs)
+        return all(
+            (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b)) for a, b in pairs
+        )
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Apply the norm over the last axis, in float64 (NaN/Inf states give NaN, silently: analysis flags them)."""

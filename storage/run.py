@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from . import checksum, layout, safety, schema
 from ..errors import CaptureFileError
+from . import checksum, layout, safety, schema
 from .damage import chunk_check_failed, reading, verify_hint
 from .virtual import check_sources
 
@@ -64,7 +64,8 @@ class Run:
         if theirs != ours or (number is not None and not same_number):
             raise CaptureFileError(
                 f"run file {self.path} belongs to another capture (capture {safety.clean(theirs)[:32]}, run "
-                f"{safety.clean(number)}), not run {self.index} of this one; remove it or put it back where it came from"
+                f"{safety.clean(number)}), not run {self.index} of this one; "
+                "remove it or put it back where it came from"
             )
 
     @property
@@ -131,7 +132,11 @@ class Run:
     def step_stride(self) -> int:
         """1, or n when the capture kept s0, every n-th iteration and each token's last one (``step_stride=``)."""
         stride = self.attrs.get("step_stride", 1)
-        if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride <= safety.MAX_STRIDE:
+        if (
+            isinstance(stride, bool)
+            or not isinstance(stride, (int, np.integer))
+            or not 1 <= stride <= safety.MAX_STRIDE
+        ):
             raise CaptureFileError(f"{self.path}: step_stride {stride!r} is damaged")
         return int(stride)
 
@@ -159,12 +164,15 @@ class Run:
             iterations = group["num_steps"][()]
             n_tokens, n_slots = group["states"].shape[:2]
         if iterations.shape != (n_tokens,) or iterations.dtype.kind not in "iu":
-            raise CaptureFileError(f"{self.path}: num_steps has shape {iterations.shape} for {n_tokens} tokens; damaged")
+            raise CaptureFileError(
+                f"{self.path}: num_steps has shape {iterations.shape} for {n_tokens} tokens; damaged"
+            )
         stride = self.step_stride
         steps = -(-iterations // stride) if stride > 1 else iterations
         if steps.size and (steps.min() < 0 or steps.max() >= n_slots):
             raise CaptureFileError(
-                f"{self.path}: num_steps ranges {steps.min()}..{steps.max()} but states hold steps 0..{n_slots - 1}; damaged"
+                f"{self.path}: num_steps ranges {steps.min()}..{steps.max()} "
+                f"but states hold steps 0..{n_slots - 1}; damaged"
             )
         return iterations, steps
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import h5py
 
-from . import schema
 from ..errors import CaptureFileError
+from . import schema
 
 RUN_FILE = re.compile(r"^(\d{6,})(\.partial)?\.h5$")
 
@@ -80,8 +80,6 @@ def h5_kwargs(locking, cache_bytes: int | None = None) -> dict[str, Any]:
     if locking is not None:
         kwargs["locking"] = locking
     return kwargs
-
-
 
 
 def next_run_index(path: str) -> int:

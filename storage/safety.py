@@ -144,7 +144,9 @@ def declared_bytes(ds: h5py.Dataset) -> int:
 def check_plain(ds: h5py.Dataset, path: str) -> None:
     """No external storage (loopscope never writes it; it can point at /dev/zero or a FIFO)."""
     if ds.external is not None:
-        raise CaptureFileError(f"{clean(path)}: {clean(ds.name)} uses external storage, which loopscope never writes; damaged")
+        raise CaptureFileError(
+            f"{clean(path)}: {clean(ds.name)} uses external storage, which loopscope never writes; damaged"
+        )
 
 
 def check_whole(ds: h5py.Dataset, path: str, *, virtual_ok: bool = False, sparse: bool = False) -> None:
@@ -157,11 +159,14 @@ def check_whole(ds: h5py.Dataset, path: str, *, virtual_ok: bool = False, sparse
     if ds.is_virtual:
         if virtual_ok:
             return
-        raise CaptureFileError(f"{clean(path)}: {clean(ds.name)} maps other files, which loopscope never does there; damaged")
+        raise CaptureFileError(
+            f"{clean(path)}: {clean(ds.name)} maps other files, which loopscope never does there; damaged"
+        )
     limit = max(SPARSE_FILL_FLOOR, STATES_RATIO * stored_bytes(ds)) if sparse else WHOLE_RATIO * stored_bytes(ds)
     if size > limit:
         raise CaptureFileError(
-            f"{clean(path)}: {clean(ds.name)} declares {size} bytes but stores {stored_bytes(ds)}; damaged (re-capture it)"
+            f"{clean(path)}: {clean(ds.name)} declares {size} bytes "
+            f"but stores {stored_bytes(ds)}; damaged (re-capture it)"
         )
 
 
@@ -182,7 +187,8 @@ def check_states(ds: h5py.Dataset, path: str) -> None:
     # Only large datasets are weighed (the chunk index is walked to sum the stored bytes).
     if declared_bytes(ds) > STATES_FILL_FLOOR and declared_bytes(ds) > STATES_RATIO * stored_bytes(ds):
         raise CaptureFileError(
-            f"{clean(path)}: {clean(ds.name)} declares {declared_bytes(ds)} bytes but stores {stored_bytes(ds)}; damaged"
+            f"{clean(path)}: {clean(ds.name)} declares {declared_bytes(ds)} bytes "
+            f"but stores {stored_bytes(ds)}; damaged"
         )
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import h5py
 
-from . import checksum, run_files, schema
 from ..errors import CaptureFileError, first_line
+from . import checksum, run_files, schema
 from .reader import CaptureFile
 
 
@@ -126,6 +126,7 @@ def _where(name: str, chunk: checksum.DamagedChunk) -> str:
     bytes of the token text, tokens of the other per-token data."""
     parts = name.strip("/").split("/")
     leaf = parts[-1]
+    axes: tuple[str, ...]
     if leaf == "step_labels":
         axes = ("steps",)
     elif leaf == "token_bytes":
@@ -140,8 +141,10 @@ def _where(name: str, chunk: checksum.DamagedChunk) -> str:
 
 def describe(result: VerifyResult) -> str:
     """One line: what was checked and what was found."""
-    text = (f"{result.files} file(s), {result.datasets} dataset(s), {result.chunks} chunk(s), "
-            f"{result.bytes / 2**20:.1f} MiB checked")
+    text = (
+        f"{result.files} file(s), {result.datasets} dataset(s), {result.chunks} chunk(s), "
+        f"{result.bytes / 2**20:.1f} MiB checked"
+    )
     if result.virtual:
         text += f"; {result.virtual} virtual dataset(s) checked through their sources"
     return text
@@ -155,6 +158,7 @@ def check(path: str | os.PathLike, **options) -> VerifyResult:
         run = "index" if first.run is None else f"run {first.run}"
         raise CaptureFileError(
             f"{result.path}: {len(result.damaged)} damaged chunk(s); first: {run}, {first.dataset}"
-            + (f", {first.where}" if first.where else "") + f": {first.problem}"
+            + (f", {first.where}" if first.where else "")
+            + f": {first.problem}"
         )
     return result

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import h5py
 
-from . import layout, safety
 from ..errors import MergeError, first_line
+from . import layout, safety
 
 if TYPE_CHECKING:
     from .run import Run

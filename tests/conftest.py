@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import loopscope
-
 from loopscope.models.demo_tokenizer import build_tokenizer
 from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
 
@@ -109,12 +108,14 @@ class ForwardRecorder:
         self.handles = [model.register_forward_pre_hook(lambda m, a: self.forwards.append({n: [] for n in hooks}))]
         for name, (module, kind) in hooks.items():
             if kind == "pre":
+
                 def pre(m, args, kwargs, name=name):
                     value = args[0] if args else kwargs.get("hidden_states")
                     self.forwards[-1][name].append(value.detach().clone())
 
                 self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             else:
+
                 def post(m, args, output, name=name):
                     value = output[0] if isinstance(output, tuple) else output
                     self.forwards[-1][name].append(value.detach().clone())

@@ -18,16 +18,26 @@ from transformers import AlbertConfig, AlbertForMaskedLM, AlbertModel  # noqa: E
 
 def _config(layers=6, groups=1, inner=1):
     return AlbertConfig(
-        vocab_size=64, embedding_size=8, hidden_size=16, num_hidden_layers=layers, num_hidden_groups=groups,
-        inner_group_num=inner, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+        vocab_size=64,
+        embedding_size=8,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_hidden_groups=groups,
+        inner_group_num=inner,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
     )
 
 
 def _reference(model, groups):
     """Hand-written capture: every group's inputs and outputs, in call order, plus the mapping's output."""
     seen = {"mapping": [], **{f"in{g}": [] for g in range(len(groups))}, **{f"out{g}": [] for g in range(len(groups))}}
-    handles = [model.get_submodule(_path(model, "embedding_hidden_mapping_in")).register_forward_hook(
-        lambda m, a, o: seen["mapping"].append(o.detach().clone()))]
+    handles = [
+        model.get_submodule(_path(model, "embedding_hidden_mapping_in")).register_forward_hook(
+            lambda m, a, o: seen["mapping"].append(o.detach().clone())
+        )
+    ]
     for g, group in enumerate(groups):
         handles.append(group.register_forward_pre_hook(lambda m, a, g=g: seen[f"in{g}"].append(a[0].detach().clone())))
         handles.append(group.register_forward_hook(lambda m, a, o, g=g: seen[f"out{g}"].append(_first(o))))
@@ -111,7 +121,9 @@ def test_several_groups_are_one_loop_each(tmp_path):
         handle.remove()
     assert torch.equal(plain, hooked)
     assert [(s.name, s.exit) for s in cap.adapter.loops] == [
-        ("group_0", "encoder.albert_layer_groups.0"), ("group_1", "encoder.albert_layer_groups.1")]
+        ("group_0", "encoder.albert_layer_groups.0"),
+        ("group_1", "encoder.albert_layer_groups.1"),
+    ]
     assert (len(seen["out0"]), len(seen["out1"])) == (3, 2)
     with loopscope.open(tmp_path / "groups.h5") as capture:
         (run,) = capture.runs

@@ -103,7 +103,14 @@ def test_cli_export_npz_and_safetensors(reference_model, prompt_ids, tmp_path, d
         with safe_open(tmp_path / "one.safetensors", framework="pt") as st:
             assert set(st.keys()) == {
                 f"runs/{run.name}/{k}"
-                for k in ("token_ids", "attention_mask", "positions", "forward_index", "loops/core/num_steps", "loops/core/states")
+                for k in (
+                    "token_ids",
+                    "attention_mask",
+                    "positions",
+                    "forward_index",
+                    "loops/core/num_steps",
+                    "loops/core/states",
+                )
             }
             states = st.get_tensor(f"runs/{run.name}/loops/core/states")
             assert states.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
@@ -118,8 +125,26 @@ def test_cli_capture_a_saved_model(reference_model, tokenizer, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("First prompt here.\n\nA second, longer prompt follows.\n")
     out = tmp_path / "cli.h5"
-    output = _ok(["capture", model_dir, "--prompt", "Hello loop.", "--prompt-file", prompts, "--steps", "5",
-                  "--max-new-tokens", "3", "--out", out, "--device", "cpu", "--dtype", "float32"])
+    output = _ok(
+        [
+            "capture",
+            model_dir,
+            "--prompt",
+            "Hello loop.",
+            "--prompt-file",
+            prompts,
+            "--steps",
+            "5",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert "3 prompt(s)" in output
     # the same capture by hand: same model, same seed per prompt -> the same tokens and states, bit for bit
     by_hand = tmp_path / "hand.h5"
@@ -141,13 +166,35 @@ def test_cli_capture_a_saved_model(reference_model, tokenizer, tmp_path):
         assert capture.runs[0].attrs["call"] == "forward"
     # adaptive exit, generated tokens only, every 2nd iteration: the same as attach() with those options
     adaptive = tmp_path / "adaptive.h5"
-    _ok(["capture", model_dir, "--prompt", "Hello loop.", "--steps", "12", "--max-new-tokens", "4", "--out", adaptive,
-         "--criterion", "kl", "--exit-threshold", "1e-4", "--tokens", "generated", "--step-stride", "2"])
+    _ok(
+        [
+            "capture",
+            model_dir,
+            "--prompt",
+            "Hello loop.",
+            "--steps",
+            "12",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            adaptive,
+            "--criterion",
+            "kl",
+            "--exit-threshold",
+            "1e-4",
+            "--tokens",
+            "generated",
+            "--step-stride",
+            "2",
+        ]
+    )
     by_hand = tmp_path / "adaptive-hand.h5"
     with loopscope.attach(reference_model, by_hand, tokens="generated", step_stride=2):
         torch.manual_seed(0)
         ids = tokenizer("Hello loop.", return_tensors="pt").input_ids
-        reference_model.generate(ids, num_steps=12, max_new_tokens=4, do_sample=False, criterion="kl", exit_threshold=1e-4)
+        reference_model.generate(
+            ids, num_steps=12, max_new_tokens=4, do_sample=False, criterion="kl", exit_threshold=1e-4
+        )
     with loopscope.open(adaptive) as got, loopscope.open(by_hand) as want:
         (a,), (b,) = got.runs, want.runs
         assert a.num_tokens == 3 and a.step_stride == 2
@@ -225,8 +272,9 @@ def test_cli_exits_and_curves_for_per_token_depth(reference_model, tokenizer, tm
     path = tmp_path / "adaptive.h5"
     ids = tokenizer("Adaptive depth.", return_tensors="pt").input_ids
     with loopscope.attach(reference_model, path, tokenizer=tokenizer):
-        reference_model.generate(ids, num_steps=steps, max_new_tokens=5, do_sample=False,
-                                 logits_processor=LogitsProcessorList([NextDepth()]))
+        reference_model.generate(
+            ids, num_steps=steps, max_new_tokens=5, do_sample=False, logits_processor=LogitsProcessorList([NextDepth()])
+        )
     with loopscope.open(path) as capture:
         run = capture.runs[0]
         assert run.num_steps.tolist() == [4] * ids.shape[1] + [7, 2, 5, 3]
@@ -311,8 +359,9 @@ def test_export_keeps_iterations_stride_and_signals(reference_model, prompt_ids,
     path = tmp_path / "stride.h5"
     with loopscope.attach(reference_model, path, step_stride=3):
         torch.manual_seed(0)
-        reference_model.generate(prompt_ids, num_steps=10, max_new_tokens=4, do_sample=False, criterion="latent-diff",
-                                 exit_threshold=0.02)
+        reference_model.generate(
+            prompt_ids, num_steps=10, max_new_tokens=4, do_sample=False, criterion="latent-diff", exit_threshold=0.02
+        )
     _ok(["export", path, "--format", "npz", "--out", tmp_path / "s.npz"])
     with loopscope.open(path) as capture, np.load(tmp_path / "s.npz") as npz:
         (run,) = capture.runs
@@ -337,7 +386,9 @@ def test_pca_skips_or_names_tokens_whose_states_blew_up(reference_model, prompt_
         f["loops/core/states"][3, 4:] = np.inf
     output = _ok(["plot", path, "--kind", "pca", "--out", tmp_path / "pca.png"])  # default tokens: finite ones
     assert "token 3" in output and (tmp_path / "pca.png").exists()
-    result = CliRunner().invoke(app, ["plot", str(path), "--kind", "pca", "--tokens", "3", "--out", str(tmp_path / "x.png")])
+    result = CliRunner().invoke(
+        app, ["plot", str(path), "--kind", "pca", "--tokens", "3", "--out", str(tmp_path / "x.png")]
+    )
     assert result.exit_code == 1 and "token 3 of run 0 has NaN or infinite states" in result.output
     assert result.output.count("\n") == 1
 

@@ -156,7 +156,9 @@ def test_locking_option_is_passed_to_h5py(reference_model, prompt_ids, tmp_path)
 
 def test_no_code_runs_from_files():
     """Nothing in the package unpickles or evaluates file contents: reading a capture can never execute code."""
-    forbidden = re.compile(r"\bimport pickle\b|\bpickle\.load|allow_pickle\s*=\s*True|(?<![.\w])eval\(|(?<![.\w])exec\(|torch\.load\(")
+    forbidden = re.compile(
+        r"\bimport pickle\b|\bpickle\.load|allow_pickle\s*=\s*True|(?<![.\w])eval\(|(?<![.\w])exec\(|torch\.load\("
+    )
     offenders = [
         f"{path.relative_to(PACKAGE_ROOT)}:{n}"
         for path in PACKAGE_ROOT.rglob("*.py")
@@ -199,8 +201,12 @@ def _mutate(path: Path, m: dict) -> None:
 
 
 # 40 fixed examples in the suite (deterministic); LOOPSCOPE_FUZZ_EXAMPLES=2000 for a longer hunt.
-@settings(max_examples=int(os.environ.get("LOOPSCOPE_FUZZ_EXAMPLES", 40)), deadline=None,
-          derandomize="LOOPSCOPE_FUZZ_EXAMPLES" not in os.environ, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("LOOPSCOPE_FUZZ_EXAMPLES", 40)),
+    deadline=None,
+    derandomize="LOOPSCOPE_FUZZ_EXAMPLES" not in os.environ,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(mutation=_mutations())
 def test_fuzzed_files_never_escape_as_unhandled_exceptions(pristine, mutation):
     with tempfile.TemporaryDirectory() as folder:
@@ -279,8 +285,15 @@ def crafted_worker():
 
     def check(path: Path, figure: Path) -> list[str]:
         if not procs or procs[-1].poll() is not None:  # a fresh one after a hang or a crash
-            procs.append(subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _WORKER],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+            )
         proc = procs[-1]
         proc.stdin.write(f"{path}\t{figure}\n")
         proc.stdin.flush()
@@ -304,12 +317,31 @@ def crafted_worker():
 
 _OBJECTS = {
     "cap.h5": ["readout", "readout/weight", "runs", "runs/000000"],
-    "cap.h5.runs/000000.h5": ["token_ids", "attention_mask", "positions", "forward_index", "token_bytes", "token_ends",
-                              "loops", "loops/core", "loops/core/states", "loops/core/num_steps"],
+    "cap.h5.runs/000000.h5": [
+        "token_ids",
+        "attention_mask",
+        "positions",
+        "forward_index",
+        "token_bytes",
+        "token_ends",
+        "loops",
+        "loops/core",
+        "loops/core/states",
+        "loops/core/num_steps",
+    ],
 }
 _ATTRS = {
-    ("cap.h5", "/"): ["format", "format_version", "loops_json", "config_json", "loop_json", "name_or_path",
-                      "model_class", "capture_id", "created"],
+    ("cap.h5", "/"): [
+        "format",
+        "format_version",
+        "loops_json",
+        "config_json",
+        "loop_json",
+        "name_or_path",
+        "model_class",
+        "capture_id",
+        "created",
+    ],
     ("cap.h5", "readout"): ["kind", "eps", "weight_offset"],
     ("cap.h5.runs/000000.h5", "/"): ["format", "step_stride", "call", "capture_id", "run_number"],
     ("cap.h5.runs/000000.h5", "loops/core/states"): ["logical_dtype", "compression", "source_chunks"],
@@ -329,16 +361,32 @@ def _crafts(draw):
     kind = draw(st.sampled_from(["shape", "attr", "link", "group", "delete"]))
     if kind == "attr":
         target, obj = draw(st.sampled_from(sorted(_ATTRS)))
-        return {"kind": kind, "file": target, "object": obj, "name": draw(st.sampled_from(_ATTRS[target, obj])),
-                "value": draw(_VALUES)}
+        return {
+            "kind": kind,
+            "file": target,
+            "object": obj,
+            "name": draw(st.sampled_from(_ATTRS[target, obj])),
+            "value": draw(_VALUES),
+        }
     target = draw(st.sampled_from(sorted(_OBJECTS)))
     craft = {"kind": kind, "file": target, "object": draw(st.sampled_from(_OBJECTS[target]))}
     if kind == "shape":
         craft["shape"] = tuple(draw(st.lists(_DIMS, min_size=1, max_size=3)))
         craft["dtype"] = draw(st.sampled_from(["i8", "f4", "u1", "f8", "u2"]))
     elif kind == "link":
-        craft["link"] = draw(st.sampled_from(["soft:/nowhere", "soft:/", "soft:/loops", "ext:fifo.h5", "ext:/dev/zero",
-                                              "ext:missing.h5", "ext:cap.h5"]))
+        craft["link"] = draw(
+            st.sampled_from(
+                [
+                    "soft:/nowhere",
+                    "soft:/",
+                    "soft:/loops",
+                    "ext:fifo.h5",
+                    "ext:/dev/zero",
+                    "ext:missing.h5",
+                    "ext:cap.h5",
+                ]
+            )
+        )
     return craft
 
 
@@ -352,19 +400,31 @@ def _craft(folder: Path, craft: dict) -> None:
             del f[name]
         if craft["kind"] == "shape":
             shape = craft["shape"]
-            f.create_dataset(name, shape=shape, maxshape=(None,) * len(shape), dtype=craft["dtype"],
-                             chunks=tuple(max(1, min(d, 16)) for d in shape))
+            f.create_dataset(
+                name,
+                shape=shape,
+                maxshape=(None,) * len(shape),
+                dtype=craft["dtype"],
+                chunks=tuple(max(1, min(d, 16)) for d in shape),
+            )
         elif craft["kind"] == "group":
             f.create_group(name)
         elif craft["kind"] == "link":
             how, target = craft["link"].split(":", 1)
-            f[name] = h5py.SoftLink(target) if how == "soft" else h5py.ExternalLink(
-                target if target.startswith("/") else str(folder / target), "/")
+            f[name] = (
+                h5py.SoftLink(target)
+                if how == "soft"
+                else h5py.ExternalLink(target if target.startswith("/") else str(folder / target), "/")
+            )
 
 
 # 30 fixed examples in the suite; LOOPSCOPE_FUZZ_EXAMPLES=2000 for a longer hunt.
-@settings(max_examples=int(os.environ.get("LOOPSCOPE_FUZZ_EXAMPLES", 30)), deadline=None,
-          derandomize="LOOPSCOPE_FUZZ_EXAMPLES" not in os.environ, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("LOOPSCOPE_FUZZ_EXAMPLES", 30)),
+    deadline=None,
+    derandomize="LOOPSCOPE_FUZZ_EXAMPLES" not in os.environ,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(craft=_crafts())
 def test_crafted_shapes_attributes_and_links_give_one_line_errors(pristine, crafted_worker, craft):
     with tempfile.TemporaryDirectory() as folder:

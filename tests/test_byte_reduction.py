@@ -24,7 +24,9 @@ def _trajectories(recorder, steps):
 
 def _generate(model, ids, capture_path=None, **options):
     torch.manual_seed(0)
-    kwargs = dict(num_steps=options.pop("num_steps", 5), max_new_tokens=options.pop("max_new_tokens", 4), do_sample=False)
+    kwargs = dict(
+        num_steps=options.pop("num_steps", 5), max_new_tokens=options.pop("max_new_tokens", 4), do_sample=False
+    )
     if capture_path is None:
         return model.generate(ids, **kwargs)
     with loopscope.attach(model, capture_path, **options):
@@ -77,8 +79,12 @@ def test_positions_by_slice_and_list(reference_model, prompt_ids, reference_reco
         np.testing.assert_array_equal(run.states()[2], full[3][0].numpy())  # the second decoded token's forward
 
 
-@pytest.mark.parametrize("steps, stride, kept", [(8, 3, [0, 3, 6, 8]), (9, 3, [0, 3, 6, 9]), (5, 1, [0, 1, 2, 3, 4, 5])])
-def test_step_stride_keeps_every_nth_and_the_last(reference_model, prompt_ids, reference_recorder, tmp_path, steps, stride, kept):
+@pytest.mark.parametrize(
+    "steps, stride, kept", [(8, 3, [0, 3, 6, 8]), (9, 3, [0, 3, 6, 9]), (5, 1, [0, 1, 2, 3, 4, 5])]
+)
+def test_step_stride_keeps_every_nth_and_the_last(
+    reference_model, prompt_ids, reference_recorder, tmp_path, steps, stride, kept
+):
     torch.manual_seed(2)
     with torch.no_grad():
         plain = reference_model(prompt_ids, num_steps=steps).logits
@@ -151,13 +157,19 @@ def test_stride_refused_for_nested_loops(tmp_path):
     if not hasattr(transformers, "HrmTextConfig"):
         pytest.skip("hrm_text needs transformers 5.x")
     config = transformers.HrmTextConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
-        head_dim=8, H_cycles=2, L_cycles=3, num_layers_per_stack=1,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        H_cycles=2,
+        L_cycles=3,
+        num_layers_per_stack=1,
     )
     model = transformers.HrmTextForCausalLM(config).eval()
     with pytest.raises(LoopscopeError, match="nested loops"):
         loopscope.attach(model, tmp_path / "hrm.h5", step_stride=2)
-
 
 
 def test_token_indices_are_the_same_tokens_in_every_row(reference_model, tmp_path):
@@ -189,7 +201,9 @@ def test_prompt_and_generated_in_a_token_by_token_forward(reference_model, promp
     for which, expected in (("prompt", prompt_ids.shape[1]), ("generated", 0)):
         path = tmp_path / f"{which}.h5"
         with loopscope.attach(reference_model, path, tokens=which):
-            reference_model.forward_with_adaptive_compute(prompt_ids, get_adaptive_exit_evaluator(reference_model, "kl", 1e-3))
+            reference_model.forward_with_adaptive_compute(
+                prompt_ids, get_adaptive_exit_evaluator(reference_model, "kl", 1e-3)
+            )
         with loopscope.open(path) as capture:
             assert sum(r.num_tokens for r in capture.runs) == expected
 
@@ -258,7 +272,11 @@ def test_a_wider_dtype_after_a_narrower_one_is_a_one_line_error(tmp_path):
 
 
 def test_bad_slices_are_one_line_errors(reference_model, tmp_path):
-    for value, needle in [(slice("a", 3), "takes integers"), (slice(0, None, 0), "positive step"), ([True], r"tokens=\[True\]")]:
+    for value, needle in [
+        (slice("a", 3), "takes integers"),
+        (slice(0, None, 0), "positive step"),
+        ([True], r"tokens=\[True\]"),
+    ]:
         with pytest.raises(LoopscopeError, match=needle):
             loopscope.attach(reference_model, tmp_path / "bad.h5", tokens=value)
 

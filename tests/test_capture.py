@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import loopscope
-from loopscope.storage.write import writer as w
 from loopscope.errors import CaptureFileError, LoopNotFoundError, LoopscopeError
+from loopscope.storage.write import writer as w
 
 
 def _forward_logits(model, ids, steps, seed=1):
@@ -138,15 +138,22 @@ def test_file_is_self_describing_in_plain_h5py(reference_model, prompt_ids, tmp_
         # strings are fixed-length utf-8 (no global heap): plain h5py gives bytes
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in f.attrs.items()}
         assert attrs["format"] == "loopscope-capture" and attrs["format_version"] == 1
-        for key in ("loopscope_version", "torch_version", "transformers_version", "model_class", "created",
-                    "config_json", "loop_json", "options_json", "model_dtype"):
+        for key in (
+            "loopscope_version",
+            "torch_version",
+            "transformers_version",
+            "model_class",
+            "created",
+            "config_json",
+            "loop_json",
+            "options_json",
+            "model_dtype",
+        ):
             assert key in attrs, key
         assert "RavenReferenceForCausalLM" in attrs["model_class"]
         assert '"core_block.1"' not in attrs["loop_json"]  # full paths, not fragments
         assert "transformer.core_block.1" in attrs["loop_json"]
-        np.testing.assert_array_equal(
-            f["readout/weight"][()], reference_model.transformer.ln_f.weight.detach().numpy()
-        )
+        np.testing.assert_array_equal(f["readout/weight"][()], reference_model.transformer.ln_f.weight.detach().numpy())
         assert f["readout"].attrs["kind"] == b"rmsnorm"
         states = f["runs/000000/loops/core/states"]
         assert states.chunks is not None and states.maxshape[0] is None
@@ -225,11 +232,19 @@ def test_append_mode_continues_run_numbers(reference_model, prompt_ids, tmp_path
 
 def test_bad_options_are_one_line_errors(reference_model, tmp_path):
     bad = [
-        ({"dtype": "int8"}, "dtype"), ({"mode": "r"}, "mode"), ({"bogus": 1}, "unknown"),
-        ({"buffer_mb": "64"}, "buffer_mb"), ({"buffer_mb": float("nan")}, "buffer_mb"), ({"buffer_mb": 0}, "buffer_mb"),
-        ({"chunks": (4,)}, "chunks"), ({"chunks": "auto"}, "chunks"), ({"chunks": (0, 4)}, "chunks"),
-        ({"chunks": (2.5, 2)}, "chunks"), ({"chunks": (4, 2, 64)}, "chunks"),
-        ({"tokenizer": object()}, "decode"), ({"tokens": []}, "selects no token"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"mode": "r"}, "mode"),
+        ({"bogus": 1}, "unknown"),
+        ({"buffer_mb": "64"}, "buffer_mb"),
+        ({"buffer_mb": float("nan")}, "buffer_mb"),
+        ({"buffer_mb": 0}, "buffer_mb"),
+        ({"chunks": (4,)}, "chunks"),
+        ({"chunks": "auto"}, "chunks"),
+        ({"chunks": (0, 4)}, "chunks"),
+        ({"chunks": (2.5, 2)}, "chunks"),
+        ({"chunks": (4, 2, 64)}, "chunks"),
+        ({"tokenizer": object()}, "decode"),
+        ({"tokens": []}, "selects no token"),
         ({"tokens": slice(5, 2)}, "selects no token"),
     ]
     for kwargs, pattern in bad:
@@ -268,8 +283,9 @@ def test_inputs_reused_after_the_forward_do_not_change_what_is_stored(reference_
             np.testing.assert_array_equal(stored, want[0].numpy())
 
 
-def test_forwards_in_and_out_of_inference_mode_share_one_capture(reference_model, prompt_ids, reference_recorder,
-                                                                 tmp_path):
+def test_forwards_in_and_out_of_inference_mode_share_one_capture(
+    reference_model, prompt_ids, reference_recorder, tmp_path
+):
     """Slabs made during an inference_mode forward are reused by the next forwards, under no_grad too: they are
     made as normal tensors, which both modes may copy into (an inference tensor refuses it outside the mode)."""
     recorder = reference_recorder(reference_model)
@@ -343,8 +359,9 @@ def test_beam_search_is_refused_and_the_capture_goes_on(reference_model, prompt_
         assert run.num_tokens == prompt_ids.shape[1] + 2
 
 
-def test_append_refuses_another_model_and_keeps_the_capture(new_reference_model, prompt_ids, tmp_path,
-                                                             state_changed_in_place):
+def test_append_refuses_another_model_and_keeps_the_capture(
+    new_reference_model, prompt_ids, tmp_path, state_changed_in_place
+):
     """mode="a" adds runs of the model the capture describes only: another checkpoint (its final norm differs)
     would be read out through the stored norm, silently wrong; another model class is refused too."""
     path = tmp_path / "a.h5"
@@ -390,8 +407,10 @@ def test_generic_models_called_without_input_ids_are_captured(tmp_path):
     with torch.no_grad():
         plain = model(idx=ids), model(features=features)
     seen = []  # what plain hooks see: the block's first input (s0), then each output
-    hooks = [model.block.register_forward_pre_hook(lambda m, a: None if len(seen) % 4 else seen.append(a[0])),
-             model.block.register_forward_hook(lambda m, a, out: seen.append(out.clone()))]
+    hooks = [
+        model.block.register_forward_pre_hook(lambda m, a: None if len(seen) % 4 else seen.append(a[0])),
+        model.block.register_forward_hook(lambda m, a, out: seen.append(out.clone())),
+    ]
     with loopscope.attach(model, tmp_path / "nano.h5", loop="block"), torch.no_grad():
         hooked = model(idx=ids), model(features=features)
     for hook in hooks:
@@ -405,8 +424,9 @@ def test_generic_models_called_without_input_ids_are_captured(tmp_path):
             np.testing.assert_array_equal(run.states(), torch.stack(states, dim=2)[0].numpy())
 
 
-def test_a_call_of_the_model_inside_its_own_forward_is_not_recorded(reference_model, prompt_ids, reference_recorder,
-                                                                   tmp_path):
+def test_a_call_of_the_model_inside_its_own_forward_is_not_recorded(
+    reference_model, prompt_ids, reference_recorder, tmp_path
+):
     """A user's hook that runs the model during its forward: the outer forward is recorded whole and exact (before,
     it was left incomplete), the inner call is left out with a warning."""
     probed = []

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 import loopscope
 from loopscope.cli.app import app
-from loopscope.storage import checksum, index, merge, run_files
-from loopscope.storage.write import writer as w
 from loopscope.errors import CaptureFileError
+from loopscope.storage import checksum, index, merge, run_files
 from loopscope.storage.verify import verify_capture
+from loopscope.storage.write import writer as w
 
 
 def _datasets(path) -> dict[str, h5py.Dataset]:
@@ -84,8 +84,7 @@ def test_a_direct_chunk_write_without_spare_bytes_behind_it_is_checksummed_too(t
 
     slab = np.random.default_rng(0).standard_normal((2, 4, 3, 8)).astype(np.float32)  # two whole chunks
     with h5py.File(tmp_path / "s.h5", "w") as f:
-        ds = f.create_dataset("s", shape=(8, 3, 8), dtype=np.float32, chunks=(4, 3, 8), fletcher32=True,
-                              rdcc_nbytes=0)
+        ds = f.create_dataset("s", shape=(8, 3, 8), dtype=np.float32, chunks=(4, 3, 8), fletcher32=True, rdcc_nbytes=0)
         stager = ChunkStager(ds, np.nan, ChunkBudget(1 << 20), checksum=True)
         before = slab.copy()
         stager.write(0, 0, slab.reshape(8, 3, 8))
@@ -102,8 +101,7 @@ def test_a_direct_chunk_write_without_spare_bytes_behind_it_is_checksummed_too(t
     [{}, {"dtype": "bfloat16"}, {"step_stride": 2}, {"compression": "lz4"}, {"compression": "gzip"}],
     ids=["float32", "bfloat16", "step-stride", "lz4", "gzip"],
 )
-def test_every_dataset_of_a_capture_is_checksummed(reference_model, tokenizer, reference_recorder, tmp_path,
-                                                   options):
+def test_every_dataset_of_a_capture_is_checksummed(reference_model, tokenizer, reference_recorder, tmp_path, options):
     if options.get("compression") == "lz4":
         pytest.importorskip("hdf5plugin")
     recorder = reference_recorder(reference_model)
@@ -118,8 +116,17 @@ def test_every_dataset_of_a_capture_is_checksummed(reference_model, tokenizer, r
                 plist = ds.id.get_create_plist()
                 filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
                 assert filters[-1] == checksum.FLETCHER32  # after the compression, as HDF5 must apply it
-    assert {"states", "num_steps", "token_ids", "token_bytes", "token_ends", "attention_mask", "positions",
-            "forward_index", "weight"} <= names
+    assert {
+        "states",
+        "num_steps",
+        "token_ids",
+        "token_bytes",
+        "token_ends",
+        "attention_mask",
+        "positions",
+        "forward_index",
+        "weight",
+    } <= names
     result = verify_capture(path)
     assert result.ok and not result.unchecked and result.chunks >= result.datasets
     # the forward (run 1, prefill path) reads back exactly as the hand-written hooks saw it
@@ -143,8 +150,9 @@ def test_signals_and_step_labels_are_checksummed(tmp_path):
     from loopscope.storage.write.buffers import HostBufferPool
 
     index.create_index(str(tmp_path / "c.h5"), header={"loops": ["core"]}, readout=None)
-    writer = w.CaptureWriter(run_files.RunFiles(str(tmp_path / "c.h5")), HostBufferPool(1 << 20),
-                             inner_steps={"core": 2})
+    writer = w.CaptureWriter(
+        run_files.RunFiles(str(tmp_path / "c.h5")), HostBufferPool(1 << 20), inner_steps={"core": 2}
+    )
     ids = np.arange(5, dtype=np.int64)[None]
     writer.put(w.OpenRuns([0], [{"call": "forward"}]))
     writer.put(w.Tokens([0], 0, ids, np.ones_like(ids, dtype=np.int8), ids, 0))
@@ -159,9 +167,8 @@ def test_signals_and_step_labels_are_checksummed(tmp_path):
     assert all(checksum.has_fletcher32(ds) for ds in found.values())
 
 
-# ---- damage on disk ----------------------------------------------------------------------------------------------------
-def test_a_flipped_bit_in_states_is_a_one_line_error_naming_run_loop_and_tokens(reference_model, tokenizer,
-                                                                                tmp_path):
+# ---- damage on disk --------------------------------------------------------------------------------------------------
+def test_a_flipped_bit_in_states_is_a_one_line_error_naming_run_loop_and_tokens(reference_model, tokenizer, tmp_path):
     path = _capture(reference_model, tokenizer, tmp_path / "c.h5")
     run_file = run_files.list_run_files(str(path))[0][0]
     with loopscope.open(path) as capture:
@@ -222,8 +229,7 @@ def test_verify_errors_are_one_line(tmp_path):
         assert len(result.output.strip().splitlines()) == 1
 
 
-def test_files_written_without_checksums_are_a_warning_not_a_failure(reference_model, tokenizer, tmp_path,
-                                                                     monkeypatch):
+def test_files_written_without_checksums_are_a_warning_not_a_failure(reference_model, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(w, "CaptureWriter", functools.partial(w.CaptureWriter, checksums=False))
     path = _capture(reference_model, tokenizer, tmp_path / "c.h5", new_tokens=3)
     result = verify_capture(path)

@@ -43,7 +43,9 @@ def test_writers_appending_at_once_keep_every_run_under_distinct_numbers(tmp_pat
     children = [
         subprocess.Popen(
             [sys.executable, "-c", f"RUNS = {runs}\n" + WRITER, str(path), str(w), str(start)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for w in range(writers)
     ]

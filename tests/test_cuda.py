@@ -216,5 +216,3 @@ def test_forwards_in_and_out_of_inference_mode_on_cuda(reference_model, referenc
         assert len(capture.runs) == 3
         for f, run in enumerate(capture.runs):
             np.testing.assert_array_equal(run.states(), expected[20 * f : 20 * (f + 1)])
-
-

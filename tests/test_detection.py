@@ -78,7 +78,11 @@ class WideEntry(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed, self.adapter, self.block, self.head = (
-            nn.Embedding(16, H), nn.Linear(2 * H, H), Block(), nn.Linear(H, 16))
+            nn.Embedding(16, H),
+            nn.Linear(2 * H, H),
+            Block(),
+            nn.Linear(H, 16),
+        )
 
     def forward(self, ids):
         e = self.embed(ids)

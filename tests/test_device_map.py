@@ -42,13 +42,21 @@ def test_from_pretrained_with_a_device_map_and_disk_offload(reference_model, pro
     plain = _logits(reference_model, prompt_ids)
     reference_model.save_pretrained(tmp_path / "model")
     device_map = {
-        "transformer.wte": "cpu", "lm_head": "cpu", "transformer.prelude": "cpu", "transformer.adapter": "disk",
-        "transformer.core_block.0": "cpu", "transformer.core_block.1": "disk", "transformer.coda": "disk",
-        "transformer.ln_f": "disk", "freqs_cis": "cpu",  # the RoPE table is a buffer of the model itself
+        "transformer.wte": "cpu",
+        "lm_head": "cpu",
+        "transformer.prelude": "cpu",
+        "transformer.adapter": "disk",
+        "transformer.core_block.0": "cpu",
+        "transformer.core_block.1": "disk",
+        "transformer.coda": "disk",
+        "transformer.ln_f": "disk",
+        "freqs_cis": "cpu",  # the RoPE table is a buffer of the model itself
     }
-    model = type(reference_model).from_pretrained(
-        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
-    ).eval()
+    model = (
+        type(reference_model)
+        .from_pretrained(tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload"))
+        .eval()
+    )
     assert model.transformer.core_block[1].attn.Wqkv.weight.device.type == "meta"  # really offloaded
     assert torch.equal(_logits(model, prompt_ids), plain)
     with loopscope.attach(model, tmp_path / "dm.h5") as cap:

@@ -18,9 +18,20 @@ from transformers import DoryConfig, DoryForCausalLM  # noqa: E402
 
 def _dory(loops=3, cache_mode="per_loop"):
     config = DoryConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, n_input_layers=1, n_recurrent_layers=2, n_output_layers=2,
-        n_recurrent_loops=loops, recurrent_kv_cache_mode=cache_mode, sliding_window=8, eos_token_id=None,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=5,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        n_input_layers=1,
+        n_recurrent_layers=2,
+        n_output_layers=2,
+        n_recurrent_loops=loops,
+        recurrent_kv_cache_mode=cache_mode,
+        sliding_window=8,
+        eos_token_id=None,
     )
     torch.manual_seed(0)
     return DoryForCausalLM(config).eval()

@@ -113,8 +113,12 @@ def _declare_tokens(run: Path, tokens: int, *, external: bool = False, k: int | 
         for name in ("token_ids", "attention_mask", "positions", "forward_index", "token_ends", "token_bytes"):
             if name in f:
                 del f[name]
-        for name, dtype in (("token_ids", np.int64), ("attention_mask", np.int8), ("positions", np.int64),
-                            ("forward_index", np.int32)):
+        for name, dtype in (
+            ("token_ids", np.int64),
+            ("attention_mask", np.int8),
+            ("positions", np.int64),
+            ("forward_index", np.int32),
+        ):
             if external:
                 size = tokens * np.dtype(dtype).itemsize
                 f.create_dataset(name, shape=(tokens,), dtype=dtype, external=[("/dev/zero", 0, size)])
@@ -125,8 +129,14 @@ def _declare_tokens(run: Path, tokens: int, *, external: bool = False, k: int | 
         hidden, dtype, steps = states.shape[2], states.dtype, states.shape[1] if k is None else k
         del loop["states"], loop["num_steps"]
         loop.create_dataset("num_steps", shape=(tokens,), maxshape=(None,), dtype=np.int32, chunks=(1024,))
-        loop.create_dataset("states", shape=(tokens, steps, hidden), maxshape=(None, None, hidden), dtype=dtype,
-                            chunks=(16, 4, hidden), fillvalue=np.nan)
+        loop.create_dataset(
+            "states",
+            shape=(tokens, steps, hidden),
+            maxshape=(None, None, hidden),
+            dtype=dtype,
+            chunks=(16, 4, hidden),
+            fillvalue=np.nan,
+        )
 
 
 @pytest.mark.parametrize("tokens", [2**24, 2**40])
@@ -143,8 +153,9 @@ def test_token_data_on_dev_zero_is_refused(pristine, tmp_path):
     _declare_tokens(_run_file(path), 2**24, external=True)
     api_error(path, "external storage")
     cli_error("external storage", "plot", path, "--run", "0", "--out", tmp_path / "x.png")
-    _refused_readout_weight(pristine, tmp_path / "index", "external storage", shape=(2**20,),
-                            external=[("/dev/zero", 0, 2**22)])
+    _refused_readout_weight(
+        pristine, tmp_path / "index", "external storage", shape=(2**20,), external=[("/dev/zero", 0, 2**22)]
+    )
 
 
 def _refused_readout_weight(pristine, folder, message, **dataset):
@@ -174,8 +185,9 @@ def test_huge_hidden_size_token_bytes_and_readout_weight(pristine, tmp_path):
     api_error(text, "token_bytes declares")
     cli_error("token_bytes declares", "plot", text, "--run", "0", "--out", tmp_path / "x.png")
 
-    _refused_readout_weight(pristine, tmp_path / "weight", "readout weight", shape=(2**34,), maxshape=(None,),
-                            chunks=(2**16,))
+    _refused_readout_weight(
+        pristine, tmp_path / "weight", "readout weight", shape=(2**34,), maxshape=(None,), chunks=(2**16,)
+    )
 
 
 def test_fill_and_gzip_bombs_are_refused(pristine, tmp_path):
@@ -184,8 +196,14 @@ def test_fill_and_gzip_bombs_are_refused(pristine, tmp_path):
         loop = f["loops/core"]
         t, _, h = loop["states"].shape
         del loop["states"]
-        loop.create_dataset("states", shape=(t, 2**19, h), maxshape=(None, None, h), dtype=np.float32,
-                            chunks=(16, 16, h), fillvalue=np.nan)
+        loop.create_dataset(
+            "states",
+            shape=(t, 2**19, h),
+            maxshape=(None, None, h),
+            dtype=np.float32,
+            chunks=(16, 16, h),
+            fillvalue=np.nan,
+        )
     api_error(fill, "states declares .* but stores")
     cli_error("states declares", "plot", fill, "--run", "0", "--out", tmp_path / "x.png")
 

@@ -21,8 +21,15 @@ from transformers import HrmTextConfig, HrmTextForCausalLM  # noqa: E402
 
 def _hrm(h_cycles=2, l_cycles=3):
     config = HrmTextConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
-        head_dim=8, H_cycles=h_cycles, L_cycles=l_cycles, num_layers_per_stack=1,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        H_cycles=h_cycles,
+        L_cycles=l_cycles,
+        num_layers_per_stack=1,
     )
     torch.manual_seed(0)
     return HrmTextForCausalLM(config).eval()
@@ -101,7 +108,6 @@ def test_generate_every_token_exact_and_outputs_unchanged(tmp_path, forward_reco
             np.testing.assert_array_equal(run.num_steps, [2] * 7)
             np.testing.assert_array_equal(run.steps_of("L"), [4] * 7)
             want_h = torch.cat([torch.stack([f["H0"][0]] + f["H"], dim=2)[row] for f in forwards])
-            want_l = torch.cat(
-                [torch.stack([torch.zeros_like(f["L"][0])] + f["L"], dim=2)[row] for f in forwards])
+            want_l = torch.cat([torch.stack([torch.zeros_like(f["L"][0])] + f["L"], dim=2)[row] for f in forwards])
             np.testing.assert_array_equal(run.states(), want_h.numpy())
             np.testing.assert_array_equal(run.states(loop="L"), want_l.numpy())

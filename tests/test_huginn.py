@@ -98,7 +98,9 @@ def test_adaptive_exit_gives_each_token_its_own_depth(reference_model, prompt_id
         assert len(set(run.num_steps[prompt_len:].tolist())) > 1, "the criterion should exit tokens at different depths"
         np.testing.assert_array_equal(run.states()[:prompt_len, : len(groups[0]["states"]) + 1], expected.numpy())
         for t, g in enumerate(groups[1:], start=prompt_len):
-            np.testing.assert_array_equal(run.states(token=t), torch.stack([g["s0"]] + g["states"], dim=2)[0, 0].numpy())
+            np.testing.assert_array_equal(
+                run.states(token=t), torch.stack([g["s0"]] + g["states"], dim=2)[0, 0].numpy()
+            )
         assert capture.meta["orphan_loop_calls"] == 0
     if criterion == "kl":  # each check decodes the latents through ln_f and the coda: never counted as iterations
         assert recorder.ln_f_calls > 2 * int(expected_steps.sum() / prompt_len)
@@ -106,7 +108,9 @@ def test_adaptive_exit_gives_each_token_its_own_depth(reference_model, prompt_id
 
 def test_latent_diff_exit_values_are_stored_as_a_signal(reference_model, prompt_ids, tmp_path):
     with loopscope.attach(reference_model, tmp_path / "s.h5"):
-        _generate(reference_model, prompt_ids, max_new_tokens=4, num_steps=16, criterion="latent-diff", exit_threshold=0.02)
+        _generate(
+            reference_model, prompt_ids, max_new_tokens=4, num_steps=16, criterion="latent-diff", exit_threshold=0.02
+        )
     with loopscope.open(tmp_path / "s.h5") as capture:
         (run,) = capture.runs
         assert run.signal_names() == ["exit_value"]
@@ -148,7 +152,9 @@ def test_forward_with_adaptive_compute_runs_token_by_token(reference_model, prom
     from loopscope.models.huginn_reference import get_adaptive_exit_evaluator
 
     torch.manual_seed(0)
-    plain = reference_model.forward_with_adaptive_compute(prompt_ids, get_adaptive_exit_evaluator(reference_model, "kl", 1e-4))
+    plain = reference_model.forward_with_adaptive_compute(
+        prompt_ids, get_adaptive_exit_evaluator(reference_model, "kl", 1e-4)
+    )
     recorder = GroupRecorder(reference_model)
     with loopscope.attach(reference_model, tmp_path / "f.h5"):
         torch.manual_seed(0)
@@ -163,7 +169,9 @@ def test_forward_with_adaptive_compute_runs_token_by_token(reference_model, prom
         np.testing.assert_array_equal(run.token_ids, prompt_ids[0].numpy())
         np.testing.assert_array_equal(run.num_steps, hooked.stats["compute_steps"])
         for t, g in enumerate(recorder.iterated()):
-            np.testing.assert_array_equal(run.states(token=t), torch.stack([g["s0"]] + g["states"], dim=2)[0, 0].numpy())
+            np.testing.assert_array_equal(
+                run.states(token=t), torch.stack([g["s0"]] + g["states"], dim=2)[0, 0].numpy()
+            )
 
 
 def test_continuous_compute_s0_is_the_previous_tokens_state(reference_model, prompt_ids, tmp_path):
@@ -216,7 +224,9 @@ def test_test_time_noise_extra_norm_calls_are_not_iterations(tokenizer, tmp_path
         (run,) = capture.runs
         np.testing.assert_array_equal(run.num_steps, np.full(run.num_tokens, 6))
         groups = recorder.iterated()
-        np.testing.assert_array_equal(run.states()[: ids.shape[1]], torch.stack([groups[0]["s0"]] + groups[0]["states"], dim=2)[0].numpy())
+        np.testing.assert_array_equal(
+            run.states()[: ids.shape[1]], torch.stack([groups[0]["s0"]] + groups[0]["states"], dim=2)[0].numpy()
+        )
 
 
 def test_generate_default_depth_is_mean_recurrence_and_mask_is_recorded_as_given(reference_model, tmp_path):

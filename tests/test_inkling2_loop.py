@@ -21,11 +21,29 @@ from transformers.models.inkling2_loop.modeling_inkling2_loop import Inkling2Loo
 
 def _inkling(passes=3):
     config = Inkling2LoopTextConfig(
-        vocab_size=128, unpadded_vocab_size=128, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=16,
-        sliding_window_size=16, d_rel=4, rel_extent=16, moe_intermediate_size=16, n_routed_experts=4,
-        num_experts_per_tok=2, n_layers_per_attn_res_block=2, loop_layer_index_start=2, loop_layer_index_end=4,
-        loop_num_passes=passes, loop_gate_rank=8, eos_token_id=1, pad_token_id=0,
+        vocab_size=128,
+        unpadded_vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        swa_num_attention_heads=2,
+        swa_num_key_value_heads=1,
+        swa_head_dim=16,
+        sliding_window_size=16,
+        d_rel=4,
+        rel_extent=16,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_layers_per_attn_res_block=2,
+        loop_layer_index_start=2,
+        loop_layer_index_end=4,
+        loop_num_passes=passes,
+        loop_gate_rank=8,
+        eos_token_id=1,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     return Inkling2LoopForCausalLM(config).eval()

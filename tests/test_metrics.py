@@ -11,10 +11,10 @@ import torch
 
 import loopscope
 from loopscope.analysis import METRICS, convergence, token_metrics, trajectory_pca
-from loopscope.analysis.metrics import block_measures
+from loopscope.analysis.measures import block_measures
+from loopscope.errors import LoopscopeError
 from loopscope.models.demo import PROMPT as DEMO_PROMPT
 from loopscope.models.demo import build_demo_model
-from loopscope.errors import LoopscopeError
 
 PROMPT = "Tokens settle at different speeds."
 RTOL = 1e-5  # every measure against float64 arithmetic on the same states (float32 states are measured in float32)
@@ -313,10 +313,12 @@ def test_reader_arguments_of_the_wrong_type_are_named(capture_path):
     """A caller's mistake is said to be one, not reported as a damaged file."""
     with loopscope.open(capture_path) as capture:
         run = capture.runs[0]
-        for kwargs, pattern in [(dict(step=2.0), "step=2.0 must be an integer"),
-                                (dict(token="3"), "token='3' must be an integer"),
-                                (dict(loop=1), "loop=1 must be a loop's name"),
-                                (dict(token=99), "token 99 out of range")]:
+        for kwargs, pattern in [
+            (dict(step=2.0), "step=2.0 must be an integer"),
+            (dict(token="3"), "token='3' must be an integer"),
+            (dict(loop=1), "loop=1 must be a loop's name"),
+            (dict(token=99), "token 99 out of range"),
+        ]:
             with pytest.raises(LoopscopeError, match=pattern):
                 run.states(**kwargs)
         with pytest.raises(LoopscopeError, match="a run index is an integer"):

@@ -50,8 +50,11 @@ def test_forward_states_and_exit_gate(tmp_path, forward_recorder):
     assert torch.equal(plain.logits, hooked.logits) and torch.equal(plain.exit_logits, hooked.exit_logits)
     assert cap.adapter.family == "ouro"
     spec = cap.adapter.loops[0]
-    assert (spec.exit, spec.entry, spec.signals) == ("model.norm", "model.layers.0",
-                                                     (("exit_gate", "model.early_exit_gate"),))
+    assert (spec.exit, spec.entry, spec.signals) == (
+        "model.norm",
+        "model.layers.0",
+        (("exit_gate", "model.early_exit_gate"),),
+    )
     (forward,) = recorder.forwards
     with loopscope.open(tmp_path / "ouro.h5") as capture:
         assert capture.readout.kind == "identity"  # the norm's output is what lm_head reads
@@ -76,8 +79,9 @@ def test_generate_every_token_and_outputs_unchanged(tmp_path, forward_recorder):
     ids = torch.randint(3, 128, (2, 5))
     ids[0, :2] = 0
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     plain = model.generate(ids, **kwargs)
     with loopscope.attach(model, tmp_path / "g.h5"):
         recorder = forward_recorder(model, _watch(model))

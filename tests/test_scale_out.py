@@ -20,16 +20,16 @@ from loopscope.analysis import distributed as dd
 from loopscope.analysis import token_metrics, trajectory_pca
 from loopscope.analysis.metrics import METRICS
 from loopscope.cli.app import app
+from loopscope.errors import LoopscopeError, MergeError
 from loopscope.examples.capture_torchrun import DEFAULT_PROMPTS
 from loopscope.hooks import distributed as ranks
-from loopscope.errors import LoopscopeError, MergeError
 from loopscope.storage.merge import merge
 
 PROMPT_A = "Looped models think by iterating."
 PROMPT_B = "The state settles, or it does not."
 
 
-# ---- fixtures ---------------------------------------------------------------------------------------------------------
+# ---- fixtures --------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, two_run_capture):
     """Two captures of one model (two runs each: a generate, then a forward over the prompt) and their merge."""
@@ -87,13 +87,25 @@ def all_states(path):
         return [run.states(raw=True) for run in capture.runs]
 
 
-# ---- (a) torchrun capture and merge -----------------------------------------------------------------------------------
+# ---- (a) torchrun capture and merge ----------------------------------------------------------------------------------
 def test_torchrun_ranks_write_their_own_files_and_merge_maps_them_without_copying(tmp_path):
     out = tmp_path / "cap.h5"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "loopscope.examples.capture_torchrun", "--out", str(out), "--steps", "16", "--max-new-tokens", "3",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "loopscope.examples.capture_torchrun",
+        "--out",
+        str(out),
+        "--steps",
+        "16",
+        "--max-new-tokens",
+        "3",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -182,7 +194,7 @@ def test_signals_and_merges_of_merges_say_when_a_source_is_missing(tmp_path, ref
                 merged.runs[0].states()
 
 
-# ---- (b) Dask analysis equals the single-process analysis -------------------------------------------------------------
+# ---- (b) Dask analysis equals the single-process analysis ------------------------------------------------------------
 def test_dask_threads_equal_single_process_over_many_files(study, bf16_capture):
     paths = [study["merged"], study["a"], study["b"], bf16_capture]
     # Small blocks: many blocks per run, so block boundaries are exercised.
@@ -212,7 +224,11 @@ def test_dask_on_a_local_cluster_of_several_workers(study, bf16_capture):
     distributed = pytest.importorskip("distributed")
     paths = [study["merged"], bf16_capture]
     with distributed.LocalCluster(
-        n_workers=3, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0",
+        n_workers=3,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
         silence_logs=50,
     ) as cluster:
         address = cluster.scheduler_address
@@ -238,7 +254,7 @@ def test_cli_convergence_on_dask_writes_the_same_csv(study, tmp_path):
     assert plain.read_text() == threaded.read_text()
 
 
-# ---- (c) errors ---------------------------------------------------------------------------------------------------------
+# ---- (c) errors ------------------------------------------------------------------------------------------------------
 def test_merge_errors_are_one_line(study, tmp_path, tokenizer, new_reference_model):
     a, b = study["a"], study["b"]
     out = str(tmp_path / "m.h5")
@@ -268,7 +284,9 @@ def test_merge_errors_are_one_line(study, tmp_path, tokenizer, new_reference_mod
     from loopscope.models.huginn_reference import RavenReferenceForCausalLM, tiny_config
 
     torch.manual_seed(0)
-    model = RavenReferenceForCausalLM(tiny_config(n_embd=32, vocab_size=len(tokenizer), padded_vocab_size=len(tokenizer)))
+    model = RavenReferenceForCausalLM(
+        tiny_config(n_embd=32, vocab_size=len(tokenizer), padded_vocab_size=len(tokenizer))
+    )
     ids = tokenizer(PROMPT_A, return_tensors="pt").input_ids
     with loopscope.attach(model.eval(), wide), torch.no_grad():
         model(ids, num_steps=3)
@@ -324,7 +342,9 @@ def test_without_dask_the_package_imports_and_says_what_to_install(study, monkey
     with loopscope.open(study["merged"]) as capture:  # everything else works without dask
         token_metrics(capture.runs[0])
     # the CLI prints the same line, brackets included (rich would read "[scale]" as markup)
-    result = CliRunner().invoke(app, ["convergence", study["merged"], "--out", str(tmp_path / "m.csv"), "--workers", "2"])
+    result = CliRunner().invoke(
+        app, ["convergence", study["merged"], "--out", str(tmp_path / "m.csv"), "--workers", "2"]
+    )
     assert result.exit_code == 1 and "pip install 'loopscope[scale]'" in result.output
 
 

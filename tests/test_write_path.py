@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import loopscope
-from loopscope.storage import compression, index, run_files, schema
-from loopscope.storage.write import preallocate, staging, writer as w
-from loopscope.storage.write.buffers import HostBufferPool
 from loopscope.errors import CaptureFileError, LoopscopeError
+from loopscope.storage import compression, index, run_files, schema
+from loopscope.storage.write import preallocate, staging
+from loopscope.storage.write import writer as w
+from loopscope.storage.write.buffers import HostBufferPool
 
 PLUGIN_FILTERS = ("lz4", "zstd", "blosc-lz4", "bitshuffle-lz4")
 
@@ -39,15 +40,14 @@ class Driver:
         self.generator = torch.Generator().manual_seed(0)
         self.writer.put(w.OpenRuns(self.run_ids, [{"call": "generate", "loops": ["core"]}] * batch))
 
-    def forward(self, tokens: int, steps: int, group: int | None = None, split: int | None = None,
-                planes: int | None = None) -> None:
+    def forward(
+        self, tokens: int, steps: int, group: int | None = None, split: int | None = None, planes: int | None = None
+    ) -> None:
         """One forward: ``steps`` stored steps of ``tokens`` tokens, sent ``group`` steps per message (all tokens),
         or, with ``split``, one step per message in blocks of ``split`` tokens (a prefill larger than a slab), or,
         with ``planes``, as the capture stages them: slabs of ``planes`` planes of the chunk depth each."""
         ids = np.arange(self.offset, self.offset + tokens, dtype=np.int64)[None].repeat(self.batch, 0)
-        self.writer.put(
-            w.Tokens(self.run_ids, self.offset, ids, np.ones_like(ids, dtype=np.int8), ids, 0)
-        )
+        self.writer.put(w.Tokens(self.run_ids, self.offset, ids, np.ones_like(ids, dtype=np.int8), ids, 0))
         states = torch.randn(self.batch, tokens, steps, self.hidden, generator=self.generator).to(self.dtype)
         for b in range(self.batch):
             self._expect(b, states[b].float().numpy())
@@ -77,8 +77,18 @@ class Driver:
 
     def _send(self, offset, step, slab: torch.Tensor, steps: int, base: int | None = None, last=False) -> None:
         self.writer.put(
-            w.State(self.run_ids, "core", offset, step, slab, steps, self._logical(), base=base, chunks=self.chunks,
-                    last=last)
+            w.State(
+                self.run_ids,
+                "core",
+                offset,
+                step,
+                slab,
+                steps,
+                self._logical(),
+                base=base,
+                chunks=self.chunks,
+                last=last,
+            )
         )
 
     def close(self, complete: bool = True) -> None:
@@ -309,8 +319,9 @@ def test_capture_round_trip_exact_with_each_filter(reference_model, prompt_ids, 
 
 
 @pytest.mark.parametrize("steps", [8, 7])
-def test_prefill_chunks_are_written_straight_from_the_hooks_slabs(reference_model, reference_recorder, tmp_path,
-                                                                  monkeypatch, steps):
+def test_prefill_chunks_are_written_straight_from_the_hooks_slabs(
+    reference_model, reference_recorder, tmp_path, monkeypatch, steps
+):
     """No copy between hook and file on the CPU path: every whole chunk of a prefill is written from the host slab
     the hook copied the states into (with 7 steps, the last plane's empty row is padded), and values are exact."""
     slabs, from_slab = [], []

@@ -172,6 +172,7 @@ class PinnedScratch:
             for t in tensors:
                 if t is None or self._mine.get(id(t)) is not t:
                     continue
+                assert isinstance(t, torch.Tensor)
                 key = (tuple(t.shape), t.dtype)
                 if key not in self._free and len(self._free) >= self.shapes:  # prompts of many lengths: forget one
                     self._free.pop(next(iter(self._free)))

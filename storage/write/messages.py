@@ -55,8 +55,10 @@ class Tokens(Message):
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(token ids, mask, positions) of the stored tokens, [B, T'] each, once their copies have landed."""
         _wait(self.ready)
-        arrays = [a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-                  for a in (self.token_ids, self.attention_mask, self.positions)]
+        arrays = [
+            a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+            for a in (self.token_ids, self.attention_mask, self.positions)
+        ]
         if self.keep is not None:
             arrays = [a[:, self.keep] for a in arrays]
         return arrays[0], arrays[1], arrays[2]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Any
 
 FALLOC_FL_KEEP_SIZE = 1
 MIN_RESERVE = 4 << 20  # a decoded token writes ~100 KB: reserve for several tokens per call
 
+_fallocate: Any
 try:
     _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
     _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -27,7 +29,7 @@ class Reserve:
     """Blocks reserved past the end of one open file, by its own descriptor (HDF5 keeps writing through its own)."""
 
     def __init__(self, path: str):
-        self._fd = os.open(path, os.O_WRONLY) if _fallocate is not None else None
+        self._fd: int | None = os.open(path, os.O_WRONLY) if _fallocate is not None else None
         self._reserved_to = 0
         self._unasked = 0  # bytes of the last reserve not yet asked for: no fstat until they are
 

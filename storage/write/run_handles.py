@@ -126,9 +126,9 @@ class RunHandles:
         if self.token_bytes is not None:
             _resize(self.token_bytes, (self.token_bytes_used,))
         for name, signals in self.signals.items():
-            loop = self.loops.get(name)
+            states = self.loops.get(name)
             for ds in signals.values():  # as many steps as the loop's states (at least those recorded)
-                _resize(ds, (n, loop["max_step"] + 1 if loop else ds.shape[1]))
+                _resize(ds, (n, states["max_step"] + 1 if states else ds.shape[1]))
         for name, loop in self.loops.items():
             if loop["num_steps"] is None:  # no step counts came (HDF5 would have filled it with zeros)
                 zeros = np.zeros(n, dtype=np.int32)

@@ -97,8 +97,9 @@ class _TokenRow:
 class ChunkStager:
     """Assembles the chunks of one states dataset [T, K, H] (chunked (ct, ck, H), chunk cache off)."""
 
-    def __init__(self, dataset: h5py.Dataset, fill, budget: ChunkBudget, *, filtered: bool = False,
-                 checksum: bool = False):
+    def __init__(
+        self, dataset: h5py.Dataset, fill, budget: ChunkBudget, *, filtered: bool = False, checksum: bool = False
+    ):
         self.ds = dataset
         self.fill = fill
         self.budget = budget

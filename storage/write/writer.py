@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from .. import compression as filters, schema
 from ...errors import CaptureWriteError
+from .. import compression as filters
+from .. import schema
 from .messages import CloseRuns, Message, OpenRuns, Signal, State, Steps, Tokens, token_texts
 from .preallocate import Reserve
 from .run_handles import RunHandles
@@ -35,7 +36,15 @@ if TYPE_CHECKING:
 
 # What the hooks use, as ``writer.<name>``: the writer and the messages it takes.
 __all__ = [
-    "STAGING_SHARE", "TOKEN_CHUNK", "CaptureWriter", "CloseRuns", "OpenRuns", "Signal", "State", "Steps", "Tokens",
+    "STAGING_SHARE",
+    "TOKEN_CHUNK",
+    "CaptureWriter",
+    "CloseRuns",
+    "OpenRuns",
+    "Signal",
+    "State",
+    "Steps",
+    "Tokens",
     "token_texts",
 ]
 
@@ -150,8 +159,13 @@ class CaptureWriter:
             group = self.layout.create_run(run_id)
             group.attrs.update(schema.attrs_to_store(attrs))
             group.attrs["complete"] = False
-            handles = RunHandles(group, TOKEN_CHUNK, one_forward=attrs.get("call") == "forward",
-                                 reserve=Reserve(group.filename), checksums=self.checksums)
+            handles = RunHandles(
+                group,
+                TOKEN_CHUNK,
+                one_forward=attrs.get("call") == "forward",
+                reserve=Reserve(group.filename),
+                checksums=self.checksums,
+            )
             group.create_group(schema.LOOPS)
             self._runs[run_id] = handles
 
@@ -201,12 +215,19 @@ class CaptureWriter:
         if self.compression is not None:
             states.attrs["compression"] = schema.text(self.compression)
         stager = ChunkStager(
-            states, schema.fill_value(m.logical_dtype), self.staging, filtered=self.compression is not None,
+            states,
+            schema.fill_value(m.logical_dtype),
+            self.staging,
+            filtered=self.compression is not None,
             checksum=self.checksums,
         )
         h.loops[loop] = {
-            "group": group, "states": states, "num_steps": None, "max_step": 0,  # num_steps: at its first flush
-            "step_capacity": states.shape[1], "stager": stager,
+            "group": group,
+            "states": states,
+            "num_steps": None,
+            "max_step": 0,  # num_steps: at its first flush
+            "step_capacity": states.shape[1],
+            "stager": stager,
         }
         return h.loops[loop]
 
@@ -217,7 +238,8 @@ class CaptureWriter:
         message = self._padded_to_plane_end(m, array)
         for b, run_id in enumerate(m.run_ids):
             h = self._runs[run_id]
-            h.reserve.ahead(t * message.steps * hidden * array.itemsize)
+            if h.reserve is not None:
+                h.reserve.ahead(t * message.steps * hidden * array.itemsize)
             h.grow_tokens(m.offset + t)
             loop = self._loop_handles(h, m.loop, hidden, m, m.offset + t)
             if last >= loop["step_capacity"]:  # grown to the steps seen, never past: no edge chunks to trim later
@@ -226,8 +248,9 @@ class CaptureWriter:
                 loop["step_capacity"] = last + 1
             stager, row = loop["stager"], array[:, b]
             decoded = t == 1 and row.shape[2] == stager.ck  # one token, its planes in the chunk depth
-            if not (decoded and stager.write_token(m.offset, message.step, message.plane_start, row[:, 0],
-                                                   message.steps)):
+            if not (
+                decoded and stager.write_token(m.offset, message.step, message.plane_start, row[:, 0], message.steps)
+            ):
                 for step, block in message.planes(row):
                     stager.write(m.offset, step, block)
             loop["max_step"] = max(loop["max_step"], last)
@@ -266,8 +289,13 @@ class CaptureWriter:
             if ds is None:
                 group = h.group[schema.LOOPS].require_group(m.loop).require_group(schema.SIGNALS)
                 ds = signals[m.name] = group.create_dataset(
-                    m.name, shape=(h.capacity, SIGNAL_CHUNK[1]), maxshape=(None, None), dtype=np.float32,
-                    chunks=SIGNAL_CHUNK, fillvalue=np.nan, fletcher32=self.checksums,
+                    m.name,
+                    shape=(h.capacity, SIGNAL_CHUNK[1]),
+                    maxshape=(None, None),
+                    dtype=np.float32,
+                    chunks=SIGNAL_CHUNK,
+                    fillvalue=np.nan,
+                    fletcher32=self.checksums,
                 )
             if m.step + k > ds.shape[1]:
                 ds.resize((ds.shape[0], max(m.step + k, 2 * ds.shape[1])))
@@ -290,7 +318,8 @@ class CaptureWriter:
         h.group.attrs["complete"] = m.complete
         self.layout.finish_run(run_id, h.group, complete=m.complete)
         del self._closing[run_id]
-        h.reserve.release()
+        if h.reserve is not None:
+            h.reserve.release()
 
     def abandon_open_runs(self) -> None:
         """Close files of runs that never completed (after a failure), leaving them marked partial."""
@@ -305,7 +334,8 @@ class CaptureWriter:
                 h.group.close()
             except Exception:  # the file may be unwritable (disk full): it stays a .partial file either way
                 pass
-            h.reserve.release()
+            if h.reserve is not None:
+                h.reserve.release()
             self._runs.pop(run_id)
 
 
