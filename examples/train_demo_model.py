@@ -1,7 +1,8 @@
 """Train the small looped-depth LM that ``loopscope demo`` captures, offline, on a 2-core CPU, in about 20 minutes.
 
 Why: a randomly initialised looped model converges in a way that says nothing about the text. A model that has
-learnt some language settles at different speeds for different tokens -- the picture of Fig. 1 / Fig. 11 of "Scaling up Test-Time Compute with
+learnt some language settles at different speeds for different tokens -- the picture of Fig. 1 / Fig. 11 of
+"Scaling up Test-Time Compute with
 Latent Reasoning" (Geiping et al. 2025). This script trains such a model once; its weights ship with the package in
 ``models/demo_model/`` and the demo loads them. Re-running it is only needed to check or change that model:
 
@@ -225,15 +226,26 @@ def evaluate(model, inputs: torch.Tensor, labels: torch.Tensor, num_steps: int |
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (and the tied embedding); none on norms and q/k biases."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(out: Path, steps: int, lr: float, min_lr_ratio: float, warmup: int, weight_decay: float, clip: float,
-          seed: int, mean_recurrence: int = 24, log=print) -> dict:
+def train(
+    out: Path,
+    steps: int,
+    lr: float,
+    min_lr_ratio: float,
+    warmup: int,
+    weight_decay: float,
+    clip: float,
+    seed: int,
+    mean_recurrence: int = 24,
+    log=print,
+) -> dict:
     """Build corpus, tokenizer and model; train; save model, tokenizer, ``training.json`` and ``README.md``."""
     started = time.perf_counter()
     torch.set_num_threads(2)
@@ -268,9 +280,11 @@ def train(out: Path, steps: int, lr: float, min_lr_ratio: float, warmup: int, we
     model = RavenReferenceForCausalLM(config)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params:,} parameters, mean_recurrence {config.mean_recurrence}, "
+    log(
+        f"model: {n_params:,} parameters, mean_recurrence {config.mean_recurrence}, "
         f"backprop depth {config.mean_backprop_depth}; {steps} steps of {BATCH_SIZE}x{CONTEXT} tokens "
-        f"(set up in {time.perf_counter() - started:.1f}s)")
+        f"(set up in {time.perf_counter() - started:.1f}s)"
+    )
 
     optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-8)
     history = []
@@ -312,8 +326,10 @@ def train(out: Path, steps: int, lr: float, min_lr_ratio: float, warmup: int, we
     random_model.load_state_dict(initial_state)
     random_val_loss = evaluate(random_model, val_inputs, val_labels)
     random_train_loss = evaluate(random_model, train_inputs, train_labels)
-    log(f"final ({config.mean_recurrence} iterations): train {train_loss:.3f}  val {val_loss:.3f}; "
-        f"same architecture with its random initial weights: train {random_train_loss:.3f}  val {random_val_loss:.3f}")
+    log(
+        f"final ({config.mean_recurrence} iterations): train {train_loss:.3f}  val {val_loss:.3f}; "
+        f"same architecture with its random initial weights: train {random_train_loss:.3f}  val {random_val_loss:.3f}"
+    )
     log("val loss by test-time iterations: " + ", ".join(f"{k}: {v:.3f}" for k, v in by_steps.items()))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -325,16 +341,32 @@ def train(out: Path, steps: int, lr: float, min_lr_ratio: float, warmup: int, we
             out.as_posix(),
             " ".join(
                 f"--{k.replace('_', '-')} {v}"
-                for k, v in dict(steps=steps, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay,
-                                 clip=clip, seed=seed, mean_recurrence=mean_recurrence).items()
+                for k, v in dict(
+                    steps=steps,
+                    lr=lr,
+                    min_lr_ratio=min_lr_ratio,
+                    warmup=warmup,
+                    weight_decay=weight_decay,
+                    clip=clip,
+                    seed=seed,
+                    mean_recurrence=mean_recurrence,
+                ).items()
                 if v != DEFAULTS[k]
             ),
         ).strip(),
         "corpus": fingerprint,
         "tokens": {"train": len(train_ids), "validation": len(val_ids), "vocab": len(tokenizer)},
         "hyperparameters": {
-            "steps": steps, "batch_size": BATCH_SIZE, "context": CONTEXT, "lr": lr, "min_lr_ratio": min_lr_ratio,
-            "warmup": warmup, "weight_decay": weight_decay, "clip": clip, "seed": seed, "mean_recurrence": mean_recurrence,
+            "steps": steps,
+            "batch_size": BATCH_SIZE,
+            "context": CONTEXT,
+            "lr": lr,
+            "min_lr_ratio": min_lr_ratio,
+            "warmup": warmup,
+            "weight_decay": weight_decay,
+            "clip": clip,
+            "seed": seed,
+            "mean_recurrence": mean_recurrence,
             "optimizer": "AdamW(betas=(0.9, 0.95))",
             "model": {**MODEL_OVERRIDES, "mean_recurrence": mean_recurrence},
         },
@@ -367,30 +399,30 @@ def model_card(summary: dict) -> str:
 
 A toy looped-depth (recurrent-depth) language model of the Huginn-shaped reference architecture
 (`loopscope/models/huginn_reference.py`), trained so that `loopscope demo` has a model whose tokens converge at
-different speeds. **It is a toy for the demo and the tests only**: {summary['parameters']:,} parameters, trained for
-{h['steps']} steps on under a megabyte of Python docstrings. It writes docstring-flavoured English, not sense.
+different speeds. **It is a toy for the demo and the tests only**: {summary["parameters"]:,} parameters, trained for
+{h["steps"]} steps on under a megabyte of Python docstrings. It writes docstring-flavoured English, not sense.
 
-- Shape: E={m['n_embd']}, {m['n_heads']} heads, MLP {m['intermediate_size']}, {m['n_layers_in_prelude']} prelude /
-  {m['n_layers_in_recurrent_block']} core / {m['n_layers_in_coda']} coda blocks, tied embeddings, vocabulary
-  {summary['tokens']['vocab']} (byte-level BPE), RoPE table of {m['block_size']} positions. Trained with a random number
-  of iterations per step (Poisson-lognormal, mean {m['mean_recurrence']}) and backpropagation through the last
-  {m['mean_backprop_depth']}, as Huginn-0125; evaluated at {m['mean_recurrence']} iterations by default.
-- Corpus: `inspect.getdoc` of {c['modules']} standard-library modules and of their public classes, functions and
+- Shape: E={m["n_embd"]}, {m["n_heads"]} heads, MLP {m["intermediate_size"]}, {m["n_layers_in_prelude"]} prelude /
+  {m["n_layers_in_recurrent_block"]} core / {m["n_layers_in_coda"]} coda blocks, tied embeddings, vocabulary
+  {summary["tokens"]["vocab"]} (byte-level BPE), RoPE table of {m["block_size"]} positions. Trained with a random number
+  of iterations per step (Poisson-lognormal, mean {m["mean_recurrence"]}) and backpropagation through the last
+  {m["mean_backprop_depth"]}, as Huginn-0125; evaluated at {m["mean_recurrence"]} iterations by default.
+- Corpus: `inspect.getdoc` of {c["modules"]} standard-library modules and of their public classes, functions and
   methods (see `STDLIB_MODULES` in `train_demo_model.py`), docstrings of at least {MIN_DOC_CHARS} characters,
-  de-duplicated: {c['documents']} docstrings, {c['bytes']:,} bytes, sha256 `{c['sha256']}`, built with
-  {c['implementation']} {c['python']} on `{c['platform']}`. Every {VALIDATION_EVERY}th docstring is held out;
-  {summary['tokens']['train']:,} training and {summary['tokens']['validation']:,} validation tokens.
-- Training: `{summary['command']}` (seed {h['seed']}, {h['steps']} steps of {h['batch_size']} x {h['context']}
-  tokens, {h['optimizer']}, peak lr {h['lr']}, {h['warmup']} warmup steps then cosine to {h['min_lr_ratio']} x,
-  weight decay {h['weight_decay']}, gradient clipping {h['clip']}, {summary['threads']} CPU threads, torch
-  {summary['torch']}): {summary['wall_time_s']:.0f} s wall in all.
-- Validation loss (nats/token, {m['mean_recurrence']} iterations): **{f['val_loss']:.3f}** trained,
-  {f['random_init_val_loss']:.3f} for the same architecture with its random initial weights (train windows:
-  {f['train_loss']:.3f} vs {f['random_init_train_loss']:.3f}).
+  de-duplicated: {c["documents"]} docstrings, {c["bytes"]:,} bytes, sha256 `{c["sha256"]}`, built with
+  {c["implementation"]} {c["python"]} on `{c["platform"]}`. Every {VALIDATION_EVERY}th docstring is held out;
+  {summary["tokens"]["train"]:,} training and {summary["tokens"]["validation"]:,} validation tokens.
+- Training: `{summary["command"]}` (seed {h["seed"]}, {h["steps"]} steps of {h["batch_size"]} x {h["context"]}
+  tokens, {h["optimizer"]}, peak lr {h["lr"]}, {h["warmup"]} warmup steps then cosine to {h["min_lr_ratio"]} x,
+  weight decay {h["weight_decay"]}, gradient clipping {h["clip"]}, {summary["threads"]} CPU threads, torch
+  {summary["torch"]}): {summary["wall_time_s"]:.0f} s wall in all.
+- Validation loss (nats/token, {m["mean_recurrence"]} iterations): **{f["val_loss"]:.3f}** trained,
+  {f["random_init_val_loss"]:.3f} for the same architecture with its random initial weights (train windows:
+  {f["train_loss"]:.3f} vs {f["random_init_train_loss"]:.3f}).
 - Validation loss by test-time iterations:
 
   | iterations | {header} |
-  |---|{'---|' * len(f['val_loss_by_num_steps'])}
+  |---|{"---|" * len(f["val_loss_by_num_steps"])}
   | loss | {by_steps} |
 
 `training.json` holds the same figures and the loss curve. A re-run on another Python version builds a different

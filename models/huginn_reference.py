@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -432,7 +432,7 @@ if _CACHE_FIELD == "cache":
 else:
 
     @dataclass
-    class CausalLMOutputRecurrentLatents(ModelOutput):
+    class CausalLMOutputRecurrentLatents(ModelOutput):  # type: ignore[no-redef]  # one definition per transformers major
         """Huginn's output. ``latent_states`` is ``ln_f`` of the last iteration's state (before the coda)."""
 
         loss: Tensor | None = None
@@ -447,6 +447,11 @@ else:
         @property
         def cache(self) -> Cache | None:
             return self.past_key_values
+
+
+def _cache_kwargs(cache: Cache | None) -> dict[str, Any]:
+    """The cache as a keyword argument under this transformers version's field name (see ``_CACHE_FIELD``)."""
+    return {_CACHE_FIELD: cache}
 
 
 def _block_index(i: int) -> Tensor:
@@ -466,8 +471,23 @@ def _first_position(position_ids: Tensor | None, cache_position: Tensor | int | 
     return None
 
 
+if TYPE_CHECKING:
+
+    class _RavenTransformer(nn.ModuleDict):
+        """What ``RavenReferenceForCausalLM.transformer`` holds (a plain ``nn.ModuleDict`` at run time)."""
+
+        wte: nn.Embedding
+        prelude: nn.ModuleList
+        adapter: nn.Linear
+        core_block: nn.ModuleList
+        coda: nn.ModuleList
+        ln_f: RMSNorm
+
+
 class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
     """The reference looped-depth model. See the module docstring for the layout and call order."""
+
+    freqs_cis: Tensor  # RoPE table, a registered buffer
 
     config_class = RavenReferenceConfig
     base_model_prefix = "model"
@@ -476,9 +496,10 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_cache_class = True
-    # transformers 5 maps tied parameter -> source; transformers 4 lists the tied output parameter.
+    # transformers 5 maps tied parameter -> source; transformers 4 lists the tied output parameter (the
+    # annotation in transformers is the dict).
     _tied_weights_keys = (
-        {"lm_head.weight": "transformer.wte.weight"} if _TRANSFORMERS_MAJOR >= 5 else ["lm_head.weight"]
+        {"lm_head.weight": "transformer.wte.weight"} if _TRANSFORMERS_MAJOR >= 5 else ["lm_head.weight"]  # type: ignore[assignment]
     )
 
     def __init__(self, config: RavenReferenceConfig) -> None:
@@ -486,17 +507,20 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
         self.config = config
         P, C = config.n_layers_in_prelude, config.n_layers_in_recurrent_block
         coda_offset = P + C * config.mean_recurrence
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                prelude=nn.ModuleList(SandwichBlock(config, layer_id=i) for i in range(P)),
-                adapter=nn.Linear(config.n_embd * 2, config.n_embd, bias=config.bias),
-                core_block=nn.ModuleList(SandwichBlock(config, layer_id=P + i) for i in range(C)),
-                coda=nn.ModuleList(
-                    SandwichBlock(config, layer_id=coda_offset + i) for i in range(config.n_layers_in_coda)
-                ),
-                ln_f=RMSNorm(config.n_embd, eps=config.norm_eps),  # applied twice: to the latent and after the coda
-            )
+        self.transformer: _RavenTransformer = cast(
+            "_RavenTransformer",
+            nn.ModuleDict(
+                dict(
+                    wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                    prelude=nn.ModuleList(SandwichBlock(config, layer_id=i) for i in range(P)),
+                    adapter=nn.Linear(config.n_embd * 2, config.n_embd, bias=config.bias),
+                    core_block=nn.ModuleList(SandwichBlock(config, layer_id=P + i) for i in range(C)),
+                    coda=nn.ModuleList(
+                        SandwichBlock(config, layer_id=coda_offset + i) for i in range(config.n_layers_in_coda)
+                    ),
+                    ln_f=RMSNorm(config.n_embd, eps=config.norm_eps),  # applied twice: to the latent and after the coda
+                )
+            ),
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Persistent, as in Huginn, so that Huginn checkpoints (which contain it) load without surprises.
@@ -508,8 +532,8 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.transformer.wte = value
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.transformer.wte = cast(nn.Embedding, value)  # transformers hands back an nn.Embedding
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -652,7 +676,7 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
             logits=logits,
             latent_states=latent_states,
             stats={"num_steps_no_grad": num_steps_no_grad, "num_steps_with_grad": num_steps_with_grad},
-            **{_CACHE_FIELD: past_key_values},
+            **_cache_kwargs(past_key_values),
         )
 
     def _ensure_own_cache(self, cache: Cache | None) -> RecurrentKVCache | None:
@@ -787,7 +811,7 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"unknown test_time_noise_type {kind!r}")
         x = x * (1 - weight) + torch.randn_like(x) * weight
         if renorm:
-            x = self.transformer.core_block[-1].norm_4(x)
+            x = cast(SandwichBlock, self.transformer.core_block[-1]).norm_4(x)
         return x
 
     # ---- Huginn's alternative entry points ---------------------------------------------------------------------
@@ -854,7 +878,7 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
             x = block(x, freqs_cis, _block_index(-1 - i), None, past_key_values)
         x = self.transformer.ln_f(x)
         return CausalLMOutputRecurrentLatents(
-            logits=self.lm_head(x).float(), latent_states=x, **{_CACHE_FIELD: past_key_values}
+            logits=self.lm_head(x).float(), latent_states=x, **_cache_kwargs(past_key_values)
         )
 
     # ---- generation --------------------------------------------------------------------------------------------
@@ -884,6 +908,7 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache = kwargs.get("use_cache", True)
         if kv is not None and use_cache:
             kv = self._ensure_own_cache(kv)
+            assert kv is not None  # a given cache comes back as a RecurrentKVCache (or raises)
             seen = kv.get_seq_length()
             if next_sequence_length is not None:
                 input_ids = input_ids[:, -next_sequence_length:]
@@ -979,7 +1004,7 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
         do_not_exit_in_prefill: bool = False,
         min_steps: int = 0,
         check_criterion_every_n_steps: int = 1,
-        exit_evaluator: "ExitEvaluator | None" = None,
+        exit_evaluator: ExitEvaluator | None = None,
         num_steps=None,
         **kwargs,
     ) -> Tensor | GenerateDecoderOnlyOutput:
@@ -994,8 +1019,10 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
         """
         decoding = _Decoding(self, input_ids, generation_config, streamer, kwargs)  # attention_mask etc.: ignored
         max_steps = int(self.config.mean_recurrence) if num_steps is None else _to_int(num_steps)
-        evaluator = exit_evaluator if exit_evaluator is not None else get_adaptive_exit_evaluator(
-            self, criterion, exit_threshold
+        evaluator = (
+            exit_evaluator
+            if exit_evaluator is not None
+            else get_adaptive_exit_evaluator(self, criterion, exit_threshold)
         )
         batch = input_ids.shape[0]
         cache = RecurrentKVCache()
@@ -1007,18 +1034,17 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
         for token_index in range(decoding.max_new_tokens):
             seen = cache.get_seq_length()
             positions = torch.arange(seen, decoding.sequences.shape[1], device=input_ids.device).unsqueeze(0)
-            aux = {"position_ids": positions, "past_key_values": cache}
+            aux: dict[str, Any] = {"position_ids": positions, "past_key_values": cache}
             embedded, block_idx = self.embed_inputs(decoding.sequences[:, seen:], use_cache=True, **aux)
             x = warm if continuous_compute else self.initialize_state(embedded, scale=init_scale)
+            assert x is not None  # with continuous_compute, `warm` is always set
             next_warm = x[:, -1:, :].clone() if continuous_compute else None
             exited = torch.zeros(batch, dtype=torch.bool, device=x.device)
-            next_logits = None
-            outputs = None
+            next_logits: Tensor | None = None
+            outputs: CausalLMOutputRecurrentLatents | None = None
             evaluator.init(x)
             for step in range(max_steps):
-                x, block_idx, _ = self.iterate_one_step(
-                    embedded, x, block_idx=block_idx, current_step=step, **aux
-                )
+                x, block_idx, _ = self.iterate_one_step(embedded, x, block_idx=block_idx, current_step=step, **aux)
                 checking = (
                     step >= min_steps
                     and (step - min_steps) % check_criterion_every_n_steps == 0
@@ -1032,23 +1058,30 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
                     exited |= new
                     if outputs is None:
                         outputs = self.predict_from_latents(x, **aux)
+                    assert outputs.logits is not None
                     logits = outputs.logits[:, -1, :].float()
-                    next_logits = logits.clone() if next_logits is None else torch.where(new[:, None], logits, next_logits)
+                    next_logits = (
+                        logits.clone() if next_logits is None else torch.where(new[:, None], logits, next_logits)
+                    )
                     if continuous_compute:
+                        assert next_warm is not None
                         next_warm[new] = x[new, -1:, :]
                 if bool((exited | ~unfinished).all()):
                     break
             else:  # some rows never exited: they take the last iteration's logits
                 if outputs is None:
                     outputs = self.predict_from_latents(x, **aux)
+                assert outputs.logits is not None
                 logits = outputs.logits[:, -1, :].float()
                 late = ~exited & unfinished
                 next_logits = logits if next_logits is None else torch.where(late[:, None], logits, next_logits)
                 if continuous_compute:
+                    assert next_warm is not None
                     next_warm[late] = x[late, -1:, :]
             if continuous_compute:
                 warm = next_warm
-            if not decoding.append(self._next_token(next_logits, decoding.config)):
+            # set by now: some row exited, or the iterations ran out (None only for an empty batch, which fails here)
+            if not decoding.append(self._next_token(cast(Tensor, next_logits), decoding.config)):
                 break
         return decoding.result(cache)
 
@@ -1056,7 +1089,7 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
     def forward_with_adaptive_compute(
         self,
         input_ids: Tensor,
-        exit_evaluator: "ExitEvaluator",
+        exit_evaluator: ExitEvaluator,
         labels: Tensor | None = None,
         init_scale: float = 1.0,
         **kwargs,
@@ -1068,7 +1101,10 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
         cache = RecurrentKVCache()
         all_logits, compute_steps = [], []
         for pos in range(input_ids.shape[1]):
-            aux = {"position_ids": torch.tensor([[pos]], device=input_ids.device), "past_key_values": cache}
+            aux: dict[str, Any] = {
+                "position_ids": torch.tensor([[pos]], device=input_ids.device),
+                "past_key_values": cache,
+            }
             embedded, block_idx = self.embed_inputs(input_ids[:, pos : pos + 1], use_cache=True, **aux)
             x = self.initialize_state(embedded, scale=init_scale)
             exit_evaluator.init(x)
@@ -1079,7 +1115,7 @@ class RavenReferenceForCausalLM(PreTrainedModel, GenerationMixin):
                     break
             compute_steps.append(step + 1)
             all_logits.append(self.predict_from_latents(x, **aux).logits)
-        logits = torch.cat(all_logits, dim=1)
+        logits = torch.cat(cast("list[Tensor]", all_logits), dim=1)  # predict_from_latents always sets logits
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
@@ -1117,7 +1153,9 @@ class ExitEvaluator:
     def init(self, latents: Tensor) -> None:
         """Called once per token, with the initial state."""
 
-    def check(self, model: RavenReferenceForCausalLM, latents: Tensor, aux: dict):
+    def check(
+        self, model: RavenReferenceForCausalLM, latents: Tensor, aux: dict
+    ) -> tuple[Tensor, CausalLMOutputRecurrentLatents | None, Tensor]:
         raise NotImplementedError
 
 
@@ -1248,7 +1286,9 @@ class _Decoding:
         self.config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
         self.unused = self.config.update(**kwargs)
         limit = self.config.max_new_tokens
-        self.max_new_tokens = max(limit if limit is not None else (self.config.max_length or 20) - input_ids.shape[1], 0)
+        self.max_new_tokens = max(
+            limit if limit is not None else (self.config.max_length or 20) - input_ids.shape[1], 0
+        )
         eos = self.config.eos_token_id
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.stops = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
@@ -1273,7 +1313,7 @@ class _Decoding:
         if self.streamer is not None:
             self.streamer.end()
         if self.config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(sequences=self.sequences, **{_CACHE_FIELD: cache})
+            return GenerateDecoderOnlyOutput(sequences=cast(torch.LongTensor, self.sequences), **_cache_kwargs(cache))
         return self.sequences
 
 

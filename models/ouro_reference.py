@@ -23,7 +23,7 @@ what is left), and ``exit_threshold`` picks, per token, the first pass whose cum
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,11 @@ __all__ = [
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 # transformers 5 calls the KV cache `cache` (argument and output field), transformers 4 `past_key_values`.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_kwargs(cache: Cache | None) -> dict[str, Any]:
+    """The cache as a keyword argument under this transformers version's field name (see ``_CACHE_FIELD``)."""
+    return {_CACHE_FIELD: cache}
 
 
 class OuroReferenceConfig(_BaseConfig):
@@ -161,14 +166,18 @@ class OuroAttention(nn.Module):
     def __init__(self, config: OuroReferenceConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: Cache | None,
-                entry: int) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: Cache | None, entry: int
+    ) -> Tensor:
         batch, tokens, _ = x.shape
         q = self.q_proj(x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -207,8 +216,14 @@ class OuroDecoderLayer(nn.Module):
         self.mlp = OuroMLP(config)
         self.post_attention_layernorm_2 = OuroRMSNorm(config.hidden_size, eps)
 
-    def forward(self, hidden_states: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None,
-                cache: Cache | None = None, entry: int = 0) -> Tensor:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None = None,
+        cache: Cache | None = None,
+        entry: int = 0,
+    ) -> Tensor:
         x = hidden_states
         x = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), rope, mask, cache, entry))
         return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
@@ -227,8 +242,14 @@ class OuroReferenceModel(nn.Module):
         # As in Ouro, the pass count is read from the config once, when the model is built.
         self.total_ut_steps = int(config.total_ut_steps)
 
-    def forward(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Tensor | None,
-                position_ids: Tensor | None, cache: Cache | None) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(
+        self,
+        input_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        cache: Cache | None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """Every pass's normalised output ``[B, T, H]`` and exit-gate logits ``[B, T, 1]``."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, tokens = x.shape[:2]
@@ -256,7 +277,7 @@ def _attention_mask(attention_mask: Tensor | None, batch: int, tokens: int, seen
     queries = torch.arange(seen, seen + tokens, device=device)
     allowed = keys[None, :] <= queries[:, None]  # [T, S]
     if attention_mask is not None:
-        padding = attention_mask[:, -(seen + tokens):].to(device=device, dtype=torch.bool)  # [B, S]
+        padding = attention_mask[:, -(seen + tokens) :].to(device=device, dtype=torch.bool)  # [B, S]
         allowed = allowed[None] & padding[:, None, :]
         allowed = allowed | (keys[None, None, :] == queries[None, :, None])  # a padded query attends to itself
         return allowed[:, None]
@@ -292,9 +313,10 @@ class OuroReferenceForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["OuroDecoderLayer"]
     _supports_sdpa = True
     _supports_cache_class = True
-    # transformers 5 maps tied parameter -> source; transformers 4 lists the tied output parameter.
+    # transformers 5 maps tied parameter -> source; transformers 4 lists the tied output parameter (the
+    # annotation in transformers is the dict).
     _tied_weights_keys = (
-        {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_MAJOR >= 5 else ["lm_head.weight"]
+        {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_MAJOR >= 5 else ["lm_head.weight"]  # type: ignore[assignment]
     )
 
     def __init__(self, config: OuroReferenceConfig):
@@ -306,8 +328,8 @@ class OuroReferenceForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = cast(nn.Embedding, value)  # transformers hands back an nn.Embedding
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -330,7 +352,7 @@ class OuroReferenceForCausalLM(PreTrainedModel, GenerationMixin):
             if fresh(module.weight):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if fresh(getattr(module, "bias", None)):
-                nn.init.zeros_(module.bias)
+                nn.init.zeros_(cast(Tensor, module.bias))  # only a Linear has one
 
     def forward(
         self,
@@ -382,7 +404,7 @@ class OuroReferenceForCausalLM(PreTrainedModel, GenerationMixin):
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         return OuroCausalLMOutput(
-            loss=loss, logits=logits, exit_logits=exit_logits, exit_pass=exit_pass, **{_CACHE_FIELD: cache}
+            loss=loss, logits=logits, exit_logits=exit_logits, exit_pass=exit_pass, **_cache_kwargs(cache)
         )
 
     def _own_cache(self, cache: Cache | None) -> Cache:
@@ -425,7 +447,7 @@ class OuroReferenceForCausalLM(PreTrainedModel, GenerationMixin):
         elif 0 < seen < input_ids.shape[1]:
             input_ids = input_ids[:, seen:]
         if attention_mask is not None:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         else:
             positions = torch.arange(seen, seen + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         model_inputs: dict[str, Any] = {
