@@ -136,14 +136,7 @@ def compare(
     image = None
     for ax, d, name, stride in zip(axes, (a, b), titles, step_strides):
         _, shown, _ = _log_scale(d, zeros, LogNorm)
-        image = ax.imshow(
-            shown,
-            aspect="auto",
-            interpolation="nearest",
-            cmap=_cmap(),
-            norm=norm,
-            extent=(-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5),
-        )
+        image = _cells(ax, shown, norm)
         ax.set_xlabel(steps_label(stride))
         ax.set_title(_t(name))
         rows_shown = _label_rows(d.shape[0])
@@ -305,21 +298,21 @@ def _height(rows: int) -> float:
     return min(max(2.5, 0.22 * rows + 1.5), 40)
 
 
+def _cells(ax, shown: np.ndarray, norm):
+    """One cell per token and step, centred on integer coordinates (so ticks fall on cells)."""
+    rows, n_steps = shown.shape
+    extent = (-0.5, n_steps - 0.5, rows - 0.5, -0.5)
+    return ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=_cmap(), norm=norm, extent=extent)
+
+
 def _label_rows(n: int) -> np.ndarray:
     return np.arange(0, n, max(1, int(np.ceil(n / MAX_TOKEN_LABELS))))
 
 
 def _heatmap_page(plt, shown, norm, start, tokens, labels, colour_label, step_stride):
-    rows, n_steps = shown.shape
+    rows = shown.shape[0]
     fig, ax = plt.subplots(figsize=(9, _height(rows)), constrained_layout=True)
-    image = ax.imshow(
-        shown,
-        aspect="auto",
-        interpolation="nearest",
-        cmap=_cmap(),
-        norm=norm,
-        extent=(-0.5, n_steps - 0.5, rows - 0.5, -0.5),
-    )
+    image = _cells(ax, shown, norm)
     ax.set_xlabel(steps_label(step_stride))
     ax.set_ylabel("Token")
     ticks = _label_rows(rows)
