@@ -9,6 +9,7 @@ __all__ = [
     "TrajectoryPCA",
     "convergence",
     "figures",
+    "lens",
     "step_profile",
     "token_metrics",
     "trajectory_pca",
@@ -16,9 +17,15 @@ __all__ = [
 
 
 def __getattr__(name):
-    # matplotlib is slow to import: the figures module loads on first use.
+    # matplotlib is slow to import: the figures module loads on first use. The readout lens needs torch: also on
+    # first use, so ``import loopscope.analysis`` stays torch-free.
     if name == "figures":
         import importlib
 
         return importlib.import_module(".figures", __name__)
+    if name == "lens":
+        from .lens import lens
+
+        return lens
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -28,15 +28,23 @@ class LoopSpec:
     entry: str | None = None  # module whose input at the first iteration holds s0 (None: the exit module's own input)
     entry_channels: int | None = None  # keep only the first N channels of that input (Huginn's adapter sees [s, e])
     entry_arg: int | str = 0  # positional index or keyword name of the entry input that carries s0
-    s0_parameter: str | None = (
-        None  # s0 is this (learned or frozen) parameter broadcast over tokens, e.g. HRM's z_L_init
-    )
+    # s0 is this (learned or frozen) parameter broadcast over tokens, e.g. HRM's z_L_init
+    s0_parameter: str | None = None
     output_index: int = 0  # element of a tuple output that is the state
     nesting: tuple[str, ...] = ()  # label names for nested loops, e.g. ("h", "l")
     inner_steps: int | None = None  # iterations of this loop per outer iteration, for nested labels
     # Per-token scalars recorded beside the states, as (signal name, dotted module path): each call of the module
     # during a forward stores its output ([B, T] or [B, T, 1]) at the loop's current step, e.g. Ouro's exit gate.
     signals: tuple[tuple[str, str], ...] = ()
+    # The logit lens (analysis/lens.py): the modules that turn this loop's state into next-token logits, applied in
+    # order to a loaded model's states, e.g. ("transformer.ln_f", "lm_head"). Empty: none does; ``no_lens`` says why.
+    lens: tuple[str, ...] = ()
+    no_lens: str | None = None
+    # The same from a checkpoint directory, reading two tensors instead of the model: the stored readout norm, then
+    # this plain linear head's weight (its ``.bias`` too, when the checkpoint has one), or ``lens_tied`` (the
+    # embedding a tied head shares) when the checkpoint leaves the head out. None: the head is more than a matrix.
+    lens_head: str | None = None
+    lens_tied: str | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, ())}
@@ -62,6 +70,9 @@ class LoopAdapter:
     # Family code run around each whole call to learn each row's own exit step (Huginn's exit evaluators); it must
     # pass the call through unchanged. Not part of the record stored in the file.
     watch_call: CallWatcher | None = field(default=None, compare=False, repr=False)
+    # The coda lens: a model method that decodes a whole step's states of a sequence through the layers after the
+    # loop, as the model does with its last state (Huginn's ``predict_from_latents``). None: the family has no coda.
+    coda_method: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -71,7 +82,16 @@ class LoopAdapter:
             "steps_from": self.steps_from,
             "notes": list(self.notes),
             **{k: list(v) for k in ("entry_methods", "call_methods") if (v := getattr(self, k))},
+            **({"coda_method": self.coda_method} if self.coda_method else {}),
         }
+
+
+def lens_fields(model: nn.Module, lens: tuple[str, ...], missing: str, **weights: str | None) -> dict:
+    """``LoopSpec`` lens fields: ``lens`` (and the checkpoint ``weights``: ``lens_head``, ``lens_tied``) when the
+    model has every module of it, else ``no_lens`` saying what is ``missing``."""
+    if lens and all(has_module(model, path) for path in lens):
+        return {"lens": lens, **weights}
+    return {"no_lens": missing}
 
 
 def has_module(model: nn.Module, path: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapter import LoopAdapter, LoopSpec, has_module
+from .adapter import LoopAdapter, LoopSpec, has_module, lens_fields
 
 
 def adapter(model: nn.Module) -> LoopAdapter | None:
@@ -35,7 +35,14 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
     used = sorted(set(runs))
     path = prefix + "encoder.albert_layer_groups."
     loops = tuple(
-        LoopSpec(name="core" if groups == 1 else f"group_{g}", exit=f"{path}{g}", entry=f"{path}{g}", entry_arg=0)
+        LoopSpec(
+            name="core" if groups == 1 else f"group_{g}",
+            exit=f"{path}{g}",
+            entry=f"{path}{g}",
+            entry_arg=0,
+            # the MLM head (dense, activation, LayerNorm, decoder) reads the last group's output as it is
+            **lens_fields(model, ("predictions",), "an AlbertModel has no MLM head; load AlbertForMaskedLM"),
+        )
         for g in used
     )
     shares = ", ".join(f"group {g}: {runs.count(g)}" for g in used)

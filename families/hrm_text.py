@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapter import LoopAdapter, LoopSpec, has_module
+from .adapter import LoopAdapter, LoopSpec, has_module, lens_fields
 
 
 def adapter(model: nn.Module) -> LoopAdapter | None:
@@ -21,13 +21,27 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
         family="hrm_text",
         loops=(
             # z_H starts as the scaled input embeddings, which the rotary embedding receives first.
-            LoopSpec(name="H", exit=prefix + "H_module", entry=prefix + "rotary_emb", entry_arg=0),
+            LoopSpec(
+                name="H",
+                exit=prefix + "H_module",
+                entry=prefix + "rotary_emb",
+                entry_arg=0,
+                # H_module ends in the final norm whose output lm_head reads: the lens is exact at the last step
+                **lens_fields(
+                    model,
+                    ("lm_head",),
+                    "a bare HRM-Text model has no lm_head; load HrmTextForCausalLM",
+                    lens_head="lm_head.weight",
+                    lens_tied=prefix + "embed_tokens.weight",
+                ),
+            ),
             LoopSpec(
                 name="L",
                 exit=prefix + "L_module",
                 s0_parameter=prefix + "z_L_init",
                 nesting=("h", "l"),
                 inner_steps=int(config.L_cycles),
+                no_lens="HRM-Text's L stream only feeds the H stream: no head reads its states",
             ),
         ),
         # Both stacks end in an unweighted RMSNorm and lm_head reads z_H directly: states are already readouts.

@@ -16,7 +16,7 @@ from typing import cast
 
 from torch import nn
 
-from .adapter import LoopAdapter, LoopSpec, has_module
+from .adapter import LoopAdapter, LoopSpec, has_module, lens_fields
 
 #: generate() kwargs that switch on Huginn's per-iteration exit evaluators (``init(latents)``/``check(...)``).
 EXIT_EVALUATOR_KWARGS = ("criterion", "exit_threshold", "exit_evaluator")
@@ -39,6 +39,13 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
                 exit=f"transformer.core_block.{len(core) - 1}",
                 entry="transformer.adapter",
                 entry_channels=int(hidden),
+                **lens_fields(
+                    model,
+                    ("transformer.ln_f", "lm_head"),
+                    "the model has no transformer.ln_f or lm_head to read its states out with",
+                    lens_head="lm_head.weight",
+                    lens_tied="transformer.wte.weight",
+                ),
             ),
         ),
         readout="transformer.ln_f" if has_module(model, "transformer.ln_f") else None,
@@ -54,6 +61,7 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
         call_methods=("forward_with_adaptive_compute", "generate_with_adaptive_compute", "generate_minimal"),
         exit_evaluator_kwargs=EXIT_EVALUATOR_KWARGS,
         watch_call=watch_exits,
+        coda_method="predict_from_latents" if callable(getattr(model, "predict_from_latents", None)) else None,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapter import LoopAdapter, LoopSpec, has_module
+from .adapter import LoopAdapter, LoopSpec, has_module, lens_fields
 
 
 def adapter(model: nn.Module) -> LoopAdapter | None:
@@ -32,6 +32,14 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
                 entry=prefix + "layers.0",
                 entry_arg=0,
                 signals=(("exit_gate", prefix + "early_exit_gate"),),
+                # every pass's normed output is what lm_head reads: the lens is the model's own per-pass logits
+                **lens_fields(
+                    model,
+                    ("lm_head",),
+                    "a bare Ouro model has no lm_head; load the causal LM class",
+                    lens_head="lm_head.weight",
+                    lens_tied=prefix + "embed_tokens.weight",
+                ),
             ),
         ),
         # The norm's output is the state, and lm_head reads it directly: states 1..n are already readouts.
