@@ -28,4 +28,3 @@ def __getattr__(name):
 
         return lens
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-

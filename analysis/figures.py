@@ -157,8 +157,12 @@ def curves(
     title: str | None = None,
     band: tuple[float, float] = (10, 90),
     step_stride: int = 1,
+    ylim: tuple[float, float] | None = None,
+    guide: float | None = None,
 ) -> list[str]:
-    """Mean over tokens per iteration, with the ``band`` percentile spread shaded; one line per (label, [T, K])."""
+    """Mean over tokens per iteration, with the ``band`` percentile spread shaded; one line per (label, [T, K]).
+    ``ylim`` fixes the y range (a cosine's -1..1 keeps figures comparable); ``guide`` draws a dashed level (a
+    contraction ratio of 1, between contracting and expanding)."""
     from .metrics import step_profile
 
     plt, _ = _pyplot()
@@ -181,6 +185,10 @@ def curves(
         )
     if log:
         ax.set_yscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if guide is not None:
+        ax.axhline(guide, color="0.4", linestyle="--", linewidth=1)
     ax.set_xlabel(steps_label(step_stride))
     ax.set_ylabel(_t(ylabel))
     ax.set_title(_t(title or "Mean convergence over tokens"))

@@ -58,4 +58,17 @@ def assemble(run: Run, loop: str, kind: str, parts: dict[str, np.ndarray], last:
         value[past] = -1 if value.dtype.kind in "iu" else np.nan
     iterations = run.step_iterations(loop)
     steps = iterations.max(axis=0) if iterations.size else np.zeros(parts["entropy"].shape[1], dtype=np.int64)
-    return LensResult(kind=kind, loop=loop, run_index=run.index, steps=steps, last=last, **parts)
+    return LensResult(
+        kind=kind,
+        loop=loop,
+        run_index=run.index,
+        steps=steps,
+        last=last,
+        top_ids=parts["top_ids"],
+        top_probs=parts["top_probs"],
+        entropy=parts["entropy"],
+        kl_final=parts["kl_final"],
+        kl_previous=parts["kl_previous"],
+        final_rank=parts["final_rank"],
+        final_prob=parts["final_prob"],
+    )

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
 import torch
 from torch import nn
 
@@ -83,8 +84,6 @@ def from_model(model: nn.Module, spec: LoopSpec, family: str, override: Sequence
 
 def from_directory(directory: str | os.PathLike, run: Run, spec: LoopSpec, family: str) -> Readout:
     """The stored readout norm, then the head's matrix read from the checkpoint (nothing else is read)."""
-    from safetensors import safe_open
-
     folder = Path(directory)
     if spec.lens_head is None:
         why = spec.no_lens or "its head is more than one matrix after the readout norm"
@@ -93,24 +92,16 @@ def from_directory(directory: str | os.PathLike, run: Run, spec: LoopSpec, famil
             "pass the loaded model"
         )
     files = _weight_files(folder)
-    names = [spec.lens_head, spec.lens_head.removesuffix("weight") + "bias"]
-    if spec.lens_tied:
-        names.append(spec.lens_tied)
-    tensors: dict[str, torch.Tensor] = {}
-    for name in names:
-        path = files.get(name) if isinstance(files, dict) else files
-        if path is None:
-            continue
-        with safe_open(str(path), framework="pt") as handle:
-            if name in handle.keys():
-                tensors[name] = handle.get_tensor(name).float()
-    weight = tensors.get(spec.lens_head, tensors.get(spec.lens_tied or ""))
+    bias_name = spec.lens_head.removesuffix("weight") + "bias"
+    weight = _read_tensor(files, spec.lens_head)
+    if weight is None and spec.lens_tied:  # a tied head: the checkpoint stores only the embedding it shares
+        weight = _read_tensor(files, spec.lens_tied)
     if weight is None:
         wanted = " or ".join(n for n in (spec.lens_head, spec.lens_tied) if n)
         raise LoopscopeError(
             f"{folder} has no tensor {wanted} in its safetensors files; is it this model's checkpoint?"
         )
-    bias = tensors.get(names[1])
+    bias = _read_tensor(files, bias_name)
     norm = run.capture.readout
 
     @torch.no_grad()
@@ -120,6 +111,15 @@ def from_directory(directory: str | os.PathLike, run: Run, spec: LoopSpec, famil
 
     source = str(files.get(spec.lens_head, files.get(spec.lens_tied or "")) if isinstance(files, dict) else files)
     return Readout(apply, int(weight.shape[1]), int(weight.shape[0]), source)
+
+
+def _read_tensor(files: dict[str, Path] | Path, name: str) -> torch.Tensor | None:
+    """One tensor as float32, opening only the file that holds it; None when the checkpoint lacks it."""
+    path = files.get(name) if isinstance(files, dict) else files
+    if path is None:
+        return None
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor(name).float() if name in handle.keys() else None
 
 
 def _weight_files(folder: Path) -> dict[str, Path] | Path:

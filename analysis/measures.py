@@ -9,8 +9,10 @@ import numpy as np
 
 from ..errors import LoopscopeError
 
+#: The measures of the updates u_k = s_k - s_(k-1) against the one before: how the loop contracts, with no s*.
+UPDATE_METRICS = ("update_cosine", "contraction")
 #: Every measure, each [T, K] with K = max steps + 1 (s_0..s_n); NaN past a token's last step.
-METRICS = ("distance", "relative_distance", "step_delta", "cosine", "norm")
+METRICS = ("distance", "relative_distance", "step_delta", "cosine", "norm", *UPDATE_METRICS)
 NONFINITE = "nonfinite"  # block_measures' key for its [b] flags of tokens with a NaN or infinite state
 SLICE_BYTES = 1 << 20  # states measured at a time, so that they and their scratch copies stay in the CPU cache
 
@@ -89,11 +91,19 @@ def _measures(
             values["distance"] = dist
         if "relative_distance" in wanted:
             values["relative_distance"] = dist / star_norm
-    if "step_delta" in wanted:
+    if wanted & {"step_delta", *UPDATE_METRICS}:
+        updates = np.subtract(states[:, 1:], states[:, :-1], out=work[:, 1:])  # u_k, k >= 1
         delta = np.full(states.shape[:2], np.nan)
-        delta[:, 1:] = _norm(np.subtract(states[:, 1:], states[:, :-1], out=work[:, 1:]))
-        values["step_delta"] = delta
+        delta[:, 1:] = _norm(updates)
         norms.append((delta[:, 1:], slice(1, None)))  # step 0 has no delta, by definition
+        if "step_delta" in wanted:
+            values["step_delta"] = delta
+        now, before = delta[:, 2:], delta[:, 1:-1]  # ||u_k||, ||u_(k-1)|| for k >= 2
+        if "contraction" in wanted:
+            values["contraction"] = _from_step_2(now / before, before)
+        if "update_cosine" in wanted:
+            cosine = _row_dot(*_exact_pairs(states, updates)) / (now * before)
+            values["update_cosine"] = _from_step_2(cosine, np.minimum(now, before))
     return {name: values[name] for name in METRICS if name in values}, norms
 
 
@@ -125,3 +135,20 @@ def _dot(states: np.ndarray, star: np.ndarray) -> np.ndarray:
     """[b, K] s_k . s* summed in float64, where products of float32 numbers are exact: a cosine near 0 (early
     steps, far from s*) keeps its relative precision, which a float32 sum of cancelling terms would lose."""
     return _row_dot(states.astype(np.float64, copy=False), star.astype(np.float64)[:, None, :])
+
+
+def _exact_pairs(states: np.ndarray, updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(u_k, u_(k-1)) for k >= 2 in float64, to be multiplied there: float32 differences are rounded far from s*
+    (where successive states are not within a factor of 2), and a cosine near 0 would lose its relative precision.
+    Float64 states reuse ``updates`` (the scratch array); float32 ones make one float64 array of them, as ``_dot``."""
+    if updates.dtype != np.float64:
+        updates = np.subtract(states[:, 1:], states[:, :-1], dtype=np.float64)
+    return updates[:, 1:], updates[:, :-1]
+
+
+def _from_step_2(ratio: np.ndarray, divisor: np.ndarray) -> np.ndarray:
+    """[b, K]: ``ratio`` (of steps k >= 2) where its ``divisor`` > 0; NaN at k < 2 (fewer than two updates), where
+    the divisor is 0 (a zero update: no direction, nothing to compare with) or NaN (a NaN state)."""
+    out = np.full((len(ratio), ratio.shape[1] + 2), np.nan)
+    out[:, 2:] = np.where(divisor > 0, ratio, np.nan)
+    return out

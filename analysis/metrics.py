@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import LoopscopeError
 from ..storage import schema
 from ..storage.reader import Run
-from .measures import METRICS, NONFINITE, _wanted, stored_block_measures
+from .measures import METRICS, NONFINITE, UPDATE_METRICS, _wanted, stored_block_measures
 from .reference import open_reference_run, reference_states, resolve_space, space_fn
 
 METRIC_HELP = {
@@ -31,11 +31,14 @@ METRIC_HELP = {
     "step_delta": "||s_k - s_(k-1)||",
     "cosine": "cos(s_k, s*)",
     "norm": "||s_k||",
+    "update_cosine": "cos(s_k - s_(k-1), s_(k-1) - s_(k-2))",
+    "contraction": "||s_k - s_(k-1)|| / ||s_(k-1) - s_(k-2)||",
 }
 DEFAULT_TOL = 1e-2
 CONVERGENCE_METRIC = "relative_distance"  # what convergence_steps compares with the tolerance, by default
 BLOCK_BYTES = 64 << 20
 READ_AHEAD = 1  # blocks read ahead of the one being measured
+_CSV_FIRST = tuple(name for name in METRICS if name not in UPDATE_METRICS)  # the CSV's measures before converged_at
 
 _Item = TypeVar("_Item")
 
@@ -60,6 +63,8 @@ class TokenMetrics:
     iterations: np.ndarray | None = None  # [T] as recorded; differs from num_steps only with a step stride
     step_stride: int = 1
     nonfinite: np.ndarray | None = None  # [T] bool: a NaN or infinite state at a step the token ran
+    update_cosine: np.ndarray | None = None  # the UPDATE_METRICS last, with defaults: older callers build it as before
+    contraction: np.ndarray | None = None
 
     @property
     def measures(self) -> tuple[str, ...]:
@@ -118,7 +123,8 @@ class TokenMetrics:
 
         Columns: run, token_index, position, token_id, token, step (stored), iteration (the same unless a step
         stride was used), num_steps (stored), every measure, and ``converged_at`` (the token's
-        :meth:`convergence_iterations` at ``tol``, repeated on each of its rows). Needs every measure computed.
+        :meth:`convergence_iterations` at ``tol``, repeated on each of its rows), then the :data:`UPDATE_METRICS`
+        (after ``converged_at``: readers of the older columns find theirs in place). Needs every measure computed.
         """
         missing = [name for name in METRICS if getattr(self, name) is None]
         if missing:
@@ -142,11 +148,12 @@ class TokenMetrics:
                         "step",
                         "iteration",
                         "num_steps",
-                        *METRICS,
+                        *_CSV_FIRST,
                         "converged_at",
+                        *UPDATE_METRICS,
                     ]
                 )
-            columns = [self[name] for name in METRICS]
+            first, later = ([self[name] for name in names] for names in (_CSV_FIRST, UPDATE_METRICS))
             for t in range(len(self.num_steps)):
                 token = self.tokens[t] if self.tokens is not None else ""
                 for k in range(int(self.num_steps[t]) + 1):
@@ -161,8 +168,9 @@ class TokenMetrics:
                             int(iterations[t, k]),
                             int(self.num_steps[t]),
                         ]
-                        + [_number(c[t, k]) for c in columns]
+                        + [_number(c[t, k]) for c in first]
                         + [int(converged[t])]
+                        + [_number(c[t, k]) for c in later]
                     )
                     rows += 1
         return rows

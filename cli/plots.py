@@ -96,6 +96,10 @@ def _compare(fig: _Figure) -> list:
     )
 
 
+#: The measures drawn on a linear y axis (with its fixed range, if any); the others span decades: a log axis.
+_LINEAR_CURVES: dict[str, tuple[float, float] | None] = {"cosine": None, "norm": None, "update_cosine": (-1.05, 1.05)}
+
+
 def _curves(fig: _Figure) -> list:
     from ..analysis import figures
 
@@ -113,7 +117,9 @@ def _curves(fig: _Figure) -> list:
         series,
         fig.out,
         ylabel=METRIC_HELP[metric],
-        log=metric not in ("cosine", "norm"),
+        log=metric not in _LINEAR_CURVES,
+        ylim=_LINEAR_CURVES.get(metric),
+        guide=1.0 if metric == "contraction" else None,
         title=f"{fig.name}: {METRIC_HELP[metric]} per iteration, s* = {fig.options.reference}",
         step_stride=strides[0],
     )

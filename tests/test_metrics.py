@@ -8,10 +8,13 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import loopscope
-from loopscope.analysis import METRICS, convergence, token_metrics, trajectory_pca
-from loopscope.analysis.measures import block_measures
+from loopscope.analysis import METRICS, convergence, figures, token_metrics, trajectory_pca
+from loopscope.analysis.measures import UPDATE_METRICS, block_measures
+from loopscope.analysis.metrics import METRIC_HELP
+from loopscope.cli.app import app
 from loopscope.errors import LoopscopeError
 from loopscope.models.demo import PROMPT as DEMO_PROMPT
 from loopscope.models.demo import build_demo_model
@@ -50,6 +53,11 @@ def _direct(states: np.ndarray, steps: np.ndarray, f, star=None) -> dict[str, np
             if k:
                 step = x[t, k] - x[t, k - 1]
                 out["step_delta"][t, k] = np.sqrt(step @ step)
+            if k >= 2 and (x[t, k - 1] != x[t, k - 2]).any():  # NaN where the earlier update is zero
+                before = x[t, k - 1] - x[t, k - 2]
+                out["contraction"][t, k] = np.sqrt(step @ step) / np.sqrt(before @ before)
+                if (step != 0).any():
+                    out["update_cosine"][t, k] = step @ before / (np.sqrt(step @ step) * np.sqrt(before @ before))
     return out
 
 
@@ -247,7 +255,17 @@ def test_a_cosine_near_zero_keeps_its_relative_precision(converged_captures):
 
 
 @pytest.mark.parametrize(
-    "measures", [("distance",), ("cosine",), ("step_delta",), ("step_delta", "relative_distance"), ("norm",)]
+    "measures",
+    [
+        ("distance",),
+        ("cosine",),
+        ("step_delta",),
+        ("step_delta", "relative_distance"),
+        ("norm",),
+        ("update_cosine",),
+        ("contraction",),
+        ("contraction", "distance"),
+    ],
 )
 def test_a_subset_of_measures_equals_the_same_measures_of_the_full_pass(capture_path, measures):
     """Fewer measures cost less arithmetic and give the same numbers; the others are None, and asking for one of
@@ -323,3 +341,116 @@ def test_reader_arguments_of_the_wrong_type_are_named(capture_path):
                 run.states(**kwargs)
         with pytest.raises(LoopscopeError, match="a run index is an integer"):
             capture.run("0")
+
+
+# ---- the geometry of the updates u_k = s_k - s_(k-1) ----------------------------------------------------------------
+def _plain_updates(x: np.ndarray, last: np.ndarray) -> dict[str, np.ndarray]:
+    """update_cosine and contraction of [T, K, H] float64 states, the whole array at once (``_direct`` loops)."""
+    u = np.diff(x, axis=1)
+    now, before = u[:, 1:], u[:, :-1]
+    size_now, size_before = np.linalg.norm(now, axis=2), np.linalg.norm(before, axis=2)
+    ran = np.arange(2, x.shape[1])[None, :] <= last[:, None]
+    with np.errstate(all="ignore"):
+        cosine = np.sum(now * before, axis=2) / (size_now * size_before)
+        ratio = size_now / size_before
+    nan2 = np.full((len(x), 2), np.nan)
+    return {
+        "update_cosine": np.hstack([nan2, np.where(ran & (size_now > 0) & (size_before > 0), cosine, np.nan)]),
+        "contraction": np.hstack([nan2, np.where(ran & (size_before > 0), ratio, np.nan)]),
+    }
+
+
+def _assert_updates_equal(got, want):
+    for name in UPDATE_METRICS:
+        np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(want[name]), err_msg=name)
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=0, err_msg=name)
+        assert np.isnan(got[name][:, :2]).all() and np.isfinite(got[name]).any(), name
+
+
+@pytest.mark.parametrize("space", ["state", "readout"])
+def test_update_measures_match_plain_numpy(capture_path, converged_captures, space):
+    """Within 1e-6 of float64 numpy on the reference model's states (and the demo model's, near convergence), NaN
+    exactly at k < 2 and past each token's last step, also for last steps cut short (0, 1, 2, ...)."""
+    for path in (capture_path, converged_captures["float32"]):
+        with loopscope.open(path) as capture:
+            f = (lambda x: x) if space == "state" else capture.readout
+            for run in capture.runs:
+                states, exact = run.states(), f(run.states().astype(np.float64))
+                _assert_updates_equal(token_metrics(run, space=space), _plain_updates(exact, run.num_steps))
+                shorter = np.minimum(run.num_steps, np.arange(run.num_tokens) % (run.num_steps.max() + 1))
+                got = block_measures(f(states), shorter, measures=UPDATE_METRICS)
+                assert np.isnan(got["contraction"][shorter < 2]).all()
+                _assert_updates_equal(got, _plain_updates(exact, shorter))
+
+
+class _Contract(torch.nn.Module):
+    def __init__(self, star: torch.Tensor, a: float):
+        super().__init__()
+        self.star, self.a = star, a
+
+    def forward(self, x):
+        return self.star + self.a * (x - self.star)
+
+
+class _LinearLoop(torch.nn.Module):
+    """s_k = s* + A^k (s_0 - s*) with A = a I (``loop="block"``): every update is ``a`` times the one before. Small
+    integers and a = +-1/2 keep every state exact in float32, so the expected values are exact too."""
+
+    def __init__(self, a: float, steps: int = 10, hidden: int = 8):
+        super().__init__()
+        self.star = torch.arange(hidden, dtype=torch.float32) - 3
+        self.block, self.steps = _Contract(self.star, a), steps
+
+    def forward(self, input_ids):
+        pattern = torch.tensor([1.0, -2.0, 3.0, 0.0, 5.0, -1.0, 2.0, 4.0])[: self.star.numel()]
+        x = self.star + (input_ids[..., None] + 1).float() * pattern  # s_0, another distance from s* per token
+        for _ in range(self.steps):
+            x = self.block(x)
+        return x
+
+
+@pytest.mark.parametrize("a", [0.5, -0.5])
+def test_a_linear_loop_contracts_by_its_factor(tmp_path, a):
+    """contraction = |a| at every k >= 2, and successive updates are parallel (a > 0) or opposite (a < 0)."""
+    path = tmp_path / "linear.h5"
+    model = _LinearLoop(a)
+    with loopscope.attach(model, path, loop="block"), torch.no_grad():
+        model(input_ids=torch.arange(4)[None, :])
+    with loopscope.open(path) as capture:
+        run = capture.runs[0]
+        m = token_metrics(run, space="state")
+        states = run.states()
+    assert states.shape == (4, 11, 8) and np.all(run.num_steps == 10)
+    np.testing.assert_array_equal(states[:, -1] - model.star.numpy(), (states[:, 0] - model.star.numpy()) * a**10)
+    assert np.isnan(m.contraction[:, :2]).all() and np.isnan(m.update_cosine[:, :2]).all()
+    np.testing.assert_allclose(m.contraction[:, 2:], abs(a), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(m.update_cosine[:, 2:], np.sign(a), rtol=1e-6, atol=0)
+    assert not m.nonfinite.any()
+
+
+def test_csv_appends_the_update_measures_and_curves_draw_them(capture_path, tmp_path, monkeypatch):
+    """The older columns keep their places (converged_at last of them); ``plot --kind curves`` draws a contraction
+    on a log axis around its level 1, an update cosine on a linear one from -1 to 1."""
+    with loopscope.open(capture_path) as capture:
+        m = token_metrics(capture.runs[0])
+    m.to_csv(tmp_path / "m.csv")
+    with open(tmp_path / "m.csv", newline="", encoding="utf-8") as handle:
+        header, *rows = list(csv.reader(handle))
+    older = ["distance", "relative_distance", "step_delta", "cosine", "norm", "converged_at"]
+    assert header[8:] == [*older, "update_cosine", "contraction"]
+    step_1, step_2 = (dict(zip(header, row)) for row in rows[1:3])  # token 0
+    assert step_1["contraction"] == step_1["update_cosine"] == ""
+    assert (
+        float(step_2["contraction"]) == m.contraction[0, 2] and float(step_2["update_cosine"]) == m.update_cosine[0, 2]
+    )
+    drawn = {}
+    original = figures.curves
+    monkeypatch.setattr(figures, "curves", lambda series, out, **kw: drawn.update(kw) or original(series, out, **kw))
+    for metric, log, ylim in (("contraction", True, None), ("update_cosine", False, (-1.05, 1.05))):
+        out = tmp_path / f"{metric}.png"
+        result = CliRunner().invoke(
+            app, ["plot", str(capture_path), "--kind", "curves", "--metric", metric, "--out", str(out)]
+        )
+        assert result.exit_code == 0, result.output
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (drawn["log"], drawn["ylim"], drawn["ylabel"]) == (log, ylim, METRIC_HELP[metric])

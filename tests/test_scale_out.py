@@ -213,6 +213,16 @@ def test_dask_reference_runs_and_files(study):
     )
 
 
+def test_dask_gives_the_update_measures_of_the_single_process_path(study):
+    """assert_same_metrics compares every one of METRICS: the update measures too, defined from step 2 on."""
+    assert {"update_cosine", "contraction"} <= set(METRICS)
+    got = dd.token_metrics(study["a"], scheduler="sync", block_bytes=1 << 12)
+    assert_same_metrics(single_process([study["a"]]), got)
+    for m in got:
+        for values in (m.update_cosine, m.contraction):
+            assert values is not None and np.isnan(values[:, :2]).all() and np.isfinite(values[:, 2:]).any()
+
+
 @pytest.mark.parametrize("basis", ["token", "shared"])
 def test_dask_pca_equals_single_process(study, basis):
     with loopscope.open(study["merged"]) as capture:

@@ -1,0 +1,314 @@
+"""The readout lens against plain torch: the model's own readout modules applied to the stored states, measured with
+``torch.distributions`` (an implementation independent of loopscope's), on real captures of the reference model,
+HRM-Text, the Ouro-style model and the other families; the coda lens against the model's own logits; a sharded
+checkpoint read for the head alone; and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.distributions import Categorical, kl_divergence
+
+import loopscope
+from loopscope.analysis.lens import lens
+from loopscope.errors import LoopscopeError
+from loopscope.models.ouro_reference import OuroReferenceForCausalLM
+from loopscope.models.ouro_reference import tiny_config as ouro_config
+
+RTOL = 1e-5
+
+
+def _plain(states: np.ndarray, last: np.ndarray, readout, top_k: int = 5) -> dict[str, np.ndarray]:
+    """Every lens measure, token by token and step by step, from ``readout`` applied to all states at once."""
+    with torch.no_grad():
+        logits = readout(torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32))).double()
+    n_tokens, n_slots = logits.shape[:2]
+    out = {name: np.full((n_tokens, n_slots), np.nan) for name in ("entropy", "kl_final", "kl_previous", "final_prob")}
+    out["top_ids"] = np.full((n_tokens, n_slots, top_k), -1)
+    out["top_probs"] = np.full((n_tokens, n_slots, top_k), np.nan)
+    out["final_rank"] = np.full((n_tokens, n_slots), -1)
+    for t in range(n_tokens):
+        final = Categorical(logits=logits[t, last[t]])
+        target = int(final.probs.argmax())
+        for k in range(last[t] + 1):
+            here = Categorical(logits=logits[t, k])
+            probs = here.probs
+            out["entropy"][t, k] = float(here.entropy())
+            out["kl_final"][t, k] = float(kl_divergence(here, final))
+            if k:
+                out["kl_previous"][t, k] = float(kl_divergence(here, Categorical(logits=logits[t, k - 1])))
+            top = torch.topk(probs, top_k)
+            out["top_ids"][t, k], out["top_probs"][t, k] = top.indices.numpy(), top.values.numpy()
+            out["final_rank"][t, k] = int((probs > probs[target]).sum())
+            out["final_prob"][t, k] = float(probs[target])
+    return out
+
+
+def _assert_same(result, want: dict[str, np.ndarray]) -> None:
+    np.testing.assert_array_equal(result.top_ids, want["top_ids"])
+    np.testing.assert_array_equal(result.final_rank, want["final_rank"])
+    for name in ("top_probs", "entropy", "kl_final", "kl_previous", "final_prob"):
+        np.testing.assert_allclose(getattr(result, name), want[name], rtol=RTOL, atol=1e-12, err_msg=name)
+
+
+def _settling(top1: np.ndarray, last: np.ndarray) -> np.ndarray:
+    out = []
+    for t, end in enumerate(last):
+        k = end
+        while k > 0 and top1[t, k - 1] == top1[t, end]:
+            k -= 1
+        out.append(k)
+    return np.asarray(out)
+
+
+def test_logit_lens_of_the_reference_model_equals_plain_torch(reference_model, tokenizer, prompt_ids, tmp_path):
+    """An adaptive-exit generate(): tokens of different depths, each measured against its own last step."""
+    path = tmp_path / "a.h5"
+    with loopscope.attach(reference_model, path, tokenizer=tokenizer):
+        torch.manual_seed(0)
+        reference_model.generate(
+            prompt_ids, max_new_tokens=6, num_steps=16, criterion="kl", exit_threshold=1e-4, do_sample=False
+        )
+    with loopscope.open(path) as capture:
+        run = capture.runs[0]
+        last = run.steps_of(None)
+        assert len(set(last.tolist())) > 1
+        result = lens(run, reference_model, tokenizer=tokenizer)
+        model = reference_model
+        want = _plain(run.states(), last, lambda x: model.lm_head(model.transformer.ln_f(x)))
+        tokens = run.tokens
+    _assert_same(result, want)
+    np.testing.assert_array_equal(result.settling, _settling(result.top1, last))
+    assert result.tokens == tokens and result.top1_text[0, 0] == tokenizer.decode([int(result.top1[0, 0])])
+    assert np.all(result.kl_final[np.arange(len(last)), last] == 0)
+
+
+def test_logit_lens_streams_in_blocks_and_keeps_the_results(reference_model, prompt_ids, tmp_path):
+    path = tmp_path / "b.h5"
+    with loopscope.attach(reference_model, path), torch.no_grad():
+        reference_model(prompt_ids, num_steps=6)
+    with loopscope.open(path) as capture:
+        whole = lens(capture.runs[0], reference_model)
+        blocks = lens(capture.runs[0], reference_model, block_tokens=2)
+    for name in ("top_ids", "entropy", "kl_final", "kl_previous", "final_rank"):
+        np.testing.assert_allclose(getattr(blocks, name), getattr(whole, name), rtol=1e-12, err_msg=name)
+
+
+def test_coda_lens_of_a_prefill_run_is_the_models_own_logits(reference_model, prompt_ids, tmp_path):
+    path = tmp_path / "c.h5"
+    with loopscope.attach(reference_model, path), torch.no_grad():
+        torch.manual_seed(0)
+        logits = reference_model(prompt_ids, num_steps=8).logits[0].double()
+    with loopscope.open(path) as capture:
+        result = lens(capture.runs[0], reference_model, "coda")
+    probs = torch.softmax(logits, -1)
+    top = torch.topk(probs, 5)
+    np.testing.assert_array_equal(result.top_ids[:, -1], top.indices.numpy())
+    np.testing.assert_allclose(result.top_probs[:, -1], top.values.numpy(), rtol=RTOL)
+    np.testing.assert_allclose(result.entropy[:, -1], Categorical(probs=probs).entropy().numpy(), rtol=RTOL)
+    assert result.kind == "coda" and np.all(result.kl_final[:, -1] == 0)
+
+
+def test_hrm_text_lens_reads_the_h_stream_and_says_the_l_stream_has_none(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "HrmTextConfig"):
+        pytest.skip("hrm_text needs transformers 5.x")
+    config = transformers.HrmTextConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
+        head_dim=8, H_cycles=3, L_cycles=2, num_layers_per_stack=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.HrmTextForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (1, 9))
+    with loopscope.attach(model, tmp_path / "h.h5"), torch.no_grad():
+        logits = model(ids).logits[0].double()
+    with loopscope.open(tmp_path / "h.h5") as capture:
+        run = capture.runs[0]
+        result = lens(run, model, loop="H")
+        want = _plain(run.states(loop="H"), run.steps_of("H"), model.lm_head)
+        with pytest.raises(LoopscopeError, match="L stream only feeds the H stream"):
+            lens(run, model, loop="L")
+    _assert_same(result, want)
+    np.testing.assert_allclose(result.top_probs[:, -1, 0], torch.softmax(logits, -1).max(-1).values, rtol=RTOL)
+
+
+def test_ouro_lens_is_the_models_own_per_pass_readout(tmp_path):
+    torch.manual_seed(0)
+    model = OuroReferenceForCausalLM(ouro_config()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    with loopscope.attach(model, tmp_path / "o.h5"), torch.no_grad():
+        model(ids)
+    with loopscope.open(tmp_path / "o.h5") as capture:
+        run = capture.runs[0]
+        result = lens(run, model)
+        want = _plain(run.states(), run.steps_of(None), model.lm_head)
+        with pytest.raises(LoopscopeError, match="needs a model with a coda"):
+            lens(run, model, "coda")
+    _assert_same(result, want)
+
+
+@pytest.mark.parametrize("family", ["albert", "dory", "inkling2_loop"])
+def test_every_family_with_a_head_has_a_logit_lens(family, tmp_path):
+    model, ids, readout = _family_model(family)
+    with loopscope.attach(model, tmp_path / "f.h5"), torch.no_grad():
+        model(ids)
+    with loopscope.open(tmp_path / "f.h5") as capture:
+        run = capture.runs[0]
+        result = lens(run, model)
+        want = _plain(run.states(), run.steps_of(None), readout)
+    _assert_same(result, want)
+
+
+def _family_model(family: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "albert":
+        config = transformers.AlbertConfig(
+            vocab_size=64, embedding_size=8, hidden_size=16, num_hidden_layers=4, num_hidden_groups=1,
+            num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+        )  # fmt: skip
+        model = transformers.AlbertForMaskedLM(config).eval()
+        return model, torch.randint(0, 64, (1, 8)), model.predictions
+    if family == "dory":
+        if not hasattr(transformers, "DoryConfig"):
+            pytest.skip("dory needs transformers 5.x")
+        config = transformers.DoryConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, n_input_layers=1, n_recurrent_layers=2, n_output_layers=2,
+            n_recurrent_loops=3, sliding_window=8, eos_token_id=None,
+        )  # fmt: skip
+        model = transformers.DoryForCausalLM(config).eval()
+        return model, torch.randint(0, 96, (1, 8)), lambda x: model.lm_head(model.model.norm(x))
+    inkling = pytest.importorskip("transformers.models.inkling2_loop.modeling_inkling2_loop")
+    configs = pytest.importorskip("transformers.models.inkling2_loop.configuration_inkling2_loop")
+    config = configs.Inkling2LoopTextConfig(
+        vocab_size=128, unpadded_vocab_size=128, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=16,
+        sliding_window_size=16, d_rel=4, rel_extent=16, moe_intermediate_size=16, n_routed_experts=4,
+        num_experts_per_tok=2, n_layers_per_attn_res_block=2, loop_layer_index_start=2, loop_layer_index_end=4,
+        loop_num_passes=3,
+    )  # fmt: skip
+    model = inkling.Inkling2LoopForCausalLM(config).eval()
+    return model, torch.randint(0, 128, (1, 8)), lambda x: model.logit_softcap(model.lm_head(model.model.norm(x)))
+
+
+def test_lens_from_a_sharded_checkpoint_reads_only_the_head(reference_model, prompt_ids, tmp_path, monkeypatch):
+    """A checkpoint in shards with an index: the lens reads one tensor (the head) from one shard, and agrees with
+    the loaded model's lens."""
+    path = tmp_path / "s.h5"
+    with loopscope.attach(reference_model, path), torch.no_grad():
+        reference_model(prompt_ids, num_steps=6)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    state = {name: t.detach().clone().contiguous() for name, t in reference_model.state_dict().items()}
+    state["lm_head.weight"] = state["lm_head.weight"].clone()  # an untied copy, as a sharded checkpoint stores it
+    names = sorted(state)
+    shards = {f"model-{i:05d}-of-00004.safetensors": names[i::4] for i in range(4)}
+    weight_map = {}
+    for shard, members in shards.items():
+        save_file({n: state[n] for n in members}, str(folder / shard))
+        weight_map.update({n: shard for n in members})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(reference_model.config.to_json_string())
+    total = sum(t.numel() * t.element_size() for t in state.values())
+
+    import safetensors
+
+    read: list[tuple[str, int]] = []
+    real_open = safetensors.safe_open
+
+    class Counting:
+        def __init__(self, file, framework, **kwargs):
+            self.handle = real_open(file, framework=framework, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            tensor = self.inner.get_tensor(name)
+            read.append((name, tensor.numel() * tensor.element_size()))
+            return tensor
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    with loopscope.open(path) as capture:
+        from_dir = lens(capture.runs[0], folder)
+        from_model = lens(capture.runs[0], reference_model)
+    assert [name for name, _ in read] == ["lm_head.weight"]
+    assert sum(size for _, size in read) * 4 < total  # the head only: a fraction of the checkpoint
+    np.testing.assert_array_equal(from_dir.top_ids, from_model.top_ids)
+    np.testing.assert_allclose(from_dir.top_probs, from_model.top_probs, rtol=1e-4)
+
+
+def test_bad_models_and_directories_are_one_line_errors(reference_model, new_reference_model, prompt_ids, tmp_path):
+    from loopscope.models.huginn_reference import RavenReferenceForCausalLM, tiny_config
+
+    path = tmp_path / "e.h5"
+    with loopscope.attach(reference_model, path), torch.no_grad():
+        reference_model(prompt_ids, num_steps=4)
+    wider = RavenReferenceForCausalLM(tiny_config(n_embd=96, vocab_size=reference_model.config.vocab_size)).eval()
+    smaller_vocab = RavenReferenceForCausalLM(tiny_config(vocab_size=8, padded_vocab_size=8)).eval()
+    ouro = OuroReferenceForCausalLM(ouro_config()).eval()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(reference_model.config.to_json_string())
+    save_file({"other.weight": torch.zeros(2, 2)}, str(no_weights / "model.safetensors"))
+    cases = [
+        (lambda run: lens(run, wider), "64-wide"),
+        (lambda run: lens(run, smaller_vocab), "vocabulary"),
+        (lambda run: lens(run, ouro), "huginn-raven model"),
+        (lambda run: lens(run, tmp_path / "missing"), "does not exist"),
+        (lambda run: lens(run, empty), "no config.json"),
+        (lambda run: lens(run, no_weights), "no tensor lm_head.weight"),
+        (lambda run: lens(run, reference_model, "tuned"), "kind='tuned'"),
+        (lambda run: lens(run, reference_model, top_k=0), "top_k"),
+        (lambda run: lens(run, reference_model, loop="L"), "no loop 'L'"),
+    ]
+    with loopscope.open(path) as capture:
+        run = capture.runs[0]
+        for call, pattern in cases:
+            with pytest.raises(LoopscopeError, match=pattern) as caught:
+                call(run)
+            assert "\n" not in str(caught.value)
+
+
+def test_lens_of_a_merged_run_and_through_dask_equals_the_lens_of_its_source(reference_model, prompt_ids, tmp_path):
+    """The same numbers from the source run, the run in a merged capture (virtual datasets), and Dask tasks reading
+    the head from a checkpoint directory."""
+    pytest.importorskip("dask")
+    from loopscope.analysis import distributed_lens
+    from loopscope.storage.merge import merge
+
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for path, steps in ((a, 5), (b, 7)):
+        with loopscope.attach(reference_model, path), torch.no_grad():
+            torch.manual_seed(0)
+            reference_model(prompt_ids, num_steps=steps)
+    merge(tmp_path / "merged.h5", [a, b])
+    folder = tmp_path / "ckpt"
+    reference_model.save_pretrained(folder)
+    with loopscope.open(b) as source:
+        want = lens(source.runs[0], reference_model)
+    with loopscope.open(tmp_path / "merged.h5") as merged:
+        from_merged = lens(merged.runs[1], reference_model)
+    by_dask = distributed_lens.lens([a, b], folder, scheduler="sync", block_tokens=3)
+    shared_model = distributed_lens.lens(b, reference_model, scheduler="threads", block_tokens=4)
+    for got in (from_merged, by_dask[1], shared_model[0]):
+        np.testing.assert_array_equal(got.top_ids, want.top_ids)
+        np.testing.assert_allclose(got.kl_final, want.kl_final, rtol=1e-4, atol=1e-9)
+        np.testing.assert_array_equal(got.settling, want.settling)
+    assert [r.run_index for r in by_dask] == [0, 0] and by_dask[0].top_ids.shape[1] == 6
+    with pytest.raises(LoopscopeError, match="local threads"):
+        distributed_lens.lens(b, reference_model, scheduler="processes")
