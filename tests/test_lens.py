@@ -312,3 +312,34 @@ def test_lens_of_a_merged_run_and_through_dask_equals_the_lens_of_its_source(ref
     assert [r.run_index for r in by_dask] == [0, 0] and by_dask[0].top_ids.shape[1] == 6
     with pytest.raises(LoopscopeError, match="local threads"):
         distributed_lens.lens(b, reference_model, scheduler="processes")
+
+
+class _Looped(torch.nn.Module):
+    """A model loopscope knows no family of: an embedding, one block applied four times, a norm and a head."""
+
+    def __init__(self, vocab: int = 50, hidden: int = 12):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.block = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.Tanh())
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for _ in range(4):
+            x = self.block(x)
+        return self.head(self.norm(x))
+
+
+def test_a_model_of_no_known_family_takes_its_readout_by_name(tmp_path):
+    torch.manual_seed(0)
+    model = _Looped().eval()
+    with loopscope.attach(model, tmp_path / "g.h5", loop="block"), torch.no_grad():
+        model(torch.randint(0, 50, (1, 6)))
+    with loopscope.open(tmp_path / "g.h5") as capture:
+        run = capture.runs[0]
+        with pytest.raises(LoopscopeError, match="pass readout="):
+            lens(run, model)
+        result = lens(run, model, readout=["norm", "head"])
+        want = _plain(run.states(), run.steps_of(None), lambda x: model.head(model.norm(x)))
+    _assert_same(result, want)
