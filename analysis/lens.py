@@ -183,8 +183,17 @@ def _check_directory(directory: Path, run: Run) -> None:
                 )
 
 
+def _known_model_types() -> None:
+    """Let transformers' Auto classes read checkpoints of loopscope's own models (the demo's), as ``capture`` does."""
+    from ..models import huginn_reference, ouro_reference
+
+    huginn_reference.register()
+    ouro_reference.register()
+
+
 def _tokenizer_of(directory: Path, trust_remote_code: bool):
     """The directory's tokenizer when it has one (the grid then shows text), else None (ids)."""
+    _known_model_types()
     if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None
     from transformers import AutoTokenizer
@@ -198,6 +207,7 @@ def _tokenizer_of(directory: Path, trust_remote_code: bool):
 def _load(directory: Path, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    _known_model_types()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, ImportError) as exc:

@@ -13,9 +13,11 @@ from rich.table import Table
 
 from ..analysis.metrics import DEFAULT_TOL, METRICS
 from ..errors import LoopscopeError
+from . import lens as lens_command
 from . import plots
 from .measures import dask_metrics, run_metrics
 from .output import (
+    MISSING_HELP,
     capture_size,
     console,
     describe_loop,
@@ -34,17 +36,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-MISSING_HELP = "Run files the index links but the folder lacks: error, or skip them and read the rest."
 
 
 @app.command()
 @friendly
 def demo(
-    out: Path = typer.Option(Path("loopscope-demo"), "--out", help="Directory for demo.h5 and convergence.png."),
+    out: Path = typer.Option(Path("loopscope-demo"), "--out", help="Directory for demo.h5 and its figures."),
     steps: int = typer.Option(64, "--steps", help="Iterations of the recurrent block per token."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", help="Tokens to generate after the prompt."),
 ):
-    """Capture the shipped demo model (a small trained looped LM) on a prompt and draw its convergence heatmap."""
+    """Capture the shipped demo model (a small trained looped LM) on a prompt; draw its convergence and predictions."""
     from transformers.utils import logging as hf_logging
 
     from ..models.demo import run_demo
@@ -54,6 +55,8 @@ def demo(
         result = run_demo(out, steps=steps, max_new_tokens=max_new_tokens)
     console.print(f"wrote [bold]{text(result.capture)}[/bold] ({result.tokens} tokens x {steps} iterations)")
     console.print(f"wrote [bold]{text(result.figure)}[/bold]")
+    for path in result.predictions:
+        console.print(f"wrote [bold]{text(path)}[/bold]")
 
 
 @app.command()
@@ -197,6 +200,9 @@ def plot(
     )
     for path in plots.draw(file, kind, run, out, missing, options):
         console.print(f"wrote [bold]{text(path)}[/bold]")
+
+
+app.command("lens")(lens_command.lens)  # in cli/lens.py: it loads the model, unlike every command here
 
 
 @app.command("convergence")

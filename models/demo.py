@@ -1,4 +1,5 @@
-"""`loopscope demo`: capture the shipped demo model on a prompt and draw its convergence heatmap.
+"""`loopscope demo`: capture the shipped demo model on a prompt, draw its convergence heatmap and what each
+iteration would predict (the readout lens's grid).
 
 Runs offline in seconds: the model is a small looped-depth LM of the Huginn-shaped reference architecture,
 trained once by ``train_demo_model.py`` and shipped in ``demo_model/`` (weights, tokenizer, model card).
@@ -21,6 +22,7 @@ class DemoResult:
     capture: Path
     figure: Path
     tokens: int
+    predictions: list[Path]  # the prediction grid (one file; pages only for a very long generation)
 
 
 def build_demo_model(seed: int = 0):
@@ -37,14 +39,17 @@ def build_demo_model(seed: int = 0):
 
 
 def run_demo(out_dir: str | os.PathLike, steps: int = 64, max_new_tokens: int = 8, seed: int = 0) -> DemoResult:
-    """Capture ``PROMPT`` plus ``max_new_tokens`` greedy tokens at ``steps`` iterations; write the h5 and the PNG."""
+    """Capture ``PROMPT`` plus ``max_new_tokens`` greedy tokens at ``steps`` iterations; write the h5, the
+    convergence heatmap and the prediction grid."""
     import loopscope
     from loopscope.analysis import convergence
     from loopscope.analysis.figures import heatmap
+    from loopscope.analysis.lens import lens
+    from loopscope.analysis.lens_figures import prediction_grid
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    capture_path, figure_path = out / "demo.h5", out / "convergence.png"
+    capture_path, figure_path, grid_path = out / "demo.h5", out / "convergence.png", out / "predictions.png"
     model, tokenizer = build_demo_model(seed)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with loopscope.attach(model, capture_path, tokenizer=tokenizer, mode="w"):
@@ -59,10 +64,14 @@ def run_demo(out_dir: str | os.PathLike, steps: int = 64, max_new_tokens: int = 
             positions=run.positions,
             title=f"Convergence of the latent state, {steps} iterations (demo model)",
         )
+        predicted = lens(run, model, tokenizer=tokenizer)
+        grids = prediction_grid(
+            predicted, grid_path, title=f"Top-1 prediction per iteration, {steps} iterations (demo model, logit lens)"
+        )
         tokens = run.num_tokens
-    return DemoResult(capture_path, figure_path, tokens)
+    return DemoResult(capture_path, figure_path, tokens, [Path(p) for p in grids])
 
 
 if __name__ == "__main__":
     result = run_demo("loopscope-demo")
-    print(f"wrote {result.capture} and {result.figure}")
+    print(f"wrote {result.capture}, {result.figure} and {', '.join(map(str, result.predictions))}")
