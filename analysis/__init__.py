@@ -24,7 +24,7 @@ def __getattr__(name):
 
         return importlib.import_module(".figures", __name__)
     if name == "lens":
-        from .lens import lens
+        from .readout_lens import lens
 
         return lens
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

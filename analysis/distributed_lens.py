@@ -4,7 +4,7 @@ Each task opens the capture by path (h5py handles cannot travel), reads its bloc
 through the head of a checkpoint directory, read once per worker process (``_worker_readout``): a worker on another
 machine needs the directory on a shared file system, as it needs the captures. A loaded model works too, on local
 threads (``scheduler=None``, ``"threads"`` or ``"sync"``), where the tasks share it. The arithmetic is the one
-:func:`~loopscope.analysis.lens.lens` runs (``lens_measure.py``), so both give the same numbers.
+:func:`~loopscope.analysis.readout_lens.lens` runs (``lens_measure.py``), so both give the same numbers.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch import nn
 
 from ..errors import LoopscopeError
 from ..storage.reader import CaptureFile
-from . import lens as single
 from . import lens_readout
+from . import readout_lens as single
 from .distributed import compute, require_dask
 from .lens_measure import assemble, measure
 from .lens_result import LensResult

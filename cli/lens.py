@@ -2,7 +2,7 @@
 
 Everything that can be checked without the model (the kind, the output path, the model directory, the run) is
 checked first: loading torch and the weights takes seconds, and a typo should not cost them. The lens itself
-(:mod:`..analysis.lens`, torch) is imported only when it runs, so ``loopscope --help`` stays fast.
+(:mod:`..analysis.readout_lens`, torch) is imported only when it runs, so ``loopscope --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _read(run, model: Path, kind: str, loop: str | None, top_k: int, trust_remot
     """The lens of ``run``: torch, transformers and the weights load here, once the request is known to be good."""
     from transformers.utils import logging as hf_logging
 
-    from ..analysis.lens import lens as read_lens
+    from ..analysis.readout_lens import lens as read_lens
 
     hf_logging.disable_progress_bar()  # the status line below says what is happening
     with console.status(f"reading run {run.index} through the {kind} lens…"):

@@ -36,8 +36,9 @@ class LoopSpec:
     # Per-token scalars recorded beside the states, as (signal name, dotted module path): each call of the module
     # during a forward stores its output ([B, T] or [B, T, 1]) at the loop's current step, e.g. Ouro's exit gate.
     signals: tuple[tuple[str, str], ...] = ()
-    # The logit lens (analysis/lens.py): the modules that turn this loop's state into next-token logits, applied in
-    # order to a loaded model's states, e.g. ("transformer.ln_f", "lm_head"). Empty: none does; ``no_lens`` says why.
+    # The logit lens (analysis/readout_lens.py): the modules that turn this loop's state into next-token logits,
+    # applied in order to a loaded model's states, e.g. ("transformer.ln_f", "lm_head"). Empty: none does; ``no_lens``
+    # says why.
     lens: tuple[str, ...] = ()
     no_lens: str | None = None
     # The same from a checkpoint directory, reading two tensors instead of the model: the stored readout norm, then

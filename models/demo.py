@@ -44,8 +44,8 @@ def run_demo(out_dir: str | os.PathLike, steps: int = 64, max_new_tokens: int = 
     import loopscope
     from loopscope.analysis import convergence
     from loopscope.analysis.figures import heatmap
-    from loopscope.analysis.lens import lens
     from loopscope.analysis.lens_figures import prediction_grid
+    from loopscope.analysis.readout_lens import lens
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

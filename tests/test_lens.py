@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch.distributions import Categorical, kl_divergence
 
 import loopscope
-from loopscope.analysis.lens import lens
+from loopscope.analysis.readout_lens import lens
 from loopscope.errors import LoopscopeError
 from loopscope.models.ouro_reference import OuroReferenceForCausalLM
 from loopscope.models.ouro_reference import tiny_config as ouro_config
