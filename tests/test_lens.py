@@ -343,3 +343,11 @@ def test_a_model_of_no_known_family_takes_its_readout_by_name(tmp_path):
         result = lens(run, model, readout=["norm", "head"])
         want = _plain(run.states(), run.steps_of(None), lambda x: model.head(model.norm(x)))
     _assert_same(result, want)
+
+
+def test_the_package_attribute_is_the_function_whatever_was_imported_first():
+    import loopscope.analysis
+    import loopscope.analysis.readout_lens  # noqa: F401 - importing the module must not shadow the function
+    from loopscope.analysis import lens as from_package
+
+    assert from_package is lens and callable(loopscope.analysis.lens)
