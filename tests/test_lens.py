@@ -351,3 +351,24 @@ def test_the_package_attribute_is_the_function_whatever_was_imported_first():
     from loopscope.analysis import lens as from_package
 
     assert from_package is lens and callable(loopscope.analysis.lens)
+
+
+class _MaskFirst(torch.nn.Module):
+    """A head that rules tokens out: their logits are -inf, so their probability is exactly 0."""
+
+    def forward(self, logits):
+        return logits.masked_fill(torch.arange(logits.shape[-1]) < 5, float("-inf"))
+
+
+def test_tokens_ruled_out_by_the_head_are_measured_with_0_log_0(tmp_path):
+    torch.manual_seed(0)
+    model = _Looped().eval()
+    model.mask = _MaskFirst()
+    with loopscope.attach(model, tmp_path / "m.h5", loop="block"), torch.no_grad():
+        model(torch.randint(0, 50, (1, 5)))
+    with loopscope.open(tmp_path / "m.h5") as capture:
+        run = capture.runs[0]
+        result = lens(run, model, readout=["norm", "head", "mask"])
+        want = _plain(run.states(), run.steps_of(None), lambda x: model.mask(model.head(model.norm(x))))
+    _assert_same(result, want)
+    assert np.isfinite(result.entropy[:, :5]).all() and (result.top_ids >= 5).all()
