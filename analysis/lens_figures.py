@@ -74,12 +74,21 @@ def prediction_figures(result: LensResult, *, title: str | None = None, rows_per
     norm = Normalize(vmin=0.0, vmax=1.0)
     labels = [cell_text(label, 16) for label in _row_labels(result)]
 
-    def page(start: int, stop: int):
+    def page(start: int, stop: int, page_title: str):
         rows = stop - start
         width = min(n_steps * cell_width + 3.5, MAX_INCHES[0])
         height = min(max(3.0, max(ROW_INCHES, font * 1.6 / 72) * rows + 1.8), MAX_INCHES[1])
         fig, ax = plt.subplots(figsize=(width, height), constrained_layout=True)
         image = _cells(ax, probs[start:stop], norm)
+        every = int(np.ceil(rows * LABEL_INCHES / max(height - 1.8, LABEL_INCHES)))  # every row while labels fit
+        _token_axes(fig, ax, image, labels, start, stop, result, colour_label, max(every, 1))
+        ax.set_title(page_title)
+        # Lay the page out before the cell texts go in, then freeze it (``None``: no engine at all): they sit inside
+        # the axes, and a layout engine makes savefig draw every one of them once more just to measure it.
+        layout = fig.get_layout_engine()
+        if layout is not None:
+            layout.execute(fig)
+            fig.set_layout_engine(None)
         colours = image.cmap(norm(np.nan_to_num(probs[start:stop])))
         for row in range(rows) if legible else ():
             for k in range(n_steps):
@@ -88,8 +97,6 @@ def prediction_figures(result: LensResult, *, title: str | None = None, rows_per
                 light = 0.299 * colours[row, k, 0] + 0.587 * colours[row, k, 1] + 0.114 * colours[row, k, 2]
                 colour = "black" if light > 0.5 else "white"
                 ax.text(k, row, texts[start + row][k], ha="center", va="center", fontsize=font, color=colour)
-        every = int(np.ceil(rows * LABEL_INCHES / max(height - 1.8, LABEL_INCHES)))  # every row while labels fit
-        _token_axes(fig, ax, image, labels, start, stop, result, colour_label, max(every, 1))
         return fig
 
     return _pages(result.num_tokens, rows_per_page, title or f"Top-1 prediction per step ({result.kind} lens)", page)
@@ -128,10 +135,11 @@ def kl_figures(
     labels = _row_labels(result)
     positions = _positions(result)
 
-    def page(start: int, stop: int):
+    def page(start: int, stop: int, page_title: str):
         colour_label = f"KL(p_k || p_final) in nats ({result.kind} lens){note}"
         fig = _heatmap_page(plt, shown[start:stop], norm, start, labels, positions, colour_label, 1)
         _step_ticks(fig.axes[0], result.steps[: shown.shape[1]])
+        fig.axes[0].set_title(page_title)
         return fig
 
     return _pages(result.num_tokens, rows_per_page, title or f"KL to the final prediction ({result.kind} lens)", page)
@@ -247,8 +255,8 @@ def _token_axes(fig, ax, image, labels, start, stop, result: LensResult, colour_
 
 
 def _pages(n_tokens: int, rows_per_page: int, title: str, page) -> list:
-    """``page(start, stop)`` for each run of ``rows_per_page`` tokens, titled as :func:`.figures.heatmap` titles its
-    pages."""
+    """``page(start, stop, title)`` for each run of ``rows_per_page`` tokens, titled as :func:`.figures.heatmap`
+    titles its pages."""
     if n_tokens == 0:
         raise LoopscopeError("nothing to draw: the lens has no tokens")
     if rows_per_page < 1:
@@ -256,10 +264,8 @@ def _pages(n_tokens: int, rows_per_page: int, title: str, page) -> list:
     bounds = [(start, min(start + rows_per_page, n_tokens)) for start in range(0, n_tokens, rows_per_page)]
     figures = []
     for number, (start, stop) in enumerate(bounds, 1):
-        fig = page(start, stop)
         page_title = title
         if len(bounds) > 1:
             page_title += f" (tokens {start}-{stop - 1}, page {number}/{len(bounds)})"
-        fig.axes[0].set_title(_t(page_title))
-        figures.append(fig)
+        figures.append(page(start, stop, _t(page_title)))
     return figures
