@@ -95,6 +95,19 @@ def lens_fields(model: nn.Module, lens: tuple[str, ...], missing: str, **weights
     return {"no_lens": missing}
 
 
+def layer_slice(model: nn.Module, layers: str, start: int, end: int, lens: tuple[str, ...], missing: str) -> LoopSpec:
+    """The loop of a model whose looped range is the slice ``layers[start:end]`` of a ModuleList (Dory, Inkling-2):
+    its last layer's call ends an iteration, its first layer's input at the first pass is s0. The lens skips the
+    layers after the loop, as a logit lens does."""
+    return LoopSpec(
+        name="core",
+        exit=f"{layers}.{end - 1}",
+        entry=f"{layers}.{start}",
+        entry_arg=0,
+        **lens_fields(model, lens, missing),
+    )
+
+
 def has_module(model: nn.Module, path: str) -> bool:
     """Whether ``model`` has a submodule at the dotted ``path``."""
     try:

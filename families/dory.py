@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapter import LoopAdapter, LoopSpec, has_module, lens_fields
+from .adapter import LoopAdapter, has_module, layer_slice
 
 
 def adapter(model: nn.Module) -> LoopAdapter | None:
@@ -28,17 +28,13 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
     return LoopAdapter(
         family="dory",
         loops=(
-            LoopSpec(
-                name="core",
-                exit=f"{prefix}layers.{end - 1}",
-                entry=f"{prefix}layers.{start}",
-                entry_arg=0,
-                # a logit lens in the usual sense: the output section after the loop is skipped
-                **lens_fields(
-                    model,
-                    (f"{prefix}norm", "lm_head"),
-                    "the model has no final norm and lm_head; load DoryForCausalLM",
-                ),
+            layer_slice(
+                model,
+                f"{prefix}layers",
+                start,
+                end,
+                (f"{prefix}norm", "lm_head"),  # the output section after the loop is skipped
+                "the model has no final norm and lm_head; load DoryForCausalLM",
             ),
         ),
         readout=None,  # the states are pre-norm residuals; the output section runs after the loop

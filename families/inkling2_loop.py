@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapter import LoopAdapter, LoopSpec, has_module, lens_fields
+from .adapter import LoopAdapter, has_module, layer_slice
 
 
 def adapter(model: nn.Module) -> LoopAdapter | None:
@@ -26,17 +26,13 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
     return LoopAdapter(
         family="inkling2_loop",
         loops=(
-            LoopSpec(
-                name="core",
-                exit=f"{prefix}layers.{end - 1}",
-                entry=f"{prefix}layers.{start}",
-                entry_arg=0,
-                # a logit lens in the usual sense: the layers after the loop (and their block residuals) are skipped
-                **lens_fields(
-                    model,
-                    (f"{prefix}norm", "lm_head", "logit_softcap"),
-                    "the model has no final norm, lm_head and logit softcap; load Inkling2LoopForCausalLM",
-                ),
+            layer_slice(
+                model,
+                f"{prefix}layers",
+                start,
+                end,
+                (f"{prefix}norm", "lm_head", "logit_softcap"),  # post-loop layers and block residuals are skipped
+                "the model has no final norm, lm_head and logit softcap; load Inkling2LoopForCausalLM",
             ),
         ),
         # The final norm reads the output of post-loop layers and block residuals, not the loop state itself.
