@@ -63,8 +63,9 @@ def lens(
     """
     if kind not in KINDS:
         raise LoopscopeError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise LoopscopeError(f"top_k={top_k!r} must be a positive integer, e.g. 5")
+    for name, value in (("top_k", top_k), ("block_tokens", 1 if block_tokens is None else block_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LoopscopeError(f"{name}={value!r} must be a positive integer, e.g. 5")
     loop = _check_loop(run, loop)
     family, spec = _stored_spec(run, loop)
     directory = None if isinstance(model, nn.Module) else Path(model)
@@ -78,6 +79,9 @@ def lens(
         family, spec = _model_spec(model, run, loop, family, spec)
     if kind == "coda":
         assert isinstance(model, nn.Module)
+        if spec.lens:  # the coda ends in the same head: a model of another size fails here, in one line
+            head = lens_readout.from_model(model, spec, family, None)
+            _check_sizes(run, loop, head.hidden, head.vocab, head.source)
         result = coda_lens(run, model, loop, family, top_k)
     else:
         if isinstance(model, nn.Module):

@@ -372,3 +372,16 @@ def test_tokens_ruled_out_by_the_head_are_measured_with_0_log_0(tmp_path):
         want = _plain(run.states(), run.steps_of(None), lambda x: model.mask(model.head(model.norm(x))))
     _assert_same(result, want)
     assert np.isfinite(result.entropy[:, :5]).all() and (result.top_ids >= 5).all()
+
+
+def test_the_coda_lens_of_another_size_of_model_is_one_line(reference_model, prompt_ids, tmp_path):
+    from loopscope.models.huginn_reference import RavenReferenceForCausalLM, tiny_config
+
+    with loopscope.attach(reference_model, tmp_path / "w.h5"), torch.no_grad():
+        reference_model(prompt_ids, num_steps=3)
+    wider = RavenReferenceForCausalLM(tiny_config(n_embd=96, vocab_size=reference_model.config.vocab_size)).eval()
+    with loopscope.open(tmp_path / "w.h5") as capture:
+        with pytest.raises(LoopscopeError, match="64-wide"):
+            lens(capture.runs[0], wider, "coda")
+        with pytest.raises(LoopscopeError, match="block_tokens"):
+            lens(capture.runs[0], reference_model, block_tokens=0)
