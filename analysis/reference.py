@@ -98,10 +98,17 @@ def check_reference(run: Run, reference_run: Run, loop: str | None) -> None:
     with them) in states of the same size (a capture of the same model)."""
     n = run.num_tokens
     ref_ids = reference_run.token_ids
-    if len(ref_ids) < n or not np.array_equal(ref_ids[:n], run.token_ids):
+    k = len(ref_ids)
+    if not np.array_equal(ref_ids[: min(k, n)], run.token_ids[: min(k, n)]):
         raise LoopscopeError(
-            f"reference run {reference_run.index} covers other tokens than run {run.index}; "
+            f"reference run {reference_run.index} covers other tokens than run {run.index} (it has {k} token(s), "
+            f"run {run.index} {n}); "
             "capture the same prompt (the reference may be longer, but must start with the same tokens)"
+        )
+    if k < n:
+        raise LoopscopeError(
+            f"reference run {reference_run.index} has {k} token(s) and run {run.index} has {n}; the reference must "
+            "cover at least the run's tokens: capture it on the same prompt with at least as many new tokens"
         )
     size, ref_size = run.hidden_size(loop), reference_run.hidden_size(loop)
     if size != ref_size:

@@ -44,15 +44,17 @@ def demo(
     out: Path = typer.Option(Path("loopscope-demo"), "--out", help="Directory for demo.h5 and its figures."),
     steps: int = typer.Option(64, "--steps", help="Iterations of the recurrent block per token."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", help="Tokens to generate after the prompt."),
+    force: bool = typer.Option(False, "--force", help="Replace a previous demo's files in --out."),
 ):
     """Capture the shipped demo model (a small trained looped LM) on a prompt; draw its convergence and predictions."""
     from transformers.utils import logging as hf_logging
 
-    from ..models.demo import run_demo
+    from ..models.demo import check_out_dir, run_demo
 
+    check_out_dir(out, force)  # before the status line: a refusal is one line, not a spinner first
     hf_logging.disable_progress_bar()  # the status line below says what is happening
     with console.status("capturing the demo model…"):
-        result = run_demo(out, steps=steps, max_new_tokens=max_new_tokens)
+        result = run_demo(out, steps=steps, max_new_tokens=max_new_tokens, force=force)
     console.print(f"wrote [bold]{text(result.capture)}[/bold] ({result.tokens} tokens x {steps} iterations)")
     console.print(f"wrote [bold]{text(result.figure)}[/bold]")
     for path in result.predictions:
@@ -124,11 +126,12 @@ def capture(
     """Load a model, run the prompts through it with loopscope attached, and write the capture."""
     from transformers.utils import logging as hf_logging
 
-    from ..hooks.pretrained import capture_prompts, check_counts, load_pretrained, read_prompts
+    from ..hooks.pretrained import capture_prompts, check_counts, check_model_path, load_pretrained, read_prompts
     from ..storage.index import check_target
 
     prompts = read_prompts(prompt, prompt_file)
     check_counts(steps, max_new_tokens)
+    check_model_path(model)
     check_target(out, mode)  # before the model load, which can take minutes
     hf_logging.disable_progress_bar()  # our own status line says what is loading
     with console.status(f"loading {text(model)}…"):
@@ -159,7 +162,11 @@ def capture(
 def plot(
     file: Path = typer.Argument(..., help="A capture file (.h5)."),
     kind: str = typer.Option("heatmap", "--kind", help=plots.KIND_HELP),
-    run: list[int] = typer.Option([0], "--run", help="Run index (see `loopscope info`); repeat for curves."),
+    run: list[int] = typer.Option(
+        [0],
+        "--run",
+        help="Run index (see `loopscope info`; negative counts from the last run, -1 the last); repeat for curves.",
+    ),
     reference: str = typer.Option(
         "final", "--reference", help="s*: final (each token's last state), a run index, or FILE[:RUN]."
     ),
@@ -210,7 +217,11 @@ app.command("lens")(lens_command.lens)  # in cli/lens.py: it loads the model, un
 def convergence_table(
     file: Path = typer.Argument(..., help="A capture file (.h5)."),
     out: Path = typer.Option(..., "--out", help="CSV to write: one row per run, token and step."),
-    run: list[int] | None = typer.Option(None, "--run", help="Run index; repeat for several (default: all)."),
+    run: list[int] | None = typer.Option(
+        None,
+        "--run",
+        help="Run index (negative counts from the last run, -1 the last); repeat for several (default: all).",
+    ),
     reference: str = typer.Option("final", "--reference", help="s*: final, a run index, or FILE[:RUN]."),
     space: str = typer.Option("auto", "--space", help="readout, state, or auto (readout if stored)."),
     loop: str | None = typer.Option(None, "--loop", help="Which loop, for models with several."),
@@ -277,7 +288,11 @@ def export(
     file: Path = typer.Argument(..., help="A capture file (.h5)."),
     format: str = typer.Option(..., "--format", help="npz or safetensors."),
     out: Path | None = typer.Option(None, "--out", help="Output file (default: FILE with the format's suffix)."),
-    run: list[int] | None = typer.Option(None, "--run", help="Run index; repeat for several (default: all)."),
+    run: list[int] | None = typer.Option(
+        None,
+        "--run",
+        help="Run index (negative counts from the last run, -1 the last); repeat for several (default: all).",
+    ),
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Write the states and token data to .npz or .safetensors, streamed (bf16 stays bf16 in safetensors)."""

@@ -25,7 +25,9 @@ def lens(
     file: Path = typer.Argument(..., help="A capture file (.h5)."),
     model: Path = typer.Option(..., "--model", help="The captured model's local directory (config and weights)."),
     kind: str = typer.Option("logit", "--kind", help="logit (final norm and head) or coda (Huginn's coda first)."),
-    run: int = typer.Option(0, "--run", help="Run index (see `loopscope info`)."),
+    run: int = typer.Option(
+        0, "--run", help="Run index (see `loopscope info`; negative counts from the last run, -1 the last)."
+    ),
     loop: str | None = typer.Option(None, "--loop", help="Which loop, for models with several."),
     top_k: int = typer.Option(5, "--top-k", help="Most probable next tokens kept per token and step."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (Huginn)."),

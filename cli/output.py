@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +40,54 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except LoopscopeError as exc:
-            errors.print(f"[red]error:[/red] {text(exc)}", highlight=False, soft_wrap=True)
+            errors.print(f"[red]error:[/red] {text(for_cli(str(exc)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
 
 
+# The library's messages name its Python keywords (mode='w'); on the command line they name the flag instead, or
+# say what a user of the command can do where no flag exists. Most specific first.
+CLI_WORDING = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (
+            r"open with missing='skip' \(loopscope\.open\(path, missing='skip'\), --missing skip\)",
+            "pass --missing skip",
+        ),
+        (r" \(force=True\)", ""),
+        (
+            r"(?:try|pass) locking=False",
+            "write the capture to a local disk (the command line keeps HDF5 file locking on)",
+        ),
+        (
+            r"pass loop='dotted\.module\.path'",
+            "attach from Python with loopscope.attach(model, path, loop='dotted.module.path')",
+        ),
+        (r"pass dtype='float32' to attach\(\) to store one dtype", "pass --dtype float32 to run in one dtype"),
+        (r"trust_remote_code=True", "--trust-remote-code"),
+        (r"\b(mode|missing|space|kind|tokens)='([^']*)'", r"--\1 \2"),
+        (r"\bstep_stride=(\d+)", r"--step-stride \1"),
+        (r"\btokens= ", "--tokens "),
+    )
+)
+
+
+def for_cli(message: str) -> str:
+    """``message`` with the library's keyword arguments replaced by the command line's flags (see CLI_WORDING)."""
+    for pattern, replacement in CLI_WORDING:
+        message = pattern.sub(replacement, message)
+    return message
+
+
 @contextlib.contextmanager
 def progress(description: str, total: int):
-    """A transient rich progress bar on stderr, so stdout keeps only results; yields ``advance(n)``."""
+    """A transient rich progress bar on stderr, so stdout keeps only results; yields ``advance(n)``. Off where
+    stderr is no terminal: there rich draws nothing but ends with a blank line, noise in a log."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=errors, transient=True) as bar:
+    with Progress(*columns, console=errors, transient=True, disable=not errors.is_interactive) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 

@@ -63,6 +63,7 @@ def load_pretrained(name_or_path: str, *, trust_remote_code: bool = False, devic
 
     if dtype not in DTYPES:
         raise LoopscopeError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    check_model_path(name_or_path)
     device = _pick_device(device)
     register()
     try:
@@ -74,6 +75,29 @@ def load_pretrained(name_or_path: str, *, trust_remote_code: bool = False, devic
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoopscopeError(f"cannot load {name_or_path}: {first}") from None
     return model.to(device).eval(), tokenizer
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A path that does not exist is named as such: transformers would take it for a hub id and say the id is
+    malformed or unknown, which sends the user looking for a typo in a repository name."""
+    if os.path.exists(os.path.expanduser(name_or_path)) or not _looks_like_path(name_or_path):
+        return
+    raise LoopscopeError(
+        f"model directory {name_or_path} does not exist; pass a directory saved with save_pretrained, "
+        "or a hub id such as org/name"
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    """Not a hub id (``name`` or ``org/name``): starts like a path, has more than one separator, or its parent is
+    a directory here."""
+    separators = {c for c in ("/", os.sep, os.altsep) if c}
+    if name.startswith((".", "~")) or name[:1] in separators or any(c in name for c in separators - {"/"}):
+        return True
+    if sum(name.count(c) for c in separators) > 1:  # org/name/sub: a hub id has one "/" at most
+        return True
+    parent = os.path.dirname(name)
+    return bool(parent) and os.path.isdir(parent)
 
 
 def capture_prompts(

@@ -8,12 +8,17 @@ trained once by ``train_demo_model.py`` and shipped in ``demo_model/`` (weights,
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..errors import LoopscopeError
+
 MODEL_DIR = Path(__file__).parent / "demo_model"
+DEMO_FILES = ("demo.h5", "demo.h5.runs", "convergence.png", "predictions.png")
+DEMO_PAGE = re.compile(r"^(convergence|predictions)-p\d+\.png$")  # a long generation's figure pages
 PROMPT = "Twelve ravens flew over the harbour at dawn, and the old ferryman counted them twice."
 
 
@@ -38,9 +43,12 @@ def build_demo_model(seed: int = 0):
     return model, tokenizer
 
 
-def run_demo(out_dir: str | os.PathLike, steps: int = 64, max_new_tokens: int = 8, seed: int = 0) -> DemoResult:
+def run_demo(
+    out_dir: str | os.PathLike, steps: int = 64, max_new_tokens: int = 8, seed: int = 0, *, force: bool = False
+) -> DemoResult:
     """Capture ``PROMPT`` plus ``max_new_tokens`` greedy tokens at ``steps`` iterations; write the h5, the
-    convergence heatmap and the prediction grid."""
+    convergence heatmap and the prediction grid. A folder holding a previous demo's files is refused unless
+    ``force``: they may be a run someone means to keep, as ``loopscope capture`` refuses an existing file."""
     import loopscope
     from loopscope.analysis import convergence
     from loopscope.analysis.figures import heatmap
@@ -48,6 +56,7 @@ def run_demo(out_dir: str | os.PathLike, steps: int = 64, max_new_tokens: int = 
     from loopscope.analysis.readout_lens import lens
 
     out = Path(out_dir)
+    check_out_dir(out, force)
     out.mkdir(parents=True, exist_ok=True)
     capture_path, figure_path, grid_path = out / "demo.h5", out / "convergence.png", out / "predictions.png"
     model, tokenizer = build_demo_model(seed)
@@ -70,6 +79,21 @@ def run_demo(out_dir: str | os.PathLike, steps: int = 64, max_new_tokens: int = 
         )
         tokens = run.num_tokens
     return DemoResult(capture_path, figure_path, tokens, [Path(p) for p in grids])
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """``out`` is a folder to write into (made if missing) without replacing a previous demo's files unless
+    ``force``."""
+    if out.exists() and not out.is_dir():
+        raise LoopscopeError(f"{out} is a file, not a directory; pass a directory for the demo's files")
+    if force or not out.is_dir():
+        return
+    previous = sorted(p.name for p in out.iterdir() if p.name in DEMO_FILES or DEMO_PAGE.match(p.name))
+    if previous:
+        raise LoopscopeError(
+            f"{out} already holds a previous demo ({', '.join(previous)}); pass --force (force=True) to replace "
+            "it, or another directory"
+        )
 
 
 if __name__ == "__main__":

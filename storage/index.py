@@ -68,8 +68,7 @@ def create_index(
     path = os.fspath(path)
     check_target(path, mode, locking)  # refuse early, before anything is made
     try:
-        if not (mode == "a" and os.path.exists(path)):
-            os.makedirs(runs_dir(path), exist_ok=True)
+        os.makedirs(runs_dir(path), exist_ok=True)  # also when appending to an empty capture whose folder was lost
         with _index_lock(path, locking):  # checked again under the lock: another writer may have just made it
             if check_target(path, mode, locking) and mode == "a":
                 _check_same_model(path, header, readout, locking)

@@ -41,6 +41,8 @@ class CaptureFile:
                 self._validate()
                 self.readout = self._read_readout()
                 self._linked = _linked_runs(self._file, self.path)
+                # /runs is written at a clean close (storage/index.py): with it and no links, the capture is empty
+                self._closed_empty = not self._linked and self._file.get(schema.RUNS, getlink=True) is not None
                 _ = self.loop_names  # parse the loop list now: a damaged one fails here, once
         finally:
             self._file.close()
@@ -110,12 +112,15 @@ class CaptureFile:
         """Every run the index links (after a clean close: every completed run) must be in the run folder; a
         deleted run file must not vanish from the listing, or shift which run ``runs[0]`` is."""
         folder = run_files.runs_dir(self.path)
-        hint = "or open with missing='skip' (loopscope.open(path, missing='skip'), --missing skip) to read the rest"
         if not os.path.isdir(folder):
+            if self._closed_empty:  # closed with no runs: nothing in the folder to lose (git keeps no empty folder)
+                return
+            held = f"the {len(self._linked)} run(s) the index links" if self._linked else "every run of the capture"
             raise CaptureFileError(
-                f"{self.path}: its run folder {folder} is missing; copy or move the .h5 together with its .runs "
-                f"folder and restore it, {hint}"
+                f"{self.path}: its run folder {folder} is missing (it holds {held}); copy or move the .h5 "
+                "together with its .runs folder, and restore the folder"
             )
+        hint = "or open with missing='skip' (loopscope.open(path, missing='skip'), --missing skip) to read the rest"
         present = {n for n, (_, complete) in run_files.list_run_files(self.path).items() if complete}
         gone = [n for n in self._linked if n not in present]
         if gone:
