@@ -8,36 +8,37 @@ extension names (.png, .pdf, .svg) and returns the paths written. Iterations run
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 
 from ..errors import LoopscopeError
-from ..storage.safety import figure_text as _t  # titles and labels hold file names, signal names, model text
+from .figure_axes import (  # noqa: F401 (FORMATS, ITERATIONS, check_figure_path: used from here by callers)
+    FORMATS,
+    ITERATIONS,
+    MAX_TOKEN_LABELS,
+    PROMPT_NOTE,
+    _cells,
+    _heatmap_page,
+    _height,
+    _log_scale,
+    _pyplot,
+    _save_pages,
+    _t,
+    check_figure_path,
+    colour_bar,
+    integer_ticks,
+    percent,
+    printable,
+    prompt_line,
+    space_text,
+    steps_label,
+    token_axes,
+    with_loop,
+)
 
-FORMATS = (".png", ".pdf", ".svg")
 ZERO_MODES = ("clip", "drop")
-MAX_TOKEN_LABELS = 64
 ROWS_PER_PAGE = 128
-ITERATIONS = "Iterations at Test-Time"
-
-
-def steps_label(step_stride: int = 1) -> str:
-    """The x axis: iterations, or with a step stride the stored steps (which are not iterations)."""
-    if step_stride == 1:
-        return ITERATIONS
-    return f"Stored step: s0, then 1 in {step_stride} iterations, then each token's last"
-
-
-def check_figure_path(out: str | os.PathLike) -> Path:
-    """A figure path with a known extension in an existing directory, or a one-line error saying what to do."""
-    path = Path(out)
-    if path.suffix.lower() not in FORMATS:
-        raise LoopscopeError(f"{path}: use a .png, .pdf or .svg file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise LoopscopeError(f"{path}: directory {parent} does not exist; create it first")
-    return path
 
 
 def heatmap(
@@ -52,14 +53,21 @@ def heatmap(
     zeros: str = "clip",
     rows_per_page: int = ROWS_PER_PAGE,
     step_stride: int = 1,
+    readout: str | None = None,
+    loop: str | None = None,
+    prompt: int | None = None,
+    label: Callable[[str], str] = printable,
 ) -> list[str]:
     """Convergence heatmap: tokens down the y axis, iterations along x, log-scaled ||s_k - s*|| (viridis).
 
-    Token strings label the left axis and positions the right one. A distance of exactly zero (a token's last step
-    when s* is its own final state) has no place on a log scale: ``zeros="clip"`` shows it at the smallest positive
-    distance, ``zeros="drop"`` leaves it blank and drops trailing columns that hold nothing else; the colour bar
-    says which. Longer sequences are split into pages of ``rows_per_page`` tokens sharing one colour scale: pages
-    of one PDF, or ``name-p01.png``, ``name-p02.png``, ... for PNG and SVG.
+    Token strings label the left axis (each token's index in the run when there are none) and positions the right
+    one. A distance of exactly zero (a token's last step when s* is its own final state) has no place on a log
+    scale: ``zeros="clip"`` shows it at the smallest positive distance, ``zeros="drop"`` leaves it blank and drops
+    trailing columns that hold nothing else; the colour bar says which. Longer sequences are split into pages of
+    ``rows_per_page`` tokens sharing one colour scale: pages of one PDF, or ``name-p01.png``, ... for PNG and SVG.
+    ``readout``: the capture's readout kind (an identity readout means the state space); ``loop``: named in the
+    title and colour bar (pass it for a capture with several loops); ``prompt``: the number of prompt rows of a
+    generate() run, marked by a line; ``label``: how a token's text becomes a tick label.
     """
     plt, LogNorm = _pyplot()
     if zeros not in ZERO_MODES:
@@ -68,9 +76,10 @@ def heatmap(
     if d.ndim != 2 or d.size == 0:
         raise LoopscopeError("nothing to draw: the run has no tokens or no iterations")
     norm, shown, note = _log_scale(d, zeros, LogNorm)
-    colour_label = f"||s - s*|| ({space} space, s* = {reference}){note}"
-    title = title or "Convergence of the latent state"
-    return _paged(plt, shown, norm, out, tokens, positions, colour_label, title, rows_per_page, step_stride)
+    colour_label = with_loop(f"||s - s*|| ({space_text(space, readout)}, s* = {reference}){note}", loop)
+    title = with_loop(title or "Convergence of the latent state", loop)
+    pages = _Pages(tokens, positions, rows_per_page, step_stride, prompt, label)
+    return pages.save(plt, shown, norm, out, colour_label, title)
 
 
 def signal_heatmap(
@@ -83,6 +92,9 @@ def signal_heatmap(
     title: str | None = None,
     rows_per_page: int = ROWS_PER_PAGE,
     step_stride: int = 1,
+    loop: str | None = None,
+    prompt: int | None = None,
+    label: Callable[[str], str] = printable,
 ) -> list[str]:
     """A per-token, per-step signal (Ouro's exit gate, Huginn's exit criterion) on a linear colour scale, laid out
     like the convergence heatmap; steps where nothing was recorded stay blank."""
@@ -94,23 +106,35 @@ def signal_heatmap(
         raise LoopscopeError(f"nothing to draw: signal {name!r} has no recorded values")
     norm = Normalize(vmin=np.nanmin(v[np.isfinite(v)]), vmax=np.nanmax(v[np.isfinite(v)]))
     shown = np.where(np.isfinite(v), v, np.nan)
-    return _paged(plt, shown, norm, out, tokens, positions, name, title or f"Signal {name}", rows_per_page, step_stride)
+    pages = _Pages(tokens, positions, rows_per_page, step_stride, prompt, label)
+    return pages.save(plt, shown, norm, out, with_loop(name, loop), with_loop(title or f"Signal {name}", loop))
 
 
-def _paged(plt, shown, norm, out, tokens, positions, colour_label, title, rows_per_page, step_stride) -> list[str]:
-    """Token rows in pages of ``rows_per_page`` sharing one colour scale."""
-    n_tokens = shown.shape[0]
-    labels = np.arange(n_tokens) if positions is None else np.asarray(positions)
-    pages = [(start, min(start + rows_per_page, n_tokens)) for start in range(0, n_tokens, max(rows_per_page, 1))]
-    figures = []
-    for number, (start, stop) in enumerate(pages, 1):
-        fig = _heatmap_page(plt, shown[start:stop], norm, start, tokens, labels, colour_label, step_stride)
-        page_title = title
-        if len(pages) > 1:
-            page_title += f" (tokens {start}-{stop - 1}, page {number}/{len(pages)})"
-        fig.axes[0].set_title(_t(page_title))
-        figures.append(fig)
-    return _save_pages(plt, figures, out)
+class _Pages:
+    """Token rows in pages of ``rows_per_page`` sharing one colour scale, labelled alike on every page."""
+
+    def __init__(self, tokens, positions, rows_per_page, step_stride, prompt, label):
+        self.tokens, self.positions, self.rows_per_page = tokens, positions, max(rows_per_page, 1)
+        self.step_stride, self.prompt, self.label = step_stride, prompt, label
+
+    def save(self, plt, shown, norm, out, colour_label, title) -> list[str]:
+        n_tokens = shown.shape[0]
+        positions = np.arange(n_tokens) if self.positions is None else np.asarray(self.positions)
+        pages = [(start, min(start + self.rows_per_page, n_tokens)) for start in range(0, n_tokens, self.rows_per_page)]
+        figures = []
+        for number, (start, stop) in enumerate(pages, 1):
+            fig = _heatmap_page(
+                plt, shown[start:stop], norm, start, self.tokens, positions, colour_label, self.step_stride,
+                prompt=self.prompt, label=self.label,
+            )  # fmt: skip
+            page_title = title
+            if len(pages) > 1:
+                page_title += f" (tokens {start}-{stop - 1}, page {number}/{len(pages)})"
+            if self.prompt is not None and start <= self.prompt <= stop:
+                page_title += f"\n({PROMPT_NOTE})"
+            fig.axes[0].set_title(_t(page_title))
+            figures.append(fig)
+        return _save_pages(plt, figures, out)
 
 
 def compare(
@@ -119,32 +143,49 @@ def compare(
     out: str | os.PathLike,
     *,
     titles: tuple[str, str] = ("A", "B"),
-    tokens: list[str] | None = None,
+    tokens: list[str] | tuple[list[str] | None, list[str] | None] | None = None,
+    positions: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
     reference: str = "final",
     space: str = "readout",
     zeros: str = "clip",
     step_strides: tuple[int, int] = (1, 1),
+    readout: str | None = None,
+    loop: str | None = None,
+    prompts: tuple[int | None, int | None] = (None, None),
+    label: Callable[[str], str] = printable,
 ) -> list[str]:
-    """Two convergence heatmaps side by side on one colour scale (e.g. 32 vs 64 iterations, or two prompts)."""
+    """Two convergence heatmaps side by side on one colour scale (e.g. 32 vs 64 iterations, or two prompts).
+
+    Rows line up by token index (the shorter run padded with blank rows); each panel has its own token labels
+    (``tokens``: one list for both, or one per run), positions on the right and prompt line (``prompts``)."""
     plt, LogNorm = _pyplot()
+    if zeros not in ZERO_MODES:
+        raise LoopscopeError(f"zeros={zeros!r} is not one of {', '.join(ZERO_MODES)}")
     a, b = (np.asarray(x, dtype=np.float64) for x in (first, second))
+    if a.ndim != 2 or b.ndim != 2 or not a.size or not b.size:
+        raise LoopscopeError("nothing to draw: a run has no tokens or no iterations")
     norm, _, note = _log_scale(np.concatenate([a.ravel(), b.ravel()])[None, :], zeros, LogNorm)
     rows = max(a.shape[0], b.shape[0])
+    texts = tokens if isinstance(tokens, tuple) else (tokens, tokens)
     fig, axes = plt.subplots(
-        1, 2, figsize=(14, _height(min(rows, ROWS_PER_PAGE))), constrained_layout=True, squeeze=True
+        1, 2, figsize=(15, max(_height(min(rows, ROWS_PER_PAGE)), 3.0)), constrained_layout=True, squeeze=True
     )
-    image = None
-    for ax, d, name, stride in zip(axes, (a, b), titles, step_strides):
+    image, panels = None, []
+    for n, (ax, d, name, stride) in enumerate(zip(axes, (a, b), titles, step_strides)):
         _, shown, _ = _log_scale(d, zeros, LogNorm)
-        image = _cells(ax, shown, norm)
+        padded = np.ma.masked_all((rows, shown.shape[1]))
+        padded[: d.shape[0]] = shown
+        image = _cells(ax, padded, norm)
         ax.set_xlabel(steps_label(stride))
-        ax.set_title(_t(name))
-        rows_shown = _label_rows(d.shape[0])
-        ax.set_yticks(rows_shown)
-        if tokens is not None and len(tokens) >= d.shape[0]:
-            ax.set_yticklabels([printable(tokens[i]) for i in rows_shown], fontsize=8)
-    axes[0].set_ylabel("Token")
-    fig.colorbar(image, ax=list(axes)).set_label(_t(f"||s - s*|| ({space} space, s* = {reference}){note}"))
+        integer_ticks(ax.xaxis)
+        where = np.arange(d.shape[0]) if positions[n] is None else np.asarray(positions[n])[: d.shape[0]]
+        text = texts[n]
+        run_tokens = text if text is not None and len(text) >= d.shape[0] else None
+        panels += [ax, token_axes(ax, rows, 0, run_tokens, where, label)]
+        marked = prompt_line(ax, prompts[n], 0, d.shape[0])
+        ax.set_title(_t(with_loop(name, loop) + (f"\n({PROMPT_NOTE})" if marked else "")))
+    colour = f"||s - s*|| ({space_text(space, readout)}, s* = {reference}){note}"
+    colour_bar(fig, image, panels, with_loop(colour, loop))
     return _save_pages(plt, [fig], out)
 
 
@@ -190,6 +231,7 @@ def curves(
     if guide is not None:
         ax.axhline(guide, color="0.4", linestyle="--", linewidth=1)
     ax.set_xlabel(steps_label(step_stride))
+    integer_ticks(ax.xaxis)
     ax.set_ylabel(_t(ylabel))
     ax.set_title(_t(title or "Mean convergence over tokens"))
     ax.grid(True, which="both", alpha=0.3)
@@ -214,24 +256,34 @@ def exits(
         ax.hist(values, bins=edges, color="#3b528b", edgecolor="white")
         ax.axvline(values.mean(), color="#fde725", linewidth=2, label=f"mean {values.mean():.1f}")
         ax.legend()
+    integer_ticks(ax.xaxis)
+    integer_ticks(ax.yaxis)
     ax.set_xlabel(_t(xlabel))
     ax.set_ylabel("Tokens")
     ax.set_title(_t(title or "Steps to exit per token"))
     return _save_pages(plt, [fig], out)
 
 
-def pca_trajectories(trajectories, out: str | os.PathLike, *, title: str | None = None) -> list[str]:
+def pca_trajectories(
+    trajectories, out: str | os.PathLike, *, title: str | None = None, loop: str | None = None
+) -> list[str]:
     """One row per token, one panel per principal-component pair (PC1-PC2, PC3-PC4, PC5-PC6), coloured by step.
 
-    Each trajectory is centred on its own centre of mass; a cross marks s_0 and a star the last state.
+    Each trajectory is centred on its own centre of mass; a cross marks s_0 and a star the last state. Steps are
+    coloured on a log scale (linear from 0 to 1): late steps crowd s*, and a linear scale would give the few early,
+    far-apart ones almost the whole range while the many late ones share one colour.
     """
     plt, _ = _pyplot()
+    from matplotlib.colors import SymLogNorm
+
     if not trajectories:
         raise LoopscopeError("no trajectories to draw")
     pairs = max(min(t.projections.shape[1] // 2, 3) for t in trajectories)
     if pairs == 0:
         raise LoopscopeError("a PCA plot needs at least 2 components: the trajectories are too short")
     rows = len(trajectories)
+    last = max(t.projections.shape[0] for t in trajectories) - 1
+    norm = SymLogNorm(linthresh=1, linscale=0.5, vmin=0, vmax=max(last, 1), base=10)
     fig, axes = plt.subplots(rows, pairs, figsize=(4 * pairs, 3.6 * rows), constrained_layout=True, squeeze=False)
     scatter = None
     for row, traj in zip(axes, trajectories):
@@ -243,122 +295,26 @@ def pca_trajectories(trajectories, out: str | os.PathLike, *, title: str | None 
                 ax.set_axis_off()
                 continue
             ax.plot(p[:, i], p[:, j], color="0.75", linewidth=0.8, zorder=1)
-            scatter = ax.scatter(p[:, i], p[:, j], c=steps, cmap="viridis", s=14, zorder=2)
+            scatter = ax.scatter(p[:, i], p[:, j], c=steps, cmap="viridis", norm=norm, s=14, zorder=2)
             ax.scatter(p[0, i], p[0, j], marker="x", color="black", s=40, zorder=3, label="s_0")
             ax.scatter(p[-1, i], p[-1, j], marker="*", color="red", s=80, zorder=3, label=f"s_{p.shape[0] - 1}")
-            ax.set_xlabel(f"PC{i + 1} ({traj.explained[i]:.0%})")
-            ax.set_ylabel(f"PC{j + 1} ({traj.explained[j]:.0%})")
+            ax.set_xlabel(f"PC{i + 1} ({percent(traj.explained[i])})")
+            ax.set_ylabel(f"PC{j + 1} ({percent(traj.explained[j])})")
             if pair == 0:
                 ax.set_title(f"token {traj.token}: {printable(traj.label)}", loc="left", fontsize=10)
                 ax.legend(fontsize=7, loc="best")
-    fig.colorbar(scatter, ax=axes, shrink=0.6).set_label("Iteration")
+    bar = colour_bar(fig, scatter, axes, with_loop("Iteration (log scale)", loop), shrink=0.6)
+    bar.set_ticks(_log_steps(max(last, 1)))
+    bar.set_ticklabels([str(k) for k in _log_steps(max(last, 1))])
     if title:
-        fig.suptitle(_t(title))
+        fig.suptitle(_t(with_loop(title, loop)))
     return _save_pages(plt, [fig], out)
 
 
-def printable(token: str) -> str:
-    """A token as a tick label: control characters escaped, blanks quoted, mathtext off, long ones cut."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in token)
-    text = text if text.strip() else repr(text)
-    text = text.replace("$", r"\$")  # matplotlib would read $...$ as mathtext
-    return text if len(text) <= 16 else text[:15] + "…"
-
-
-# ---- helpers -------------------------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    return plt, LogNorm
-
-
-def _cmap():
-    import matplotlib
-
-    return matplotlib.colormaps["viridis"].with_extremes(bad="white")
-
-
-def _log_scale(d: np.ndarray, zeros: str, LogNorm):
-    """(shared LogNorm, array to draw, colour-bar note) for distances ``d`` under the chosen zero handling."""
-    positive = d[np.isfinite(d) & (d > 0)]
-    floor = float(positive.min()) if positive.size else 1e-12
-    ceiling = float(positive.max()) if positive.size else 1.0
-    has_zeros = bool(np.any(d == 0))
-    if zeros == "clip":
-        shown = np.where(d == 0, floor, d)
-        note = "; zeros (s* itself) shown at the floor" if has_zeros else ""
-    else:
-        shown = np.where(d == 0, np.nan, d)
-        filled = np.nonzero(np.isfinite(shown).any(axis=0))[0]
-        shown = shown[:, : filled.max() + 1] if filled.size else shown
-        note = "; zeros (s* itself) dropped" if has_zeros else ""
-    norm = LogNorm(vmin=floor, vmax=max(ceiling, floor * 10))
-    return norm, np.ma.masked_invalid(shown), note
-
-
-def _height(rows: int) -> float:
-    return min(max(2.5, 0.22 * rows + 1.5), 40)
-
-
-def _cells(ax, shown: np.ndarray, norm):
-    """One cell per token and step, centred on integer coordinates (so ticks fall on cells)."""
-    rows, n_steps = shown.shape
-    extent = (-0.5, n_steps - 0.5, rows - 0.5, -0.5)
-    return ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=_cmap(), norm=norm, extent=extent)
-
-
-def _label_rows(n: int) -> np.ndarray:
-    return np.arange(0, n, max(1, int(np.ceil(n / MAX_TOKEN_LABELS))))
-
-
-def _heatmap_page(plt, shown, norm, start, tokens, labels, colour_label, step_stride):
-    rows = shown.shape[0]
-    fig, ax = plt.subplots(figsize=(9, _height(rows)), constrained_layout=True)
-    image = _cells(ax, shown, norm)
-    ax.set_xlabel(steps_label(step_stride))
-    ax.set_ylabel("Token")
-    ticks = _label_rows(rows)
-    ax.set_yticks(ticks)
-    if tokens is not None:
-        ax.set_yticklabels([printable(tokens[start + i]) for i in ticks], fontsize=8)
-    right = ax.twinx()
-    right.set_ylim(ax.get_ylim())
-    right.set_yticks(ticks)
-    right.set_yticklabels([str(int(labels[start + i])) for i in ticks], fontsize=8)
-    right.set_ylabel("Position")
-    fig.colorbar(image, ax=[ax, right], pad=0.08).set_label(_t(colour_label))
-    return fig
-
-
-def _save_pages(plt, figures, out) -> list[str]:
-    """One figure -> ``out``; several -> pages of one PDF, or numbered files for PNG/SVG."""
-    path = check_figure_path(out)
-    written = []
-    try:
-        if len(figures) == 1:
-            figures[0].savefig(path, dpi=150)
-            written.append(os.fspath(path))
-        elif path.suffix.lower() == ".pdf":
-            from matplotlib.backends.backend_pdf import PdfPages
-
-            with PdfPages(path) as pdf:
-                for fig in figures:
-                    pdf.savefig(fig)
-            written.append(os.fspath(path))
-        else:
-            for number, fig in enumerate(figures, 1):
-                page = path.with_name(f"{path.stem}-p{number:02d}{path.suffix}")
-                fig.savefig(page, dpi=150)
-                written.append(os.fspath(page))
-    except OSError as exc:
-        raise LoopscopeError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        for fig in figures:
-            plt.close(fig)
-    return written
+def _log_steps(last: int) -> list[int]:
+    """Whole steps 0, 1, 2, 5, 10, 20, 50, ... up to ``last``, and ``last`` itself: the ticks of a log step scale."""
+    ticks, step = [0, 1], 2
+    while step < last:
+        ticks.append(step)
+        step = step * 5 // 2 if str(step)[0] == "2" else step * 2
+    return sorted(set(ticks + [last]))

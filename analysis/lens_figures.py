@@ -24,6 +24,7 @@ from .figures import (
     _save_pages,
     _t,
     check_figure_path,
+    printable,
 )
 from .lens_result import LensResult
 
@@ -33,16 +34,12 @@ MAX_STEP_TICKS = 16
 ROW_INCHES = 0.22
 MAX_INCHES = (120, 60)  # the largest page (width, height): 18000 x 9000 pixels at 150 dpi
 LABEL_INCHES = 8 * 1.4 / 72  # a row label of 8 points with its spacing
+
+
 #: Whitespace and line breaks a predicted token starts or ends with would be invisible in a cell.
-VISIBLE = {" ": "␣", "\n": "⏎", "\r": "↵", "\t": "⇥"}
-
-
 def cell_text(text: str, limit: int = 8) -> str:
-    """A predicted token as cell text: blanks and line breaks visible (``␣``, ``⏎``), other control characters
-    escaped, mathtext off, cut with an ellipsis past ``limit`` characters."""
-    text = "".join(VISIBLE.get(c) or (c if c.isprintable() else repr(c)[1:-1]) for c in str(text))
-    text = text.replace("$", r"\$") if text else '""'  # matplotlib would read $...$ as mathtext
-    return text if len(text) <= limit else text[: max(limit - 1, 1)] + "…"
+    """A predicted token as grid cell text: :func:`.figure_axes.printable`, cut shorter."""
+    return printable(text, limit)
 
 
 def prediction_grid(

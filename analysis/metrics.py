@@ -124,7 +124,8 @@ class TokenMetrics:
         Columns: run, token_index, position, token_id, token, step (stored), iteration (the same unless a step
         stride was used), num_steps (stored), every measure, and ``converged_at`` (the token's
         :meth:`convergence_iterations` at ``tol``, repeated on each of its rows), then the :data:`UPDATE_METRICS`
-        (after ``converged_at``: readers of the older columns find theirs in place). Needs every measure computed.
+        (after ``converged_at``: readers of the older columns find theirs in place) and ``loop`` (the loop measured:
+        HRM-Text has two). Needs every measure computed.
         """
         missing = [name for name in METRICS if getattr(self, name) is None]
         if missing:
@@ -151,6 +152,7 @@ class TokenMetrics:
                         *_CSV_FIRST,
                         "converged_at",
                         *UPDATE_METRICS,
+                        "loop",
                     ]
                 )
             first, later = ([self[name] for name in names] for names in (_CSV_FIRST, UPDATE_METRICS))
@@ -171,6 +173,7 @@ class TokenMetrics:
                         + [_number(c[t, k]) for c in first]
                         + [int(converged[t])]
                         + [_number(c[t, k]) for c in later]
+                        + [self.loop]
                     )
                     rows += 1
         return rows

@@ -7,16 +7,18 @@ the kinds are named in one place.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..analysis.figure_axes import with_loop
 from ..analysis.metrics import CONVERGENCE_METRIC, METRIC_HELP, METRICS
 from ..errors import LoopscopeError
 from .measures import run_metrics
-from .output import run_title
+from .output import errors, run_title, text
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,16 @@ class _Figure:
         """Only the named measures of ``run``: a figure rarely needs them all, and each costs arithmetic."""
         return run_metrics(run, self.reference, self.options.space, self.options.loop, measures)
 
+    @property
+    def loop(self) -> str | None:
+        """The loop drawn, to name in titles and colour bars: None when the capture has only one."""
+        loops = self.first.loops
+        return (self.options.loop or loops[0]) if len(loops) > 1 else None
+
+    def rows(self, run) -> dict:
+        """How each figure of ``run`` labels its rows: token text with visible blanks, positions, the prompt."""
+        return dict(tokens=run.tokens, positions=run.positions, prompt=prompt_rows(run))
+
 
 def _heatmap(fig: _Figure) -> list:
     from ..analysis import figures
@@ -62,13 +74,14 @@ def _heatmap(fig: _Figure) -> list:
     return figures.heatmap(
         m.distance,
         fig.out,
-        tokens=first.tokens,
-        positions=first.positions,
         reference=m.reference,
         space=m.space,
+        readout=first.capture.readout.kind,
+        loop=fig.loop,
         zeros=fig.options.zeros,
         title=f"{fig.name}, run {first.index}: convergence of the latent state",
         step_stride=first.step_stride,
+        **fig.rows(first),
     )
 
 
@@ -82,18 +95,40 @@ def _compare(fig: _Figure) -> list:
     second = open_reference_run(first, parse_reference(fig.options.other), fig.stack)
     if second is None:  # --other final: there is no second run to draw
         raise LoopscopeError("--kind compare needs --other: a run index or FILE[:RUN] (not 'final')")
+    if second.index == first.index and _same_file(first, second):
+        raise LoopscopeError(f"--other {fig.options.other} is run {first.index} itself: compare it with another run")
     a, b = (fig.metrics(r, "distance") for r in (first, second))
+    rows = [fig.rows(r) for r in (first, second)]
     return figures.compare(
         a.distance,
         b.distance,
         fig.out,
-        tokens=first.tokens,
+        tokens=(rows[0]["tokens"], rows[1]["tokens"]),
+        positions=(rows[0]["positions"], rows[1]["positions"]),
+        prompts=(rows[0]["prompt"], rows[1]["prompt"]),
         reference=a.reference,
         space=a.space,
+        readout=first.capture.readout.kind,
+        loop=fig.loop,
         zeros=fig.options.zeros,
-        titles=(run_title(first), run_title(second)),
+        titles=_panel_titles(first, second),
         step_strides=(first.step_stride, second.step_stride),
     )
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a.capture.path, b.capture.path)
+    except OSError:
+        return os.path.abspath(a.capture.path) == os.path.abspath(b.capture.path)
+
+
+def _panel_titles(first, second) -> tuple[str, str]:
+    """Each run's own file and index; two files of the same name (a/demo.h5, b/demo.h5) are told apart by path."""
+    names = [Path(r.capture.path).name for r in (first, second)]
+    if names[0] != names[1] or _same_file(first, second):
+        return run_title(first), run_title(second)
+    return tuple(os.fspath(r.capture.path) + run_title(r)[len(n) :] for r, n in zip((first, second), names))
 
 
 #: The measures drawn on a linear y axis (with its fixed range, if any); the others span decades: a log axis.
@@ -113,6 +148,7 @@ def _curves(fig: _Figure) -> list:
             "share no x axis; draw each stride separately"
         )
     series = [(run_title(r), fig.metrics(r, metric)[metric]) for r in fig.runs]
+    title = f"{fig.name}: {METRIC_HELP[metric]} per iteration, s* = {fig.options.reference}"
     return figures.curves(
         series,
         fig.out,
@@ -120,7 +156,7 @@ def _curves(fig: _Figure) -> list:
         log=metric not in _LINEAR_CURVES,
         ylim=_LINEAR_CURVES.get(metric),
         guide=1.0 if metric == "contraction" else None,
-        title=f"{fig.name}: {METRIC_HELP[metric]} per iteration, s* = {fig.options.reference}",
+        title=with_loop(title, fig.loop),
         step_stride=strides[0],
     )
 
@@ -137,10 +173,10 @@ def _signal(fig: _Figure) -> list:
         first.signal(chosen, loop),
         fig.out,
         name=chosen,
-        tokens=first.tokens,
-        positions=first.positions,
+        loop=fig.loop,
         title=f"{run_title(first)}: {chosen} per token and step",
         step_stride=first.step_stride,
+        **fig.rows(first),
     )
 
 
@@ -151,14 +187,15 @@ def _exits(fig: _Figure) -> list:
     first, tol = fig.first, fig.options.tol
     steps = first.iterations_of(fig.options.loop)
     if np.unique(steps).size > 1:
-        return figures.exits(steps, fig.out, title=f"{run_title(first)}: steps to exit (adaptive depth)")
+        title = with_loop(f"{run_title(first)}: steps to exit (adaptive depth)", fig.loop)
+        return figures.exits(steps, fig.out, title=title)
     converged = fig.metrics(first, CONVERGENCE_METRIC).convergence_iterations(tol)
     depth = int(steps.max()) if steps.size else 0
     return figures.exits(
         converged,
         fig.out,
         xlabel=f"First step with ||s - s*|| / ||s*|| <= {tol:g} from then on",
-        title=f"{run_title(first)}: fixed depth {depth}, convergence step per token",
+        title=with_loop(f"{run_title(first)}: fixed depth {depth}, convergence step per token", fig.loop),
     )
 
 
@@ -173,7 +210,7 @@ def _pca(fig: _Figure) -> list:
         selected = _typical_tokens(fig.metrics(first, CONVERGENCE_METRIC), options.tol)
     trajectories = trajectory_pca(first, selected, space=options.space, loop=options.loop, basis=options.basis)
     return figures.pca_trajectories(
-        trajectories, fig.out, title=f"{run_title(first)}: latent trajectories, principal components"
+        trajectories, fig.out, title=f"{run_title(first)}: latent trajectories, principal components", loop=fig.loop
     )
 
 
@@ -205,7 +242,22 @@ def draw(file: Path, kind: str, runs: list[int], out: Path | None, missing: str,
     reference = parse_reference(options.reference)
     with CaptureFile(file, missing=missing) as capture, contextlib.ExitStack() as stack:
         chosen = [capture.run(i) for i in runs]
+        loops = chosen[0].loops if chosen else []
+        if len(loops) > 1 and options.loop is None:
+            errors.print(
+                f"note: run {chosen[0].index} has loops {', '.join(text(n) for n in loops)}; drawing {text(loops[0])} "
+                "(pick another with --loop NAME)",
+                highlight=False,
+            )
         return PLOTS[kind](_Figure(Path(file).name, chosen, reference, out, options, stack))
+
+
+def prompt_rows(run) -> int | None:
+    """How many of a generate() run's rows are its prompt (the first forward's tokens), if it has both kinds."""
+    if run.attrs.get("call") != "generate":
+        return None
+    prompt = int(np.sum(run.forward_index == 0))
+    return prompt if 0 < prompt < run.num_tokens else None
 
 
 def _parse_tokens(text: str) -> list[int]:

@@ -1,0 +1,222 @@
+"""The parts every figure of :mod:`.figures` and :mod:`.lens_figures` is built from: axes, ticks, labels, pages.
+
+Kept apart from the figures themselves so that a short figure (ten tokens, two steps) and a long one (pages of
+128 tokens) get the same integer ticks, the same row labels and colour-bar labels that fit the canvas.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LoopscopeError
+from ..storage.safety import figure_text as _t  # titles and labels hold file names, signal names, model text
+
+FORMATS = (".png", ".pdf", ".svg")
+MAX_TOKEN_LABELS = 64
+ITERATIONS = "Iterations at Test-Time"
+PROMPT_NOTE = "red line: prompt above, generated tokens below"
+NO_READOUT = ("identity", "none")  # readout kinds under which the "readout space" is the state space itself
+
+
+def steps_label(step_stride: int = 1) -> str:
+    """The x axis: iterations, or with a step stride the stored steps (which are not iterations)."""
+    if step_stride == 1:
+        return ITERATIONS
+    return f"Stored step: s0, then 1 in {step_stride} iterations, then each token's last"
+
+
+def space_text(space: str, readout: str | None = None) -> str:
+    """The space distances were taken in; a model whose readout is the identity (or unknown) has only states."""
+    if readout in NO_READOUT:
+        return "state space (the model has no readout norm)"
+    return f"{space} space"
+
+
+def with_loop(text: str, loop: str | None) -> str:
+    """``text`` naming the loop drawn: a capture with several loops (HRM-Text's H and L) needs it said."""
+    return text if loop is None else f"{text} [loop {loop}]"
+
+
+def percent(fraction: float) -> str:
+    """An explained-variance fraction with enough digits to tell small components apart ('0.04%', '<0.01%')."""
+    value = 100 * float(fraction)
+    if value <= 0:
+        return "0%"
+    if value < 0.01:
+        return "<0.01%"
+    return f"{value:.2f}%" if value < 1 else f"{value:.1f}%" if value < 10 else f"{value:.0f}%"
+
+
+def check_figure_path(out: str | os.PathLike) -> Path:
+    """A figure path with a known extension in an existing directory, or a one-line error saying what to do."""
+    path = Path(out)
+    if path.suffix.lower() not in FORMATS:
+        raise LoopscopeError(f"{path}: use a .png, .pdf or .svg file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise LoopscopeError(f"{path}: directory {parent} does not exist; create it first")
+    return path
+
+
+#: Blanks and line breaks as visible signs: a token's leading space is part of it, and must show in a label.
+VISIBLE = {" ": "␣", "\n": "⏎", "\r": "↵", "\t": "⇥"}
+
+
+def printable(token: str, limit: int = 16) -> str:
+    """A token as a label or cell text: blanks and line breaks visible (``␣``, ``⏎``), other control characters
+    escaped, mathtext off, cut with an ellipsis past ``limit`` characters."""
+    text = "".join(VISIBLE.get(c) or (c if c.isprintable() else repr(c)[1:-1]) for c in str(token))
+    text = text.replace("$", r"\$") if text else '""'  # matplotlib would read $...$ as mathtext
+    return text if len(text) <= limit else text[: max(limit - 1, 1)] + "…"
+
+
+def integer_ticks(axis) -> None:
+    """Ticks on whole numbers only: steps and token counts have no -0.5 or 0.5 (a short run's default)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def colour_bar(fig, image, axes, label: str, **kwargs):
+    """A colour bar whose label fits the figure's height: wrapped onto more lines on a short figure."""
+    bar = fig.colorbar(image, ax=axes, **kwargs)
+    bar.set_label(_t(label))
+    fit_label(fig, bar.ax.yaxis.label)
+    return bar
+
+
+def fit_label(fig, text) -> None:
+    """Wrap a vertical label until it is no taller than the figure less its margins (measured, not guessed)."""
+    words = text.get_text()
+    renderer = fig.canvas.get_renderer()
+    room = fig.bbox.height - 0.5 * fig.dpi
+    for width in (len(words), 60, 48, 40, 32, 26, 20, 16, 12):
+        text.set_text(textwrap.fill(words, width, break_long_words=False) if width < len(words) else words)
+        if text.get_window_extent(renderer).height <= room:
+            return
+
+
+def prompt_line(ax, prompt: int | None, start: int, stop: int) -> bool:
+    """Draw the line between a generate() run's prompt rows and its generated ones if it falls on rows
+    ``start:stop``; says whether it did."""
+    if prompt is None or not start <= prompt <= stop:
+        return False
+    ax.axhline(prompt - start - 0.5, color="red", linewidth=1.5)
+    return True
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    return plt, LogNorm
+
+
+def _cmap():
+    import matplotlib
+
+    return matplotlib.colormaps["viridis"].with_extremes(bad="white")
+
+
+def _log_scale(d: np.ndarray, zeros: str, LogNorm):
+    """(shared LogNorm, array to draw, colour-bar note) for distances ``d`` under the chosen zero handling."""
+    positive = d[np.isfinite(d) & (d > 0)]
+    floor = float(positive.min()) if positive.size else 1e-12
+    ceiling = float(positive.max()) if positive.size else 1.0
+    has_zeros = bool(np.any(d == 0))
+    if zeros == "clip":
+        shown = np.where(d == 0, floor, d)
+        note = "; zeros (s* itself) shown at the floor" if has_zeros else ""
+    else:
+        shown = np.where(d == 0, np.nan, d)
+        filled = np.nonzero(np.isfinite(shown).any(axis=0))[0]
+        shown = shown[:, : filled.max() + 1] if filled.size else shown
+        note = "; zeros (s* itself) dropped" if has_zeros else ""
+    norm = LogNorm(vmin=floor, vmax=max(ceiling, floor * 10))
+    return norm, np.ma.masked_invalid(shown), note
+
+
+def _height(rows: int) -> float:
+    return min(max(2.5, 0.22 * rows + 1.5), 40)
+
+
+def _cells(ax, shown: np.ndarray, norm):
+    """One cell per token and step, centred on integer coordinates (so ticks fall on cells)."""
+    rows, n_steps = shown.shape
+    extent = (-0.5, n_steps - 0.5, rows - 0.5, -0.5)
+    return ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=_cmap(), norm=norm, extent=extent)
+
+
+def _label_rows(n: int) -> np.ndarray:
+    return np.arange(0, n, max(1, int(np.ceil(n / MAX_TOKEN_LABELS))))
+
+
+def token_axes(ax, rows: int, start: int, tokens, positions, label: Callable[[str], str] = printable):
+    """Rows ``start:start + rows`` of a run labelled the same on every page: the token's text on the left (its
+    index in the run when there is none), its position on the right; rows past the run's end stay unlabelled.
+    Returns the right-hand axes."""
+    count = len(positions) if positions is not None else len(tokens) if tokens is not None else start + rows
+    ticks = np.array([i for i in _label_rows(rows) if start + i < count], dtype=np.int64)
+    ax.set_yticks(ticks)
+    if tokens is not None and len(tokens) >= count:
+        ax.set_yticklabels([label(str(tokens[start + i])) for i in ticks], fontsize=8)
+        ax.set_ylabel("Token")
+    else:
+        ax.set_yticklabels([str(start + i) for i in ticks], fontsize=8)
+        ax.set_ylabel("Token (index in the run)")
+    right = ax.twinx()
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks(ticks)
+    where = np.arange(count) if positions is None else np.asarray(positions)
+    right.set_yticklabels([str(int(where[start + i])) for i in ticks], fontsize=8)
+    right.set_ylabel("Position")
+    return right
+
+
+def _heatmap_page(plt, shown, norm, start, tokens, labels, colour_label, step_stride, *, prompt=None, label=printable):
+    """One page of rows: cells, integer step ticks, token and position axes, the prompt line and the colour bar."""
+    rows = shown.shape[0]
+    fig, ax = plt.subplots(figsize=(9, max(_height(rows), 3.0)), constrained_layout=True)
+    image = _cells(ax, shown, norm)
+    ax.set_xlabel(steps_label(step_stride))
+    integer_ticks(ax.xaxis)
+    right = token_axes(ax, rows, start, tokens, labels, label)
+    prompt_line(ax, prompt, start, start + rows)
+    colour_bar(fig, image, [ax, right], colour_label, pad=0.08)
+    return fig
+
+
+def _save_pages(plt, figures, out) -> list[str]:
+    """One figure -> ``out``; several -> pages of one PDF, or numbered files for PNG/SVG."""
+    path = check_figure_path(out)
+    written = []
+    try:
+        if len(figures) == 1:
+            figures[0].savefig(path, dpi=150)
+            written.append(os.fspath(path))
+        elif path.suffix.lower() == ".pdf":
+            from matplotlib.backends.backend_pdf import PdfPages
+
+            with PdfPages(path) as pdf:
+                for fig in figures:
+                    pdf.savefig(fig)
+            written.append(os.fspath(path))
+        else:
+            for number, fig in enumerate(figures, 1):
+                page = path.with_name(f"{path.stem}-p{number:02d}{path.suffix}")
+                fig.savefig(page, dpi=150)
+                written.append(os.fspath(page))
+    except OSError as exc:
+        raise LoopscopeError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        for fig in figures:
+            plt.close(fig)
+    return written
