@@ -220,3 +220,11 @@ def _save_pages(plt, figures, out) -> list[str]:
         for fig in figures:
             plt.close(fig)
     return written
+
+
+def prompt_rows(run) -> int | None:
+    """How many of a generate() run's rows are its prompt (the first forward's tokens), if it has both kinds."""
+    if run.attrs.get("call") != "generate":
+        return None
+    prompt = int(np.sum(run.forward_index == 0))
+    return prompt if 0 < prompt < run.num_tokens else None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..analysis.figure_axes import with_loop
+from ..analysis.figure_axes import prompt_rows, with_loop
 from ..analysis.metrics import CONVERGENCE_METRIC, METRIC_HELP, METRICS
 from ..errors import LoopscopeError
 from .measures import run_metrics
@@ -250,14 +250,6 @@ def draw(file: Path, kind: str, runs: list[int], out: Path | None, missing: str,
                 highlight=False,
             )
         return PLOTS[kind](_Figure(Path(file).name, chosen, reference, out, options, stack))
-
-
-def prompt_rows(run) -> int | None:
-    """How many of a generate() run's rows are its prompt (the first forward's tokens), if it has both kinds."""
-    if run.attrs.get("call") != "generate":
-        return None
-    prompt = int(np.sum(run.forward_index == 0))
-    return prompt if 0 < prompt < run.num_tokens else None
 
 
 def _parse_tokens(text: str) -> list[int]:

@@ -51,6 +51,7 @@ def run_demo(
     ``force``: they may be a run someone means to keep, as ``loopscope capture`` refuses an existing file."""
     import loopscope
     from loopscope.analysis import convergence
+    from loopscope.analysis.figure_axes import prompt_rows
     from loopscope.analysis.figures import heatmap
     from loopscope.analysis.lens_figures import prediction_grid
     from loopscope.analysis.readout_lens import lens
@@ -71,6 +72,7 @@ def run_demo(
             figure_path,
             tokens=run.tokens,
             positions=run.positions,
+            prompt=prompt_rows(run),
             title=f"Convergence of the latent state, {steps} iterations (demo model)",
         )
         predicted = lens(run, model, tokenizer=tokenizer)
