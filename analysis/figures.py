@@ -130,9 +130,9 @@ class _Pages:
             page_title = title
             if len(pages) > 1:
                 page_title += f" (tokens {start}-{stop - 1}, page {number}/{len(pages)})"
-            if self.prompt is not None and start <= self.prompt <= stop:
-                page_title += f"\n({PROMPT_NOTE})"
-            fig.axes[0].set_title(_t(page_title))
+            marked = self.prompt is not None and start <= self.prompt <= stop
+            # the note is ours, added after the file's text is cleaned (which would escape its line break)
+            fig.axes[0].set_title(_t(page_title) + (f"\n({PROMPT_NOTE})" if marked else ""))
             figures.append(fig)
         return _save_pages(plt, figures, out)
 
@@ -183,7 +183,7 @@ def compare(
         run_tokens = text if text is not None and len(text) >= d.shape[0] else None
         panels += [ax, token_axes(ax, rows, 0, run_tokens, where, label)]
         marked = prompt_line(ax, prompts[n], 0, d.shape[0])
-        ax.set_title(_t(with_loop(name, loop) + (f"\n({PROMPT_NOTE})" if marked else "")))
+        ax.set_title(_t(with_loop(name, loop)) + (f"\n({PROMPT_NOTE})" if marked else ""))
     colour = f"||s - s*|| ({space_text(space, readout)}, s* = {reference}){note}"
     colour_bar(fig, image, panels, with_loop(colour, loop))
     return _save_pages(plt, [fig], out)

@@ -228,7 +228,7 @@ def test_prompt_line_and_visible_leading_spaces(generated, tmp_path, drawn):
         prompt = int(np.sum(run.forward_index == 0))
         assert 0 < prompt < run.num_tokens
     lines = [line for line in fig.axes[0].lines if list(line.get_ydata()) == [prompt - 0.5, prompt - 0.5]]
-    assert lines and PROMPT_NOTE in fig.axes[0].get_title()
+    assert lines and fig.axes[0].get_title().endswith(f"\n({PROMPT_NOTE})")  # a line break, not an escape
     assert "␣s" in _left(fig)
     _plot(generated, "--run", "1", "--out", tmp_path / "f.png")  # a forward has no generated tokens: no line
     assert PROMPT_NOTE not in drawn.pop().axes[0].get_title()
