@@ -46,6 +46,24 @@ def two_run_capture(tokenizer, new_reference_model):
     return capture
 
 
+@pytest.fixture(scope="session")
+def new_hrm_text_model():
+    """A factory of tiny HRM-Text models (transformers 5.x, which has the class; skipped on 4.x)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "HrmTextConfig"):
+        pytest.skip("hrm_text needs transformers 5.x")
+
+    def build(h_cycles: int = 2, l_cycles: int = 3, seed: int = 0):
+        config = transformers.HrmTextConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
+            head_dim=8, H_cycles=h_cycles, L_cycles=l_cycles, num_layers_per_stack=1,
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        return transformers.HrmTextForCausalLM(config).eval()
+
+    return build
+
+
 @pytest.fixture
 def reference_model(new_reference_model):
     """A fresh tiny reference model (fixed seed) per test, so hooks from one test never leak into another."""

@@ -152,22 +152,8 @@ def test_bad_options_are_one_line_errors(reference_model, tmp_path):
         assert not (tmp_path / "bad.h5").exists()
 
 
-def test_stride_refused_for_nested_loops(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "HrmTextConfig"):
-        pytest.skip("hrm_text needs transformers 5.x")
-    config = transformers.HrmTextConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=8,
-        H_cycles=2,
-        L_cycles=3,
-        num_layers_per_stack=1,
-    )
-    model = transformers.HrmTextForCausalLM(config).eval()
+def test_stride_refused_for_nested_loops(tmp_path, new_hrm_text_model):
+    model = new_hrm_text_model()
     with pytest.raises(LoopscopeError, match="nested loops"):
         loopscope.attach(model, tmp_path / "hrm.h5", step_stride=2)
 

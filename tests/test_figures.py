@@ -72,23 +72,8 @@ def generated(two_run_capture, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hrm_capture(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "HrmTextConfig"):
-        pytest.skip("hrm_text needs transformers 5.x")
-    config = transformers.HrmTextConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=8,
-        H_cycles=2,
-        L_cycles=3,
-        num_layers_per_stack=1,
-    )
-    torch.manual_seed(0)
-    model = transformers.HrmTextForCausalLM(config).eval()
+def hrm_capture(tmp_path_factory, new_hrm_text_model):
+    model = new_hrm_text_model()
     path = tmp_path_factory.mktemp("hrm") / "hrm.h5"
     with loopscope.attach(model, path), torch.no_grad():
         model(torch.randint(3, 100, (1, 10)))

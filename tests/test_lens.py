@@ -113,16 +113,8 @@ def test_coda_lens_of_a_prefill_run_is_the_models_own_logits(reference_model, pr
     assert result.kind == "coda" and np.all(result.kl_final[:, -1] == 0)
 
 
-def test_hrm_text_lens_reads_the_h_stream_and_says_the_l_stream_has_none(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "HrmTextConfig"):
-        pytest.skip("hrm_text needs transformers 5.x")
-    config = transformers.HrmTextConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
-        head_dim=8, H_cycles=3, L_cycles=2, num_layers_per_stack=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.HrmTextForCausalLM(config).eval()
+def test_hrm_text_lens_reads_the_h_stream_and_says_the_l_stream_has_none(tmp_path, new_hrm_text_model):
+    model = new_hrm_text_model(h_cycles=3, l_cycles=2)
     ids = torch.randint(0, 100, (1, 9))
     with loopscope.attach(model, tmp_path / "h.h5"), torch.no_grad():
         logits = model(ids).logits[0].double()
