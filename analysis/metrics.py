@@ -12,6 +12,7 @@ import contextlib
 import csv
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -248,8 +249,15 @@ def convergence(run: Run, reference="final", space: str = "auto", *, loop: str |
     """[T, max_steps + 1] float64: ||f(s_k) - f(s*)|| of each token; NaN past a token's last step.
 
     The figure the Huginn paper draws; see :func:`token_metrics` for ``reference`` and ``space`` and for the
-    other measures.
+    other measures. A run of several loops (HRM-Text's H and L) without ``loop=`` is measured in its first, and a
+    warning says so: the bare array could not.
     """
+    if loop is None and len(run.loops) > 1:
+        warnings.warn(
+            f"loopscope: run {run.index} has loops {', '.join(run.loops)}; convergence() measured {run.loops[0]} "
+            "(pass loop= for another)",
+            stacklevel=2,
+        )
     distance = token_metrics(run, reference, space, loop=loop, measures=("distance",)).distance
     assert distance is not None  # asked for
     return distance

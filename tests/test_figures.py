@@ -226,3 +226,19 @@ def test_a_state_space_heatmap_of_the_api_names_the_missing_readout(generated, t
     assert "state space (the model has no readout norm)" in _colour_label(drawn.pop())
     figures.heatmap(d, tmp_path / "h.png", readout="rmsnorm")
     assert "(readout space" in _colour_label(drawn.pop())
+
+
+def test_convergence_of_a_run_of_several_loops_says_which_it_measured(hrm_capture):
+    """The bare array of ``convergence()`` cannot name its loop: a warning does, and ``loop=`` silences it."""
+    import warnings
+
+    from loopscope.analysis import convergence
+
+    with loopscope.open(hrm_capture) as capture:
+        run = capture.runs[0]
+        with pytest.warns(UserWarning, match=r"has loops H, L; convergence\(\) measured H \(pass loop= for another\)"):
+            first = convergence(run)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            np.testing.assert_array_equal(convergence(run, loop="H"), first)
+            assert convergence(run, loop="L").shape[1] != first.shape[1]
