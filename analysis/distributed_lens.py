@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import LoopscopeError
@@ -23,7 +22,7 @@ from ..storage.reader import CaptureFile
 from . import lens_readout
 from . import readout_lens as single
 from .distributed import compute, require_dask
-from .lens_measure import assemble, measure
+from .lens_measure import assemble
 from .lens_result import LensResult
 
 
@@ -48,71 +47,56 @@ def lens(
     loaded = isinstance(model, nn.Module)
     if loaded and scheduler not in (None, "threads", "sync"):  # local threads share the model; processes cannot
         raise LoopscopeError("a loaded model can only be shared by local threads; pass its checkpoint directory")
-    plans = []  # (path, run number, loop, token blocks)
+    plans = []  # (path, run number, loop, token blocks, what the tasks read out with)
     readouts: dict[tuple[str, str], lens_readout.Readout] = {}
     for path in paths:
         with CaptureFile(path, locking=locking) as capture:
             numbers = runs if runs is not None else [run.index for run in capture.runs]
             for number in numbers:
                 run = capture.run(number)
-                name = single._check_loop(run, loop)
+                name = single.check_loop(run, loop)
                 head = readouts.get((path, name))
                 if head is None:  # built once per file and loop on the driver: a bad model fails before any task
-                    head = readouts[path, name] = _readout(run, model, name)
-                single._check_sizes(run, name, head.hidden, head.vocab, head.source)
+                    if not loaded:
+                        single.check_directory(Path(model), run)  # type: ignore[arg-type]
+                    head = readouts[path, name] = single.readout_for(run, model, name)
                 n_tokens = run.num_tokens
                 blocks = [(t, min(t + block_tokens, n_tokens)) for t in range(0, n_tokens, block_tokens)]
-                plans.append((path, number, name, blocks))
-    source: Any = model if isinstance(model, nn.Module) else os.fspath(model)
+                # threads share the driver's readout; a process reads the checkpoint's head once (_worker_readout)
+                plans.append((path, number, name, blocks, head if loaded else os.fspath(model)))  # type: ignore[arg-type]
     tasks = [
         [dask.delayed(_block)(path, number, name, source, t0, t1, top_k, locking) for t0, t1 in blocks]
-        for path, number, name, blocks in plans
+        for path, number, name, blocks, source in plans
     ]
     computed = compute(*tasks, scheduler=scheduler, workers=workers)
     if tokenizer is None and not loaded:
-        tokenizer = single._tokenizer_of(Path(model), trust_remote_code=False)  # type: ignore[arg-type]
+        tokenizer = single.tokenizer_of(Path(model), trust_remote_code=False)  # type: ignore[arg-type]
     results = []
-    for (path, number, name, _), pieces in zip(plans, computed):
+    for (path, number, name, _, _), pieces in zip(plans, computed):
         with CaptureFile(path, locking=locking) as capture:
             run = capture.run(number)
             parts = {key: np.concatenate([piece[key] for piece in pieces]) for key in pieces[0]}
             result = assemble(run, name, "logit", parts, run.steps_of(name).astype(np.int64))
             result.tokens, result.positions = run.tokens, run.positions
         if tokenizer is not None:
-            result.top1_text = single._texts(result.top1, tokenizer)
+            result.top1_text = single.top1_texts(result.top1, tokenizer)
         results.append(result)
     return results
-
-
-def _readout(run, model, loop: str) -> lens_readout.Readout:
-    family, spec = single._stored_spec(run, loop)
-    if isinstance(model, nn.Module):
-        family, spec = single._model_spec(model, run, loop, family, spec)
-        return lens_readout.from_model(model, spec, family, None)
-    single._check_directory(Path(model), run)
-    return lens_readout.from_directory(model, run, spec, family)
 
 
 @functools.lru_cache(maxsize=8)
 def _worker_readout(directory: str, capture_path: str, loop: str, locking) -> lens_readout.Readout:
     """The head of ``directory`` for this capture's loop, read once per worker process."""
     with CaptureFile(capture_path, locking=locking) as capture:
-        run = capture.runs[0] if capture.runs else None
-        if run is None:
+        if not capture.runs:
             raise LoopscopeError(f"{capture_path} has no complete run to read the readout norm of")
-        return _readout(run, directory, loop)
+        return single.readout_for(capture.runs[0], directory, loop)
 
 
-def _block(path: str, number: int, loop: str, model, t0: int, t1: int, top_k: int, locking) -> dict[str, np.ndarray]:
-    """The lens measures of tokens t0:t1 of one run, read where the task runs."""
-    if isinstance(model, nn.Module):
-        with CaptureFile(path, locking=locking) as capture:
-            head = _readout(capture.run(number), model, loop)
-    else:
-        head = _worker_readout(model, path, loop, locking)
+def _block(path: str, number: int, loop: str, source, t0: int, t1: int, top_k: int, locking) -> dict[str, np.ndarray]:
+    """The lens measures of tokens t0:t1 of one run, read where the task runs. ``source``: the driver's readout
+    (threads), or the checkpoint directory to read the head from (any worker)."""
+    head = source if isinstance(source, lens_readout.Readout) else _worker_readout(source, path, loop, locking)
     with CaptureFile(path, locking=locking) as capture:
         run = capture.run(number)
-        states = run.decode(run.read(np.s_[t0:t1], loop), loop)
-        last = run.steps_of(loop).astype(np.int64)[t0:t1]
-    logits = head.apply(torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32)))
-    return measure(logits, last, top_k)
+        return single.block_measures(run, loop, head, t0, t1, run.steps_of(loop).astype(np.int64)[t0:t1], top_k)

@@ -66,34 +66,49 @@ def lens(
     for name, value in (("top_k", top_k), ("block_tokens", 1 if block_tokens is None else block_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LoopscopeError(f"{name}={value!r} must be a positive integer, e.g. 5")
-    loop = _check_loop(run, loop)
-    family, spec = _stored_spec(run, loop)
-    directory = None if isinstance(model, nn.Module) else Path(model)
-    if directory is not None:
-        _check_directory(directory, run)
+    loop = check_loop(run, loop)
+    if not isinstance(model, nn.Module):
+        directory = Path(model)
+        check_directory(directory, run)
         if tokenizer is None:
-            tokenizer = _tokenizer_of(directory, trust_remote_code)
+            tokenizer = tokenizer_of(directory, trust_remote_code)
         if kind == "coda" or readout is not None:
             model = _load(directory, trust_remote_code)
-    if isinstance(model, nn.Module):
-        family, spec = _model_spec(model, run, loop, family, spec)
     if kind == "coda":
         assert isinstance(model, nn.Module)
+        family, spec = _spec(run, model, loop)
         if spec.lens:  # the coda ends in the same head: a model of another size fails here, in one line
-            head = lens_readout.from_model(model, spec, family, None)
-            _check_sizes(run, loop, head.hidden, head.vocab, head.source)
+            readout_for(run, model, loop)
         result = coda_lens(run, model, loop, family, top_k)
     else:
-        if isinstance(model, nn.Module):
-            head = lens_readout.from_model(model, spec, family, [readout] if isinstance(readout, str) else readout)
-        else:
-            head = lens_readout.from_directory(model, run, spec, family)
-        _check_sizes(run, loop, head.hidden, head.vocab, head.source)
-        result = _logit_lens(run, loop, head, top_k, block_tokens)
+        result = _logit_lens(run, loop, readout_for(run, model, loop, readout), top_k, block_tokens)
     result.tokens, result.positions = run.tokens, run.positions
     if tokenizer is not None:
-        result.top1_text = _texts(result.top1, tokenizer)
+        result.top1_text = top1_texts(result.top1, tokenizer)
     return result
+
+
+def readout_for(
+    run: Run, model: nn.Module | str | os.PathLike, loop: str, readout: str | Sequence[str] | None = None
+) -> lens_readout.Readout:
+    """The readout of ``loop`` from a loaded model (its family's modules, or ``readout=``) or from a checkpoint
+    directory already checked with :func:`check_directory`, checked against the capture's state width and ids."""
+    family, spec = _spec(run, model, loop)
+    if isinstance(model, nn.Module):
+        head = lens_readout.from_model(model, spec, family, [readout] if isinstance(readout, str) else readout)
+    else:
+        head = lens_readout.from_directory(model, run, spec, family)
+    _check_sizes(run, loop, head.hidden, head.vocab, head.source)
+    return head
+
+
+def block_measures(
+    run: Run, loop: str, head: lens_readout.Readout, t0: int, t1: int, last: np.ndarray, top_k: int
+) -> dict[str, np.ndarray]:
+    """The lens measures of tokens t0:t1 (``last``: their last steps), read from the file and read out by ``head``:
+    one block of the logit lens, here or in a Dask task."""
+    states = run.decode(run.read(np.s_[t0:t1], loop), loop)
+    return measure(head.apply(torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32))), last, top_k)
 
 
 def _logit_lens(run: Run, loop: str, head: lens_readout.Readout, top_k: int, block_tokens: int | None) -> LensResult:
@@ -104,21 +119,27 @@ def _logit_lens(run: Run, loop: str, head: lens_readout.Readout, top_k: int, blo
     pieces: list[dict[str, np.ndarray]] = []
     for t0 in range(0, n_tokens, block):
         t1 = min(t0 + block, n_tokens)
-        states = run.decode(run.read(np.s_[t0:t1], loop), loop)
-        logits = head.apply(torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32)))
-        pieces.append(measure(logits, last[t0:t1], top_k))
+        pieces.append(block_measures(run, loop, head, t0, t1, last[t0:t1], top_k))
     parts = {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]} if pieces else {}
     if not parts:
         raise LoopscopeError(f"run {run.index} has no tokens to read out")
     return assemble(run, loop, "logit", parts, last)
 
 
-def _check_loop(run: Run, loop: str | None) -> str:
+def check_loop(run: Run, loop: str | None) -> str:
+    """``loop``, or the run's first when None; a loop the run lacks is a one-line error."""
     if loop is None:
         return run.loops[0]
     if loop not in run.loops:
         raise LoopscopeError(f"run {run.index} has no loop {loop!r}; it has {', '.join(run.loops)}")
     return loop
+
+
+def _spec(run: Run, model: nn.Module | str | os.PathLike, loop: str) -> tuple[str, LoopSpec]:
+    """The family and loop description to read out with: the capture's own, or a loaded model's, which must be of
+    the family the capture was made with."""
+    family, spec = _stored_spec(run, loop)
+    return _model_spec(model, run, loop, family, spec) if isinstance(model, nn.Module) else (family, spec)
 
 
 def _stored_spec(run: Run, loop: str) -> tuple[str, LoopSpec]:
@@ -166,7 +187,7 @@ def _check_sizes(run: Run, loop: str, hidden: int, vocab: int, source: str) -> N
         )
 
 
-def _check_directory(directory: Path, run: Run) -> None:
+def check_directory(directory: Path, run: Run) -> None:
     """A directory that is a checkpoint of the captured model, by its config's state width."""
     config_path = directory / "config.json"
     if not directory.is_dir():
@@ -195,7 +216,7 @@ def _known_model_types() -> None:
     ouro_reference.register()
 
 
-def _tokenizer_of(directory: Path, trust_remote_code: bool):
+def tokenizer_of(directory: Path, trust_remote_code: bool):
     """The directory's tokenizer when it has one (the grid then shows text), else None (ids)."""
     _known_model_types()
     if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
@@ -221,7 +242,7 @@ def _load(directory: Path, trust_remote_code: bool) -> nn.Module:
     return model.eval()
 
 
-def _texts(top1: np.ndarray, tokenizer) -> np.ndarray:
+def top1_texts(top1: np.ndarray, tokenizer) -> np.ndarray:
     """[T, K] object array of each top-1 id's text ("" past a token's last step), each distinct id decoded once."""
     out = np.full(top1.shape, "", dtype=object)
     for token_id in np.unique(top1[top1 >= 0]):
