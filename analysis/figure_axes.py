@@ -159,12 +159,15 @@ def _label_rows(n: int) -> np.ndarray:
     return np.arange(0, n, max(1, int(np.ceil(n / MAX_TOKEN_LABELS))))
 
 
-def token_axes(ax, rows: int, start: int, tokens, positions, label: Callable[[str], str] = printable):
+def token_axes(
+    ax, rows: int, start: int, tokens, positions, label: Callable[[str], str] = printable, every: int | None = None
+):
     """Rows ``start:start + rows`` of a run labelled the same on every page: the token's text on the left (its
     index in the run when there is none), its position on the right; rows past the run's end stay unlabelled.
-    Returns the right-hand axes."""
+    ``every``: label every n-th row (default: as many as fit MAX_TOKEN_LABELS). Returns the right-hand axes."""
     count = len(positions) if positions is not None else len(tokens) if tokens is not None else start + rows
-    ticks = np.array([i for i in _label_rows(rows) if start + i < count], dtype=np.int64)
+    shown = _label_rows(rows) if every is None else np.arange(0, rows, every)
+    ticks = np.array([i for i in shown if start + i < count], dtype=np.int64)
     ax.set_yticks(ticks)
     if tokens is not None and len(tokens) >= count:
         ax.set_yticklabels([label(str(tokens[start + i])) for i in ticks], fontsize=8)

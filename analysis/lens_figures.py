@@ -25,6 +25,7 @@ from .figures import (
     _t,
     check_figure_path,
     printable,
+    token_axes,
 )
 from .lens_result import LensResult
 
@@ -237,17 +238,8 @@ def _tick_every(n: int) -> int:
 def _token_axes(fig, ax, image, labels, start, stop, result: LensResult, colour_label: str, every: int) -> None:
     """The grid's axes: iterations along x, token labels left and positions right (every ``every``-th row), and
     the colour bar."""
-    ticks = np.arange(0, stop - start, every)
     _step_ticks(ax, result.steps[: image.get_array().shape[1]])
-    ax.set_yticks(ticks)
-    ax.set_yticklabels([labels[start + i] for i in ticks], fontsize=8)
-    ax.set_ylabel("Token")
-    positions = _positions(result)
-    right = ax.twinx()
-    right.set_ylim(ax.get_ylim())
-    right.set_yticks(ticks)
-    right.set_yticklabels([str(int(positions[start + i])) for i in ticks], fontsize=8)
-    right.set_ylabel("Position")
+    right = token_axes(ax, stop - start, start, labels, _positions(result), label=str, every=every)
     fig.colorbar(image, ax=[ax, right], pad=0.02, fraction=0.03).set_label(_t(colour_label))
 
 
