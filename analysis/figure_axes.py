@@ -67,11 +67,14 @@ def check_figure_path(out: str | os.PathLike) -> Path:
 VISIBLE = {" ": "␣", "\n": "⏎", "\r": "↵", "\t": "⇥"}
 
 
-def printable(token: str, limit: int = 16) -> str:
+def printable(token: str, limit: int = 16, *, matplotlib: bool = True) -> str:
     """A token as a label or cell text: blanks and line breaks visible (``␣``, ``⏎``), other control characters
-    escaped, mathtext off, cut with an ellipsis past ``limit`` characters."""
+    escaped, mathtext off (``matplotlib=False``: text for other renderers, ``$`` as it is), cut with an ellipsis
+    past ``limit`` characters."""
     text = "".join(VISIBLE.get(c) or (c if c.isprintable() else repr(c)[1:-1]) for c in str(token))
-    text = text.replace("$", r"\$") if text else '""'  # matplotlib would read $...$ as mathtext
+    if matplotlib:
+        text = text.replace("$", r"\$")  # matplotlib would read $...$ as mathtext
+    text = text or '""'
     return text if len(text) <= limit else text[: max(limit - 1, 1)] + "…"
 
 

@@ -74,6 +74,39 @@ def trajectory_pca(
     return results
 
 
+def block_trajectories(x: np.ndarray, last: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Every token of a block in its own principal components at once (the ``basis="token"`` view, batched).
+
+    ``x`` [B, K, H]: states in the analysis space; ``last`` [B]: each token's last stored step. Returns projections
+    [B, K, C] (NaN past a token's last step, and for a token whose states are not all finite) and explained
+    variance fractions [B, C]. Rows past the last step are zeroed after centring, which leaves the components of the
+    real rows unchanged, so one batched call serves tokens of any depth. The components come from the K x K Gram
+    matrix of each token's steps (K << H): a batched ``eigh`` of it is an order of magnitude faster than an SVD of
+    the states, and the few leading components a figure shows are well separated.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n_tokens, n_slots, _ = x.shape
+    valid = np.arange(n_slots)[None, :] <= np.asarray(last)[:, None]  # [B, K]
+    finite = np.asarray(np.where(valid[:, :, None], np.isfinite(x), True).all(axis=(1, 2)))
+    centred = np.where(valid[:, :, None] & finite[:, None, None], x, 0.0)
+    centred -= (centred.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)[:, None])[:, None, :]
+    centred[~valid] = 0.0
+    count = min(n_components, n_slots)
+    values, vectors = np.linalg.eigh(centred @ centred.transpose(0, 2, 1))  # ascending
+    variance = np.maximum(values[:, ::-1][:, :count], 0.0)  # [B, C] sums of squares along each component
+    sigma = np.sqrt(variance)
+    axes = np.einsum("bkh,bkc->bch", centred, vectors[:, :, ::-1][:, :, :count])
+    axes = np.divide(axes, sigma[:, :, None], out=np.zeros_like(axes), where=sigma[:, :, None] > 0)
+    loadings = np.take_along_axis(axes, np.argmax(np.abs(axes), axis=2)[:, :, None], axis=2)[:, :, 0]
+    axes *= np.where(loadings < 0, -1.0, 1.0)[:, :, None]  # signs fixed as in _oriented_axes: largest loading > 0
+    projections = np.einsum("bkh,bch->bkc", centred, axes)
+    projections[~valid] = np.nan
+    projections[~finite] = np.nan
+    total = np.einsum("bkh,bkh->b", centred, centred)
+    explained = np.divide(variance, total[:, None], out=np.zeros_like(variance), where=total[:, None] > 0)
+    return projections, explained
+
+
 def _principal_axes(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
     """Top principal directions [C, H] of centred rows ``x`` and the variance (sum of squares) along each."""
     if not np.isfinite(x).all():  # an SVD of them would fail with LinAlgError

@@ -15,6 +15,7 @@ from ..analysis.metrics import DEFAULT_TOL, METRICS
 from ..errors import LoopscopeError
 from . import lens as lens_command
 from . import plots
+from . import report as report_command
 from .measures import dask_metrics, run_metrics
 from .output import (
     MISSING_HELP,
@@ -46,7 +47,8 @@ def demo(
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", help="Tokens to generate after the prompt."),
     force: bool = typer.Option(False, "--force", help="Replace a previous demo's files in --out."),
 ):
-    """Capture the shipped demo model (a small trained looped LM) on a prompt; draw its convergence and predictions."""
+    """Capture the shipped demo model (a small trained looped LM) on a prompt; draw its convergence and predictions,
+    and write the interactive report."""
     from transformers.utils import logging as hf_logging
 
     from ..models.demo import check_out_dir, run_demo
@@ -59,6 +61,7 @@ def demo(
     console.print(f"wrote [bold]{text(result.figure)}[/bold]")
     for path in result.predictions:
         console.print(f"wrote [bold]{text(path)}[/bold]")
+    console.print(f"wrote [bold]{text(result.report)}[/bold] (open it in a browser: hover, click a token)")
 
 
 @app.command()
@@ -210,6 +213,7 @@ def plot(
 
 
 app.command("lens")(lens_command.lens)  # in cli/lens.py: it loads the model, unlike every command here
+app.command("report")(report_command.report)  # in cli/report.py
 
 
 @app.command("convergence")

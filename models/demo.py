@@ -1,5 +1,5 @@
 """`loopscope demo`: capture the shipped demo model on a prompt, draw its convergence heatmap and what each
-iteration would predict (the readout lens's grid).
+iteration would predict (the readout lens's grid), and write the interactive report of the capture.
 
 Runs offline in seconds: the model is a small looped-depth LM of the Huginn-shaped reference architecture,
 trained once by ``train_demo_model.py`` and shipped in ``demo_model/`` (weights, tokenizer, model card).
@@ -17,7 +17,7 @@ import torch
 from ..errors import LoopscopeError
 
 MODEL_DIR = Path(__file__).parent / "demo_model"
-DEMO_FILES = ("demo.h5", "demo.h5.runs", "convergence.png", "predictions.png")
+DEMO_FILES = ("demo.h5", "demo.h5.runs", "convergence.png", "predictions.png", "report.html")
 DEMO_PAGE = re.compile(r"^(convergence|predictions)-p\d+\.png$")  # a long generation's figure pages
 PROMPT = "Twelve ravens flew over the harbour at dawn, and the old ferryman counted them twice."
 
@@ -28,6 +28,7 @@ class DemoResult:
     figure: Path
     tokens: int
     predictions: list[Path]  # the prediction grid (one file; pages only for a very long generation)
+    report: Path  # the interactive HTML report, with the lens's predictions per token and step
 
 
 def build_demo_model(seed: int = 0):
@@ -55,6 +56,7 @@ def run_demo(
     from loopscope.analysis.figures import heatmap
     from loopscope.analysis.lens_figures import prediction_grid
     from loopscope.analysis.readout_lens import lens
+    from loopscope.report import write_report
 
     out = Path(out_dir)
     check_out_dir(out, force)
@@ -80,7 +82,8 @@ def run_demo(
             predicted, grid_path, title=f"Top-1 prediction per iteration, {steps} iterations (demo model, logit lens)"
         )
         tokens = run.num_tokens
-    return DemoResult(capture_path, figure_path, tokens, [Path(p) for p in grids])
+        report = write_report(capture, out / "report.html", model=model, tokenizer=tokenizer)
+    return DemoResult(capture_path, figure_path, tokens, [Path(p) for p in grids], report)
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -100,4 +103,4 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 if __name__ == "__main__":
     result = run_demo("loopscope-demo")
-    print(f"wrote {result.capture}, {result.figure} and {', '.join(map(str, result.predictions))}")
+    print(f"wrote {result.capture}, {result.figure}, {', '.join(map(str, result.predictions))} and {result.report}")

@@ -1,0 +1,48 @@
+"""``loopscope report``: a capture as one self-contained HTML page to explore in a browser (``report/``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import LoopscopeError
+from .lens import check_model_dir
+from .output import MISSING_HELP, console, friendly, text
+
+
+@friendly
+def report(
+    file: Path = typer.Argument(..., help="A capture file (.h5), merged ones included."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
+    model: Path | None = typer.Option(
+        None, "--model", help="The captured model's local directory: adds each token's lens predictions per step."
+    ),
+    run: list[int] | None = typer.Option(
+        None, "--run", help="Run index to include (repeat; negative counts from the last); default every run."
+    ),
+    top_k: int = typer.Option(3, "--top-k", help="With --model: predictions shown per token and step."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own tokenizer code."),
+    missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
+):
+    """Write an interactive HTML report: heatmaps with hover, a run selector, and a panel for each clicked token."""
+    from ..report.build import check_out, write_report
+    from ..storage.reader import CaptureFile
+
+    check_out(out)
+    if top_k < 1:
+        raise LoopscopeError(f"--top-k {top_k}: show at least 1 prediction per step")
+    if model is not None:
+        check_model_dir(model)
+    with CaptureFile(file, missing=missing) as capture, console.status("computing the report…") as status:
+        written = write_report(
+            capture,
+            out,
+            runs=run,
+            model=model,
+            top_k=top_k,
+            trust_remote_code=trust_remote_code,
+            progress=lambda what: status.update(f"computing the report: {what}…"),
+        )
+    size = written.stat().st_size / 1e6
+    console.print(f"wrote [bold]{text(written)}[/bold] ({size:.1f} MB; open it in a browser, no network needed)")

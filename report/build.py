@@ -1,0 +1,103 @@
+"""``write_report``: a capture's runs (and with a model, its lens) into one self-contained HTML report."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ..analysis.figure_axes import steps_label
+from ..errors import LoopscopeError
+from ..storage.reader import CaptureFile
+from . import data, page
+
+SUFFIXES = (".html", ".htm")
+TOP_K = 3  # lens predictions per step in the token panel
+
+
+def write_report(
+    capture: CaptureFile,
+    out: str | os.PathLike,
+    *,
+    runs: list[int] | None = None,
+    model=None,
+    tokenizer=None,
+    top_k: int = TOP_K,
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write the report of ``capture`` (``runs``: indices, default all) to ``out``; returns the path written.
+
+    ``model``: the captured model's local directory (only the head's weights are read) or the loaded model; each
+    token panel then shows the logit lens's top-``top_k`` predictions per step, as text with ``tokenizer`` (by
+    default the directory's). The file appears whole or not at all.
+    """
+    out = check_out(out)
+    chosen = [capture.run(i) for i in runs] if runs else capture.runs
+    if not chosen:
+        raise LoopscopeError(f"{capture.path} holds no complete runs to report; capture some first")
+    views = []
+    for run in chosen:
+        run_views = data.run_views(run, progress)
+        if model is not None:
+            add_lens(run, run_views, model, tokenizer, top_k, trust_remote_code, progress)
+        views += run_views
+    strides = {run.step_stride for run in chosen}
+    html = page.render(
+        [data.packed(view) for view in views],
+        title=f"{Path(capture.path).name}: convergence of the latent state",
+        source=f"{Path(capture.path).name} · {capture.meta.get('model_class') or 'model'} · "
+        f"{len(chosen)} run(s) · s* = each token's final state",
+        notes=_notes(capture, chosen),
+        steps_label=steps_label(strides.pop() if len(strides) == 1 else 2),
+    )
+    partial = out.with_name(out.name + ".partial")  # renamed once whole: a failure leaves no half page
+    try:
+        partial.write_text(html, encoding="utf-8")
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def add_lens(run, views: list[data.RunView], model, tokenizer, top_k: int, trust_remote_code: bool, progress) -> None:
+    """The logit lens of each view; a loop with no readout (HRM-Text's L) gets a note, a wrong model an error."""
+    from ..analysis.readout_lens import lens, tokenizer_of
+
+    if isinstance(model, (str, os.PathLike)):
+        model = os.fspath(model)
+        if tokenizer is None and Path(model).is_dir():
+            tokenizer = tokenizer_of(Path(model), trust_remote_code)
+    failures = []
+    for view in views:
+        if progress is not None:
+            progress(f"lens of run {view.run}, loop {view.loop}")
+        try:
+            result = lens(run, model, "logit", loop=view.loop, top_k=top_k, tokenizer=tokenizer)
+        except LoopscopeError as exc:
+            failures.append(exc)
+            view.notes.append(f"run {view.run}, loop {view.loop}: no lens predictions ({exc})")
+            continue
+        view.lens = data.lens_view(result, tokenizer)
+    if failures and len(failures) == len(views):
+        raise failures[0]
+
+
+def check_out(out: str | os.PathLike) -> Path:
+    """An .html path in an existing directory, or a one-line error saying what to do."""
+    path = Path(out)
+    if path.suffix.lower() not in SUFFIXES:
+        raise LoopscopeError(f"--out {path}: name the report .html")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise LoopscopeError(f"--out {path}: directory {parent} does not exist; create it first")
+    return path
+
+
+def _notes(capture: CaptureFile, runs: list) -> list[str]:
+    notes = []
+    if capture.incomplete_runs:
+        notes.append(f"left out, not complete: {', '.join(capture.incomplete_runs)}")
+    if any(run.step_stride > 1 for run in runs):
+        notes.append("steps were stored with a stride: hover a cell for the iteration it holds")
+    return notes
