@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..analysis.figure_axes import steps_label
-from ..errors import LoopscopeError
+from ..errors import CaptureFileError, LoopscopeError
 from ..storage.reader import CaptureFile
 from . import data, page
 
@@ -36,19 +36,27 @@ def write_report(
     chosen = [capture.run(i) for i in runs] if runs else capture.runs
     if not chosen:
         raise LoopscopeError(f"{capture.path} holds no complete runs to report; capture some first")
-    views = []
+    views, notes = [], _notes(capture, chosen)
     for run in chosen:
-        run_views = data.run_views(run, progress)
+        try:
+            run_views = data.run_views(run, progress)
+        except CaptureFileError as exc:  # a damaged run file: the others are still worth a look
+            if len(chosen) == 1:
+                raise
+            notes.append(f"run {run.index} left out: {exc}")
+            continue
         if model is not None:
             add_lens(run, run_views, model, tokenizer, top_k, trust_remote_code, progress)
         views += run_views
+    if not views:
+        raise LoopscopeError(f"no run of {capture.path} could be read: {'; '.join(notes)}")
     strides = {run.step_stride for run in chosen}
     html = page.render(
         [data.packed(view) for view in views],
         title=f"{Path(capture.path).name}: convergence of the latent state",
         source=f"{Path(capture.path).name} · {capture.meta.get('model_class') or 'model'} · "
         f"{len(chosen)} run(s) · s* = each token's final state",
-        notes=_notes(capture, chosen),
+        notes=notes,
         steps_label=steps_label(strides.pop() if len(strides) == 1 else 2),
     )
     partial = out.with_name(out.name + ".partial")  # renamed once whole: a failure leaves no half page

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,7 @@ from loopscope.models.demo import MODEL_DIR, run_demo
 from loopscope.report import write_report
 from loopscope.report.page import _json, page_data
 from loopscope.report.page import unpacked as array
+from loopscope.storage import run_files
 from loopscope.storage.merge import merge
 
 
@@ -146,3 +148,20 @@ def test_a_model_of_another_size_is_one_line(demo, hrm, tmp_path):
     )
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_damaged_run_is_left_out_with_a_note_and_the_others_reported(two_run_capture, tmp_path):
+    path = two_run_capture(tmp_path / "cap.h5", "A capture with one bad sector.", 3, 2, 4)
+    run_file = run_files.list_run_files(str(path))[0][0]
+    with h5py.File(run_file, "r") as f:
+        offset = f["loops/core/states"].id.get_chunk_info(0).byte_offset
+    with open(run_file, "r+b") as fh:  # one flipped bit, as a bad disk sector would leave it
+        fh.seek(offset + 40)
+        byte = fh.read(1)[0]
+        fh.seek(offset + 40)
+        fh.write(bytes([byte ^ 0x10]))
+    data = page_data(write_report(loopscope.open(path), tmp_path / "r.html"))
+    assert [r["run"] for r in data["runs"]] == [1]
+    assert any(note.startswith("run 0 left out:") for note in data["notes"])
+    result = CliRunner().invoke(app, ["report", str(path), "--run", "0", "--out", str(tmp_path / "s.html")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output  # asked for it alone: an error

@@ -7,6 +7,7 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -214,4 +215,33 @@ def test_a_long_run_gets_an_overview_that_moves_the_window(browser, tokenizer, t
     tip = page.hover("heatmap", 0, WINDOW, 1, steps)
     assert f"token {n - WINDOW - WINDOW // 2}:" in tip
     assert np.isfinite(array(page_data(report)["runs"][0]["distance"])[:, :5]).all()
+    page.errors()
+
+
+class HostileTokenizer:
+    """Token texts that would run as script or markup if the page ever treated them as HTML."""
+
+    TEXTS = ("</script><script>window.pwned = 1</script>", "<img src=x onerror=window.pwned=2>", "<b>b</b>", "&lt;")
+
+    def decode(self, ids) -> str:
+        return self.TEXTS[int(ids[0]) % len(self.TEXTS)]
+
+
+def test_hostile_token_text_is_shown_as_text(browser, new_reference_model, tmp_path):
+    path, model = tmp_path / "hostile.h5", new_reference_model()
+    with loopscope.attach(model, path, tokenizer=HostileTokenizer()), torch.no_grad():
+        model(torch.arange(8)[None, :], num_steps=3)
+    report = write_report(loopscope.open(path), tmp_path / "report.html")
+    page = Page(browser, report)
+    assert page.driver.execute_script("return window.pwned") is None
+    assert not page.find_all("#heatmap img, #token-panel img, b")  # no element made from a token's text
+    view = page_data(report)["runs"][0]
+    for t in range(4):
+        text = HostileTokenizer.TEXTS[t]
+        assert view["tokens"][t] == text
+        tip = page.hover("heatmap", t, 8, 1, 4)
+        assert view["labels"][t] in tip  # the characters themselves, cut to a label's length
+        page.click("heatmap", t, 8, 1, 4)
+        assert page.find("#token-title").text == f"Token {t}: {json.dumps(text)}"
+    assert page.driver.execute_script("return window.pwned") is None
     page.errors()

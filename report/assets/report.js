@@ -210,8 +210,8 @@
     Plotly.react("token-curves", [
       { x: its, y: dist, name: "||s − s*||", mode: "lines+markers", hovertemplate: "iteration %{x}: %{y:.4g}" },
       { x: its, y: step, name: "step size ||s_k − s_(k−1)||", mode: "lines+markers", hovertemplate: "iteration %{x}: %{y:.4g}" },
-    ], { title: { text: "distance to s* and step size" }, height: 380, margin: { t: 50, b: 50 },
-      xaxis: { title: { text: "iteration" } }, yaxis: { type: "log", title: { text: v.space } },
+    ], { title: panelTitle("distance to s* and step size"), height: 380, margin: { t: 50, b: 50 },
+      xaxis: { title: { text: "iteration" } }, yaxis: { type: "log", title: { text: "distance (" + v.space + ")" } },
       legend: { orientation: "h", y: -0.25 } }, CONFIG);
     const explained = [v.explained[2 * t], v.explained[2 * t + 1]].map((e) => (100 * e).toPrecision(3) + "%");
     Plotly.react("token-pca", [{
@@ -220,10 +220,15 @@
       marker: { color: ks.map((k) => Math.log2(k + 1)), colorscale: "Viridis", size: 7,
         colorbar: { title: { text: "step" }, tickvals: stepTicks(ks.length).map((k) => Math.log2(k + 1)),
           ticktext: stepTicks(ks.length).map(String) } },
-    }], { title: { text: "trajectory in its own principal components" }, height: 380, margin: { t: 50, b: 50 },
+    }], { title: panelTitle("trajectory in its own principal components"), height: 380, margin: { t: 50, b: 50 },
       xaxis: { title: { text: "PC1 (" + explained[0] + ")" } }, yaxis: { title: { text: "PC2 (" + explained[1] + ")" } },
       showlegend: false }, CONFIG);
     drawLens(v, t);
+  }
+
+  // Titles on the left: the tool buttons sit on the right of the same line.
+  function panelTitle(text) {
+    return { text: text, x: 0.01, xanchor: "left" };
   }
 
   // Late steps crowd around s*: steps are coloured on a log scale, labelled 0, 1, 3, 7, ... up to the last.
