@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .errors import CaptureFileError, CaptureWriteError, LoopNotFoundError, LoopscopeError, MergeError
+from .notebook import inline_heatmap as _inline_heatmap  # noqa: F401 - registers Jupyter's heatmap; draws nothing yet
 
 if TYPE_CHECKING:
     from .hooks.capture import Capture, attach

@@ -18,6 +18,7 @@ from ..storage.safety import figure_text as _t  # titles and labels hold file na
 
 FORMATS = (".png", ".pdf", ".svg")
 MAX_TOKEN_LABELS = 64
+DPI = 150  # raster figures (PNG): sharp on a high-density screen, a few hundred KB a page
 ITERATIONS = "Iterations at Test-Time"
 PROMPT_NOTE = "red line: prompt above, generated tokens below"
 NO_READOUT = ("identity", "none")  # readout kinds under which the "readout space" is the state space itself
@@ -113,14 +114,33 @@ def prompt_line(ax, prompt: int | None, start: int, stop: int) -> bool:
     return True
 
 
-def _pyplot():
-    import matplotlib
+class _AggFigures:
+    """What the figure functions asked of pyplot (``subplots``, ``close``), on matplotlib's Agg canvas without pyplot.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    pyplot keeps global state: selecting a backend for it would switch a notebook's (its figures closed, later plots
+    no longer inline), and its figure registry is not thread-safe. A :class:`~matplotlib.figure.Figure` with its own
+    canvas needs neither, saves to PNG, PDF and SVG alike, and is freed like any object.
+    """
+
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, *, squeeze: bool = True, **figure_options):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(**figure_options)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+    @staticmethod
+    def close(fig) -> None:
+        """Nothing to do: pyplot held a reference to release; this figure is freed with its last reference."""
+
+
+def _pyplot():
+    """(figure factory, LogNorm): the drawing kit of the figure functions, loaded on first use (matplotlib is slow)."""
     from matplotlib.colors import LogNorm
 
-    return plt, LogNorm
+    return _AggFigures, LogNorm
 
 
 def _cmap():
@@ -206,7 +226,7 @@ def _save_pages(plt, figures, out) -> list[str]:
     written = []
     try:
         if len(figures) == 1:
-            figures[0].savefig(path, dpi=150)
+            figures[0].savefig(path, dpi=DPI)
             written.append(os.fspath(path))
         elif path.suffix.lower() == ".pdf":
             from matplotlib.backends.backend_pdf import PdfPages
@@ -218,7 +238,7 @@ def _save_pages(plt, figures, out) -> list[str]:
         else:
             for number, fig in enumerate(figures, 1):
                 page = path.with_name(f"{path.stem}-p{number:02d}{path.suffix}")
-                fig.savefig(page, dpi=150)
+                fig.savefig(page, dpi=DPI)
                 written.append(os.fspath(page))
     except OSError as exc:
         raise LoopscopeError(f"cannot write {path}: {exc.strerror or exc}") from None

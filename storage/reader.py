@@ -181,6 +181,11 @@ class CaptureFile:
     def __repr__(self) -> str:
         return f"<loopscope capture {self.path!r}: {len(self.runs)} run(s), loops {self.loop_names}>"
 
+    def _repr_html_(self) -> str:  # Jupyter: header and a table of runs (display.py)
+        from .display import capture_html
+
+        return capture_html(self)
+
 
 MISSING = ("error", "skip")
 

@@ -339,3 +339,8 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<Run {self.index}: {self.num_tokens} tokens, loops {self.loops}>"
+
+    def _repr_html_(self) -> str:  # Jupyter: a summary, then the figures registered in display.py
+        from .display import run_html
+
+        return run_html(self)
