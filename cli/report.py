@@ -19,7 +19,10 @@ def report(
         None, "--model", help="The captured model's local directory: adds each token's lens predictions per step."
     ),
     run: list[int] | None = typer.Option(
-        None, "--run", help="Run index to include (repeat; negative counts from the last); default every run."
+        None,
+        "--run",
+        help="Run index to include, repeatable (see `loopscope info`; negative counts from the last run, -1 the last); "
+        "default every run.",
     ),
     top_k: int = typer.Option(3, "--top-k", help="With --model: predictions shown per token and step."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own tokenizer code."),

@@ -115,7 +115,7 @@ def test_every_run_option_documents_negative_indices():
         for param in command.params:
             if "--run" in getattr(param, "opts", ()):
                 documented[name] = param.help
-    assert set(documented) == {"plot", "convergence", "export", "lens"}
+    assert set(documented) == {"plot", "convergence", "export", "lens", "report"}
     for name, help_text in documented.items():
         assert "negative counts from the last run" in help_text and "-1" in help_text, (name, help_text)
 
