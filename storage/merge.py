@@ -210,7 +210,7 @@ def _copy_group(src: h5py.Group, dst: h5py.Group, source_file: str) -> int:
     path = src.file.filename
     for key, value in safety.read_attrs(src, path).items():
         if src.name != "/" or key not in OWN_ATTRS:  # the merged run has its own capture id and number
-            dst.attrs[key] = value
+            dst.attrs[key] = schema.restored(value)  # text as UTF-8, whatever version wrote the source
     mapped = 0
     for name in list(src.keys()):
         obj = safety.hard_child(src, name, path)
@@ -222,8 +222,8 @@ def _copy_group(src: h5py.Group, dst: h5py.Group, source_file: str) -> int:
             mapping = h5py.VirtualLayout(shape=obj.shape, dtype=obj.dtype)
             mapping[...] = h5py.VirtualSource(source_file, obj.name, shape=obj.shape, dtype=obj.dtype)
             virtual = dst.create_virtual_dataset(name, mapping, fillvalue=obj.fillvalue)
-            for key, value in obj.attrs.items():
-                virtual.attrs[key] = value
+            for key, value in safety.read_attrs(obj, path).items():
+                virtual.attrs[key] = schema.restored(value)
             # Virtual datasets have no chunks of their own; analysis reads in blocks aligned with the source's.
             virtual.attrs["source_chunks"] = np.asarray(schema.dataset_chunks(obj), dtype=np.int64)
             mapped += obj.size * obj.dtype.itemsize
@@ -232,7 +232,7 @@ def _copy_group(src: h5py.Group, dst: h5py.Group, source_file: str) -> int:
             data = obj[()]
             copy = dst.create_dataset(name, data=data, **checksum.dataset_options(np.shape(data)))
             for key, value in safety.read_attrs(obj, path).items():
-                copy.attrs[key] = value
+                copy.attrs[key] = schema.restored(value)
     return mapped
 
 
@@ -247,17 +247,21 @@ def _is_mapped(ds: h5py.Dataset) -> bool:
 def _write_index(out: str, captures: list[CaptureFile], plan, locking) -> None:
     first = captures[0]
     tmp = out + ".tmp"
-    kwargs = {"libver": "latest", **({} if locking is None else {"locking": locking})}
+    read_kwargs = {} if locking is None else {"locking": locking}
     try:
-        with safety.open_h5(first.path, MergeError, "source ", **kwargs) as src, h5py.File(tmp, "w", **kwargs) as index:
+        with (
+            safety.open_h5(first.path, MergeError, "source ", **read_kwargs) as src,
+            h5py.File(tmp, "w", **run_files.h5_kwargs(locking)) as index,
+        ):
             for key, value in safety.read_attrs(src, first.path).items():
                 if key not in RANK_FIELDS and key not in OWN_ATTRS:
-                    index.attrs[key] = value
+                    index.attrs[key] = schema.restored(value)
             own = _own_capture_id(out)
             if own is not None:  # the id the merged run files were written with ties them to this index
-                index.attrs["capture_id"] = own
-            if schema.READOUT in src:
-                src.copy(src[schema.READOUT], index, name=schema.READOUT)
+                index.attrs["capture_id"] = schema.restored(own)
+            readout = safety.hard_child(src, schema.READOUT, first.path, h5py.Group)
+            if readout is not None:  # rewritten, not copied: a copy keeps the source's HDF5 object versions
+                _copy_group(readout, index.create_group(schema.READOUT), "")
             sources = [
                 {
                     "file": _relative_to(out, c.path),

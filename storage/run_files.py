@@ -74,7 +74,7 @@ def check_locking(locking) -> None:
 
 
 def h5_kwargs(locking, cache_bytes: int | None = None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"libver": "latest"}
+    kwargs: dict[str, Any] = {"libver": schema.LIBVER}  # readable by HDF5 1.10 tools (see schema.LIBVER)
     if cache_bytes is not None:
         kwargs.update(rdcc_nbytes=cache_bytes, rdcc_w0=1.0)
     if locking is not None:

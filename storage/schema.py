@@ -26,11 +26,20 @@ from __future__ import annotations
 import json
 import math
 
+import h5py
 import numpy as np
 
 FORMAT_NAME = "loopscope-capture"
 RUN_FORMAT_NAME = "loopscope-run"
 FORMAT_VERSION = 1
+
+# The HDF5 object versions every file is written with (h5py's ``libver``): HDF5 1.10's, so the tools and libraries of
+# 1.10 on (h5dump/h5ls 1.10 as Debian and Ubuntu ship them, HDFView 3.1 on) read every part of every file. Low bound
+# v110: superblock v3 and the 1.10 chunk indexes for resizable datasets. High bound v110 too: "latest" let HDF5
+# 1.12/1.14 write bools (HDF5 enums) in a datatype version 1.10 cannot read ("error getting attribute information"
+# in h5dump), and HDF5 2.0 write every filtered chunked dataset (all carry Fletcher-32) in a layout version no HDF5
+# before 2.0 reads. This is the files' HDF5 encoding, not loopscope's layout: FORMAT_VERSION does not change with it.
+LIBVER = ("v110", "v110")
 
 RUNS = "runs"
 READOUT = "readout"
@@ -49,10 +58,22 @@ DEFAULT_CHUNK_STEPS = 4  # when the number of steps is not known yet: little pad
 MIN_CHUNK_TOKENS = 16
 
 
-def text(value: str) -> np.bytes_:
-    """A string attribute as fixed-length UTF-8 bytes. Variable-length strings live in HDF5's global heap, and a
-    damaged global heap can make HDF5 loop forever on read; fixed-length strings sit in the object header."""
-    return np.bytes_(str(value).encode("utf-8"))
+def text(value) -> np.ndarray:
+    """A string attribute as a fixed-length HDF5 string marked UTF-8 (``H5T_CSET_UTF8``; h5py reads it back as
+    bytes). Variable-length strings live in HDF5's global heap, and a damaged global heap can make HDF5 loop forever
+    on read; fixed-length strings sit in the object header. Bytes (a string read back from a file) are taken as
+    UTF-8, undecodable bytes replaced, so what is stored is always valid UTF-8."""
+    if isinstance(value, (bytes, np.bytes_)):
+        value = bytes(value).decode("utf-8", "replace")
+    data = str(value).encode("utf-8")
+    return np.array(data, dtype=h5py.string_dtype("utf-8", max(len(data), 1)))
+
+
+def restored(value):
+    """An attribute value read from a file, ready to be stored again: text (fixed- or variable-length, ASCII- or
+    UTF-8-marked, as files of every loopscope version hold it) as :func:`text`, anything else unchanged."""
+    decoded = as_text(value)
+    return value if decoded is None else text(decoded)
 
 
 def attrs_to_store(values: dict) -> dict:

@@ -132,10 +132,10 @@ def test_file_is_self_describing_in_plain_h5py(reference_model, prompt_ids, tmp_
     with loopscope.attach(reference_model, tmp_path / "m.h5", tokenizer=None):
         _forward_logits(reference_model, prompt_ids, 2)
     with h5py.File(tmp_path / "m.h5.runs" / "000000.h5", "r") as run_file:
-        # libver="latest": superblock v3 and the new chunk indexes for resizable datasets
+        # libver v110 (schema.LIBVER): superblock v3 and the 1.10 chunk indexes for resizable datasets
         assert run_file.id.get_create_plist().get_version()[0] >= 2
     with h5py.File(tmp_path / "m.h5", "r") as f:
-        # strings are fixed-length utf-8 (no global heap): plain h5py gives bytes
+        # strings are fixed-length, marked utf-8 (no global heap): plain h5py gives bytes
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in f.attrs.items()}
         assert attrs["format"] == "loopscope-capture" and attrs["format_version"] == 1
         for key in (
