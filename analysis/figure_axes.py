@@ -55,9 +55,15 @@ def percent(fraction: float) -> str:
 
 def check_figure_path(out: str | os.PathLike) -> Path:
     """A figure path with a known extension in an existing directory, or a one-line error saying what to do."""
+    return checked_output(out, FORMATS, "use a .png, .pdf or .svg file name")
+
+
+def checked_output(out: str | os.PathLike, suffixes: tuple[str, ...], advice: str) -> Path:
+    """A path ending in one of ``suffixes`` in an existing directory, or a one-line error (``advice`` for a wrong
+    suffix) saying what to do: checked before any work, so a typo costs nothing."""
     path = Path(out)
-    if path.suffix.lower() not in FORMATS:
-        raise LoopscopeError(f"{path}: use a .png, .pdf or .svg file name")
+    if path.suffix.lower() not in suffixes:
+        raise LoopscopeError(f"{path}: {advice}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise LoopscopeError(f"{path}: directory {parent} does not exist; create it first")

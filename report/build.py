@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..analysis.figure_axes import steps_label
+from ..analysis.figure_axes import checked_output, steps_label
 from ..errors import CaptureFileError, LoopscopeError
 from ..storage.reader import CaptureFile
 from . import data, page
@@ -93,13 +93,7 @@ def add_lens(run, views: list[data.RunView], model, tokenizer, top_k: int, trust
 
 def check_out(out: str | os.PathLike) -> Path:
     """An .html path in an existing directory, or a one-line error saying what to do."""
-    path = Path(out)
-    if path.suffix.lower() not in SUFFIXES:
-        raise LoopscopeError(f"--out {path}: name the report .html")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise LoopscopeError(f"--out {path}: directory {parent} does not exist; create it first")
-    return path
+    return checked_output(out, SUFFIXES, "name the report .html")
 
 
 def _notes(capture: CaptureFile, runs: list) -> list[str]:

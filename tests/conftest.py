@@ -64,6 +64,17 @@ def new_hrm_text_model():
     return build
 
 
+@pytest.fixture(scope="session")
+def hrm_capture(tmp_path_factory, new_hrm_text_model):
+    """A real HRM-Text capture of ``new_hrm_text_model()``: one forward of 10 tokens, loops H and L (L has no
+    readout). Shared by the tests that read it; none may change it."""
+    path = tmp_path_factory.mktemp("hrm") / "hrm.h5"
+    model = new_hrm_text_model()
+    with loopscope.attach(model, path), torch.no_grad():
+        model(torch.randint(3, 100, (1, 10)))
+    return path
+
+
 @pytest.fixture
 def reference_model(new_reference_model):
     """A fresh tiny reference model (fixed seed) per test, so hooks from one test never leak into another."""

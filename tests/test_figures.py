@@ -71,15 +71,6 @@ def generated(two_run_capture, tmp_path_factory):
     return two_run_capture(tmp_path_factory.mktemp("gen") / "cap.h5", "Tokens settle at different speeds.", 4, 3, 6)
 
 
-@pytest.fixture(scope="module")
-def hrm_capture(tmp_path_factory, new_hrm_text_model):
-    model = new_hrm_text_model()
-    path = tmp_path_factory.mktemp("hrm") / "hrm.h5"
-    with loopscope.attach(model, path), torch.no_grad():
-        model(torch.randint(3, 100, (1, 10)))
-    return path
-
-
 def test_paged_rows_keep_their_index_without_a_tokenizer(plain_capture, tmp_path, drawn):
     """Defect 1: the left axis restarted at 0 on every page while the right one showed the true positions."""
     with loopscope.open(plain_capture) as capture:

@@ -57,15 +57,6 @@ def hostile(tmp_path_factory, tokenizer, new_reference_model):
     return path
 
 
-@pytest.fixture(scope="module")
-def hrm_capture(tmp_path_factory, new_hrm_text_model):
-    path = tmp_path_factory.mktemp("hrm") / "hrm.h5"
-    model = new_hrm_text_model()
-    with loopscope.attach(model, path), torch.no_grad():
-        model(torch.randint(3, 100, (1, 10)))
-    return path
-
-
 def _rows(text: str) -> list[list[str]]:
     """The cells of the runs table, as text."""
     body = re.search(r"<tbody>(.*?)</tbody>", text, re.S)

@@ -9,7 +9,6 @@ import re
 import h5py
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import loopscope
@@ -30,16 +29,6 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     run_demo(out, steps=16, max_new_tokens=4)
     return out / "demo.h5", MODEL_DIR
-
-
-@pytest.fixture(scope="module")
-def hrm(tmp_path_factory, new_hrm_text_model):
-    """HRM-Text: two loops (H and L) per run, the L loop without a readout."""
-    path = tmp_path_factory.mktemp("hrm") / "hrm.h5"
-    model = new_hrm_text_model()
-    with loopscope.attach(model, path), torch.no_grad():
-        model(torch.randint(3, 100, (1, 12)))
-    return path, model
 
 
 def test_the_page_holds_what_the_analysis_computes(demo):
@@ -100,9 +89,8 @@ def test_hostile_token_text_stays_data():
     assert json.loads(text)["tokens"][0] == "</script><script>alert(1)</script>"
 
 
-def test_several_loops_are_one_entry_each_and_a_loop_without_readout_says_so(hrm, tmp_path):
-    path, model = hrm
-    out = write_report(loopscope.open(path), tmp_path / "r.html", model=model)
+def test_several_loops_are_one_entry_each_and_a_loop_without_readout_says_so(hrm_capture, new_hrm_text_model, tmp_path):
+    out = write_report(loopscope.open(hrm_capture), tmp_path / "r.html", model=new_hrm_text_model())
     runs = page_data(out)["runs"]
     assert [r["loop"] for r in runs] == ["H", "L"]
     assert all(f"loop {r['loop']}" in r["label"] for r in runs)
@@ -141,10 +129,10 @@ def test_the_command_writes_the_page_and_checks_its_input(demo, tmp_path):
     assert not (tmp_path / "s.html").exists()
 
 
-def test_a_model_of_another_size_is_one_line(demo, hrm, tmp_path):
+def test_a_model_of_another_size_is_one_line(demo, hrm_capture, tmp_path):
     """A lens that fails for every loop is an error, not a page silently without predictions."""
     result = CliRunner().invoke(
-        app, ["report", str(hrm[0]), "--out", str(tmp_path / "r.html"), "--model", str(demo[1])]
+        app, ["report", str(hrm_capture), "--out", str(tmp_path / "r.html"), "--model", str(demo[1])]
     )
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert not (tmp_path / "r.html").exists()

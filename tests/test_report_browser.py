@@ -173,12 +173,8 @@ def test_the_run_selector_switches_runs_of_a_merged_capture(browser, merged_repo
     page.errors()
 
 
-def test_an_hrm_text_report_shows_each_loop(browser, new_hrm_text_model, tmp_path):
-    model = new_hrm_text_model()
-    path = tmp_path / "hrm.h5"
-    with loopscope.attach(model, path), torch.no_grad():
-        model(torch.randint(3, 100, (1, 12)))
-    report = write_report(loopscope.open(path), tmp_path / "report.html", model=model)
+def test_an_hrm_text_report_shows_each_loop(browser, hrm_capture, new_hrm_text_model, tmp_path):
+    report = write_report(loopscope.open(hrm_capture), tmp_path / "report.html", model=new_hrm_text_model())
     from selenium.webdriver.support.ui import Select
 
     page = Page(browser, report)
