@@ -95,6 +95,7 @@ class Result:
     total_s: float  # attach/hook + generate + close/final write: what the user waits for
     bytes: int  # state bytes recorded (payload, not file size)
     output: torch.Tensor
+    cpu_s: float = 0.0  # process CPU time (every thread) over total_s: far less sensitive to other load than wall
 
 
 def states_bytes(path: str) -> int:
@@ -130,7 +131,7 @@ def run_variant(variant: str, model, ids, steps: int, new_tokens: int, workdir: 
     states: list[torch.Tensor] = []
     nbytes = 0
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if variant == "plain":
         tg0 = time.perf_counter()
         out = generate(model, ids, steps, new_tokens)
@@ -165,12 +166,12 @@ def run_variant(variant: str, model, ids, steps: int, new_tokens: int, workdir: 
         nbytes = _write_list_h5(path, states, steps)
     else:
         raise ValueError(f"unknown variant {variant!r}")
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     if variant == "loopscope":
         nbytes = states_bytes(path)
     states.clear()  # the hand-written recorders' states are freed before the next variant runs
     clear_dir(workdir)
-    return Result(variant, tg1 - tg0, t1 - t0, nbytes, out.cpu())
+    return Result(variant, tg1 - tg0, t1 - t0, nbytes, out.cpu(), c1 - c0)
 
 
 def interleaved(variants, repeats: int, run):

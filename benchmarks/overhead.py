@@ -20,7 +20,9 @@ Two sizes: ``tiny`` (tiny_config defaults, 8 steps, 256 new tokens) and ``large`
 intermediate 2816, 32 steps). The large model decodes at ~0.3 s per token on 2 CPU cores, so 256 new tokens would
 take ~80 s per run and ~16 min for the 12 timed runs; it generates 32 new tokens by default instead
 (``--large-new-tokens``). Each variant gets a short warm-up run, then ``--repeats`` timed runs in rotating order;
-the table shows medians. "total" is what the user waits for: attach/hooks + generate + close/final write.
+the table shows medians. "total" is what the user waits for: attach/hooks + generate + close/final write;
+"min x plain" compares the fastest runs; "CPU" is the process's CPU time over the same span (every thread: the
+model's, the hooks', loopscope's writer), far less sensitive than wall time to other processes on the machine.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def bench_size(name: str, size: dict, new_tokens: int, prompt_len: int, repeats:
         results = c.interleaved(c.VARIANTS, repeats, lambda v: c.run_variant(v, model, ids, steps, new_tokens, work))
 
     plain = c.median(r.total_s for r in results["plain"])
+    plain_cpu = c.median(r.cpu_s for r in results["plain"])
     rows = []
     for v in c.VARIANTS:
         rs = results[v]
@@ -54,6 +57,9 @@ def bench_size(name: str, size: dict, new_tokens: int, prompt_len: int, repeats:
                 f"{total:.3f}",
                 f"{total / plain:.3f}",
                 f"±{100 * spread / 2:.0f}%",
+                f"{min(r.total_s for r in rs) / min(r.total_s for r in results['plain']):.3f}",
+                f"{c.median(r.cpu_s for r in rs):.3f}",
+                f"{c.median(r.cpu_s for r in rs) / plain_cpu:.3f}",
                 c.fmt_bytes(nbytes) if nbytes else "-",
                 c.fmt_rate(nbytes, total),
             ]
@@ -65,7 +71,18 @@ def bench_size(name: str, size: dict, new_tokens: int, prompt_len: int, repeats:
         f"{name}: n_embd={cfg.n_embd}, {cfg.n_heads} heads, intermediate {cfg.intermediate_size}, "
         f"{cfg.n_layers_in_recurrent_block} core blocks, {steps} steps, prompt {prompt_len} + {new_tokens} new tokens"
         f"{note}; median of {repeats}",
-        ["variant", "generate s", "total s", "x plain", "spread", "states captured", "MB/s"],
+        [
+            "variant",
+            "generate s",
+            "total s",
+            "x plain",
+            "spread",
+            "min x plain",
+            "CPU s",
+            "CPU x plain",
+            "states captured",
+            "MB/s",
+        ],
         rows,
         caption=f"greedy outputs identical across all runs: {'yes' if same else 'NO'}",
     )

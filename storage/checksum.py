@@ -16,9 +16,13 @@ import numpy as np
 
 FLETCHER32 = h5py.h5z.FILTER_FLETCHER32
 CHECKSUM_BYTES = 4
-_ROW = 4096  # words per row: a row's sums (< 4096 * 65535 * 4096 < 2**53) stay exact in float64
-_BLOCK_ROWS = 64  # rows converted to float64 at a time (2 MiB): stays in cache, no chunk-sized temporary
-_WEIGHTS = np.stack([np.ones(_ROW), np.arange(_ROW, dtype=np.float64)], axis=1)
+# The sums are taken over 64-bit words, each holding four 16-bit words: masked into two lanes per 64-bit word (16
+# bits of data in each 32-bit half), they add up with numpy's integer loops, no float conversion and no BLAS.
+_COLS = 512  # 64-bit words per row of the 2-D view (4 KiB)
+_BLOCK_ROWS = 64  # rows masked at a time (256 KiB): the temporaries stay in cache
+_GROUP_ROWS = 1 << 16  # rows summed into one set of column sums: each 32-bit half stays below 2**32
+_LANES = np.uint64(0x0000FFFF0000FFFF)
+_LOW = np.uint64(0xFFFFFFFF)
 
 
 def fletcher32(buf) -> int:
@@ -28,34 +32,62 @@ def fletcher32(buf) -> int:
     nbytes = data.nbytes
     if nbytes == 0:
         return 0
-    even = nbytes & ~1
     # HDF5 reads big-endian words w = 256 * b0 + b1; the little-endian word v = b0 + 256 * b1 has 256 * v = w
-    # (mod 65535), and converting it to float64 needs no byte swap: sums are taken over v and scaled at the end
-    words = np.frombuffer(data[:even], dtype="<u2")
-    n = words.size + (nbytes & 1)
-    rows = -(-n // _ROW)
-    sums = np.empty((rows, 2))
-    full = words.size // _ROW  # rows taken straight from the buffer; the last partial one is padded with zeros
-    for r0 in range(0, full, _BLOCK_ROWS):
-        r1 = min(r0 + _BLOCK_ROWS, full)
-        block = words[r0 * _ROW : r1 * _ROW].astype(np.float64).reshape(r1 - r0, _ROW)
-        np.matmul(block, _WEIGHTS, out=sums[r0:r1])
-    if rows > full:
-        tail = np.zeros(_ROW)
-        rest = words[full * _ROW :]
-        tail[: rest.size] = rest
-        if nbytes & 1:
-            tail[rest.size] = data[nbytes - 1]  # HDF5's last word is (byte << 8): 256 * byte
-        sums[full] = tail @ _WEIGHTS
-    if not sums[:, 0].any():
+    # (mod 65535), so the sums are taken over v, read as they lie, and scaled at the end. With n words,
+    # sum1 = sum(w_i) and sum2 = sum((n - i) * w_i): both follow from total = sum(v_i) and weighted = sum(i * v_i).
+    rows = nbytes // (8 * _COLS)
+    total = weighted = 0
+    for r0 in range(0, rows, _GROUP_ROWS):
+        r1 = min(r0 + _GROUP_ROWS, rows)
+        block = np.frombuffer(data[r0 * _COLS * 8 : r1 * _COLS * 8], dtype="<u8").reshape(r1 - r0, _COLS)
+        s, p = _grouped_sums(block)
+        total += s
+        weighted += p + 4 * r0 * _COLS * s  # the group's words start at word 4 * r0 * COLS
+    start = rows * _COLS * 4  # the words past the last whole row, and an odd last byte: a few thousand at most
+    words = np.frombuffer(data[start * 2 : nbytes & ~1], dtype="<u2").astype(np.int64)
+    if nbytes & 1:
+        words = np.append(words, data[nbytes - 1])  # HDF5's last word is (byte << 8): 256 * byte
+    total += int(words.sum())
+    weighted += int((np.arange(start, start + words.size, dtype=np.int64) * words).sum())
+    if total == 0:
         return 0
-    row_sum = sums[:, 0].astype(np.int64) % 65535 * 256 % 65535
-    weighted = sums[:, 1].astype(np.int64) % 65535 * 256 % 65535
-    # word i of the whole buffer counts n - i times in sum2: row r's words count (n - r * ROW - j) times
-    coef = (n - np.arange(rows, dtype=np.int64) * _ROW) % 65535
-    sum1 = int(row_sum.sum())
-    sum2 = int((coef * row_sum % 65535).sum() - weighted.sum())
+    n = start + words.size
+    sum1 = total * 256 % 65535
+    sum2 = (n * total - weighted) * 256 % 65535
     return (((sum2 - 1) % 65535 + 1) << 16) | ((sum1 - 1) % 65535 + 1)
+
+
+def _grouped_sums(block: np.ndarray) -> tuple[int, int]:
+    """(sum of v, sum of i * v) over the 16-bit words v of ``block`` [rows <= GROUP_ROWS, COLS] of 64-bit words,
+    i counted from the block's first word. Word i = 4 q + l sits in lane l of 64-bit word q = r * COLS + c; lanes 0
+    and 2 (``a``) and 1 and 3 (``b``) are masked into the halves of one 64-bit word each, whose column and row sums
+    give every term: sum(i * v) = 4 * (COLS * sum(r * row_r) + sum(c * col_c)) + sum(l * lane_l)."""
+    rows = block.shape[0]
+    col_a = np.zeros(_COLS, np.uint64)
+    col_b = np.zeros(_COLS, np.uint64)
+    row_a = np.empty(rows, np.uint64)
+    row_b = np.empty(rows, np.uint64)
+    a = np.empty((min(rows, _BLOCK_ROWS), _COLS), np.uint64)
+    b = np.empty_like(a)
+    for r0 in range(0, rows, _BLOCK_ROWS):
+        r1 = min(r0 + _BLOCK_ROWS, rows)
+        x, ka, kb = block[r0:r1], a[: r1 - r0], b[: r1 - r0]
+        np.bitwise_and(x, _LANES, out=ka)
+        np.right_shift(x, np.uint64(16), out=kb)
+        np.bitwise_and(kb, _LANES, out=kb)
+        col_a += ka.sum(axis=0)
+        col_b += kb.sum(axis=0)
+        ka.sum(axis=1, out=row_a[r0:r1])
+        kb.sum(axis=1, out=row_b[r0:r1])
+    lanes = [(s & _LOW).astype(np.int64) for s in (col_a, col_b)] + [
+        (s >> np.uint64(32)).astype(np.int64) for s in (col_a, col_b)
+    ]
+    cols = lanes[0] + lanes[1] + lanes[2] + lanes[3]  # < 2**34 each: times c < 2**9, summed, within int64
+    row = sum((s & _LOW).astype(np.int64) + (s >> np.uint64(32)).astype(np.int64) for s in (row_a, row_b))
+    total = int(cols.sum())
+    lane_sums = [int(s.sum()) for s in lanes]  # lanes 0, 1, 2, 3
+    weighted = 4 * (_COLS * int((np.arange(rows, dtype=np.int64) * row).sum()) + int((np.arange(_COLS) * cols).sum()))
+    return total, weighted + lane_sums[1] + 2 * lane_sums[2] + 3 * lane_sums[3]
 
 
 def stored_value(chunk) -> int:

@@ -78,6 +78,80 @@ def test_fletcher32_equals_hdf5s_own_filter(tmp_path, data):
     assert checksum.fletcher32(data) == checksum.stored_value(raw)
 
 
+def _hdf5_checksum(tmp_path, data: np.ndarray) -> int:
+    """The Fletcher-32 HDF5's own filter stores for ``data`` as one chunk."""
+    with h5py.File(tmp_path / "ref.h5", "w") as f:
+        ds = f.create_dataset("x", data=data, chunks=data.shape, fletcher32=True)
+        _mask, raw = ds.id.read_direct_chunk((0,) * data.ndim)
+    return checksum.stored_value(raw)
+
+
+# Sizes around the sum's own blocks: a 64-bit word is 8 bytes, a row 512 of them, a pass 64 rows (256 KiB).
+_ROW_BYTES = 8 * 512
+
+
+@pytest.mark.parametrize(
+    "nbytes",
+    [
+        1,
+        2,
+        3,
+        5,
+        8,
+        9,
+        15,
+        17,
+        _ROW_BYTES - 1,
+        _ROW_BYTES,
+        _ROW_BYTES + 2,
+        64 * _ROW_BYTES,
+        64 * _ROW_BYTES + 9,
+        129 * _ROW_BYTES + 8 * 37 + 5,
+        (1 << 20) + 4,
+    ],
+)
+def test_fletcher32_at_every_block_boundary_equals_hdf5s(tmp_path, nbytes):
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    assert checksum.fletcher32(data) == _hdf5_checksum(tmp_path, data)
+    ones = np.full(nbytes, 0xFF, dtype=np.uint8)  # every word 0xFFFF: the sums' largest values
+    assert checksum.fletcher32(ones) == _hdf5_checksum(tmp_path, ones)
+
+
+def test_fletcher32_summed_in_several_groups_equals_hdf5s(tmp_path, monkeypatch):
+    """Past 65536 rows (256 MiB) the column sums start again; shrunk here so a small buffer takes that path, with
+    passes that end inside a group and a group that ends inside a pass."""
+    monkeypatch.setattr(checksum, "_GROUP_ROWS", 5)
+    monkeypatch.setattr(checksum, "_BLOCK_ROWS", 2)
+    for nbytes in (17 * _ROW_BYTES + 3, 10 * _ROW_BYTES, 4 * _ROW_BYTES + 8):
+        data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+        assert checksum.fletcher32(data) == _hdf5_checksum(tmp_path, data)
+
+
+def test_fletcher32_changes_with_any_one_flipped_bit():
+    """Every 16-bit lane of the 64-bit words, the rows' ends, the tail past the last row and an odd last byte."""
+    data = np.random.default_rng(7).integers(0, 256, 3 * _ROW_BYTES + 8 * 5 + 3, dtype=np.uint8)
+    clean = checksum.fletcher32(data)
+    for at in [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        _ROW_BYTES - 1,
+        _ROW_BYTES,
+        2 * _ROW_BYTES + 13,
+        3 * _ROW_BYTES + 9,
+        data.size - 1,
+    ]:
+        for bit in (0, 7):
+            flipped = data.copy()
+            flipped[at] ^= 1 << bit
+            assert checksum.fletcher32(flipped) != clean, (at, bit)
+
+
 def test_a_direct_chunk_write_without_spare_bytes_behind_it_is_checksummed_too(tmp_path):
     """Chunks written straight from a slab take the 4 bytes behind them in place; the last one has none."""
     from loopscope.storage.write.staging import ChunkBudget, ChunkStager

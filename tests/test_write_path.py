@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -117,6 +118,16 @@ class Driver:
 def _stored_chunks(path) -> tuple:
     with loopscope.open(path) as capture:
         return capture.runs[0].dataset().chunks
+
+
+def test_the_writer_reports_its_threads_cpu_time_when_it_ends(tmp_path):
+    """What benchmarks price the writer with: CPU seconds of its own thread (not the process's), set at its end."""
+    d = Driver(tmp_path / "c.h5", hidden=256)
+    assert d.writer.cpu_seconds == 0.0
+    d.forward(tokens=64, steps=8)
+    d.close()
+    d.check()
+    assert 0.0 < d.writer.cpu_seconds < time.process_time()
 
 
 @pytest.mark.parametrize("chunks", [None, (3, 2), (5, 4), (4, 3)])

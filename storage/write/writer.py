@@ -18,6 +18,7 @@ import os
 import queue
 import re
 import threading
+import time
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -84,6 +85,7 @@ class CaptureWriter:
         self.inner_steps = inner_steps or {}
         self.error: BaseException | None = None
         self.bytes_written = 0
+        self.cpu_seconds = 0.0  # CPU time of the writer thread, set when it ends (benchmarks price the writer with it)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._runs: dict[int, RunHandles] = {}
         self._closing: dict[int, RunHandles] = {}  # the run being finished, until its file is closed and renamed
@@ -121,6 +123,12 @@ class CaptureWriter:
 
     # ---- writer-thread side -------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.cpu_seconds = time.thread_time()
+
+    def _serve(self) -> None:
         while True:
             message = self._queue.get()
             if isinstance(message, _Stop):
