@@ -187,6 +187,9 @@ def test_an_hrm_text_report_shows_each_loop(browser, hrm_capture, new_hrm_text_m
     page.click("heatmap", 3, tokens, 1, steps)
     assert page.find("#token-title").text.startswith("Token 3:")
     assert not page.find_all("#token-lens table")  # L has no readout: no predictions, and no error
+    for plot in ("heatmap", "token-curves"):  # a short loop's step axes: whole numbers, no 0.5
+        ticks = [tick.text for tick in page.find_all(f"#{plot} .xtick text")]
+        assert ticks and all(tick.isdigit() for tick in ticks), (plot, ticks)
     page.errors()
 
 

@@ -87,8 +87,13 @@
     };
   }
 
+  // Steps and iterations are whole numbers: ticks every step on a short axis, whole numbers only on a long one.
+  function integerAxis(count, title) {
+    return { title: { text: title }, dtick: count > 20 ? undefined : 1, tickformat: "d", zeroline: false };
+  }
+
   function stepAxis(v) {
-    return { title: { text: DATA.steps_label }, dtick: v.K > 20 ? undefined : 1, zeroline: false };
+    return integerAxis(v.K, DATA.steps_label);
   }
 
   // ---- the full-resolution window -------------------------------------------------------------------------------
@@ -117,7 +122,7 @@
     const trace = {
       type: "heatmap", z: z, y: rows, x: [...Array(v.K).keys()], customdata: custom,
       colorscale: "Viridis", zmin: v.zmin, zmax: v.zmax, hoverongaps: false,
-      colorbar: colourBar(v, "||s − s*|| (" + v.space + ", s* = final)"),
+      colorbar: colourBar(v, "||s − s*|| (" + v.space_name + ")"),
       hovertemplate: "token %{customdata[0]}: %{customdata[1]}<br>position %{customdata[2]}" +
         "<br>iteration %{customdata[3]}<br>||s − s*|| = %{customdata[4]}<br>step size %{customdata[5]}<extra></extra>",
     };
@@ -211,7 +216,8 @@
       { x: its, y: dist, name: "||s − s*||", mode: "lines+markers", hovertemplate: "iteration %{x}: %{y:.4g}" },
       { x: its, y: step, name: "step size ||s_k − s_(k−1)||", mode: "lines+markers", hovertemplate: "iteration %{x}: %{y:.4g}" },
     ], { title: panelTitle("distance to s* and step size"), height: 380, margin: { t: 50, b: 50 },
-      xaxis: { title: { text: "iteration" } }, yaxis: { type: "log", title: { text: "distance (" + v.space + ")" } },
+      xaxis: integerAxis(its[its.length - 1] + 1, "iteration"),
+      yaxis: { type: "log", title: { text: "distance (" + v.space_name + ")" } },
       legend: { orientation: "h", y: -0.25 } }, CONFIG);
     const explained = [v.explained[2 * t], v.explained[2 * t + 1]].map((e) => (100 * e).toPrecision(3) + "%");
     Plotly.react("token-pca", [{
