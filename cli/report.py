@@ -24,6 +24,9 @@ def report(
         help="Run index to include, repeatable (see `loopscope info`; negative counts from the last run, -1 the last); "
         "default every run.",
     ),
+    space: str = typer.Option(
+        "auto", "--space", help="readout (final norm applied, as in the paper), state, or auto (readout if stored)."
+    ),
     top_k: int = typer.Option(3, "--top-k", help="With --model: predictions shown per token and step."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own tokenizer code."),
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
@@ -42,6 +45,7 @@ def report(
             capture,
             out,
             runs=run,
+            space=space,
             model=model,
             top_k=top_k,
             trust_remote_code=trust_remote_code,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..analysis.figure_axes import checked_output, steps_label
+from ..analysis.reference import resolve_space
 from ..errors import CaptureFileError, LoopscopeError
 from ..storage.reader import CaptureFile
 from . import data, page
@@ -20,6 +21,7 @@ def write_report(
     out: str | os.PathLike,
     *,
     runs: list[int] | None = None,
+    space: str = "auto",
     model=None,
     tokenizer=None,
     top_k: int = TOP_K,
@@ -27,6 +29,9 @@ def write_report(
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write the report of ``capture`` (``runs``: indices, default all) to ``out``; returns the path written.
+
+    ``space``: where distances and trajectories are taken: ``"readout"`` (the stored final norm, as the paper),
+    ``"state"`` (the raw latent), or ``"auto"`` (readout where the capture stored a norm).
 
     ``model``: the captured model's local directory (only the head's weights are read) or the loaded model; each
     token panel then shows the logit lens's top-``top_k`` predictions per step, as text with ``tokenizer`` (by
@@ -36,10 +41,11 @@ def write_report(
     chosen = [capture.run(i) for i in runs] if runs else capture.runs
     if not chosen:
         raise LoopscopeError(f"{capture.path} holds no complete runs to report; capture some first")
+    resolve_space(chosen[0], space)  # a bad space, or readout where no norm was stored: one line before any work
     views, notes = [], _notes(capture, chosen)
     for run in chosen:
         try:
-            run_views = data.run_views(run, progress)
+            run_views = data.run_views(run, progress, space)
         except CaptureFileError as exc:  # a damaged run file: the others are still worth a look
             if len(chosen) == 1:
                 raise

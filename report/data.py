@@ -18,7 +18,7 @@ import numpy as np
 from ..analysis.figure_axes import printable, prompt_rows, space_text
 from ..analysis.metrics import token_metrics
 from ..analysis.pca import block_trajectories
-from ..analysis.reference import resolve_space, space_fn
+from ..analysis.reference import space_fn
 from ..storage.reader import Run
 
 BLOCK_BYTES = 64 << 20  # states read at once for the trajectories
@@ -65,16 +65,17 @@ class RunView:
         return f"run {self.run}{loop} · {self.call} · {len(self.tokens)} tokens · {int(self.iterations.max())} steps"
 
 
-def run_views(run: Run, progress: Callable[[str], None] | None = None) -> list[RunView]:
-    """A view of every loop of ``run`` (HRM-Text has two); ``progress`` hears what is being computed."""
+def run_views(run: Run, progress: Callable[[str], None] | None = None, space: str = "auto") -> list[RunView]:
+    """A view of every loop of ``run`` (HRM-Text has two); ``progress`` hears what is being computed. ``space``:
+    where distances and trajectories are taken, as for ``token_metrics`` (readout, state, or auto)."""
     views = []
     for loop in run.loops:
         if progress is not None:
             progress(f"run {run.index}" + (f", loop {loop}" if len(run.loops) > 1 else ""))
-        metrics = token_metrics(run, "final", "auto", loop=loop, measures=("distance", "step_delta"))
+        metrics = token_metrics(run, "final", space, loop=loop, measures=("distance", "step_delta"))
         assert metrics.distance is not None and metrics.step_delta is not None  # asked for
         last = run.steps_of(loop).astype(np.int64)
-        projections, explained = _trajectories(run, loop, last)
+        projections, explained = _trajectories(run, loop, last, metrics.space)
         tokens = run.tokens
         views.append(
             RunView(
@@ -99,9 +100,9 @@ def run_views(run: Run, progress: Callable[[str], None] | None = None) -> list[R
     return views
 
 
-def _trajectories(run: Run, loop: str, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _trajectories(run: Run, loop: str, last: np.ndarray, space: str) -> tuple[np.ndarray, np.ndarray]:
     """[T, K, 2] every token's trajectory in its own first two principal components, read a block at a time."""
-    to_space = space_fn(run, resolve_space(run, "auto"))
+    to_space = space_fn(run, space)
     n_tokens, n_slots, hidden = run.dataset(loop).shape
     block = max(1, BLOCK_BYTES // max(1, n_slots * hidden * 8))
     projections = np.full((n_tokens, n_slots, 2), np.nan)

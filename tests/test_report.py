@@ -129,6 +129,19 @@ def test_the_command_writes_the_page_and_checks_its_input(demo, tmp_path):
     assert not (tmp_path / "s.html").exists()
 
 
+def test_the_state_space_on_request(demo, tmp_path):
+    path, _ = demo
+    result = CliRunner().invoke(app, ["report", str(path), "--space", "state", "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    view = page_data(tmp_path / "r.html")["runs"][0]
+    with loopscope.open(path) as capture:
+        distance = token_metrics(capture.runs[0], space="state", measures=("distance",)).distance
+    assert view["space_name"] == "state"
+    np.testing.assert_allclose(array(view["distance"]), distance.astype(np.float32), rtol=1e-6)
+    result = CliRunner().invoke(app, ["report", str(path), "--space", "latent", "--out", str(tmp_path / "s.html")])
+    assert result.exit_code == 1 and "--space latent is not one of" in result.output, result.output
+
+
 def test_a_model_of_another_size_is_one_line(demo, hrm_capture, tmp_path):
     """A lens that fails for every loop is an error, not a page silently without predictions."""
     result = CliRunner().invoke(
