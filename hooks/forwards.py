@@ -40,9 +40,15 @@ class Forward:
     keep: np.ndarray | None = None  # indices of the tokens this forward stores (tokens=...), None = all
     keep_on: dict = field(default_factory=dict)  # the same indices as a tensor per device, for index_select
     final: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)  # off-stride last state per loop
-    tokens_message: Any = None  # a side forward's Tokens, sent only once its group has run an iteration
+    # The forward's Tokens, sent with its closing messages (a side forward's only once its group ran an iteration)
+    tokens_message: Any = None
     row_steps: np.ndarray | None = None  # [B] each row's own exit step (Huginn's adaptive exit), 0 = not exited
     signals: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
+
+    def take_tokens(self) -> Any:
+        """The forward's Tokens message, once (then None: an interrupted forward's is not sent twice)."""
+        message, self.tokens_message = self.tokens_message, None
+        return message
 
     @property
     def stored(self) -> int:

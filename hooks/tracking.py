@@ -255,10 +255,7 @@ class Tracker:
             ready=self.transfer.ready_event(),
             scratch=self.transfer.scratch,
         )
-        if side:
-            forward.tokens_message = message
-        else:
-            self.put(message)
+        forward.tokens_message = message  # sent with the forward's last messages (a side forward's: if it ran)
 
     def _finish_forward(self) -> None:
         forward, session = self._forward, self._session
@@ -274,17 +271,18 @@ class Tracker:
             if not self._in_call:
                 self.end_session(complete=True)
             return
-        if forward.tokens_message is not None:
-            self.put(forward.tokens_message)
-        self.recorder.record_finals(session, forward, self.adapter.loops)
-        self.recorder.flush_stages(session, forward)
-        self.recorder.flush_signals(session, forward)
-        for spec in self.adapter.loops:
-            steps = np.full((forward.batch, forward.stored), forward.steps.get(spec.name, 0), dtype=np.int32)
-            if forward.row_steps is not None and spec is self.adapter.loops[0]:
-                exited = forward.row_steps > 0
-                steps[exited] = self._stored_exit(forward.row_steps[exited], forward.steps.get(spec.name, 0))[:, None]
-            self.put(messages.Steps(session.run_ids, spec.name, session.offset, steps))
+        self.recorder.record_finals(session, forward, self.adapter.loops)  # may wait for a slab: not held back
+        with self.writer.together():  # a decoded token: one queue operation and one wake-up of the writer, not three
+            self.put(forward.take_tokens())  # made by _begin_forward for every forward that stores tokens
+            self.recorder.flush_stages(session, forward)
+            self.recorder.flush_signals(session, forward)
+            for spec in self.adapter.loops:
+                ran = forward.steps.get(spec.name, 0)
+                steps = np.full((forward.batch, forward.stored), ran, dtype=np.int32)
+                if forward.row_steps is not None and spec is self.adapter.loops[0]:
+                    exited = forward.row_steps > 0
+                    steps[exited] = self._stored_exit(forward.row_steps[exited], ran)[:, None]
+                self.put(messages.Steps(session.run_ids, spec.name, session.offset, steps))
         session.offset += forward.stored
         session.forwards += 1
         self._forward = None
@@ -295,8 +293,10 @@ class Tracker:
         """The runs of the current call end (complete or cut short); a session that stored nothing made no runs."""
         if self._session is None:
             return
-        if self._forward is not None:  # an interrupted forward: its staged slabs go back unwritten
+        if self._forward is not None:  # an interrupted forward: its staged slabs go back unwritten, its tokens count
             self.transfer.release(self._forward.stages.values())
+            if not self._forward.side and (tokens := self._forward.take_tokens()) is not None:
+                self.put(tokens)
         session, self._session, self._forward = self._session, None, None
         if session.open_message is not None:  # nothing was stored: no runs, and their numbers are free again
             if self._next_run == session.run_ids[-1] + 1:

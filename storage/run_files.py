@@ -24,6 +24,7 @@ import h5py
 
 from ..errors import CaptureFileError
 from . import schema
+from .write.objects import write_attrs
 
 RUN_FILE = re.compile(r"^(\d{6,})(\.partial)?\.h5$")
 
@@ -140,15 +141,19 @@ class RunFiles:
             self._next = candidate + 1
             return candidate
 
-    def create_run(self, key: int) -> h5py.File:
+    def create_run(self, key: int, attrs: dict[str, Any] | None = None) -> h5py.File:
+        """A new run file, its header attributes and ``attrs`` (ready to store) set."""
         number = self._reserve()
         self._numbers[key] = number
         run = h5py.File(self._path(number, ".partial.h5"), "w", **h5_kwargs(self.locking, self.cache_bytes))
-        run.attrs["format"] = schema.text(schema.RUN_FORMAT_NAME)
-        run.attrs["format_version"] = schema.FORMAT_VERSION
-        run.attrs["run_number"] = number
+        header: dict[str, Any] = {
+            "format": schema.text(schema.RUN_FORMAT_NAME),
+            "format_version": schema.FORMAT_VERSION,
+            "run_number": number,
+        }
         if self.capture_id:
-            run.attrs["capture_id"] = schema.text(self.capture_id)
+            header["capture_id"] = schema.text(self.capture_id)
+        write_attrs(run, {**header, **(attrs or {})})
         return run
 
     def finish_run(self, key: int, run: h5py.File, *, complete: bool) -> str:

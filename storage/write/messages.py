@@ -170,6 +170,18 @@ class CloseRuns(Message):
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Batch(Message):
+    """Messages put together (a forward's closing ones), handled in order: one queue operation and one wake-up of
+    the writer for all of them."""
+
+    items: list[Message]
+
+    def give_back(self, pool: HostBufferPool) -> None:
+        for item in self.items:
+            item.give_back(pool)
+
+
 def token_texts(ids, decode) -> list[list[str]]:
     """Each token's own text, [B, T] ids (a tensor or an array); -1 (an embedded input without an id) has none."""
     return [[decode([int(i)]) if i >= 0 else "" for i in row] for row in ids.tolist()]

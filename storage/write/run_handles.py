@@ -14,7 +14,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .. import checksum
+from .. import checksum, schema
+from .objects import DatasetMaker, create_group
 from .preallocate import Reserve
 
 
@@ -35,6 +36,18 @@ class RunHandles:
     one_forward: bool = False  # a forward() run: its first forward is all its tokens
     reserve: Reserve | None = None  # disk blocks reserved ahead of the states' writes (see preallocate.py)
     checksums: bool = True  # Fletcher-32 on the run's chunked datasets (the writer's setting)
+    datasets: DatasetMaker = field(default_factory=DatasetMaker)  # the writer's, shared by its runs
+    loop_groups: dict[str, h5py.Group] = field(default_factory=dict)  # loops/ ("") and loops/<name>, once made
+
+    def __post_init__(self) -> None:
+        self.loop_groups[""] = create_group(self.group, schema.LOOPS)  # empty until a loop writes
+
+    def loop_group(self, name: str) -> h5py.Group:
+        """``loops/<name>``, created at the loop's first write (of its states or of a signal)."""
+        group = self.loop_groups.get(name)
+        if group is None:
+            group = self.loop_groups[name] = create_group(self.loop_groups[""], name)
+        return group
 
     def grow_tokens(self, needed: int) -> None:
         """Token extent of the run's datasets: exactly its tokens for a forward() run (they all come at once, so
@@ -90,8 +103,14 @@ class RunHandles:
         new_end = int(ends[-1]) if len(ends) else self.token_bytes_used
         data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         if self.token_bytes is None:
-            self.token_bytes = self.group.create_dataset(
-                "token_bytes", data=data, maxshape=(None,), chunks=(16 * self.token_chunk,), fletcher32=self.checksums
+            self.token_bytes = self.datasets.create(
+                self.group,
+                "token_bytes",
+                dtype=data.dtype,
+                data=data,
+                maxshape=(None,),
+                chunks=(16 * self.token_chunk,),
+                fletcher32=self.checksums,
             )
         elif new_end > self.token_bytes_used:
             if new_end > self.token_bytes.shape[0]:
@@ -103,11 +122,11 @@ class RunHandles:
     def _token_values(self, ds, group, name: str, start: int, values: np.ndarray) -> h5py.Dataset:
         """Write per-token ``values`` at ``start`` into ``ds`` [T] (resizable, token_chunk chunks, Fletcher-32
         unless the run has no checksums); ``ds`` None: create it, holding them. Returns the dataset."""
-        options = {"maxshape": (None,), "chunks": (self.token_chunk,), "fletcher32": self.checksums}
+        options: dict[str, Any] = {"maxshape": (None,), "chunks": (self.token_chunk,), "fletcher32": self.checksums}
         if ds is None and start == 0:
-            return group.create_dataset(name, data=values, **options)
+            return self.datasets.create(group, name, dtype=values.dtype, data=values, **options)
         if ds is None:
-            ds = group.create_dataset(name, shape=(0,), dtype=values.dtype, **options)
+            ds = self.datasets.create(group, name, shape=(0,), dtype=values.dtype, **options)
         end = start + len(values)
         if end > ds.shape[0]:
             ds.resize((max(end, self.capacity),))
@@ -132,8 +151,11 @@ class RunHandles:
         for name, loop in self.loops.items():
             if loop["num_steps"] is None:  # no step counts came (HDF5 would have filled it with zeros)
                 zeros = np.zeros(n, dtype=np.int32)
-                loop["num_steps"] = loop["group"].create_dataset(
-                    "num_steps", data=zeros, **checksum.dataset_options(zeros.shape, self.checksums, self.token_chunk)
+                options = checksum.dataset_options(zeros.shape, self.checksums, self.token_chunk)
+                loop["num_steps"] = (
+                    self.datasets.create(loop["group"], "num_steps", dtype=zeros.dtype, data=zeros, **options)
+                    if options
+                    else loop["group"].create_dataset("num_steps", data=zeros)
                 )
             _resize(loop["num_steps"], (n,))
             states = loop["states"]
@@ -151,6 +173,7 @@ class RunHandles:
         for loop in self.loops.values():
             loop["stager"].drop()
         self.loops.clear()
+        self.loop_groups.clear()
         self.token_sets.clear()
         self.signals.clear()
 

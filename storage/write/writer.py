@@ -19,14 +19,15 @@ import queue
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from ...errors import CaptureWriteError
 from .. import compression as filters
 from .. import schema
-from .messages import CloseRuns, Message, OpenRuns, Signal, State, Steps, Tokens, token_texts
+from .messages import Batch, CloseRuns, Message, OpenRuns, Signal, State, Steps, Tokens, token_texts
+from .objects import DatasetMaker, write_attrs
 from .preallocate import Reserve
 from .run_handles import RunHandles
 from .staging import ChunkBudget, ChunkStager
@@ -81,6 +82,7 @@ class CaptureWriter:
         self.pool = pool
         self.compression = compression
         self._filter_options = filters.dataset_options(compression)
+        self.datasets = DatasetMaker()  # creation settings built once for every run file of the capture
         self.staging = ChunkBudget(int(pool.budget_bytes * STAGING_SHARE))
         self.inner_steps = inner_steps or {}
         self.error: BaseException | None = None
@@ -89,14 +91,31 @@ class CaptureWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._runs: dict[int, RunHandles] = {}
         self._closing: dict[int, RunHandles] = {}  # the run being finished, until its file is closed and renamed
+        self._held: list[Message] | None = None  # messages put inside together(), on the model's thread
         self._thread = threading.Thread(target=self._loop, name="loopscope-writer", daemon=True)
         self._thread.start()
 
     # ---- model-thread side -------------------------------------------------------------------------------------
     def put(self, message) -> None:
-        """Queue a message (blocks when the queue is full, which bounds memory together with the pool)."""
+        """Queue a message (blocks when the queue is full, which bounds memory together with the pool); inside
+        :meth:`together`, hold it back for the block's one :class:`Batch`."""
         self.raise_if_failed()
-        self._queue.put(message)
+        if self._held is not None:
+            self._held.append(message)
+        else:
+            self._queue.put(message)
+
+    @contextlib.contextmanager
+    def together(self):
+        """Messages put inside the block are queued as one :class:`Batch` when it ends (also when it raises). Only
+        around code that never waits for the writer (for a slab from the pool): what it put is not queued yet."""
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            if held:
+                self._queue.put(held[0] if len(held) == 1 else Batch(held))
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
@@ -149,6 +168,7 @@ class CaptureWriter:
     # hold writes back; benchmarks/d2h.py times the device copies alone).
     _HANDLERS: ClassVar[dict[type[Message], str]] = {
         OpenRuns: "_open_runs",
+        Batch: "_batch",
         Tokens: "_write_tokens",
         State: "_write_state",
         Steps: "_write_steps",
@@ -162,19 +182,21 @@ class CaptureWriter:
             raise TypeError(f"unknown writer message {type(message).__name__}")
         getattr(self, handler)(message)
 
+    def _batch(self, m: Batch) -> None:
+        for item in m.items:
+            self._handle(item)
+
     def _open_runs(self, m: OpenRuns) -> None:
         for run_id, attrs in zip(m.run_ids, m.attrs):
-            group = self.layout.create_run(run_id)
-            group.attrs.update(schema.attrs_to_store(attrs))
-            group.attrs["complete"] = False
+            group = self.layout.create_run(run_id, {**schema.attrs_to_store(attrs), "complete": False})
             handles = RunHandles(
                 group,
                 TOKEN_CHUNK,
                 one_forward=attrs.get("call") == "forward",
                 reserve=Reserve(group.filename),
                 checksums=self.checksums,
+                datasets=self.datasets,
             )
-            group.create_group(schema.LOOPS)
             self._runs[run_id] = handles
 
     def _write_tokens(self, m: Tokens) -> None:
@@ -206,21 +228,22 @@ class CaptureWriter:
             chunks = (m.chunks[0], m.chunks[1], hidden)
         else:
             chunks = schema.state_chunks(hidden, dtype.itemsize, None, tokens, more_tokens=not h.one_forward)
-        group = h.group[schema.LOOPS].require_group(loop)  # a signal may have created it already
-        # No chunk cache: whole chunks are assembled by the stager and written once (see staging.py).
-        states = group.create_dataset(
-            "states",
-            shape=(h.capacity, m.step + m.steps, hidden),
-            maxshape=(None, None, hidden),
-            dtype=dtype,
-            chunks=chunks,
-            fillvalue=schema.fill_value(m.logical_dtype),
-            rdcc_nbytes=0,
-            fletcher32=self.checksums,  # h5py puts it after any compression, as the last filter
-            **self._filter_options,
-        )
-        states.attrs["logical_dtype"] = schema.text(m.logical_dtype)
-        if self.compression is not None:
+        group = h.loop_group(loop)  # a signal may have created it already
+        # No chunk cache (the run file has none): whole chunks are assembled by the stager and written once.
+        options: dict[str, Any] = {
+            "shape": (h.capacity, m.step + m.steps, hidden),
+            "maxshape": (None, None, hidden),
+            "dtype": dtype,
+            "chunks": chunks,
+            "fillvalue": schema.fill_value(m.logical_dtype),
+            "fletcher32": self.checksums,
+        }
+        if self.compression is None:
+            states = self.datasets.create(group, "states", **options)
+            write_attrs(states, {"logical_dtype": schema.text(m.logical_dtype)})
+        else:  # h5py puts Fletcher-32 after the compression, as the last filter
+            states = group.create_dataset("states", **options, **self._filter_options)
+            states.attrs["logical_dtype"] = schema.text(m.logical_dtype)
             states.attrs["compression"] = schema.text(self.compression)
         stager = ChunkStager(
             states,
@@ -295,12 +318,13 @@ class CaptureWriter:
             signals = h.signals.setdefault(m.loop, {})
             ds = signals.get(m.name)
             if ds is None:
-                group = h.group[schema.LOOPS].require_group(m.loop).require_group(schema.SIGNALS)
-                ds = signals[m.name] = group.create_dataset(
+                group = h.loop_group(m.loop).require_group(schema.SIGNALS)
+                ds = signals[m.name] = self.datasets.create(
+                    group,
                     m.name,
                     shape=(h.capacity, SIGNAL_CHUNK[1]),
                     maxshape=(None, None),
-                    dtype=np.float32,
+                    dtype=np.dtype(np.float32),
                     chunks=SIGNAL_CHUNK,
                     fillvalue=np.nan,
                     fletcher32=self.checksums,
@@ -321,9 +345,7 @@ class CaptureWriter:
     def _close_run(self, run_id: int, m: CloseRuns) -> None:
         h = self._closing[run_id] = self._runs.pop(run_id)
         h.finish(self.inner_steps)
-        h.group.attrs.update(schema.attrs_to_store(m.attrs))
-        h.group.attrs["n_tokens"] = h.n_tokens
-        h.group.attrs["complete"] = m.complete
+        write_attrs(h.group, {**schema.attrs_to_store(m.attrs), "n_tokens": h.n_tokens, "complete": m.complete})
         self.layout.finish_run(run_id, h.group, complete=m.complete)
         del self._closing[run_id]
         if h.reserve is not None:
