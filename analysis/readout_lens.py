@@ -81,7 +81,7 @@ def lens(
             readout_for(run, model, loop)
         result = coda_lens(run, model, loop, family, top_k)
     else:
-        result = _logit_lens(run, loop, readout_for(run, model, loop, readout), top_k, block_tokens)
+        result = logit_lens(run, loop, readout_for(run, model, loop, readout), top_k, block_tokens)
     result.tokens, result.positions = run.tokens, run.positions
     if tokenizer is not None:
         result.top1_text = top1_texts(result.top1, tokenizer)
@@ -111,7 +111,12 @@ def block_measures(
     return measure(head.apply(torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32))), last, top_k)
 
 
-def _logit_lens(run: Run, loop: str, head: lens_readout.Readout, top_k: int, block_tokens: int | None) -> LensResult:
+def logit_lens(
+    run: Run, loop: str, head: lens_readout.Readout, top_k: int, block_tokens: int | None = None
+) -> LensResult:
+    """The logit lens of one run and loop through ``head`` (from :func:`readout_for`): one readout serves every run
+    of a capture, so a caller with many runs reads the head's weights once. Checked against this run's sizes."""
+    _check_sizes(run, loop, head.hidden, head.vocab, head.source)
     last = run.steps_of(loop).astype(np.int64)
     n_tokens, n_slots, _ = run.dataset(loop).shape
     per_token = max(n_slots * head.vocab * (4 + 8), 1)  # float32 logits and float64 log-probabilities, all steps

@@ -163,7 +163,7 @@ def _patched(target, name: str, make):
 def lens_phases(run, model, phases: dict, top_k: int = TOP_K) -> None:
     """One ``lens(run, model)`` call, timed by phase without copying its code: the library functions on its path
     are wrapped for the call, and each wrapper adds the time since the previous one ended to its phase (a lap
-    clock), so glue between calls goes to the call that follows it. ``readout_lens._logit_lens`` per block of
+    clock), so glue between calls goes to the call that follows it. ``readout_lens.logit_lens`` per block of
     ``BLOCK_BYTES``: ``run.read`` + ``run.decode`` (read), the ``Readout`` of ``lens_readout.from_model`` (ln_f,
     lm_head: a forward hook on each readout module but the last, the last when ``apply`` returns), then
     ``lens_measure.measure`` per sub-block of ``SUB_BYTES``: ``torch.log_softmax`` (with the slice and ``.double()``

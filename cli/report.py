@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from ..errors import LoopscopeError
 from .lens import check_model_dir
 from .output import MISSING_HELP, console, friendly, text
 
@@ -36,8 +35,6 @@ def report(
     from ..storage.reader import CaptureFile
 
     check_out(out)
-    if top_k < 1:
-        raise LoopscopeError(f"--top-k {top_k}: show at least 1 prediction per step")
     if model is not None:
         check_model_dir(model)
     with CaptureFile(file, missing=missing) as capture, console.status("computing the report…") as status:

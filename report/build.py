@@ -38,11 +38,16 @@ def write_report(
     default the directory's). The file appears whole or not at all.
     """
     out = check_out(out)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise LoopscopeError(f"top_k={top_k!r} must be a positive integer: predictions shown per step, e.g. {TOP_K}")
     chosen = [capture.run(i) for i in runs] if runs else capture.runs
     if not chosen:
         raise LoopscopeError(f"{capture.path} holds no complete runs to report; capture some first")
     resolve_space(chosen[0], space)  # a bad space, or readout where no norm was stored: one line before any work
+    if model is not None:
+        model, tokenizer = lens_source(model, tokenizer, trust_remote_code, chosen[0])
     views, notes = [], _notes(capture, chosen)
+    heads: dict[str, object] = {}  # each loop's readout, built once for every run (a checkpoint's head read once)
     for run in chosen:
         try:
             run_views = data.run_views(run, progress, space)
@@ -52,7 +57,7 @@ def write_report(
             notes.append(f"run {run.index} left out: {exc}")
             continue
         if model is not None:
-            add_lens(run, run_views, model, tokenizer, top_k, trust_remote_code, progress)
+            add_lens(run, run_views, model, tokenizer, top_k, progress, heads)
         views += run_views
     if not views:
         raise LoopscopeError(f"no run of {capture.path} could be read: {'; '.join(notes)}")
@@ -74,20 +79,33 @@ def write_report(
     return out
 
 
-def add_lens(run, views: list[data.RunView], model, tokenizer, top_k: int, trust_remote_code: bool, progress) -> None:
-    """The logit lens of each view; a loop with no readout (HRM-Text's L) gets a note, a wrong model an error."""
-    from ..analysis.readout_lens import lens, tokenizer_of
+def lens_source(model, tokenizer, trust_remote_code: bool, run) -> tuple:
+    """(model, tokenizer) to read the lens through, settled once per report: a checkpoint directory checked against
+    the capture, with its own tokenizer unless one was given; a loaded model as it is."""
+    from ..analysis.readout_lens import check_directory, tokenizer_of
 
     if isinstance(model, (str, os.PathLike)):
-        model = os.fspath(model)
-        if tokenizer is None and Path(model).is_dir():
-            tokenizer = tokenizer_of(Path(model), trust_remote_code)
+        directory = Path(model)
+        check_directory(directory, run)
+        if tokenizer is None:
+            tokenizer = tokenizer_of(directory, trust_remote_code)
+        model = os.fspath(directory)
+    return model, tokenizer
+
+
+def add_lens(run, views: list[data.RunView], model, tokenizer, top_k: int, progress, heads: dict) -> None:
+    """The logit lens of each view, through the loop's readout in ``heads`` (built on first use); a loop with no
+    readout (HRM-Text's L) gets a note, a model that reads none of the run's loops is an error."""
+    from ..analysis.readout_lens import logit_lens, readout_for
+
     failures = []
     for view in views:
         if progress is not None:
             progress(f"lens of run {view.run}, loop {view.loop}")
         try:
-            result = lens(run, model, "logit", loop=view.loop, top_k=top_k, tokenizer=tokenizer)
+            if view.loop not in heads:
+                heads[view.loop] = readout_for(run, model, view.loop)
+            result = logit_lens(run, view.loop, heads[view.loop], top_k)
         except LoopscopeError as exc:
             failures.append(exc)
             view.notes.append(f"run {view.run}, loop {view.loop}: no lens predictions ({exc})")

@@ -9,6 +9,7 @@ import re
 import h5py
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import loopscope
@@ -166,3 +167,25 @@ def test_a_damaged_run_is_left_out_with_a_note_and_the_others_reported(two_run_c
     assert any(note.startswith("run 0 left out:") for note in data["notes"])
     result = CliRunner().invoke(app, ["report", str(path), "--run", "0", "--out", str(tmp_path / "s.html")])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output  # asked for it alone: an error
+
+
+def test_a_checkpoints_head_and_tokenizer_are_read_once_for_every_run(tmp_path, monkeypatch):
+    from loopscope.analysis import lens_readout, readout_lens
+    from loopscope.models.demo import build_demo_model
+
+    model, tokenizer = build_demo_model()
+    path = tmp_path / "cap.h5"
+    with loopscope.attach(model, path, tokenizer=tokenizer), torch.no_grad():
+        model(tokenizer("One prompt, two rows.", return_tensors="pt").input_ids.repeat(2, 1), num_steps=3)
+    calls = {"head": 0, "tokenizer": 0}
+    for module, name, key in ((lens_readout, "from_directory", "head"), (readout_lens, "tokenizer_of", "tokenizer")):
+        original = getattr(module, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    runs = page_data(write_report(loopscope.open(path), tmp_path / "r.html", model=MODEL_DIR))["runs"]
+    assert len(runs) == 2 and all(r["lens"] is not None for r in runs)
+    assert calls == {"head": 1, "tokenizer": 1}
