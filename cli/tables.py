@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..storage.display import steps_text
 from .output import text
 
 INFO_COLUMNS = ("run", "call", "tokens", "steps (min-max)", "loops", "dtype", "hidden", "signals")
@@ -16,21 +17,12 @@ CONVERGENCE_COLUMNS = ("run", "tokens", "steps", "converged at (median)", "never
 
 def info_row(run) -> tuple:
     """The cells after the run index in ``info``; raises LoopscopeError when the run file is damaged."""
-    spans = []
-    for loop in run.loops:  # HRM's H and L, ALBERT's groups: each loop its own range
-        steps = run.iterations_of(loop)
-        spans.append(
-            (f"{loop} " if len(run.loops) > 1 else "") + (f"{steps.min()}-{steps.max()}" if steps.size else "-")
-        )
-    span = ", ".join(spans) or "-"
-    if run.loops and run.step_stride > 1:
-        span += f" (1 in {run.step_stride} kept)"
     return tuple(
         text(cell)
         for cell in (
             str(run.attrs.get("call", "")),
             str(run.num_tokens),
-            span,
+            steps_text(run),  # HRM's H and L, ALBERT's groups: each loop its own range
             ",".join(run.loops),
             run.logical_dtype() if run.loops else "-",
             str(run.hidden_size()) if run.loops else "-",

@@ -55,7 +55,6 @@ class RunView:
     pca: np.ndarray  # [T, K, 2]
     explained: np.ndarray  # [T, 2]
     space: str  # as figure labels say it ("readout space", "state space (...)")
-    space_name: str  # the short form for axis titles: "readout" or "state"
     lens: LensView | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -94,7 +93,6 @@ def run_views(run: Run, progress: Callable[[str], None] | None = None, space: st
                 pca=projections,
                 explained=explained,
                 space=space_text(metrics.space, run.capture.readout.kind),
-                space_name=space_text(metrics.space, run.capture.readout.kind).split()[0],  # "readout" or "state"
             )
         )
     return views
@@ -137,7 +135,7 @@ def packed(view: RunView) -> dict:
         "labels": [printable(text, LABEL_CHARACTERS, matplotlib=False) if text else "" for text in view.tokens],
         "prompt": view.prompt,
         "space": view.space,
-        "space_name": view.space_name,
+        "space_name": view.space.split()[0],  # "readout" or "state": the short form for axis titles
         "notes": view.notes,
         "shape": list(view.distance.shape),
         "token_ids": _array(view.token_ids, "<i4"),

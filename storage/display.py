@@ -112,7 +112,7 @@ def _capture_row(number: int, run: Run | None, file: tuple[str, bool]) -> list[s
         return [str(number), *blank, "complete (reopen the capture to read it)", _size(path)]
     try:
         merged = "source_file" in run.attrs
-        cells = [_call(run), str(run.num_tokens), _steps(run), run.logical_dtype() if run.loops else "-"]
+        cells = [_call(run), str(run.num_tokens), steps_text(run), run.logical_dtype() if run.loops else "-"]
     except Exception as exc:
         return [str(number), *blank, f"damaged: {_first_line(exc, path)}", _size(path)]
     return [str(number), *cells, "complete", _size(path) + (" + source" if merged else "")]
@@ -135,7 +135,7 @@ def _readable_run_rows(run: Run) -> list[tuple[str, str]]:
     if attrs.get("call") == "generate":
         prompt = int((run.forward_index == 0).sum())
         call += f" ({prompt} prompt + {run.num_tokens - prompt} generated tokens)"
-    rows = [("call", call), ("tokens", str(run.num_tokens)), ("steps (min-max)", _steps(run))]
+    rows = [("call", call), ("tokens", str(run.num_tokens)), ("steps (min-max)", steps_text(run))]
     if run.loops:
         rows.append(("states", f"{run.logical_dtype()}, hidden size {run.hidden_size()}"))
     signals = [name for loop in run.loops for name in run.signal_names(loop)]
@@ -158,8 +158,9 @@ def _call(run: Run) -> str:
     return "prefill" if call == "forward" else call
 
 
-def _steps(run: Run) -> str:
-    """Iterations per token, min-max, per loop (loops named when there are several)."""
+def steps_text(run: Run) -> str:
+    """Iterations per token, min-max, per loop (loops named when there are several), and a step stride if any: the
+    same cell in Jupyter's runs table and ``loopscope info``'s."""
     spans = []
     for loop in run.loops:
         steps = run.iterations_of(loop)
