@@ -4,6 +4,7 @@ walked whole by ``loopscope verify``. Real captures of the reference model, real
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -125,6 +126,16 @@ def test_fletcher32_summed_in_several_groups_equals_hdf5s(tmp_path, monkeypatch)
     for nbytes in (17 * _ROW_BYTES + 3, 10 * _ROW_BYTES, 4 * _ROW_BYTES + 8):
         data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
         assert checksum.fletcher32(data) == _hdf5_checksum(tmp_path, data)
+
+
+def test_fletcher32_in_several_threads_at_once_equals_one_at_a_time():
+    """Each thread sums in scratch blocks of its own (the writer checksums while the analysis reads and checks)."""
+    rng = np.random.default_rng(11)
+    buffers = [rng.integers(0, 256, (k + 1) * 64 * _ROW_BYTES + 7 * k, dtype=np.uint8) for k in range(4)]
+    expected = [checksum.fletcher32(b) for b in buffers]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            assert list(pool.map(checksum.fletcher32, buffers)) == expected
 
 
 def test_fletcher32_changes_with_any_one_flipped_bit():
