@@ -48,6 +48,17 @@ def forwards(model, batches, steps: int) -> None:
             model(ids, num_steps=steps)
 
 
+def forwards_cloning(model, batches, steps: int, take) -> None:
+    """The forwards with the hand-written hook: a clone of each state on the loop's exit goes to ``take``."""
+    hook = model.transformer.core_block[-1].register_forward_hook(
+        lambda module, args, output: take(output.detach().clone())
+    )
+    try:
+        forwards(model, batches, steps)
+    finally:
+        hook.remove()
+
+
 def raw_thread(model, batches, steps: int, path: str) -> None:
     """Clones handed to a background thread that appends their bytes to one file (see the module docstring)."""
     pending: queue.Queue = queue.Queue(maxsize=256)
@@ -59,13 +70,9 @@ def raw_thread(model, batches, steps: int, path: str) -> None:
 
     thread = threading.Thread(target=append)
     thread.start()
-    hook = model.transformer.core_block[-1].register_forward_hook(
-        lambda module, args, output: pending.put(output.detach().clone())
-    )
     try:
-        forwards(model, batches, steps)
+        forwards_cloning(model, batches, steps, pending.put)
     finally:
-        hook.remove()
         pending.put(None)
         thread.join()
 
@@ -86,13 +93,7 @@ def run_variant(variant: str, model, batches, steps: int, workdir: str) -> tuple
         raw_thread(model, batches, steps, path)
     else:
         states: list[torch.Tensor] = []
-        hook = model.transformer.core_block[-1].register_forward_hook(
-            lambda module, args, output: states.append(output.detach().clone())
-        )
-        try:
-            forwards(model, batches, steps)
-        finally:
-            hook.remove()
+        forwards_cloning(model, batches, steps, states.append)
         with h5py.File(path, "w") as f:
             for i in range(len(batches)):
                 f.create_dataset(f"forward_{i}", data=torch.stack(states[i * steps : (i + 1) * steps], 2).numpy())
