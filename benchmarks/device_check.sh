@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go (about 7 min on one H200): the CUDA tests, the device-to-host path against
-# a pinned copy (benchmarks/d2h.py), generate() overhead on CUDA (benchmarks/overhead.py --device cuda), and the
+# Every check that needs a GPU, in one go (about 7-8 min on one H200): the CUDA tests, the device-to-host path
+# against a pinned copy (benchmarks/d2h.py), generate() overhead on CUDA (benchmarks/overhead.py --device cuda), a
+# prefill whose states come faster than the writer takes them (benchmarks/prefill_flood.py --device cuda), and the
 # host's write rates (benchmarks/write_rate.py) on a machine with more cores and memory bandwidth than the CPU VM.
 #
 #     bash benchmarks/device_check.sh [LOG_DIR]        # logs default to ./device-check
@@ -36,6 +37,8 @@ step versions 60 "$python" -c "import torch, transformers, h5py, loopscope; prin
 step tests 240 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_capture.py tests/test_huginn.py
 step d2h 150 "$python" benchmarks/d2h.py --repeats 3
 step overhead 300 "$python" benchmarks/overhead.py --device cuda --repeats 3 --large-new-tokens 256
+# states made on the GPU faster than the writer stores them: back-pressure, bounded memory, dtype=/step_stride=/tokens=
+step prefill_flood 90 "$python" benchmarks/prefill_flood.py --device cuda --repeats 1
 # the host side on a bigger machine: does the memory-bandwidth cap of a two-copy capture lift with 16 cores?
 step write_rate 120 "$python" benchmarks/write_rate.py --no-codecs --repeats 5
 rm -rf "$pkg"
