@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go (about 7-8 min on one H200): the CUDA tests, the device-to-host path
+# Every check that needs a GPU, in one go (not run yet; estimated 7-8 min on one H200): the CUDA tests, the D2H path
 # against a pinned copy (benchmarks/d2h.py), generate() overhead on CUDA (benchmarks/overhead.py --device cuda), a
 # prefill whose states come faster than the writer takes them (benchmarks/prefill_flood.py --device cuda), and the
 # host's write rates (benchmarks/write_rate.py) on a machine with more cores and memory bandwidth than the CPU VM.
