@@ -60,6 +60,7 @@ def lens(
                     if not loaded:
                         single.check_directory(Path(model), run)  # type: ignore[arg-type]
                     head = readouts[path, name] = single.readout_for(run, model, name)
+                single.check_readout(run, name, head)  # one readout for the file's runs of a loop: each checked
                 n_tokens = run.num_tokens
                 blocks = [(t, min(t + block_tokens, n_tokens)) for t in range(0, n_tokens, block_tokens)]
                 # threads share the driver's readout; a process reads the checkpoint's head once (_worker_readout)

@@ -78,7 +78,7 @@ def lens(
         assert isinstance(model, nn.Module)
         family, spec = _spec(run, model, loop)
         if spec.lens:  # the coda ends in the same head: a model of another size fails here, in one line
-            readout_for(run, model, loop)
+            check_readout(run, loop, readout_for(run, model, loop))
         result = coda_lens(run, model, loop, family, top_k)
     else:
         result = logit_lens(run, loop, readout_for(run, model, loop, readout), top_k, block_tokens)
@@ -92,14 +92,12 @@ def readout_for(
     run: Run, model: nn.Module | str | os.PathLike, loop: str, readout: str | Sequence[str] | None = None
 ) -> lens_readout.Readout:
     """The readout of ``loop`` from a loaded model (its family's modules, or ``readout=``) or from a checkpoint
-    directory already checked with :func:`check_directory`, checked against the capture's state width and ids."""
+    directory already checked with :func:`check_directory`. Not checked against a run's sizes: that is
+    :func:`check_readout`, which :func:`logit_lens` calls for each run it reads."""
     family, spec = _spec(run, model, loop)
     if isinstance(model, nn.Module):
-        head = lens_readout.from_model(model, spec, family, [readout] if isinstance(readout, str) else readout)
-    else:
-        head = lens_readout.from_directory(model, run, spec, family)
-    _check_sizes(run, loop, head.hidden, head.vocab, head.source)
-    return head
+        return lens_readout.from_model(model, spec, family, [readout] if isinstance(readout, str) else readout)
+    return lens_readout.from_directory(model, run, spec, family)
 
 
 def block_measures(
@@ -116,7 +114,7 @@ def logit_lens(
 ) -> LensResult:
     """The logit lens of one run and loop through ``head`` (from :func:`readout_for`): one readout serves every run
     of a capture, so a caller with many runs reads the head's weights once. Checked against this run's sizes."""
-    _check_sizes(run, loop, head.hidden, head.vocab, head.source)
+    check_readout(run, loop, head)
     last = run.steps_of(loop).astype(np.int64)
     n_tokens, n_slots, _ = run.dataset(loop).shape
     per_token = max(n_slots * head.vocab * (4 + 8), 1)  # float32 logits and float64 log-probabilities, all steps
@@ -177,7 +175,9 @@ def _model_spec(model: nn.Module, run: Run, loop: str, family: str, stored: Loop
     return family, stored
 
 
-def _check_sizes(run: Run, loop: str, hidden: int, vocab: int, source: str) -> None:
+def check_readout(run: Run, loop: str, head: lens_readout.Readout) -> None:
+    """``head`` reads this run's states of ``loop`` and knows its token ids, or a one-line error naming the fix."""
+    hidden, vocab, source = head.hidden, head.vocab, head.source
     width = run.hidden_size(loop)
     if hidden != width:
         raise LoopscopeError(

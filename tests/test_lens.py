@@ -306,6 +306,23 @@ def test_lens_of_a_merged_run_and_through_dask_equals_the_lens_of_its_source(ref
         distributed_lens.lens(b, reference_model, scheduler="processes")
 
 
+def test_dask_lens_checks_every_run_against_the_one_readout_it_shares(reference_model, tmp_path):
+    """The driver builds one readout per file and loop; a later run it does not fit is still a one-line error."""
+    pytest.importorskip("dask")
+    from loopscope.analysis import distributed_lens
+    from loopscope.models.huginn_reference import RavenReferenceForCausalLM, tiny_config
+
+    path = tmp_path / "two.h5"
+    with loopscope.attach(reference_model, path), torch.no_grad():
+        reference_model(torch.tensor([[1, 2, 3, 4]]), num_steps=3)  # ids within a vocabulary of 8
+        reference_model(torch.tensor([[1, 2, 30, 4]]), num_steps=3)  # id 30: past it
+    smaller_vocab = RavenReferenceForCausalLM(tiny_config(vocab_size=8, padded_vocab_size=8)).eval()
+    assert len(distributed_lens.lens(path, smaller_vocab, runs=[0], scheduler="sync")) == 1
+    with pytest.raises(LoopscopeError, match="token id 30, past the readout's vocabulary of 8") as caught:
+        distributed_lens.lens(path, smaller_vocab, scheduler="sync")
+    assert "\n" not in str(caught.value)
+
+
 class _Looped(torch.nn.Module):
     """A model loopscope knows no family of: an embedding, one block applied four times, a norm and a head."""
 
