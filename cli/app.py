@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..analysis.metrics import DEFAULT_TOL, METRICS
 from ..errors import LoopscopeError
+from ..storage.display import human_bytes
 from . import lens as lens_command
 from . import plots
 from . import report as report_command
@@ -24,7 +25,6 @@ from .output import (
     describe_loop,
     errors,
     friendly,
-    human_bytes,
     progress,
     removed_on_error,
     text,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import LoopscopeError
+from ..storage.display import files_size
 from ..storage.run_files import list_run_files
 from ..storage.safety import clean
 
@@ -135,17 +135,4 @@ def describe_loop(loop) -> str:
 
 def capture_size(path: Path) -> str:
     """Size of the index plus its run files: the index alone holds almost none of a capture's bytes."""
-    try:
-        size = float(os.path.getsize(path) + sum(os.path.getsize(p) for p, _ in list_run_files(str(path)).values()))
-    except OSError:  # a run file renamed or removed meanwhile (a capture still running)
-        return "size unknown"
-    return human_bytes(size)
-
-
-def human_bytes(size: float) -> str:
-    """Bytes in the largest binary unit that keeps the number readable."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return ""
+    return files_size(path, *(p for p, _ in list_run_files(str(path)).values()))

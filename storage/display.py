@@ -87,7 +87,7 @@ def _capture_html(capture: CaptureFile) -> str:
     merged = meta.get("merged_from_json")
     if isinstance(merged, list):
         header.append(("merged from", f"{len(merged)} capture(s); states are read from their files"))
-    total = _size(capture.path, *(path for path, _ in files.values()))
+    total = files_size(capture.path, *(path for path, _ in files.values()))
     intro = (
         f"<div><strong>loopscope capture</strong> <code>{_e(capture.path)}</code> "
         f"&middot; format v{_e(meta.get('format_version', '?'))} &middot; {_e(total)}"
@@ -107,21 +107,21 @@ def _capture_row(number: int, run: Run | None, file: tuple[str, bool]) -> list[s
     path, complete = file
     blank = ["-", "-", "-", "-"]
     if not complete:
-        return [str(number), *blank, "incomplete", _size(path)]
+        return [str(number), *blank, "incomplete", files_size(path)]
     if run is None:  # completed after the capture was opened
-        return [str(number), *blank, "complete (reopen the capture to read it)", _size(path)]
+        return [str(number), *blank, "complete (reopen the capture to read it)", files_size(path)]
     try:
         merged = "source_file" in run.attrs
         cells = [_call(run), str(run.num_tokens), steps_text(run), run.logical_dtype() if run.loops else "-"]
     except Exception as exc:
-        return [str(number), *blank, f"damaged: {_first_line(exc, path)}", _size(path)]
-    return [str(number), *cells, "complete", _size(path) + (" + source" if merged else "")]
+        return [str(number), *blank, f"damaged: {_first_line(exc, path)}", files_size(path)]
+    return [str(number), *cells, "complete", files_size(path) + (" + source" if merged else "")]
 
 
 # ---- one run ----------------------------------------------------------------------------------------------------
 def _run_rows(run: Run) -> tuple[list[tuple[str, str]], bool]:
     """(label, text) rows of a run's summary, and whether its file could be read."""
-    file = ("file", f"{os.path.basename(run.path)}, {_size(run.path)}")
+    file = ("file", f"{os.path.basename(run.path)}, {files_size(run.path)}")
     try:
         rows = _readable_run_rows(run)
     except Exception as exc:
@@ -211,14 +211,19 @@ def _grid(columns: tuple[str, ...], rows: list[list[str]]) -> str:
     return f'<table style="{STYLE}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _size(*paths: str) -> str:
-    """The files' size on disk in the largest binary unit that keeps the number readable."""
+def files_size(*paths: str | os.PathLike) -> str:
+    """The files' size on disk together (a capture: its index and run files), readable; "size unknown" when one
+    was renamed or removed meanwhile (a capture still running)."""
     try:
-        size = float(sum(os.path.getsize(path) for path in paths))
-    except OSError:  # renamed or removed meanwhile (a capture still running)
+        return human_bytes(float(sum(os.path.getsize(path) for path in paths)))
+    except OSError:
         return "size unknown"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
+
+
+def human_bytes(size: float) -> str:
+    """Bytes in the largest binary unit that keeps the number readable."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    return f"{size:.1f} TiB"
+    return ""
