@@ -22,6 +22,7 @@ ATTRS = {
     "raw": b"bytes",  # h5py's own call: a variable-length string
     "ascii": np.array(b"fixed"),
 }
+STATES = {"shape": (5, 3, 8), "maxshape": (None, None, 8), "chunks": (4, 2, 8)}  # a loop's states, as the writer's
 
 
 def _high_level(f: h5py.File) -> None:
@@ -33,25 +34,9 @@ def _high_level(f: h5py.File) -> None:
     f.create_dataset("token_ids", data=ids, maxshape=(None,), chunks=(1024,), fletcher32=True)
     f.create_dataset("later", shape=(0,), dtype=np.int32, maxshape=(None,), chunks=(1024,), fletcher32=True)
     f.create_dataset("plain", data=ids.astype(np.int8), maxshape=(None,), chunks=(16,), fletcher32=False)
-    states = core.create_dataset(
-        "states",
-        shape=(5, 3, 8),
-        maxshape=(None, None, 8),
-        dtype=np.float32,
-        chunks=(4, 2, 8),
-        fillvalue=np.nan,
-        fletcher32=True,
-    )
+    states = core.create_dataset("states", **STATES, dtype=np.float32, fillvalue=np.nan, fletcher32=True)
     states.attrs["logical_dtype"] = schema.text("float32")
-    core.create_dataset(
-        "bf16",
-        shape=(5, 3, 8),
-        maxshape=(None, None, 8),
-        dtype=np.uint16,
-        chunks=(4, 2, 8),
-        fillvalue=schema.BF16_NAN_BITS,
-        fletcher32=True,
-    )
+    core.create_dataset("bf16", **STATES, dtype=np.uint16, fillvalue=schema.BF16_NAN_BITS, fletcher32=True)
     core.create_dataset("num_steps", data=np.zeros(5, np.int32), chunks=(5,), maxshape=(5,), fletcher32=True)
 
 
@@ -65,25 +50,9 @@ def _low_level(f: h5py.File) -> None:
     make.create(f, "token_ids", dtype=ids.dtype, data=ids, maxshape=(None,), chunks=(1024,))
     make.create(f, "later", shape=(0,), dtype=np.dtype(np.int32), maxshape=(None,), chunks=(1024,))
     make.create(f, "plain", dtype=np.dtype(np.int8), data=ids, maxshape=(None,), chunks=(16,), fletcher32=False)
-    states = make.create(
-        core,
-        "states",
-        shape=(5, 3, 8),
-        maxshape=(None, None, 8),
-        dtype=np.dtype(np.float32),
-        chunks=(4, 2, 8),
-        fillvalue=np.nan,
-    )
+    states = make.create(core, "states", **STATES, dtype=np.dtype(np.float32), fillvalue=np.nan)
     write_attrs(states, {"logical_dtype": schema.text("float32")})
-    make.create(
-        core,
-        "bf16",
-        shape=(5, 3, 8),
-        maxshape=(None, None, 8),
-        dtype=np.dtype(np.uint16),
-        chunks=(4, 2, 8),
-        fillvalue=schema.BF16_NAN_BITS,
-    )
+    make.create(core, "bf16", **STATES, dtype=np.dtype(np.uint16), fillvalue=schema.BF16_NAN_BITS)
     zeros = np.zeros(5, np.int32)
     make.create(core, "num_steps", dtype=zeros.dtype, data=zeros, chunks=(5,), maxshape=(5,))
 
