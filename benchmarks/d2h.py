@@ -33,7 +33,7 @@ import time
 
 import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
 import torch
-from write_rate import Replay, rate_table
+from write_rate import Replay, random_states, rate_table
 
 import loopscope
 
@@ -95,8 +95,7 @@ def main() -> None:
     c.console.print(f"[bold]loopscope device-to-host[/bold] - {c.machine_line()}")
 
     device = a.device
-    g = torch.Generator(device=device).manual_seed(0)
-    prefill_states = torch.randn(a.steps + 1, 1, tokens, a.hidden, device=device, generator=g).to(dtype)
+    prefill_states = random_states(a.steps, tokens, a.hidden, device, dtype)
     decode_states = [prefill_states[:, :, t : t + 1] for t in range(decode)]
     shapes = {
         f"prefill, {tokens} tokens": (Replay([prefill_states]), prefill_states, False),

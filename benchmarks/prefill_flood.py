@@ -37,7 +37,7 @@ import time
 
 import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
 import torch
-from write_rate import Replay
+from write_rate import Replay, random_states
 
 import loopscope
 
@@ -114,8 +114,7 @@ def main() -> None:
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
     repeats = a.repeats or (1 if a.small else 3)
 
-    g = torch.Generator(device=a.device).manual_seed(0)
-    states = torch.randn(a.steps + 1, 1, tokens, hidden, device=a.device, generator=g).to(dtype)
+    states = random_states(a.steps, tokens, hidden, a.device, dtype)
     model = Replay([states])
     ids = torch.zeros(1, tokens, dtype=torch.long, device=a.device)
     per_capture = forwards * states.numel() * states.element_size()

@@ -88,6 +88,13 @@ class Replay(nn.Module):
             self(input_ids=input_ids[:, i : i + 1])
 
 
+def random_states(steps: int, tokens: int, hidden: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Seeded random states [steps+1, 1, tokens, hidden] made on ``device``, for a :class:`Replay` of one prefill
+    whose bytes, not their values, are what is measured."""
+    g = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(steps + 1, 1, tokens, hidden, device=device, generator=g).to(dtype)
+
+
 def record_states(tokens: int, record: int, steps: int) -> torch.Tensor:
     """Real states [steps+1, 1, tokens, H] of the n_embd=1024 reference model: one prefill of ``record`` tokens
     (s0 from the adapter's input, s_k from core_block[-1]), tiled along tokens up to ``tokens``."""
