@@ -86,8 +86,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a check of the script itself)")
     a = p.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
-        c.console.print("d2h.py needs a CUDA device; none is visible here (torch.cuda.is_available() is False)")
-        return
+        p.error("needs a CUDA device; none is visible here (torch.cuda.is_available() is False)")
     tokens = a.tokens or (256 if a.small else 2048)
     decode = a.decode or (16 if a.small else 256)
     repeats = a.repeats or (1 if a.small else 5)

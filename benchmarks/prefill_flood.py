@@ -106,8 +106,7 @@ def main() -> None:
     a = p.parse_args()
     cuda = a.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
-        c.console.print("--device cuda needs a CUDA device; none is visible here (torch.cuda.is_available() is False)")
-        return
+        p.error("--device cuda needs a CUDA device; none is visible here (torch.cuda.is_available() is False)")
     forwards = a.forwards or (2 if a.small else 4 if cuda else 8)
     tokens = a.tokens or (128 if a.small else 2048 if cuda else 512)
     hidden = a.hidden or (256 if a.small else 5280 if cuda else 1024)
