@@ -20,10 +20,11 @@ Three sizes: ``tiny`` (tiny_config defaults, 8 steps, 256 new tokens), ``large``
 intermediate 2816, 32 steps) and ``realistic`` (the GPU target's: n_embd=2048, 16 heads, intermediate 5632, 4 core
 blocks, 32 steps, bfloat16 weights, 128 new tokens; ``--sizes realistic --device cuda``). The large model decodes at
 ~0.3 s per token on 2 CPU cores, so 256 new tokens would take ~80 s per run and ~16 min for the 12 timed runs; it
-generates 32 new tokens by default instead (``--large-new-tokens``). Each variant gets a short warm-up run, then ``--repeats`` timed runs in rotating order;
-the table shows medians. "total" is what the user waits for: attach/hooks + generate + close/final write;
-"min x plain" compares the fastest runs; "CPU" is the process's CPU time over the same span (every thread: the
-model's, the hooks', loopscope's writer), far less sensitive than wall time to other processes on the machine.
+generates 32 new tokens by default instead (``--large-new-tokens``). Each variant gets a short warm-up run, then
+``--repeats`` timed runs in rotating order; the table shows medians. "total" is what the user waits for:
+attach/hooks + generate + close/final write; "min x plain" compares the fastest runs; "CPU" is the process's CPU
+time over the same span (every thread: the model's, the hooks', loopscope's writer), far less sensitive than wall
+time to other processes on the machine.
 """
 
 from __future__ import annotations
