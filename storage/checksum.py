@@ -17,16 +17,12 @@ import numpy as np
 
 FLETCHER32 = h5py.h5z.FILTER_FLETCHER32
 CHECKSUM_BYTES = 4
-# The sums are taken over 64-bit words, each holding four 16-bit words: masked into two lanes per 64-bit word (16
-# bits of data in each 32-bit half), they add up with numpy's integer loops, no float conversion and no BLAS.
-_COLS = 512  # 64-bit words per row of the 2-D view (4 KiB)
-_BLOCK_ROWS = 64  # rows masked at a time (256 KiB): the temporaries stay in cache
-_GROUP_ROWS = 1 << 16  # rows summed into one set of column sums: each 32-bit half stays below 2**32
-_LANES = np.uint64(0x0000FFFF0000FFFF)
-_LOW = np.uint64(0xFFFFFFFF)
-_SHIFT = np.uint64(16)
-# The two masked blocks, kept per thread: fresh 256 KiB arrays on every call came from mmap, and their page faults
-# (~100 per MiB checksummed) cost as much system time as the sums themselves.
+# The sums are column and row sums of the 16-bit words laid out as rows of _COLS words, taken a block of rows at a
+# time so that the block stays in cache for its second pass; numpy's integer reductions widen the words on the fly.
+_COLS = 2048  # 16-bit words per row (4 KiB)
+_BLOCK_ROWS = 64  # rows per block (256 KiB)
+_MOD = 65535
+# Each thread's column sums of one block: a fresh array per block came from the allocator every time.
 _scratch = threading.local()
 
 
@@ -39,16 +35,11 @@ def fletcher32(buf) -> int:
         return 0
     # HDF5 reads big-endian words w = 256 * b0 + b1; the little-endian word v = b0 + 256 * b1 has 256 * v = w
     # (mod 65535), so the sums are taken over v, read as they lie, and scaled at the end. With n words,
-    # sum1 = sum(w_i) and sum2 = sum((n - i) * w_i): both follow from total = sum(v_i) and weighted = sum(i * v_i).
-    rows = nbytes // (8 * _COLS)
-    total = weighted = 0
-    for r0 in range(0, rows, _GROUP_ROWS):
-        r1 = min(r0 + _GROUP_ROWS, rows)
-        block = np.frombuffer(data[r0 * _COLS * 8 : r1 * _COLS * 8], dtype="<u8").reshape(r1 - r0, _COLS)
-        s, p = _grouped_sums(block)
-        total += s
-        weighted += p + 4 * r0 * _COLS * s  # the group's words start at word 4 * r0 * COLS
-    start = rows * _COLS * 4  # the words past the last whole row, and an odd last byte: a few thousand at most
+    # sum1 = sum(w_i) and sum2 = sum((n - i) * w_i): both follow from total = sum(v_i) and weighted = sum(i * v_i),
+    # and only their residues mod 65535 matter (apart from telling all-zero data, whose checksum is 0).
+    rows = nbytes // (2 * _COLS)
+    total, weighted = _whole_rows(np.frombuffer(data[: rows * _COLS * 2], dtype="<u2").reshape(rows, _COLS))
+    start = rows * _COLS  # the words past the last whole row, and an odd last byte: fewer than 2049
     words = np.frombuffer(data[start * 2 : nbytes & ~1], dtype="<u2").astype(np.int64)
     if nbytes & 1:
         words = np.append(words, data[nbytes - 1])  # HDF5's last word is (byte << 8): 256 * byte
@@ -57,49 +48,39 @@ def fletcher32(buf) -> int:
     if total == 0:
         return 0
     n = start + words.size
-    sum1 = total * 256 % 65535
-    sum2 = (n * total - weighted) * 256 % 65535
-    return (((sum2 - 1) % 65535 + 1) << 16) | ((sum1 - 1) % 65535 + 1)
+    sum1 = total * 256 % _MOD
+    sum2 = (n * total - weighted) * 256 % _MOD
+    return (((sum2 - 1) % _MOD + 1) << 16) | ((sum1 - 1) % _MOD + 1)
 
 
-def _grouped_sums(block: np.ndarray) -> tuple[int, int]:
-    """(sum of v, sum of i * v) over the 16-bit words v of ``block`` [rows <= GROUP_ROWS, COLS] of 64-bit words,
-    i counted from the block's first word. Word i = 4 q + l sits in lane l of 64-bit word q = r * COLS + c; lanes 0
-    and 2 (``a``) and 1 and 3 (``b``) are masked into the halves of one 64-bit word each, whose column and row sums
-    give every term: sum(i * v) = 4 * (COLS * sum(r * row_r) + sum(c * col_c)) + sum(l * lane_l)."""
-    rows = block.shape[0]
-    col_a = np.zeros(_COLS, np.uint64)
-    col_b = np.zeros(_COLS, np.uint64)
-    row_a = np.empty(rows, np.uint64)
-    row_b = np.empty(rows, np.uint64)
-    a, b = _masked_blocks()
+def _whole_rows(x: np.ndarray) -> tuple[int, int]:
+    """(sum of v exactly, sum of i * v mod 65535) over the words v of ``x`` [rows, COLS], i counted from its first
+    word: word i = r * COLS + c, so sum(i * v) = COLS * sum(r * row_r) + sum(c * col_c)."""
+    rows = x.shape[0]
+    if rows == 0:
+        return 0, 0
+    cols = np.zeros(_COLS, np.uint64)  # < rows * 2**16: exact for any buffer that fits in memory
+    row_sums = np.empty(rows, np.uint32)  # < COLS * 2**16 = 2**27
+    block = _block_sums()
     for r0 in range(0, rows, _BLOCK_ROWS):
         r1 = min(r0 + _BLOCK_ROWS, rows)
-        x, ka, kb = block[r0:r1], a[: r1 - r0], b[: r1 - r0]
-        np.bitwise_and(x, _LANES, out=ka)
-        np.right_shift(x, _SHIFT, out=kb)
-        np.bitwise_and(kb, _LANES, out=kb)
-        col_a += ka.sum(axis=0)
-        col_b += kb.sum(axis=0)
-        ka.sum(axis=1, out=row_a[r0:r1])
-        kb.sum(axis=1, out=row_b[r0:r1])
-    lanes = [(s & _LOW).astype(np.int64) for s in (col_a, col_b)] + [
-        (s >> np.uint64(32)).astype(np.int64) for s in (col_a, col_b)
-    ]
-    cols = lanes[0] + lanes[1] + lanes[2] + lanes[3]  # < 2**34 each: times c < 2**9, summed, within int64
-    row = sum((s & _LOW).astype(np.int64) + (s >> np.uint64(32)).astype(np.int64) for s in (row_a, row_b))
+        np.add.reduce(x[r0:r1], axis=0, dtype=np.uint32, out=block)  # < BLOCK_ROWS * 2**16
+        cols += block
+        np.add.reduce(x[r0:r1], axis=1, dtype=np.uint32, out=row_sums[r0:r1])
     total = int(cols.sum())
-    lane_sums = [int(s.sum()) for s in lanes]  # lanes 0, 1, 2, 3
-    weighted = 4 * (_COLS * int((np.arange(rows, dtype=np.int64) * row).sum()) + int((np.arange(_COLS) * cols).sum()))
-    return total, weighted + lane_sums[1] + 2 * lane_sums[2] + 3 * lane_sums[3]
+    col_part = int((np.arange(_COLS, dtype=np.int64) * (cols % _MOD).astype(np.int64)).sum())  # < 2**38
+    # residues keep each product below 2**32 and the sum within int64 for up to 2**31 rows (8 TiB)
+    r = np.arange(rows, dtype=np.int64) % _MOD
+    row_part = int((r * (row_sums % _MOD).astype(np.int64)).sum() % _MOD)
+    return total, (col_part + _COLS * row_part) % _MOD
 
 
-def _masked_blocks() -> tuple[np.ndarray, np.ndarray]:
-    """This thread's two [BLOCK_ROWS, COLS] scratch blocks."""
-    blocks = getattr(_scratch, "blocks", None)
-    if blocks is None or blocks[0].shape != (_BLOCK_ROWS, _COLS):
-        blocks = _scratch.blocks = tuple(np.empty((_BLOCK_ROWS, _COLS), np.uint64) for _ in range(2))
-    return blocks
+def _block_sums() -> np.ndarray:
+    """This thread's [COLS] uint32 column sums of one block."""
+    block = getattr(_scratch, "block", None)
+    if block is None or block.shape != (_COLS,):
+        block = _scratch.block = np.empty(_COLS, np.uint32)
+    return block
 
 
 def stored_value(chunk) -> int:

@@ -87,8 +87,8 @@ def _hdf5_checksum(tmp_path, data: np.ndarray) -> int:
     return checksum.stored_value(raw)
 
 
-# Sizes around the sum's own blocks: a 64-bit word is 8 bytes, a row 512 of them, a pass 64 rows (256 KiB).
-_ROW_BYTES = 8 * 512
+# Sizes around the sum's own blocks: a row is 2048 16-bit words (4 KiB), a block 64 rows (256 KiB).
+_ROW_BYTES = 2 * 2048
 
 
 @pytest.mark.parametrize(
@@ -118,14 +118,27 @@ def test_fletcher32_at_every_block_boundary_equals_hdf5s(tmp_path, nbytes):
     assert checksum.fletcher32(ones) == _hdf5_checksum(tmp_path, ones)
 
 
-def test_fletcher32_summed_in_several_groups_equals_hdf5s(tmp_path, monkeypatch):
-    """Past 65536 rows (256 MiB) the column sums start again; shrunk here so a small buffer takes that path, with
-    passes that end inside a group and a group that ends inside a pass."""
-    monkeypatch.setattr(checksum, "_GROUP_ROWS", 5)
+def test_fletcher32_summed_in_small_blocks_equals_hdf5s(tmp_path, monkeypatch):
+    """Blocks of 2 rows: many blocks, and a last one cut short by the buffer's end."""
     monkeypatch.setattr(checksum, "_BLOCK_ROWS", 2)
-    for nbytes in (17 * _ROW_BYTES + 3, 10 * _ROW_BYTES, 4 * _ROW_BYTES + 8):
+    for nbytes in (17 * _ROW_BYTES + 3, 10 * _ROW_BYTES, 5 * _ROW_BYTES + 8):
         data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
         assert checksum.fletcher32(data) == _hdf5_checksum(tmp_path, data)
+
+
+@pytest.mark.parametrize("rows", [1, 65535, 65536, 200_003])
+def test_row_sums_stay_exact_past_65535_rows(rows):
+    """Past 65535 rows (256 MiB) the row numbers and sums wrap around mod 65535. Every row the same (a broadcast
+    view, no memory), so the exact sums have a closed form: total = rows * sum(y), and sum(i * v) over words
+    i = r * COLS + c is COLS * sum(y) * rows * (rows - 1) / 2 + rows * sum(c * y_c)."""
+    y = np.random.default_rng(rows).integers(0, 1 << 16, checksum._COLS, dtype=np.uint16)
+    y[:7] = 0xFFFF  # the largest words
+    x = np.broadcast_to(y, (rows, checksum._COLS))
+    total, weighted = checksum._whole_rows(x)
+    sum_y = int(y.astype(np.int64).sum())
+    exact = checksum._COLS * sum_y * rows * (rows - 1) // 2 + rows * int((np.arange(y.size) * y.astype(np.int64)).sum())
+    assert total == rows * sum_y
+    assert weighted == exact % 65535
 
 
 def test_fletcher32_in_several_threads_at_once_equals_one_at_a_time():
