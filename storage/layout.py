@@ -26,6 +26,7 @@ def check_run(group: h5py.File, path: str, readout_width: int | None = None) -> 
     attrs = safety.read_attrs(group, path)
     if schema.as_text(attrs.get("format")) != schema.RUN_FORMAT_NAME:
         raise CaptureFileError(f"{where} is not a loopscope run file")
+    _check_version(attrs.get("format_version"), where)
     data = {}
     for name in TOKEN_DATASETS:
         data[name] = safety.hard_child(group, name, path, h5py.Dataset)
@@ -57,6 +58,21 @@ def check_run(group: h5py.File, path: str, readout_width: int | None = None) -> 
     for loop in names:
         _check_loop(loops, loop, n[0], path, readout_width)
     return attrs
+
+
+def _check_version(value, where: str) -> None:
+    """A run file's layout version, as the index's is checked: a newer layout may mean something else entirely."""
+    try:
+        version = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise CaptureFileError(f"{where}: run format version {safety.clean(value)!r} is no number; damaged") from None
+    if version > schema.FORMAT_VERSION:
+        raise CaptureFileError(
+            f"{where} has run format version {version}, newer than this loopscope reads ({schema.FORMAT_VERSION}); "
+            "upgrade loopscope"
+        )
+    if version < 1:
+        raise CaptureFileError(f"{where} has an invalid run format version {version}; damaged")
 
 
 def _check_loop(loops: h5py.Group, loop: str, n_tokens: int, path: str, readout_width: int | None) -> None:

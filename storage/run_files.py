@@ -23,7 +23,7 @@ from typing import Any
 import h5py
 
 from ..errors import CaptureFileError
-from . import schema
+from . import safety, schema
 from .write.objects import write_attrs
 
 RUN_FILE = re.compile(r"^(\d{6,})(\.partial)?\.h5$")
@@ -41,7 +41,13 @@ def list_run_files(index_path: str) -> dict[int, tuple[str, bool]]:
     found: dict[int, tuple[str, bool]] = {}
     if not os.path.isdir(folder):
         return found
-    for name in os.listdir(folder):
+    try:
+        names = os.listdir(folder)
+    except OSError as exc:  # no read or search permission: every run is out of reach, say so once
+        raise CaptureFileError(
+            f"cannot list the run folder {safety.clean(folder)} ({exc.strerror or exc}); check its permissions"
+        ) from None
+    for name in names:
         parsed = run_file_name(name)
         if parsed is not None:
             index, complete = parsed

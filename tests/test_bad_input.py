@@ -82,6 +82,33 @@ def test_not_hdf5_foreign_and_newer_files(tmp_path, pristine):
     _assert_one_line_error(tmp_path / "absent.h5", "no such file")
     run_file = Path(str(pristine) + ".runs") / "000000.h5"
     _assert_one_line_error(run_file, "one run's file; open the capture's index")
+    (tmp_path / "run").mkdir()
+    newer_run = _copy(pristine, tmp_path / "run")
+    with h5py.File(str(newer_run) + ".runs/000000.h5", "a") as f:
+        f.attrs["format_version"] = 99  # a run laid out by a later loopscope is not read as this one's
+    _assert_one_line_error(newer_run, "run format version 99, newer than this loopscope reads.*upgrade", run=0)
+
+
+def test_an_unlistable_run_folder_is_one_line(tmp_path, pristine):
+    """Without read permission on the run folder, every command says so in one line (was: PermissionError)."""
+    capture = _copy(pristine, tmp_path)
+    folder = str(capture) + ".runs"
+    os.chmod(folder, 0)
+    try:
+        if os.geteuid() != 0:
+            _assert_one_line_error(capture, "cannot list the run folder .*Permission denied.*check its permissions")
+            return
+        # root reads any folder: run the command without the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root and setpriv (util-linux) is not installed")
+        command = [sys.executable, "-c", "from loopscope.cli.app import main; main()", "info", str(capture)]
+        drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+        result = subprocess.run(drop + command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert re.search("cannot list the run folder .*Permission denied.*check its permissions", result.stderr)
+    finally:
+        os.chmod(folder, 0o755)
 
 
 def test_truncated_and_damaged_files(tmp_path, pristine):
