@@ -263,6 +263,8 @@ def _typical_tokens(m, tol: float) -> list[int]:
     """The fastest, median and slowest token to converge (one that never does is slowest of all), among those
     whose states are finite: three different behaviours to look at."""
     steps = m.convergence_steps(tol).astype(np.float64)
+    if not len(steps):
+        raise LoopscopeError("nothing to project: the run has no tokens; pick another run with --run")
     steps[steps < 0] = np.inf
     finite = np.setdiff1d(np.arange(len(steps)), m.nonfinite_tokens())
     order = finite[np.argsort(steps[finite], kind="stable")]

@@ -50,6 +50,8 @@ def write_report(
     heads: dict[str, object] = {}  # each loop's readout, built once for every run (a checkpoint's head read once)
     for run in chosen:
         try:
+            if run.num_tokens == 0:  # nothing to draw (a hand-trimmed or foreign file): say so beside the others
+                raise CaptureFileError(f"run {run.index} holds no tokens")
             run_views = data.run_views(run, progress, space)
         except CaptureFileError as exc:  # a damaged run file: the others are still worth a look
             if len(chosen) == 1:

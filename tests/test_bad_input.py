@@ -460,3 +460,34 @@ def test_crafted_shapes_attributes_and_links_give_one_line_errors(pristine, craf
         _craft(Path(folder), craft)
         problems = crafted_worker(path, Path(folder) / "fig.png")
         assert not problems, f"{craft}: {problems[0]}"
+
+
+def test_a_run_without_tokens_is_left_out_of_the_report_and_named_by_plots(tmp_path, pristine):
+    """Every per-token dataset [0] and states [0, K, H] (a trimmed or foreign file): the report shows the other run
+    with a note, and a report or a projection of that run alone is one line (was: numpy's zero-size ValueError)."""
+    capture = _copy(pristine, tmp_path)
+    with h5py.File(str(capture) + ".runs/000001.h5", "a") as f:
+        for name in ("token_ids", "attention_mask", "positions", "forward_index", "token_ends", "loops/core/num_steps"):
+            dtype = f[name].dtype
+            del f[name]
+            f.create_dataset(name, shape=(0,), dtype=dtype, maxshape=(None,), chunks=(1024,), fletcher32=True)
+        states = f["loops/core/states"]
+        steps, hidden, attrs = states.shape[1], states.shape[2], dict(states.attrs)
+        del f["loops/core/states"]
+        empty = f.create_dataset(
+            "loops/core/states",
+            shape=(0, steps, hidden),
+            maxshape=(None, None, hidden),
+            dtype="f4",
+            chunks=(16, 4, hidden),
+            fletcher32=True,
+        )
+        empty.attrs.update(attrs)
+        f.attrs["n_tokens"] = 0
+    code, output = _cli("report", capture, "--out", tmp_path / "all.html")
+    assert code == 0, output
+    assert "run 1 left out: run 1 holds no tokens" in (tmp_path / "all.html").read_text()
+    code, output = _cli("report", capture, "--run", 1, "--out", tmp_path / "one.html")
+    assert code == 1 and "holds no tokens" in output and len(output.strip().splitlines()) == 1, output
+    code, output = _cli("plot", capture, "--kind", "pca", "--run", 1, "--out", tmp_path / "pca.png")
+    assert code == 1 and "the run has no tokens" in output, output
