@@ -129,4 +129,21 @@ def check_readout_vector(ds, path: str, name: str) -> np.ndarray:
         shape = getattr(ds, "shape", None)
         raise CaptureFileError(f"{where}: the readout {name} has shape {shape}; the file is damaged")
     safety.check_whole(ds, path)
-    return np.asarray(ds[()], dtype=np.float64)
+    values = np.asarray(ds[()], dtype=np.float64)
+    if not np.isfinite(values).all():  # read out, every state would turn NaN and look like a model that blew up
+        raise CaptureFileError(f"{where}: the readout {name} holds NaN or infinite values; the index is damaged")
+    return values
+
+
+def readout_number(attrs: dict, name: str, path: str) -> float:
+    """The readout norm's ``eps`` or ``weight_offset``: a finite number (0 when absent), eps not negative."""
+    value = attrs.get(name, 0.0)
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = float("nan")
+    if not np.isfinite(number) or (name == "eps" and number < 0):
+        raise CaptureFileError(
+            f"{safety.clean(path)}: the readout {name} is {safety.clean(value)!r}; the index is damaged"
+        )
+    return number

@@ -104,8 +104,8 @@ class CaptureFile:
             kind=schema.text_or(kind, str(kind)),
             weight=vectors["weight"],
             bias=vectors["bias"],
-            eps=float(attrs.get("eps", 0.0)),
-            weight_offset=float(attrs.get("weight_offset", 0.0)),
+            eps=layout.readout_number(attrs, "eps", self.path),
+            weight_offset=layout.readout_number(attrs, "weight_offset", self.path),
         )
 
     def _check_run_files(self) -> None:

@@ -491,3 +491,18 @@ def test_a_run_without_tokens_is_left_out_of_the_report_and_named_by_plots(tmp_p
     assert code == 1 and "holds no tokens" in output and len(output.strip().splitlines()) == 1, output
     code, output = _cli("plot", capture, "--kind", "pca", "--run", 1, "--out", tmp_path / "pca.png")
     assert code == 1 and "the run has no tokens" in output, output
+
+
+@pytest.mark.parametrize("damage", ["eps", "weight_offset", "weight"])
+def test_a_readout_norm_that_is_not_finite_is_named_as_damage(tmp_path, pristine, damage):
+    """NaN in the stored norm would turn every state read out into NaN and be blamed on the model (was: 'every
+    token has NaN or infinite states (the model blew up)')."""
+    capture = _copy(pristine, tmp_path)
+    with h5py.File(capture, "a") as f:
+        readout = f["readout"]
+        if damage == "weight":
+            readout["weight"][0] = np.nan
+        else:
+            readout.attrs[damage] = np.nan
+    found = "is 'nan'" if damage != "weight" else "holds NaN or infinite values"
+    _assert_one_line_error(capture, f"the readout {damage} {found}; the index is damaged")
