@@ -64,6 +64,7 @@ def main() -> None:
         if args.prompt_file:
             with open(args.prompt_file, encoding="utf-8") as handle:
                 prompts = [line.rstrip("\n") for line in handle if line.strip()]
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)  # every rank may make it: exist_ok
         model, tokenizer = build(args.model, args.seed)
         device = next(model.parameters()).device
         with loopscope.attach(model, args.out, tokenizer=tokenizer, mode="w") as cap:  # the one added line

@@ -53,8 +53,8 @@ from pathlib import Path
 
 import torch
 
-from .demo_tokenizer import as_transformers, train_bpe
-from .huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+from ..models.demo_tokenizer import as_transformers, train_bpe
+from ..models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
 
 #: Standard-library modules whose docstrings form the corpus. Sorted, present on every CPython >= 3.10 on every
 #: platform, and importable without side effects.

@@ -34,12 +34,19 @@ class DemoResult:
 def build_demo_model(seed: int = 0):
     """The shipped demo model (eval mode) and its tokenizer. ``seed`` is kept for callers; the weights are fixed."""
     from transformers import PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
     from .huginn_reference import RavenReferenceForCausalLM, register
 
     register()
     torch.manual_seed(seed)
-    model = RavenReferenceForCausalLM.from_pretrained(MODEL_DIR).eval()
+    shown = hf_logging.is_progress_bar_enabled()  # a 5 MB local load needs no progress bar on stderr
+    hf_logging.disable_progress_bar()
+    try:
+        model = RavenReferenceForCausalLM.from_pretrained(MODEL_DIR).eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(MODEL_DIR)
     return model, tokenizer
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
 
 import loopscope
@@ -50,3 +53,22 @@ def test_tokens_converge_at_different_speeds(tmp_path):
         steps = token_metrics(capture.runs[0]).convergence_steps(1e-2)
     assert steps.min() >= 0
     assert np.ptp(steps) >= 5, steps  # fast and slow tokens, several iterations apart
+
+
+def test_loading_the_demo_model_prints_nothing_and_leaves_progress_bars_as_they_were(capfd):
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    build_demo_model()
+    out, err = capfd.readouterr()
+    assert out == "" and "Loading weights" not in err, err
+    assert hf_logging.is_progress_bar_enabled()  # a library call does not switch off the user's bars
+
+
+@pytest.mark.parametrize("example", ["train_demo_model", "capture_generate", "capture_torchrun"])
+def test_every_example_starts_as_its_docstring_says(example):
+    """``python -m loopscope.examples.NAME --help``: each imports what it needs from where it now lives."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"loopscope.examples.{example}", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr
