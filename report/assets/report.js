@@ -183,7 +183,8 @@
       overview.dataset.listening = "true";
     }
     document.getElementById("overview-hint").textContent =
-      "each row: " + block + " tokens, coloured by the slowest of them; click a row to show it on the right";
+      "each row: " + (block === 1 ? "1 token" : block + " tokens, coloured by the slowest of them") +
+      "; click a row to show it on the right";
   }
 
   function markWindow() {
