@@ -39,6 +39,8 @@ CSV_COLUMNS = (
     "final_token_rank",
     "final_token_prob",
     "settled",
+    "topk_ids",  # the top_k most probable next tokens, most probable first, separated by spaces
+    "topk_probs",
 )
 
 
@@ -125,6 +127,8 @@ class LensResult:
             int(self.final_rank[t, k]),
             _number(self.final_prob[t, k]),
             int(k >= settling),
+            " ".join(str(int(i)) for i in self.top_ids[t, k]),
+            " ".join(_number(p) for p in self.top_probs[t, k]),
         ]
 
 

@@ -29,7 +29,9 @@ def lens(
         0, "--run", help="Run index (see `loopscope info`; negative counts from the last run, -1 the last)."
     ),
     loop: str | None = typer.Option(None, "--loop", help="Which loop, for models with several."),
-    top_k: int = typer.Option(5, "--top-k", help="Most probable next tokens kept per token and step."),
+    top_k: int = typer.Option(
+        5, "--top-k", help="Most probable next tokens per token and step: the CSV's topk_ids and topk_probs columns."
+    ),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (Huginn)."),
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
     out: Path = typer.Option(

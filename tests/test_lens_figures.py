@@ -291,6 +291,17 @@ def test_cli_lens_on_the_demo_capture(demo, tmp_path):
         rows = list(csv.reader(handle))  # a predicted "\n" is a quoted line break inside its cell
     assert rows[0][:4] == ["run", "loop", "kind", "token_index"] and len(rows) == expected + 1
     assert not (tmp_path / "lens.csv.partial").exists()
+    columns = {name: i for i, name in enumerate(rows[0])}
+    for row in rows[1:]:  # --top-k 5 (the default): five ids and probabilities, the first one the top-1
+        ids, probs = row[columns["topk_ids"]].split(), [float(p) for p in row[columns["topk_probs"]].split()]
+        assert len(ids) == len(probs) == 5 and ids[0] == row[columns["top1_id"]]
+        assert probs == sorted(probs, reverse=True) and float(row[columns["top1_prob"]]) == probs[0]
+    three = tmp_path / "lens3.csv"
+    args = ["lens", str(demo.capture), "--model", str(MODEL_DIR), "--top-k", "3", "--out", str(three)]
+    assert runner.invoke(app, args).exit_code == 0
+    with open(three, newline="") as handle:
+        kept = [row[columns["topk_ids"]].split() for row in list(csv.reader(handle))[1:]]
+    assert kept == [row[columns["topk_ids"]].split()[:3] for row in rows[1:]]
     figure = tmp_path / "lens.png"
     args = ["lens", str(demo.capture), "--model", str(MODEL_DIR), "--top-k", "2", "--out", str(figure)]
     result = runner.invoke(app, args)
