@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LoopscopeError
-from . import schema
+from . import dependencies, schema
 from .reader import CaptureFile, Run
 
 FORMATS = ("npz", "safetensors")
@@ -73,6 +73,7 @@ def export(
     """
     if fmt not in FORMATS:
         raise LoopscopeError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    check_out(capture, out)
     chosen = capture.runs if runs is None else [capture.run(i) for i in runs]
     if not chosen:
         raise LoopscopeError(f"{capture.path} has no complete runs to export")
@@ -95,6 +96,15 @@ def export(
     except OSError as exc:
         raise LoopscopeError(f"cannot write {out}: {exc.strerror or exc}") from None
     return [a.name for a in arrays]
+
+
+def check_out(capture: CaptureFile, out: str | os.PathLike) -> None:
+    """Refuse an ``out`` that the capture reads: its index, its run folder or anything in it, or a file its runs
+    map. The export streams from those files while it writes, so it would destroy the data it is exporting."""
+    protected = dependencies.capture_files([capture.path], locking=capture._open_kwargs.get("locking"))
+    clash = protected.holding(out)
+    if clash is not None:
+        raise LoopscopeError(f"--out {clash}; the export must not write where it reads: choose another --out")
 
 
 def _run_arrays(run: Run, widen_bf16: bool) -> list[_Array]:

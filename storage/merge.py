@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from ..errors import CaptureFileError, LoopscopeError, MergeError, first_line
-from . import checksum, run_files, safety, schema
+from . import checksum, dependencies, run_files, safety, schema
 from .reader import CaptureFile, Run
 from .virtual import check_sources, missing_sources  # noqa: F401 - the README names merge.check_sources
 
@@ -59,7 +59,7 @@ def merge(
     """
     out = os.fspath(out)
     paths = [os.fspath(s) for s in sources]
-    _check_paths(out, paths, force)
+    _check_paths(out, paths, force, locking)
     with contextlib.ExitStack() as stack:
         captures = [stack.enter_context(_open_source(p, locking)) for p in paths]
         plan = _plan(captures)
@@ -91,7 +91,7 @@ def merge(
 
 
 # ---- checks ---------------------------------------------------------------------------------------------------------
-def _check_paths(out: str, sources: list[str], force: bool) -> None:
+def _check_paths(out: str, sources: list[str], force: bool, locking) -> None:
     if not sources:
         raise MergeError("give at least one capture to merge")
     seen: dict[str, str] = {}
@@ -108,8 +108,26 @@ def _check_paths(out: str, sources: list[str], force: bool) -> None:
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise MergeError(f"cannot create {out}: directory {parent} does not exist; create it first")
+    _check_output_spares_sources(out, sources, force, locking)  # first: --force must not be suggested then
     if (os.path.exists(out) or run_files.list_run_files(out)) and not force:
         raise MergeError(f"{out} already exists; pass --force (force=True) to replace it")
+
+
+def _check_output_spares_sources(out: str, sources: list[str], force: bool, locking) -> None:
+    """Refuse an output whose writing or ``force`` removal would destroy what the sources read: their index and
+    run files, the files their runs map (followed through merges of merges: a source may map the very capture
+    being replaced), or their run folders, which must not hold a capture of their own either."""
+    protected = dependencies.capture_files(sources, locking=locking)
+    advice = "write the merged capture to a new file, outside the sources' run folders"
+    for path in (out, out + ".tmp", run_files.runs_dir(out)):  # the index is written as OUT.tmp, then renamed
+        clash = protected.holding(path)
+        if clash is not None:
+            raise MergeError(f"output {clash}; {advice}" if path == out else f"output {out}: {clash}; {advice}")
+    if force:
+        for path, _ in run_files.list_run_files(out).values():
+            clash = protected.holding(path)
+            if clash is not None:
+                raise MergeError(f"--force (force=True) would delete the run files of {out}, but {clash}; {advice}")
 
 
 @contextlib.contextmanager
