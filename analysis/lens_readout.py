@@ -85,11 +85,12 @@ def from_model(model: nn.Module, spec: LoopSpec, family: str, override: Sequence
 def from_directory(directory: str | os.PathLike, run: Run, spec: LoopSpec, family: str) -> Readout:
     """The stored readout norm, then the head's matrix read from the checkpoint (nothing else is read)."""
     folder = Path(directory)
+    if spec.lens_head is None and spec.no_lens:  # no head reads this loop's states, from a checkpoint or not
+        raise LoopscopeError(f"{family} loop {spec.name!r} has no logit lens ({spec.no_lens}); read another loop")
     if spec.lens_head is None:
-        why = spec.no_lens or "its head is more than one matrix after the readout norm"
         raise LoopscopeError(
-            f"the logit lens of {family} loop {spec.name!r} cannot be read from a checkpoint ({why}); "
-            "pass the loaded model"
+            f"the logit lens of {family} loop {spec.name!r} cannot be read from a checkpoint (its head is more than "
+            "one matrix after the readout norm); load the model and pass it from Python: lens(run, model)"
         )
     files = _weight_files(folder)
     bias_name = spec.lens_head.removesuffix("weight") + "bias"

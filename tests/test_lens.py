@@ -124,6 +124,9 @@ def test_hrm_text_lens_reads_the_h_stream_and_says_the_l_stream_has_none(tmp_pat
         want = _plain(run.states(loop="H"), run.steps_of("H"), model.lm_head)
         with pytest.raises(LoopscopeError, match="L stream only feeds the H stream"):
             lens(run, model, loop="L")
+        model.save_pretrained(tmp_path / "ckpt")  # from a checkpoint: the same reason, and no advice to load it
+        with pytest.raises(LoopscopeError, match=r"loop 'L' has no logit lens \(.*L stream.*\); read another loop$"):
+            lens(run, tmp_path / "ckpt", loop="L")
     _assert_same(result, want)
     np.testing.assert_allclose(result.top_probs[:, -1, 0], torch.softmax(logits, -1).max(-1).values, rtol=RTOL)
 
