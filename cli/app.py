@@ -51,9 +51,10 @@ def demo(
     and write the interactive report."""
     from transformers.utils import logging as hf_logging
 
-    from ..models.demo import check_out_dir, run_demo
+    from ..models.demo import check_counts, check_out_dir, run_demo
 
-    check_out_dir(out, force)  # before the status line: a refusal is one line, not a spinner first
+    check_counts(steps, max_new_tokens)  # before the status line: a refusal is one line, not a spinner first
+    check_out_dir(out, force)
     hf_logging.disable_progress_bar()  # the status line below says what is happening
     with console.status("capturing the demo model…"):
         result = run_demo(out, steps=steps, max_new_tokens=max_new_tokens, force=force)

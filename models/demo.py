@@ -66,11 +66,21 @@ def run_demo(
     from loopscope.report import write_report
 
     out = Path(out_dir)
+    check_counts(steps, max_new_tokens)
     check_out_dir(out, force)
-    out.mkdir(parents=True, exist_ok=True)
-    capture_path, figure_path, grid_path = out / "demo.h5", out / "convergence.png", out / "predictions.png"
     model, tokenizer = build_demo_model(seed)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    room = int(model.config.block_size) - ids.shape[1]  # its rotary table ends there: past it, an index error
+    if max_new_tokens > room:
+        raise LoopscopeError(
+            f"--max-new-tokens {max_new_tokens}: the demo model's context holds {model.config.block_size} tokens "
+            f"and the prompt takes {ids.shape[1]}; give at most {room}"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LoopscopeError(f"cannot create {out}: {exc.strerror or exc}; pass a directory you can write") from None
+    capture_path, figure_path, grid_path = out / "demo.h5", out / "convergence.png", out / "predictions.png"
     with loopscope.attach(model, capture_path, tokenizer=tokenizer, mode="w"):
         torch.manual_seed(seed)
         model.generate(ids, num_steps=steps, max_new_tokens=max_new_tokens, do_sample=False)
@@ -91,6 +101,14 @@ def run_demo(
         tokens = run.num_tokens
         report = write_report(capture, out / "report.html", model=model, tokenizer=tokenizer)
     return DemoResult(capture_path, figure_path, tokens, [Path(p) for p in grids], report)
+
+
+def check_counts(steps: int, max_new_tokens: int) -> None:
+    """Positive iteration and token counts (the demo is a generate() run: it needs at least one new token)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise LoopscopeError(f"--steps {steps}: give a positive number of iterations, e.g. 64")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise LoopscopeError(f"--max-new-tokens {max_new_tokens}: give a positive number of tokens, e.g. 8")
 
 
 def check_out_dir(out: Path, force: bool) -> None:

@@ -72,3 +72,26 @@ def test_every_example_starts_as_its_docstring_says(example):
         [sys.executable, "-m", f"loopscope.examples.{example}", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "-1"], "--steps -1: give a positive number"),
+        (["--steps", "0"], "--steps 0: give a positive number"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0: give a positive number"),
+        (["--max-new-tokens", "300", "--steps", "2"], "context holds 256 tokens and the prompt takes 42; give at most"),
+    ],
+)
+def test_bad_demo_arguments_are_one_line_and_write_nothing(tmp_path, args, message):
+    """Refused before the demo folder is made: a failed demo must not leave files that the next one refuses."""
+    from typer.testing import CliRunner
+
+    from loopscope.cli.app import app
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), *args])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+    assert not out.exists()
