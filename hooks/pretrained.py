@@ -7,15 +7,19 @@ not one padded batch, because Huginn ignores the attention mask: padding would c
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import LoopscopeError
+from ..errors import LoopscopeError, first_line
+from ..storage import run_files
 from .capture import attach
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -128,6 +132,8 @@ def capture_prompts(
             raise LoopscopeError(
                 "--criterion/--exit-threshold need a model with Huginn's adaptive generate and --max-new-tokens > 0"
             )
+        if exit_threshold is not None and not (math.isfinite(exit_threshold) and exit_threshold >= 0):
+            raise LoopscopeError(f"--exit-threshold {exit_threshold}: give a number >= 0 (or leave it out: auto)")
         extra["criterion"] = criterion or "kl"
         extra["exit_threshold"] = "auto" if exit_threshold is None else exit_threshold
     if steps is not None:
@@ -139,27 +145,76 @@ def capture_prompts(
         extra["num_steps"] = steps
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with attach(model, out, tokenizer=tokenizer, mode=mode, **capture_options) as capture:
-        for i, prompt in enumerate(prompts):
-            encoded = tokenizer(prompt, return_tensors="pt")
-            ids = encoded.input_ids.to(device)
-            if ids.shape[1] == 0:
-                raise LoopscopeError(f"prompt {i} encodes to no tokens; give some text")
-            if seed is not None:
-                torch.manual_seed(seed)
-            with torch.no_grad():
-                if max_new_tokens:
-                    model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **extra)
-                else:
-                    model(ids, **extra)
-            if on_prompt is not None:
-                on_prompt(i)
-        path = capture.path
+    encoded = [tokenizer(prompt, return_tensors="pt").input_ids for prompt in prompts]
+    for i, ids in enumerate(encoded):  # every prompt checked before the capture file is made
+        if ids.shape[1] == 0:
+            raise LoopscopeError(f"prompt {i} encodes to no tokens; give some text")
+        _check_context(model, i, ids.shape[1], max_new_tokens)
+    capture = attach(model, out, tokenizer=tokenizer, mode=mode, **capture_options)
+    try:
+        _run_prompts(model, capture, encoded, device, seed, max_new_tokens, pad, extra, on_prompt)
+    except BaseException:
+        if mode != "a":  # a capture this call made and that recorded nothing is no data: leave no file behind
+            _remove_if_empty(capture.path)
+        raise
     from ..storage.reader import CaptureFile
 
-    with CaptureFile(path) as written:
+    with CaptureFile(capture.path) as written:
         tokens = sum(run.num_tokens for run in written.runs)
-    return CaptureSummary(path, len(prompts), tokens, str(device))
+    return CaptureSummary(capture.path, len(prompts), tokens, str(device))
+
+
+def _run_prompts(model, capture, encoded, device, seed, max_new_tokens, pad, extra, on_prompt) -> None:
+    """One generate() (or forward) per prompt, with ``capture`` attached; a model's refusal becomes one line."""
+    with capture, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="loopscope: .* closed the capture")  # the error below says it
+        for i, ids in enumerate(encoded):
+            if seed is not None:
+                torch.manual_seed(seed)
+            try:
+                with torch.no_grad():
+                    if max_new_tokens:
+                        model.generate(
+                            ids.to(device), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **extra
+                        )
+                    else:
+                        model(ids.to(device), **extra)
+            except LoopscopeError:
+                raise
+            except (ValueError, TypeError, IndexError, RuntimeError) as exc:  # the model refused what it was given
+                raise LoopscopeError(
+                    f"the model failed on prompt {i}: {type(exc).__name__}: {first_line(exc)}"
+                ) from exc
+            if on_prompt is not None:
+                on_prompt(i)
+
+
+def _remove_if_empty(path: str) -> None:
+    """Remove a capture whose run folder holds no run file at all, complete or not (nothing was recorded)."""
+    with contextlib.suppress(OSError, LoopscopeError):  # the error being raised matters, not this
+        if run_files.list_run_files(path):
+            return
+        os.remove(path)
+        os.rmdir(run_files.runs_dir(path))
+
+
+#: Config fields that bound a model's sequence length outright (a position table that ends there).
+HARD_CONTEXT = ("block_size", "n_positions")
+
+
+def _check_context(model, index: int, tokens: int, max_new_tokens: int) -> None:
+    """A prompt (plus the tokens to generate) longer than a fixed position table is refused before anything runs:
+    the model would fail deep inside with an index or shape error. Rotary models' ``max_position_embeddings`` is
+    no hard limit, so it is left to the model."""
+    config = getattr(model, "config", None)
+    for name in HARD_CONTEXT:
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and tokens + max_new_tokens > limit > 0:
+            asked = f"{tokens} token{'s' * (tokens != 1)}" + (f" + {max_new_tokens} new" if max_new_tokens else "")
+            raise LoopscopeError(
+                f"prompt {index} needs {asked}, past the model's context ({name}={limit}); shorten it"
+                + (" or lower --max-new-tokens" if max_new_tokens else "")
+            )
 
 
 def _pick_device(device: str) -> str:

@@ -246,6 +246,35 @@ def test_cli_errors_are_one_line(capture_path, tmp_path, reference_model, tokeni
         assert len(result.output.strip().splitlines()) == 1, (args, result.output)
 
 
+def test_capture_refusals_are_one_line_and_leave_no_file(tmp_path):
+    """A prompt past the model's context, an exit criterion the model does not know, a negative threshold: one line
+    each (was: a traceback from inside the model), and no empty capture left for the next try to trip over."""
+    from loopscope.models.demo import MODEL_DIR  # a saved model with a tokenizer and a 256-token context
+
+    long_prompt = tmp_path / "long.txt"
+    long_prompt.write_text(" ".join(["word"] * 700) + "\n")
+    out = tmp_path / "c.h5"
+    cases = [
+        (["--prompt-file", long_prompt], "past the model's context (block_size=256); shorten it"),
+        (["--prompt", "Hi", "--max-new-tokens", "300"], " + 300 new, past the model's context"),
+        (
+            ["--prompt", "Hi", "--criterion", "bogus", "--exit-threshold", "1", "--max-new-tokens", "3"],
+            "ValueError: unknown exit criterion 'bogus'",
+        ),
+        (["--prompt", "Hi", "--criterion", "kl", "--exit-threshold", "-1", "--max-new-tokens", "3"], "give a number"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(app, ["capture", str(MODEL_DIR), *map(str, args), "--out", str(out)])
+        assert result.exit_code == 1, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (args, result.output)
+        assert not out.exists() and not (tmp_path / "c.h5.runs").exists(), args
+    kept = tmp_path / "kept.h5"
+    kept.write_bytes(b"a user's file")
+    result = CliRunner().invoke(app, ["capture", str(MODEL_DIR), "--prompt", "Hi", "--out", str(kept)])
+    assert result.exit_code == 1 and kept.read_bytes() == b"a user's file"  # refused, and never removed
+
+
 def test_cli_demo(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--steps", "12", "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
