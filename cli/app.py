@@ -120,7 +120,9 @@ def capture(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     mode: str = typer.Option("w-", "--mode", help="w- refuses an existing file, w overwrites, a appends runs."),
     seed: int = typer.Option(0, "--seed", help="torch seed set before each prompt (Huginn draws s0 at random)."),
-    tokens: str = typer.Option("all", "--tokens", help="Tokens to store: all, prompt or generated."),
+    tokens: str = typer.Option(
+        "all", "--tokens", help="Tokens to store: all, prompt, generated, START:STOP[:STEP] or indices like 3,7,12."
+    ),
     step_stride: int = typer.Option(1, "--step-stride", help="Store s0, every N-th iteration and each token's last."),
     criterion: str | None = typer.Option(
         None, "--criterion", help="Huginn adaptive exit: kl, entropy-diff, latent-diff, cosine, argmax-stability."
@@ -131,10 +133,12 @@ def capture(
     from transformers.utils import logging as hf_logging
 
     from ..hooks.pretrained import capture_prompts, check_counts, check_model_path, load_pretrained, read_prompts
+    from ..hooks.selection import from_command_line
     from ..storage.index import check_target
 
     prompts = read_prompts(prompt, prompt_file)
     check_counts(steps, max_new_tokens)
+    from_command_line(tokens)  # a bad --tokens is one line before the model loads
     check_model_path(model)
     check_target(out, mode)  # before the model load, which can take minutes
     hf_logging.disable_progress_bar()  # our own status line says what is loading
@@ -153,7 +157,7 @@ def capture(
             on_prompt=lambda i: advance(1),
             criterion=criterion,
             exit_threshold=exit_threshold,
-            tokens=tokens,
+            tokens=from_command_line(tokens),
             step_stride=step_stride,
         )
     console.print(

@@ -18,6 +18,30 @@ from ..families.adapter import LoopAdapter
 _NAMED = ("all", "prompt", "generated")
 
 
+def from_command_line(text: str):
+    """``--tokens`` as attach() takes it: a name, ``START:STOP[:STEP]`` (a slice, either end left out) or token
+    indices ``3,7,12``; anything else is one line naming the forms."""
+    text = text.strip()
+    if text in _NAMED:
+        return text
+    value: slice | list[int] | None = None
+    try:
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            value = slice(*parts) if len(parts) <= 3 else None
+        else:
+            value = [int(p) for p in text.split(",")]
+        if value is not None:
+            TokenSelection.parse(value)
+            return value
+    except (ValueError, LoopscopeError):
+        pass
+    raise LoopscopeError(
+        f"--tokens {text}: use {', '.join(_NAMED)}, a slice START:STOP[:STEP] with STOP past START (e.g. 0:64 or "
+        "::4), or token indices >= 0 such as 3,7,12"
+    )
+
+
 @dataclass(frozen=True)
 class TokenSelection:
     """``"all"``, ``"prompt"`` (the tokens the model was given), ``"generated"`` (the tokens ``generate()`` fed back

@@ -262,6 +262,8 @@ def test_capture_refusals_are_one_line_and_leave_no_file(tmp_path):
             "ValueError: unknown exit criterion 'bogus'",
         ),
         (["--prompt", "Hi", "--criterion", "kl", "--exit-threshold", "-1", "--max-new-tokens", "3"], "give a number"),
+        (["--prompt", "Hi", "--tokens", "5:2"], "--tokens 5:2: use all, prompt, generated, a slice"),
+        (["--prompt", "Hi", "--tokens", "1,-3"], "token indices >= 0"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(app, ["capture", str(MODEL_DIR), *map(str, args), "--out", str(out)])
@@ -273,6 +275,27 @@ def test_capture_refusals_are_one_line_and_leave_no_file(tmp_path):
     kept.write_bytes(b"a user's file")
     result = CliRunner().invoke(app, ["capture", str(MODEL_DIR), "--prompt", "Hi", "--out", str(kept)])
     assert result.exit_code == 1 and kept.read_bytes() == b"a user's file"  # refused, and never removed
+
+
+@pytest.mark.parametrize(
+    "tokens, kept", [("0:4", [0, 1, 2, 3]), ("::3", None), ("1,3,5", [1, 3, 5]), ("2", [2]), ("prompt", None)]
+)
+def test_capture_tokens_option_takes_slices_and_indices(tmp_path, tokens, kept):
+    from loopscope.models.demo import MODEL_DIR
+
+    out = tmp_path / "t.h5"
+    args = ["capture", str(MODEL_DIR), "--prompt", "Twelve ravens flew over the harbour at dawn."]
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "2", "--tokens", tokens, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with loopscope.open(out) as capture:
+        positions = capture.runs[0].positions.tolist()
+    every = list(range(positions[-1] + 1)) if tokens == "::3" else None
+    if tokens == "::3":
+        assert positions == every[::3] and len(positions) > 2
+    elif tokens == "prompt":
+        assert positions == list(range(len(positions))) and len(positions) > 5
+    else:
+        assert positions == kept
 
 
 def test_cli_demo(tmp_path):
