@@ -100,6 +100,10 @@ def info(
             )
         if capture.incomplete_runs:
             console.print(f"[yellow]{len(capture.incomplete_runs)} incomplete run(s) skipped[/yellow]")
+        gone = capture.missing_runs
+        if gone:
+            numbers = ", ".join(map(str, gone[:10])) + (f" (and {len(gone) - 10} more)" if len(gone) > 10 else "")
+            console.print(f"[yellow]{len(gone)} run(s) the index links are missing, skipped: {numbers}[/yellow]")
         strays = unexpected_files(capture.path)
         if strays:
             names = ", ".join(strays[:5]) + (f" (and {len(strays) - 5} more)" if len(strays) > 5 else "")
@@ -200,7 +204,8 @@ def plot(
     ),
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
-    """Draw a figure of one run (or several, for curves): heatmap, PCA trajectories, curves, exits, compare."""
+    """Draw a figure of one run (or several, for curves): heatmap, PCA trajectories, curves, exits, compare,
+    signal."""
     options = plots.PlotOptions(
         reference=reference,
         space=space,
@@ -238,12 +243,13 @@ def convergence_table(
     scheduler: str | None = typer.Option(
         None,
         "--scheduler",
-        help="Compute with Dask: threads, processes, or a cluster's address tcp://HOST:PORT (loopscope[scale]).",
+        help="Compute with Dask (needs loopscope[scale]): threads, processes, sync, or a cluster's tcp://HOST:PORT.",
     ),
     workers: int | None = typer.Option(None, "--workers", help="Dask on this machine with N threads."),
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
-    """Every measure per token and step (distance, relative distance, step delta, cosine, norm) as CSV."""
+    """Every measure per token and step (distance, relative distance, step delta, cosine, norm, update cosine,
+    contraction) as CSV."""
     from ..analysis.reference import parse_reference
     from ..storage.reader import CaptureFile
 
@@ -259,6 +265,14 @@ def convergence_table(
         chosen = _selected_runs(capture, run)
         if not chosen:
             raise LoopscopeError(f"{file} has no complete runs")
+        several = next((r for r in chosen if len(r.loops) > 1), None)
+        if several is not None and loop is None:  # as plot says it: the CSV's loop column names the one measured
+            names = ", ".join(text(n) for n in several.loops)
+            errors.print(
+                f"note: run {several.index} has loops {names}; measuring {text(several.loops[0])} "
+                "(pick another with --loop NAME)",
+                highlight=False,
+            )
         on_dask = scheduler is not None or workers is not None
         computed = dask_metrics(file, run, reference, space, loop, scheduler, workers) if on_dask else None
         for i, r in enumerate(chosen):

@@ -121,8 +121,7 @@ class CaptureFile:
                 "together with its .runs folder, and restore the folder"
             )
         hint = "or open with missing='skip' (loopscope.open(path, missing='skip'), --missing skip) to read the rest"
-        present = {n for n, (_, complete) in run_files.list_run_files(self.path).items() if complete}
-        gone = [n for n in self._linked if n not in present]
+        gone = self.missing_runs
         if gone:
             raise CaptureFileError(
                 f"{self.path}: run file(s) {_number_list(gone)} that the index links are missing from {folder}; "
@@ -137,6 +136,13 @@ class CaptureFile:
             for number, (path, complete) in run_files.list_run_files(self.path).items()
             if complete
         ]
+
+    @property
+    def missing_runs(self) -> list[int]:
+        """Runs the index links whose files are not in the run folder (only ``missing="skip"`` opens such a
+        capture): said beside the runs that are read, so a skipped run is never silently gone."""
+        present = {n for n, (_, complete) in run_files.list_run_files(self.path).items() if complete}
+        return [n for n in self._linked if n not in present]
 
     @property
     def incomplete_runs(self) -> list[str]:

@@ -105,7 +105,9 @@ def test_several_loops_are_named_in_titles_colour_bars_csv_and_a_note(hrm_captur
     with open(tmp_path / "m.csv", newline="", encoding="utf-8") as handle:
         header, *rows = list(csv.reader(handle))
     assert header[-1] == "loop" and header[:2] == ["run", "token_index"]
-    assert {row[-1] for row in rows} == {"L"}
+    assert {row[-1] for row in rows} == {"L"} and "--loop NAME" not in result.output
+    result = CliRunner().invoke(app, ["convergence", str(hrm_capture), "--out", str(tmp_path / "h.csv")])
+    assert result.exit_code == 0 and "has loops H, L; measuring H (pick another with --loop NAME)" in result.output
 
 
 def test_a_single_loop_is_not_named(generated, tmp_path, drawn):

@@ -326,17 +326,19 @@ def test_deleted_run_files_and_folders_are_named(pristine, tmp_path):
     cli_error(r"run file\(s\) 1 .*missing", "info", path)
     cli_error(r"run file\(s\) 1 .*missing", "plot", path, "--out", tmp_path / "x.png")
     with loopscope.open(path, missing="skip") as capture:
-        assert [r.index for r in capture.runs] == [0]
+        assert [r.index for r in capture.runs] == [0] and capture.missing_runs == [1]
         with loopscope.open(pristine) as original:
             np.testing.assert_array_equal(capture.runs[0].states(), original.run(0).states())
-    assert "damaged" not in cli_ok("info", path, "--missing", "skip")
+    output = cli_ok("info", path, "--missing", "skip")
+    assert "damaged" not in output and "1 run(s) the index links are missing, skipped: 1" in output
 
     folder = _copy(pristine, tmp_path / "folder")
     shutil.rmtree(str(folder) + ".runs")
     api_error(folder, r"run folder .*\.runs is missing")
     cli_error(r"run folder .* is missing", "info", folder)
     with loopscope.open(folder, missing="skip") as capture:
-        assert capture.runs == []
+        assert capture.runs == [] and capture.missing_runs == [0, 1]
+    assert "2 run(s) the index links are missing, skipped: 0, 1" in cli_ok("info", folder, "--missing", "skip")
 
 
 def test_stray_run_file_names_are_ignored(pristine, tmp_path):
