@@ -68,7 +68,7 @@ def demo(
 @app.command()
 @friendly
 def info(
-    file: Path = typer.Argument(..., help="A capture file (.h5)."),
+    file: Path = typer.Argument(..., help="A capture file (.h5).", readable=False),
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Summarise a capture: model, loops, and one row per run."""
@@ -116,7 +116,9 @@ def capture(
     model: str = typer.Argument(..., help="A local model directory or a hub id (loaded with AutoModelForCausalLM)."),
     out: Path = typer.Option(..., "--out", help="Capture file to write (.h5)."),
     prompt: str | None = typer.Option(None, "--prompt", help="Prompt text (one run)."),
-    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="One prompt per line (one run each)."),
+    prompt_file: Path | None = typer.Option(
+        None, "--prompt-file", help="One prompt per line (one run each).", readable=False
+    ),
     steps: int | None = typer.Option(None, "--steps", help="Iterations per token (num_steps); default: the model's."),
     max_new_tokens: int = typer.Option(0, "--max-new-tokens", help="Tokens to generate; 0 records one forward."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code (Huginn)."),
@@ -172,7 +174,7 @@ def capture(
 @app.command()
 @friendly
 def plot(
-    file: Path = typer.Argument(..., help="A capture file (.h5)."),
+    file: Path = typer.Argument(..., help="A capture file (.h5).", readable=False),
     kind: str = typer.Option("heatmap", "--kind", help=plots.KIND_HELP),
     run: list[int] = typer.Option(
         [0],
@@ -229,7 +231,7 @@ app.command("report")(report_command.report)  # in cli/report.py
 @app.command("convergence")
 @friendly
 def convergence_table(
-    file: Path = typer.Argument(..., help="A capture file (.h5)."),
+    file: Path = typer.Argument(..., help="A capture file (.h5).", readable=False),
     out: Path = typer.Option(..., "--out", help="CSV to write: one row per run, token and step."),
     run: list[int] | None = typer.Option(
         None,
@@ -288,7 +290,9 @@ def convergence_table(
 @friendly
 def merge(
     out: Path = typer.Argument(..., help="The merged capture to write (.h5)."),
-    sources: list[Path] = typer.Argument(..., help="Captures to join, e.g. cap.rank*.h5 from a torchrun job."),
+    sources: list[Path] = typer.Argument(
+        ..., help="Captures to join, e.g. cap.rank*.h5 from a torchrun job.", readable=False
+    ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ):
     """Join captures into one whose states are HDF5 virtual datasets over theirs: nothing is copied."""
@@ -308,7 +312,7 @@ def merge(
 @app.command()
 @friendly
 def export(
-    file: Path = typer.Argument(..., help="A capture file (.h5)."),
+    file: Path = typer.Argument(..., help="A capture file (.h5).", readable=False),
     format: str = typer.Option(..., "--format", help="npz or safetensors."),
     out: Path | None = typer.Option(None, "--out", help="Output file (default: FILE with the format's suffix)."),
     run: list[int] | None = typer.Option(
@@ -336,7 +340,7 @@ def export(
 
 @app.command()
 @friendly
-def verify(file: Path = typer.Argument(..., help="A capture file (.h5).")):
+def verify(file: Path = typer.Argument(..., help="A capture file (.h5).", readable=False)):
     """Check every stored chunk against its checksum; list damaged chunks (exit code 1 when there are any)."""
     from rich.text import Text
 

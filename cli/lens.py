@@ -22,8 +22,10 @@ WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.js
 
 @friendly
 def lens(
-    file: Path = typer.Argument(..., help="A capture file (.h5)."),
-    model: Path = typer.Option(..., "--model", help="The captured model's local directory (config and weights)."),
+    file: Path = typer.Argument(..., help="A capture file (.h5).", readable=False),
+    model: Path = typer.Option(
+        ..., "--model", help="The captured model's local directory (config and weights).", readable=False
+    ),
     kind: str = typer.Option("logit", "--kind", help="logit (final norm and head) or coda (Huginn's coda first)."),
     run: int = typer.Option(
         0, "--run", help="Run index (see `loopscope info`; negative counts from the last run, -1 the last)."

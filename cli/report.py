@@ -12,10 +12,13 @@ from .output import MISSING_HELP, console, friendly, text
 
 @friendly
 def report(
-    file: Path = typer.Argument(..., help="A capture file (.h5), merged ones included."),
+    file: Path = typer.Argument(..., help="A capture file (.h5), merged ones included.", readable=False),
     out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
     model: Path | None = typer.Option(
-        None, "--model", help="The captured model's local directory: adds each token's lens predictions per step."
+        None,
+        "--model",
+        help="The captured model's local directory: adds each token's lens predictions per step.",
+        readable=False,
     ),
     run: list[int] | None = typer.Option(
         None,

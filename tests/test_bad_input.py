@@ -89,16 +89,25 @@ def test_not_hdf5_foreign_and_newer_files(tmp_path, pristine):
     _assert_one_line_error(newer_run, "run format version 99, newer than this loopscope reads.*upgrade", run=0)
 
 
-def test_an_unlistable_run_folder_is_one_line(tmp_path, pristine):
-    """Without read permission on the run folder, every command says so in one line (was: PermissionError)."""
+@pytest.mark.parametrize(
+    "target, pattern",
+    [
+        ("runs", "cannot list the run folder .*Permission denied.*check its permissions"),
+        ("index", "cap.h5 is not a readable HDF5 file .*Permission denied"),
+    ],
+)
+def test_unreadable_captures_are_one_line(tmp_path, pristine, target, pattern):
+    """Without read permission on the run folder or the index, every command says so in one line and exit code 1
+    (was: a PermissionError traceback; for the index, click's usage box and exit code 2)."""
     capture = _copy(pristine, tmp_path)
-    folder = str(capture) + ".runs"
-    os.chmod(folder, 0)
+    locked = str(capture) + ".runs" if target == "runs" else str(capture)
+    mode = os.stat(locked).st_mode
+    os.chmod(locked, 0)
     try:
         if os.geteuid() != 0:
-            _assert_one_line_error(capture, "cannot list the run folder .*Permission denied.*check its permissions")
+            _assert_one_line_error(capture, pattern)
             return
-        # root reads any folder: run the command without the capabilities that let it
+        # root reads anything: run the command without the capabilities that let it
         if shutil.which("setpriv") is None:
             pytest.skip("running as root and setpriv (util-linux) is not installed")
         command = [sys.executable, "-c", "from loopscope.cli.app import main; main()", "info", str(capture)]
@@ -106,9 +115,9 @@ def test_an_unlistable_run_folder_is_one_line(tmp_path, pristine):
         result = subprocess.run(drop + command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert result.returncode == 1, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-        assert re.search("cannot list the run folder .*Permission denied.*check its permissions", result.stderr)
+        assert re.search(pattern, result.stderr), result.stderr
     finally:
-        os.chmod(folder, 0o755)
+        os.chmod(locked, mode)
 
 
 def test_truncated_and_damaged_files(tmp_path, pristine):
