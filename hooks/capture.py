@@ -11,15 +11,18 @@ The parts, each in its own module:
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import os
+import sys
 import warnings
+import weakref
 from typing import Any, NoReturn
 
 from torch import nn
 
-from ..errors import CaptureWriteError, LoopscopeError
+from ..errors import CaptureWriteError, LoopscopeError, first_line
 from ..families.adapter import LoopAdapter
 from ..storage import index, run_files
 from ..storage.write import writer as w
@@ -47,6 +50,7 @@ class Capture:
         selection.check_stride_for(options.step_stride, self.adapter)
         self._locking = options.locking
         self._closed = False
+        self._stopped = False  # hooks removed: recording has ended, and close() finishes the rest (again if cut)
         index.create_index(
             self.path,
             options.mode,
@@ -81,6 +85,7 @@ class Capture:
             self._installed.remove()
             self.writer.close()
             raise
+        _OPEN.add(self)
 
     def _install(self) -> None:
         model, tracker, on = self.model, self._tracker, self._installed
@@ -115,13 +120,15 @@ class Capture:
             raise
 
     def close(self) -> None:
-        """Remove every hook, finish open runs, link them into the index file. Safe to call twice."""
+        """Remove every hook, finish open runs, link them into the index file. Safe to call twice, and a close cut
+        short (Ctrl-C while it waits for the writer) is finished by the next one, or at the process's exit."""
         if self._closed:
             return
-        self._closed = self._tracker.closed = True
-        self._installed.remove()
-        self._tracker.end_session(complete=False)
-        self.writer.close()
+        if not self._stopped:
+            self._stopped = self._tracker.closed = True
+            self._installed.remove()
+            self._tracker.end_session(complete=False)
+        self.writer.close()  # waits for every queued write; again where a first wait was interrupted
         self.pool.close()
         stats = self.pool.stats
         orphans = self._tracker.orphan_calls
@@ -138,8 +145,12 @@ class Capture:
                 locking=self._locking,
             )
         except CaptureWriteError:
+            self._closed = True  # linking again would fail alike: the runs are kept, the error is said once
+            _OPEN.discard(self)
             if self.writer.error is None:  # else the writer's error (e.g. disk full) is the one to report
                 raise
+        self._closed = True
+        _OPEN.discard(self)
         if orphans:
             warnings.warn(
                 f"loopscope: {orphans} loop call(s) happened outside the model's forward() and were not "
@@ -175,6 +186,21 @@ class Capture:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "recording"
         return f"<loopscope.Capture {self.path!r} {state}, loops {[s.exit for s in self.adapter.loops]}>"
+
+
+# Captures not closed yet, closed at the interpreter's exit: a script that ends (or dies of an exception) without
+# close() would otherwise lose the runs still queued, and its daemon writer thread, frozen at shutdown while it holds
+# h5py's lock, could deadlock the interpreter's own cleanup of h5py objects.
+_OPEN: weakref.WeakSet[Capture] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for capture in list(_OPEN):
+        try:
+            capture.close()
+        except BaseException as exc:  # at exit nobody can catch it: say it, then close the others
+            print(f"loopscope: closing {capture.path} at exit failed: {first_line(exc)}", file=sys.stderr)
 
 
 def attach(

@@ -183,3 +183,60 @@ def test_sigkill_during_close_keeps_the_capture_readable(tmp_path):
     with loopscope.open(path) as capture:
         assert len(capture.runs) >= 1
         assert capture.runs[0].states().shape == (32, 5, 64)
+
+
+UNCLOSED_CHILD = textwrap.dedent(
+    """
+    import signal, sys, threading, time
+    import torch
+    torch.set_num_threads(1)
+    import loopscope
+    from loopscope.storage.write import writer as w
+    from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+    register(); torch.manual_seed(0)
+    model = RavenReferenceForCausalLM(tiny_config()).eval()
+    path, ending = sys.argv[1], sys.argv[2]
+    slow = w.CaptureWriter._close_run
+    def held_back(self, run_id, m):  # the writer trails the model by seconds, as on a slow disk
+        time.sleep(0.1)
+        slow(self, run_id, m)
+    w.CaptureWriter._close_run = held_back
+    cap = loopscope.attach(model, path)
+    with torch.no_grad():
+        for k in range(12):
+            model(torch.arange(3, 40).unsqueeze(0), num_steps=3)
+    print("RETURNED", flush=True)
+    if ending == "interrupted":  # Ctrl-C while close() waits for the writer, then close() again
+        threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,)).start()
+        try:
+            cap.close()
+            print("NOT INTERRUPTED", flush=True)
+        except KeyboardInterrupt:
+            cap.close()
+            print("CLOSED AGAIN", cap.closed, flush=True)
+    else:  # the script dies of its own bug: close() is never reached
+        raise ValueError("a bug after the forwards")
+    """
+)
+
+
+@pytest.mark.parametrize("ending", ["exception", "interrupted"])
+def test_every_returned_forward_is_kept_when_close_is_skipped_or_interrupted(tmp_path, ending):
+    """A script that ends without close() (an exception of its own), or whose close() is cut by Ctrl-C and called
+    again, exits promptly with every run whose forward returned complete and linked (was: the last runs left
+    partial, the index unlinked, and at times a hang at exit on h5py's lock held by the frozen writer thread)."""
+    path = tmp_path / "c.h5"
+    child = subprocess.run(
+        [sys.executable, "-P", "-c", UNCLOSED_CHILD, str(path), ending], capture_output=True, text=True, timeout=120
+    )
+    assert "RETURNED" in child.stdout, child.stderr
+    if ending == "interrupted":
+        assert child.returncode == 0 and "CLOSED AGAIN True" in child.stdout, child.stdout + child.stderr
+    else:
+        assert child.returncode == 1 and "ValueError: a bug after the forwards" in child.stderr
+    names = sorted(os.listdir(str(path) + ".runs"))
+    assert names == [f"{i:06d}.h5" for i in range(12)], names
+    with h5py.File(path, "r") as index:
+        assert len(index["runs"]) == 12  # linked at the close (at exit for the unclosed script)
+    with loopscope.open(path) as capture:
+        assert [r.num_tokens for r in capture.runs] == [37] * 12
