@@ -19,11 +19,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import h5py
 import numpy as np
 
 from ..errors import CaptureFileError, LoopscopeError, first_line
-from ..storage import compression, schema
+from ..storage import compression, safety, schema
 from ..storage.reader import CaptureFile, ReadoutNorm, Run
 from . import pca as _pca
 from .metrics import BLOCK_BYTES, METRICS, TokenMetrics, _token_block, stored_block_measures
@@ -68,7 +67,7 @@ class StatesSource:
         if compression.needs_plugin(self.codec):  # importing hdf5plugin registers the filter in this process
             compression.plugin(f"{self.path} is compressed with {self.codec!r}, which", CaptureFileError)
         try:
-            with h5py.File(self.path, "r", **kwargs) as file:
+            with safety.open_regular(self.path, **kwargs) as file:  # swapped for a FIFO since planning: no hang
                 return file[self.name][selection]
         except (OSError, KeyError, ValueError) as exc:
             raise CaptureFileError(f"{self.path} is damaged or unreadable ({first_line(exc)})") from None

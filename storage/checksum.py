@@ -155,7 +155,10 @@ def read_token_block(ds: h5py.Dataset, start: int, stop: int, out: np.ndarray) -
     chunk's Fletcher-32 here: about 1.3x HDF5's own checked read (which copies each chunk through its pipeline
     and sums it a byte at a time). Only where Fletcher-32 is the sole filter and the block starts on a chunk;
     False (``out`` then holds nothing promised) where this path does not apply, e.g. a chunk never written,
-    which HDF5's own read fills. Raises :class:`ChunkMismatch` for a damaged chunk."""
+    which HDF5's own read fills, or a contiguous dataset (no chunks to check). Raises :class:`ChunkMismatch` for a
+    damaged chunk."""
+    if ds.chunks is None or len(ds.chunks) != 3:
+        return False
     ct, ck, hidden = ds.chunks
     n_steps = ds.shape[1]
     if start % ct or out.shape != (stop - start, n_steps, hidden) or out.dtype != ds.dtype:

@@ -34,24 +34,57 @@ STATES_FILL_FLOOR = 256 << 20
 SPARSE_FILL_FLOOR = 64 << 20
 MIN_CHUNK_BYTES = 4096  # smaller states chunks are refused once a dataset spans more than MANY_CHUNKS of them
 MANY_CHUNKS = 1 << 16
+MAX_MAPPINGS = 1 << 16  # selections of one virtual dataset (``merge`` writes one per dataset)
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+MISSING = "no such file"
+DIRECTORY = "a directory"
+NOT_REGULAR = "not a regular file (a FIFO, device or socket)"
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why HDF5 must not be pointed at ``path`` (missing, unreadable, a directory, a FIFO, device or socket), or None
+    for a regular file (symlinks followed). A FIFO, device or socket would block HDF5's open forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return MISSING
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        return f"cannot read it ({getattr(exc, 'strerror', None) or exc})"
+    if stat.S_ISDIR(mode):
+        return DIRECTORY
+    return None if stat.S_ISREG(mode) else NOT_REGULAR
 
 
 def require_regular(path: str | os.PathLike, error=CaptureFileError, what: str = "") -> str:
     """``path`` if it is a regular file (symlinks followed); a FIFO, device or socket would block HDF5 forever."""
     path = os.fspath(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise error(f"{what}{clean(path)}: no such file; check the path") from None
-    except OSError as exc:
-        raise error(f"{what}{clean(path)}: cannot read it ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(mode):
-        raise error(f"{what}{clean(path)} is a directory; pass the .h5 capture file inside it")
-    if not stat.S_ISREG(mode):
-        raise error(f"{what}{clean(path)} is not a regular file (a FIFO, device or socket); pass a capture file")
+    problem = file_problem(path)
+    where = f"{what}{clean(path)}"
+    if problem == MISSING:
+        raise error(f"{where}: no such file; check the path")
+    if problem == DIRECTORY:
+        raise error(f"{where} is a directory; pass the .h5 capture file inside it")
+    if problem == NOT_REGULAR:
+        raise error(f"{where} is {NOT_REGULAR}; pass a capture file")
+    if problem is not None:
+        raise error(f"{where}: {problem}")
     return path
+
+
+class NotRegularFile(OSError):
+    """Raised by :func:`open_regular` for a path HDF5 must not open; an OSError, as h5py's own open errors are."""
+
+
+def open_regular(path: str | os.PathLike, **kwargs) -> h5py.File:
+    """h5py.File(path, "r") for callers that report errors their own way (``verify`` lists them, a Dask task names
+    its file): a path that is not a regular file raises :class:`NotRegularFile` before HDF5 could block on it."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise NotRegularFile(problem)
+    return h5py.File(path, "r", **kwargs)
 
 
 def open_h5(path: str | os.PathLike, error=CaptureFileError, what: str = "", **kwargs) -> h5py.File:
@@ -112,7 +145,8 @@ def read_attrs(obj, path: str) -> dict:
 
 def hard_child(group: h5py.Group, name: str, path: str, kind=None):
     """``group[name]`` when it is a hard link (of ``kind``), None when absent. Soft and external links are refused:
-    loopscope writes none inside run files, and following one can open any file (a FIFO blocks forever)."""
+    loopscope writes none inside run files, and following one can open any file (a FIFO blocks forever). A virtual
+    dataset's mappings are checked (:func:`check_virtual`) before anything asks for its shape."""
     link = group.get(name, getlink=True)
     if link is None:
         return None
@@ -121,7 +155,60 @@ def hard_child(group: h5py.Group, name: str, path: str, kind=None):
     obj = group[name]
     if kind is not None and not isinstance(obj, kind):
         raise CaptureFileError(f"{clean(path)}: {clean(obj.name)} is not a {kind.__name__.lower()}; damaged")
+    if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+        check_virtual(obj, path)
     return obj
+
+
+def hard_dataset(file: h5py.File, name: str, path: str) -> h5py.Dataset | None:
+    """The dataset at ``name`` (an absolute path in ``file``) reached through hard links only, else None; a soft or
+    external link on the way is refused, as by :func:`hard_child`. HDF5 follows any link in a virtual dataset's
+    source name, so a crafted one could reach a FIFO."""
+    obj: h5py.Group | h5py.Dataset = file
+    for part in (p for p in name.split("/") if p not in ("", ".")):
+        if not isinstance(obj, h5py.Group):
+            return None
+        child = hard_child(obj, part, path)
+        if child is None:
+            return None
+        obj = child
+    return obj if isinstance(obj, h5py.Dataset) else None
+
+
+def mapped_file(vds_file: str, name: str) -> str:
+    """The file a virtual dataset's mapping names, where HDF5 looks first: ``"."`` is the dataset's own file, a
+    relative name lies in the folder of that file (HDF5 falls back to other places; a source missing here is
+    reported missing before anything is read, see ``virtual.py``)."""
+    vds_file = os.path.abspath(vds_file)
+    return vds_file if name == "." else os.path.normpath(os.path.join(os.path.dirname(vds_file), name))
+
+
+def check_virtual(ds: h5py.Dataset, path: str, error=CaptureFileError) -> None:
+    """A virtual dataset's mappings, before HDF5 is asked for its shape or data: fixed selections only (HDF5 opens
+    every source of an unlimited one, and expands its printf-style file names, as soon as the shape is asked for;
+    ``merge`` never writes one), and every source file that is present a regular file (a FIFO blocks forever)."""
+    where = f"{clean(path)}: {clean(ds.name)}"
+    try:
+        dcpl = ds.id.get_create_plist()
+        count = dcpl.get_virtual_count()
+        if count > MAX_MAPPINGS:
+            raise error(f"{where} maps {count} selections of other files; damaged")
+        for i in range(count):
+            if _unlimited(dcpl.get_virtual_vspace(i)) or _unlimited(dcpl.get_virtual_srcspace(i)):
+                raise error(f"{where} maps an unlimited selection, which loopscope never writes; damaged")
+            source = mapped_file(ds.file.filename, dcpl.get_virtual_filename(i))
+            if file_problem(source) == NOT_REGULAR:
+                raise error(f"{where} maps {clean(source)}, which is {NOT_REGULAR}; damaged")
+    except (OSError, ValueError, RuntimeError) as exc:  # a mapping HDF5 cannot decode, a name that is not UTF-8
+        raise error(f"{where} has unreadable mappings ({clean(_first(exc))}); damaged") from None
+
+
+def _unlimited(space) -> bool:
+    """Whether a selection grows with its dataset (only a regular hyperslab can: H5S_UNLIMITED count or block)."""
+    if space.get_select_type() != h5py.h5s.SEL_HYPERSLABS or not space.is_regular_hyperslab():
+        return False
+    _, _, count, block = space.get_regular_hyperslab()
+    return h5py.h5s.UNLIMITED in (*count, *block)
 
 
 def file_bytes(ds: h5py.Dataset) -> int:

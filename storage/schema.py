@@ -166,11 +166,24 @@ def state_chunks(
 
 def dataset_chunks(ds) -> tuple[int, ...]:
     """The chunk shape reads should align with: the dataset's own, or for a merged (virtual) dataset the chunks of
-    the source it maps (recorded by ``merge`` as ``source_chunks``); the whole shape when neither is known."""
+    the source it maps (recorded by ``merge`` as ``source_chunks``); the whole shape when neither is known. Every
+    entry is at least 1, since readers divide by it.
+
+    ``source_chunks`` comes from the file, so it is only a hint: one that is not a positive integer per axis is
+    ignored (a good file stays readable); an entry past the axis's length is cut to it (a generate run of 10 tokens
+    has chunks of 16)."""
+    shape = tuple(max(int(n), 1) for n in ds.shape)
     if ds.chunks:
-        return ds.chunks
-    stored = ds.attrs.get("source_chunks")
-    return tuple(int(c) for c in stored) if stored is not None else ds.shape
+        return tuple(int(c) for c in ds.chunks)
+    try:
+        stored = ds.attrs.get("source_chunks")
+    except (OSError, TypeError, ValueError):  # a type h5py cannot read back
+        stored = None
+    if stored is not None:
+        hint = np.asarray(stored)
+        if hint.dtype.kind in "iu" and hint.shape == (len(shape),) and bool(np.all(hint >= 1)):
+            return tuple(min(int(c), n) for c, n in zip(hint.tolist(), shape))
+    return shape
 
 
 def stored_step_iterations(iterations: np.ndarray, stride: int, n_slots: int) -> np.ndarray:

@@ -5,7 +5,9 @@ hidden until it breaks an analysis. This walks the index and every run file, rec
 from its raw bytes (nothing is decompressed or converted) and names each damaged chunk by run, dataset, tokens
 and steps. Datasets written before checksums existed are listed as not checksummed (a warning, not a failure).
 A merged capture's states are virtual datasets, which have no chunks of their own: their source datasets are
-checked instead, each once. No torch here.
+checked instead, each once, down through a merge of merges. Files are opened only once known to be regular files
+(a FIFO named like a run file would block HDF5 forever), and a run file whose mappings form a cycle is listed, not
+followed. No torch here.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass, field
 
 import h5py
 
-from ..errors import CaptureFileError, first_line
-from . import checksum, run_files, schema
+from ..errors import CaptureFileError, LoopscopeError, first_line
+from . import checksum, run_files, safety, schema, virtual
 from .reader import CaptureFile
 
 
@@ -66,7 +68,7 @@ def verify_capture(path: str | os.PathLike, *, locking: bool | str | None = None
 def _check_file(result: VerifyResult, run: int | None, path: str, kwargs: dict, seen: set) -> None:
     result.files += 1
     try:
-        with h5py.File(path, "r", **kwargs) as f:
+        with safety.open_regular(path, **kwargs) as f:  # a FIFO named like a run file would block HDF5 forever
             datasets: list[h5py.Dataset] = []
 
             def visit(name, obj):
@@ -74,32 +76,36 @@ def _check_file(result: VerifyResult, run: int | None, path: str, kwargs: dict, 
                     datasets.append(obj)
 
             f.visititems(visit)  # external links (the index's /runs) are not followed: run files come on their own
+            mapped = _mappings_problem(f, path) if any(ds.is_virtual for ds in datasets) else None
+            if mapped is not None:  # a cycle (HDF5 would crash), a FIFO, an unlimited mapping: sources not opened
+                result.damaged.append(Finding(run, path, "", "", mapped))
             for ds in datasets:
+                if ds.is_virtual and mapped is not None:
+                    continue
                 _check_dataset(result, run, path, ds, kwargs, seen)
+    except safety.NotRegularFile as exc:
+        result.damaged.append(Finding(run, path, "", "", str(exc)))
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
         result.damaged.append(Finding(run, path, "", "", f"unreadable ({first_line(exc)})"))
+
+
+def _mappings_problem(f: h5py.File, path: str) -> str | None:
+    """What is wrong with the virtual datasets of ``f`` and the files they map (see ``virtual.check_mappings``), or
+    None; missing sources are not a problem here, they are listed per dataset."""
+    try:
+        virtual.check_mappings(f, path)
+    except LoopscopeError as exc:
+        text = str(exc)
+        prefix = f"{safety.clean(path)}: "
+        return text[len(prefix) :] if text.startswith(prefix) else text
+    return None
 
 
 def _check_dataset(result: VerifyResult, run, path: str, ds: h5py.Dataset, kwargs: dict, seen: set) -> None:
     name = ds.name.lstrip("/")
     if ds.is_virtual:
         result.virtual += 1
-        folder = os.path.dirname(os.path.abspath(path))
-        for mapping in ds.virtual_sources():
-            source = path if mapping.file_name == "." else os.path.normpath(os.path.join(folder, mapping.file_name))
-            key = (os.path.realpath(source), mapping.dset_name)
-            if key in seen:
-                continue
-            seen.add(key)
-            label = f"{name} (source {source}:{mapping.dset_name})"
-            if not os.path.exists(source):
-                result.damaged.append(Finding(run, path, label, "", "source file missing"))
-                continue
-            try:
-                with h5py.File(source, "r", **kwargs) as f:
-                    _check_chunks(result, run, path, label, f[mapping.dset_name])
-            except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-                result.damaged.append(Finding(run, path, label, "", f"source unreadable ({first_line(exc)})"))
+        _check_sources(result, run, path, name, ds, kwargs, seen, 1)
         return
     if ds.chunks is None and ds.id.get_storage_size() == 0:
         return  # an empty contiguous dataset holds no bytes to check
@@ -108,6 +114,35 @@ def _check_dataset(result: VerifyResult, run, path: str, ds: h5py.Dataset, kwarg
         return
     seen.add(key)
     _check_chunks(result, run, path, name, ds)
+
+
+def _check_sources(result: VerifyResult, run, path: str, name: str, ds: h5py.Dataset, kwargs, seen, depth) -> None:
+    """The chunks of the datasets a virtual one maps, each once; a source that is itself virtual (a merge of a
+    merge) is followed down to where the chunks are. ``virtual.check_mappings`` has ruled out cycles and chains
+    deeper than MAX_DEPTH; ``seen`` and ``depth`` bound the walk anyway."""
+    for mapping in ds.virtual_sources():
+        source = safety.mapped_file(ds.file.filename, mapping.file_name)
+        key = (os.path.realpath(source), mapping.dset_name)
+        if key in seen:
+            continue
+        seen.add(key)
+        label = f"{name} (source {source}:{mapping.dset_name})"
+        if not os.path.exists(source):
+            result.damaged.append(Finding(run, path, label, "", "source file missing"))
+            continue
+        try:
+            with safety.open_regular(source, **kwargs) as f:
+                src = safety.hard_dataset(f, mapping.dset_name, source)
+                if src is None:
+                    result.damaged.append(Finding(run, path, label, "", "source dataset missing"))
+                elif not src.is_virtual:
+                    _check_chunks(result, run, path, label, src)
+                elif depth < virtual.MAX_DEPTH:
+                    _check_sources(result, run, path, name, src, kwargs, seen, depth + 1)
+        except (safety.NotRegularFile, CaptureFileError) as exc:
+            result.damaged.append(Finding(run, path, label, "", f"source {exc}"))
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+            result.damaged.append(Finding(run, path, label, "", f"source unreadable ({first_line(exc)})"))
 
 
 def _check_chunks(result: VerifyResult, run, path: str, label: str, ds: h5py.Dataset) -> None:

@@ -1,55 +1,132 @@
 """A merged run reads its states and signals from other files, through HDF5 virtual datasets; finding the missing ones.
 
 HDF5 reads a virtual dataset whose source file is gone as its fill value (NaN), not as an error, so the reader
-checks a merged run's sources once before it hands out a state. No torch here.
+checks a merged run's sources once before it hands out a state. The same walk refuses mappings HDF5 cannot survive:
+a dataset that maps itself, directly or through other files, makes HDF5 recurse until the process crashes. No torch
+here.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import h5py
 
-from ..errors import MergeError, first_line
-from . import layout, safety
+from ..errors import CaptureFileError, MergeError, first_line
+from . import layout, safety, schema
 
 if TYPE_CHECKING:
     from .run import Run
 
+# Files one read may pass through (a merge of a merge of ...): far more than any study nests, few enough to walk.
+MAX_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """One file on the way down from the run's own file, and the dataset of it that maps onto the next."""
+
+    identity: object
+    path: str
+    dataset: str
+
 
 def missing_sources(run: Run) -> list[str]:
     """Source files that ``run``'s virtual datasets map onto but that are not there (HDF5 would read NaN)."""
-    missing: list[str] = []
-    _missing_below(run.group, os.path.abspath(run.path), missing, set())
-    return missing
+    return check_mappings(run.group, run.path)
 
 
-def _missing_below(group: h5py.Group, path: str, missing: list[str], seen: set[str]) -> None:
-    """Walk the virtual datasets of one file, and of the files they map (a merge of merges), collecting gaps."""
-    folder = os.path.dirname(path)
-    sources: list[str] = []
+def check_mappings(group: h5py.Group, path: str) -> list[str]:
+    """Walk the virtual datasets of the file ``group`` (opened from ``path``) and of the files they map, depth first.
+
+    A cycle, a chain of more than MAX_DEPTH files, or a source that is no run file or lacks the dataset mapped is a
+    one-line error (HDF5 would crash, or read NaN); returns the source files that are missing."""
+    missing: dict[str, None] = {}
+    _walk(group, path, path, [], set(), missing)
+    return list(missing)
+
+
+def _walk(group: h5py.Group, path: str, root: str, chain: list[_Hop], done: set, missing: dict[str, None]) -> None:
+    """Visit one file: each source file it maps is checked, then walked unless walked already (a diamond of merges
+    is no cycle); ``chain`` holds the files above this one, so meeting one of them again is a cycle."""
+    try:
+        identity = _identity(path)
+        for source, datasets in _mappings(group, path).items():
+            hops = [*chain, _Hop(identity, path, datasets[0][0])]
+            if not os.path.exists(source):
+                missing[source] = None
+                continue
+            target = _identity(source)
+            for j, hop in enumerate(hops):
+                if hop.identity == target:
+                    raise CaptureFileError(_cycle(root, hops, j))
+            if len(hops) >= MAX_DEPTH:
+                subject, plural = _subject(hops[0].dataset)
+                raise CaptureFileError(
+                    f"{safety.clean(root)}: the {subject} {'map' if plural else 'maps'} through a chain of more than "
+                    f"{MAX_DEPTH} files of virtual datasets; the file is damaged"
+                )
+            with safety.open_h5(source, MergeError, f"{safety.clean(path)} maps states in ") as f:  # a FIFO blocks
+                layout.check_run(f, source)  # a run file, storing what it declares
+                for dataset, name in datasets:
+                    if safety.hard_dataset(f, name, source) is None:  # HDF5 would read the fill value
+                        raise CaptureFileError(
+                            f"{safety.clean(path)}: {safety.clean(dataset)} maps {safety.clean(name)} of "
+                            f"{safety.clean(source)}, which that file lacks; the file is damaged"
+                        )
+                if target not in done:
+                    _walk(f, source, root, hops, done, missing)
+        done.add(identity)
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise MergeError(f"{path}: cannot list its virtual sources ({first_line(exc)})") from None
+
+
+def _mappings(group: h5py.Group, path: str) -> dict[str, list[tuple[str, str]]]:
+    """{source file: [(virtual dataset, source dataset name)]} of every virtual dataset in the file, in file order."""
+    found: dict[str, list[tuple[str, str]]] = {}
 
     def visit(name, obj):
         if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+            safety.check_virtual(obj, path)  # before HDF5 could open a source while listing them
             for mapping in obj.virtual_sources():
-                if mapping.file_name != ".":
-                    sources.append(os.path.normpath(os.path.join(folder, mapping.file_name)))
+                source = safety.mapped_file(path, mapping.file_name)  # "." is this very file: a cycle
+                found.setdefault(source, []).append((obj.name, mapping.dset_name))
 
-    try:
-        group.visititems(visit)
-        for source in dict.fromkeys(sources):
-            if source in seen:
-                continue
-            seen.add(source)
-            if not os.path.exists(source):
-                missing.append(source)
-                continue
-            with safety.open_h5(source, MergeError, f"{path} maps states in ") as f:  # a FIFO would block
-                layout.check_run(f, source)  # a run file, storing what it declares
-                _missing_below(f, source, missing, seen)
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise MergeError(f"{path}: cannot list its virtual sources ({first_line(exc)})") from None
+    group.visititems(visit)  # hard links only: external links are not followed
+    return {source: list(dict.fromkeys(pairs)) for source, pairs in found.items()}
+
+
+def _identity(path: str) -> object:
+    """What makes two paths one file (a symlink or a second hard link is the same file to HDF5)."""
+    info = os.stat(path)
+    return (info.st_dev, info.st_ino) if info.st_ino else os.path.normcase(os.path.realpath(path))
+
+
+def _cycle(root: str, hops: list[_Hop], j: int) -> str:
+    """The one line for a cycle: ``hops[j]``'s file is reached again from the last hop."""
+    through = [safety.clean(hop.path) for hop in hops[j + 1 :]]
+    via = f" through {', '.join(through[:3])}{', ...' if len(through) > 3 else ''}" if through else ""
+    subject, plural = _subject(hops[j].dataset)
+    itself = f"{'map themselves' if plural else 'maps itself'}{via} (a cycle of virtual datasets); the file is damaged"
+    if j == 0:
+        return f"{safety.clean(root)}: the {subject} {itself}"
+    first, first_plural = _subject(hops[0].dataset)
+    return (
+        f"{safety.clean(root)}: the {first} {'map' if first_plural else 'maps'} {safety.clean(hops[j].path)}, "
+        f"whose {subject} {itself}"
+    )
+
+
+def _subject(name: str) -> tuple[str, bool]:
+    """A dataset in the capture's terms (states of loop 'core'), and whether it is plural."""
+    parts = name.strip("/").split("/")
+    if len(parts) == 3 and parts[0] == schema.LOOPS and parts[2] == "states":
+        return f"states of loop {safety.clean(parts[1])!r}", True
+    if len(parts) == 4 and parts[0] == schema.LOOPS and parts[2] == schema.SIGNALS:
+        return f"signal {safety.clean(parts[3])!r} of loop {safety.clean(parts[1])!r}", False
+    return f"dataset {safety.clean(name)}", False
 
 
 def check_sources(run: Run) -> None:
