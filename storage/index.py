@@ -9,6 +9,8 @@ writers appending at once keep each other's links.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
 import shutil
 import uuid
@@ -26,7 +28,7 @@ from ..errors import CaptureFileError, CaptureWriteError, first_line
 from . import checksum, schema
 from .reader import CaptureFile
 from .readout import ReadoutNorm
-from .run_files import check_locking, h5_kwargs, list_run_files, runs_dir
+from .run_files import check_locking, list_run_files, runs_dir
 
 MODES = ("w-", "x", "w", "a")
 
@@ -76,14 +78,31 @@ def create_index(
             if mode == "w":
                 for run_path, _ in list_run_files(path).values():
                     os.remove(run_path)
-            with _replaced_atomically(path, locking, start_from=None) as index:
+            with _replaced_atomically(path, start_from=None) as index:
                 _write_header(index, {**header, "capture_id": uuid.uuid4().hex})
                 _write_readout(index, readout)
-    except OSError as exc:
-        raise CaptureFileError(
-            f"cannot create {path} ({first_line(exc)}); on a network file system try locking=False"
-        ) from None
+    except (OSError, RuntimeError) as exc:
+        if not os.path.exists(path):  # the folder made above, still empty: nothing of a capture is left behind
+            with contextlib.suppress(OSError):
+                os.rmdir(runs_dir(path))
+        hint = "free some space" if _disk_full(exc) else "on a network file system try locking=False"
+        raise CaptureFileError(f"cannot create {path} ({_reason(exc)}); {hint}") from None
     return path
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of space (errno, or HDF5's text of it)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    """The OS's reason where HDF5 buries it in a long message ("No space left on device"), else the first line."""
+    for reason in ("No space left on device", "Disk quota exceeded", "Permission denied", "Read-only file system"):
+        if reason in str(exc):
+            return reason
+    return first_line(exc)
 
 
 def _check_same_model(path: str, header: dict[str, Any], readout: dict[str, Any] | None, locking) -> None:
@@ -112,7 +131,7 @@ def finish_index(path: str, attrs: dict[str, Any], locking: bool | str | None = 
     still finds every run through the run directory.
     """
     try:
-        with _index_lock(path, locking), _replaced_atomically(path, locking, start_from=path) as index:
+        with _index_lock(path, locking), _replaced_atomically(path, start_from=path) as index:
             runs = index.require_group(schema.RUNS)
             for number, (run_path, complete) in list_run_files(path).items():
                 name = schema.run_name(number)
@@ -120,24 +139,33 @@ def finish_index(path: str, attrs: dict[str, Any], locking: bool | str | None = 
                     relative = os.path.relpath(run_path, os.path.dirname(os.path.abspath(path)))
                     runs[name] = h5py.ExternalLink(relative, "/")
             index.attrs.update(schema.attrs_to_store(attrs))
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError when HDF5's flush fails (a full disk)
         raise CaptureWriteError(
-            f"could not link the runs into {path} ({first_line(exc)}); every completed run is kept in "
+            f"could not link the runs into {path} ({_reason(exc)}); every completed run is kept in "
             f"{runs_dir(path)} and reads as usual"
         ) from None
 
 
 @contextlib.contextmanager
-def _replaced_atomically(path: str, locking, *, start_from: str | None):
-    """Yield an h5py file written as ``path + ".tmp"`` (a copy of ``start_from``, or empty), flushed to disk and
-    renamed over ``path`` on success; on failure ``path`` is untouched and the temporary file removed."""
+def _replaced_atomically(path: str, *, start_from: str | None):
+    """Yield an h5py file (a copy of ``start_from``, or empty) that is written to ``path + ".tmp"``, flushed to
+    disk and renamed over ``path`` on success; on failure ``path`` is untouched and the temporary file removed.
+
+    HDF5 edits the index in memory and the bytes are written by Python: when HDF5 itself meets a full disk it can
+    fail inside an object's release, where no error can be caught, and leave the file half-closed (the process then
+    crashed). Written here, a full disk is one OSError. An index is small (a header, the readout norm, links)."""
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # per writer: two never share one
+    image = io.BytesIO()
     if start_from is not None:
-        shutil.copyfile(start_from, tmp)
+        with open(start_from, "rb") as source:
+            shutil.copyfileobj(source, image)
+    with h5py.File(image, "r+" if start_from else "w", libver=schema.LIBVER) as index:
+        yield index
     try:
-        with h5py.File(tmp, "a" if start_from else "w", **h5_kwargs(locking)) as index:
-            yield index
-        _fsync(tmp)
+        with open(tmp, "wb") as out:
+            out.write(image.getbuffer())
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
         _fsync(os.path.dirname(os.path.abspath(path)))
     except BaseException:

@@ -5,6 +5,7 @@ Both run a real capture in a child process (real files, real h5py, real OS limit
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import loopscope
 
 CHILD_PRELUDE = textwrap.dedent(
     """
-    import resource, signal, sys, time, torch
+    import os, resource, signal, sys, time, torch
     import loopscope
     from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
     from loopscope.errors import CaptureWriteError
@@ -192,5 +193,94 @@ def test_a_real_full_disk_mid_generation_keeps_completed_runs_and_exits_cleanly(
             assert len(capture.runs) >= 2 * flushed  # two rows per generate() call, each flushed run complete
             for run in capture.runs:
                 assert not np.isnan(run.states()).any()
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+FILL_BODY = """
+    slack, phase = int(sys.argv[2]), sys.argv[3]
+    folder = os.path.dirname(path)
+
+    def fill():  # leave ``slack`` bytes free on the small file system
+        st = os.statvfs(folder)
+        with open(os.path.join(folder, "filler"), "wb") as f:
+            try:
+                f.write(b"\\0" * max(st.f_bavail * st.f_frsize - slack, 0))
+            except OSError:
+                pass
+
+    short = torch.arange(3, 20).unsqueeze(0)
+    if phase == "attach":
+        fill()
+    try:
+        cap = loopscope.attach(model, path)
+    except loopscope.LoopscopeError as exc:
+        print("ERROR", type(exc).__name__, str(exc), flush=True)
+        sys.exit(0)
+    with torch.no_grad():
+        for i in range(40):
+            model(short, num_steps=2)
+    cap.flush()
+    fill()
+    try:
+        cap.close()
+        print("CLOSED", flush=True)
+    except loopscope.LoopscopeError as exc:
+        print("ERROR", type(exc).__name__, str(exc), flush=True)
+    """
+
+
+def test_a_full_disk_at_attach_or_close_is_one_line_and_crashes_nothing(tmp_path):
+    """The disk fills while attach() writes the new index, or while close() rewrites it with the run links: one
+    line naming the full disk, a clean exit (HDF5 crashed the process when its own flush met the full disk inside
+    an object's release), no temporary file left, and every run recorded before close() still readable."""
+    import os
+
+    import pytest
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        for phase, slack in [("attach", s) for s in (0, 3000, 5000, 6500, 8000)] + [
+            ("close", s) for s in (9000, 14000)
+        ]:
+            for name in os.listdir(mount):
+                path = mount / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD_PRELUDE + textwrap.dedent(FILL_BODY),
+                    str(mount / "c.h5"),
+                    str(slack),
+                    phase,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert child.returncode == 0, (phase, slack, child.stderr[-2000:])
+            left = sorted(os.listdir(mount))
+            assert not [n for n in left if n.endswith(".tmp")], left
+            if "CLOSED" in child.stdout:  # the slack happened to be enough: nothing to check but the runs
+                continue
+            error = [line for line in child.stdout.splitlines() if line.startswith("ERROR")][0]
+            assert "No space left on device" in error and "Traceback" not in child.stderr, (phase, slack, child.stderr)
+            if phase == "attach":
+                assert error.startswith("ERROR CaptureFileError") and error.endswith("free some space"), error
+                assert left == ["filler"], left  # no index and no empty run folder
+            else:
+                assert error.startswith("ERROR CaptureWriteError") and "every completed run is kept" in error
+                with loopscope.open(mount / "c.h5") as capture:
+                    assert len(capture.runs) == 40 and capture.runs[-1].num_tokens == 17
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
