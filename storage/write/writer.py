@@ -92,6 +92,10 @@ class CaptureWriter:
         self._runs: dict[int, RunHandles] = {}
         self._closing: dict[int, RunHandles] = {}  # the run being finished, until its file is closed and renamed
         self._held: list[Message] | None = None  # messages put inside together(), on the model's thread
+        # Set when the thread has ended. close() waits on this, not on Thread.join(): a join cut short by Ctrl-C can
+        # return at once the next time (CPython) while the thread still writes, and files would close under it.
+        self._done = threading.Event()
+        self._stop_sent = False
         self._thread = threading.Thread(target=self._loop, name="loopscope-writer", daemon=True)
         self._thread.start()
 
@@ -128,15 +132,19 @@ class CaptureWriter:
 
     def drain(self) -> None:
         """Block until every queued message is written (completed runs are then renamed into place)."""
-        if self._thread.is_alive():
+        if not self._done.is_set():
             self._queue.join()
         self.raise_if_failed()
 
     def close(self) -> None:
-        """Drain the queue, stop the thread, close the files of any run left unfinished."""
-        if self._thread.is_alive():
-            self._queue.put(_Stop())
-            self._thread.join()
+        """Drain the queue, stop the thread, close the files of any run left unfinished. A close interrupted while
+        it waits (Ctrl-C) is finished by calling it again."""
+        if not self._done.is_set():
+            if not self._stop_sent:
+                self._queue.put(_Stop())
+                self._stop_sent = True
+            self._done.wait()
+        self._thread.join()  # the thread has ended: this returns at once
         self.abandon_open_runs()
         self.staging.clear()
 
@@ -146,6 +154,7 @@ class CaptureWriter:
             self._serve()
         finally:
             self.cpu_seconds = time.thread_time()
+            self._done.set()
 
     def _serve(self) -> None:
         while True:
