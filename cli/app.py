@@ -342,6 +342,8 @@ def export(
 @friendly
 def verify(file: Path = typer.Argument(..., help="A capture file (.h5).", readable=False)):
     """Check every stored chunk against its checksum; list damaged chunks (exit code 1 when there are any)."""
+    from dataclasses import replace
+
     from rich.text import Text
 
     from ..storage.verify import describe, verify_capture
@@ -349,6 +351,7 @@ def verify(file: Path = typer.Argument(..., help="A capture file (.h5).", readab
     with console.status("checking chunks…"):
         result = verify_capture(file)
     findings = [(f, "damaged") for f in result.damaged] + [(f, "unchecked") for f in result.unchecked]
+    findings += [(replace(f, problem=f"incomplete run: {f.problem}"), "unchecked") for f in result.incomplete_problems]
     if findings:
         table = Table("run", "dataset", "where", "problem")
         for f, kind in findings:
@@ -358,7 +361,14 @@ def verify(file: Path = typer.Argument(..., help="A capture file (.h5).", readab
         console.print(table)
     console.print(Text(describe(result)))
     if result.incomplete:
-        console.print(Text(f"{len(result.incomplete)} incomplete run file(s) checked too", style="yellow"))
+        console.print(
+            Text(
+                f"{len(result.incomplete)} incomplete run file(s) (being written, or cut short by a crash) checked "
+                f"too: {len(result.incomplete_problems)} unreadable or damaged; not counted against the capture, "
+                "whose readers skip them",
+                style="yellow",
+            )
+        )
     if result.unchecked:
         console.print(
             Text(

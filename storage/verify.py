@@ -43,7 +43,10 @@ class VerifyResult:
     damaged: list[Finding] = field(default_factory=list)  # damaged chunks and unreadable files: a failure
     unchecked: list[Finding] = field(default_factory=list)  # datasets without a checksum: a warning
     virtual: int = 0  # virtual datasets, checked through their sources
-    incomplete: list[str] = field(default_factory=list)  # run files cut short (checked too)
+    incomplete: list[str] = field(default_factory=list)  # run files being written or cut short (checked too)
+    # what is wrong with those: a warning, since a run still being written (locked) or killed mid-write is expected
+    # to be unreadable or part-written; the reader skips them too
+    incomplete_problems: list[Finding] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -59,9 +62,12 @@ def verify_capture(path: str | os.PathLike, *, locking: bool | str | None = None
     seen: set[tuple[str, str]] = set()
     _check_file(result, None, path, kwargs, seen)
     for number, (run_path, complete) in run_files.list_run_files(path).items():
+        found = len(result.damaged)
+        _check_file(result, number, run_path, kwargs, seen)
         if not complete:
             result.incomplete.append(run_path)
-        _check_file(result, number, run_path, kwargs, seen)
+            result.incomplete_problems += result.damaged[found:]
+            del result.damaged[found:]
     return result
 
 

@@ -4,6 +4,7 @@ walked whole by ``loopscope verify``. Real captures of the reference model, real
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
@@ -303,6 +304,26 @@ def test_a_clean_capture_verifies(reference_model, tokenizer, tmp_path):
     result = CliRunner().invoke(app, ["verify", str(path)])
     assert result.exit_code == 0, result.output
     assert "ok: every checksummed chunk" in result.output and "not checksummed" not in result.output
+
+
+def test_incomplete_run_files_are_a_warning_not_damage(reference_model, tokenizer, tmp_path):
+    """A run cut short (a killed writer's truncated file, an empty one) or still being written is skipped by every
+    reader, so verify names it without failing the capture (was: exit 1 for good after any crash); damage in a
+    complete run still fails it."""
+    path = _capture(reference_model, tokenizer, tmp_path / "c.h5", new_tokens=3)
+    folder = run_files.runs_dir(str(path))
+    complete = run_files.list_run_files(str(path))[0][0]
+    data = open(complete, "rb").read()
+    open(os.path.join(folder, "000007.partial.h5"), "wb").write(data[: len(data) // 2])  # killed mid-write
+    open(os.path.join(folder, "000008.partial.h5"), "wb").close()  # killed right after reserving its number
+    result = verify_capture(path)
+    assert result.ok and not result.damaged and len(result.incomplete) == 2
+    assert len(result.incomplete_problems) == 2 and {f.run for f in result.incomplete_problems} == {7, 8}
+    cli = CliRunner().invoke(app, ["verify", str(path)])
+    assert cli.exit_code == 0, cli.output
+    assert "2 incomplete run file(s)" in cli.output and "ok: every checksummed chunk" in cli.output
+    _flip(complete, "token_ids", at=2)
+    assert CliRunner().invoke(app, ["verify", str(path)]).exit_code == 1
 
 
 def test_a_flipped_bit_in_token_ids_is_detected(reference_model, tokenizer, tmp_path):

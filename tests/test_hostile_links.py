@@ -220,7 +220,11 @@ def test_a_merge_of_a_merge_is_verified_down_to_the_chunks(pristine, tmp_path):
 def test_verify_refuses_a_fifo_named_like_a_run_file(pristine, tmp_path, name):
     path = _copy(pristine, tmp_path)
     os.mkfifo(_run_file(path, 2).with_name(name))
-    verify_fails(r"not a regular file \(a FIFO, device or socket\)", path)
+    if name == "000002.h5":
+        verify_fails(r"not a regular file \(a FIFO, device or socket\)", path)
+        return
+    code, out, err = _child("cli", "verify", path)  # an incomplete run, which readers skip: listed, not fatal
+    assert code == 0 and re.search(r"incomplete run: not a regular file \(a FIFO, device or socket\)", out), out + err
 
 
 def test_verify_refuses_a_fifo_source(pristine, tmp_path):
