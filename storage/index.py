@@ -12,6 +12,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import shutil
 import uuid
 from typing import Any
@@ -203,9 +204,23 @@ def _index_lock(path: str, locking):
                 raise CaptureFileError(
                     f"cannot lock {runs_dir(path)} ({first_line(exc)}); on a network file system pass locking=False"
                 ) from None
+        else:
+            _remove_stale_copies(path)
         yield
     finally:
         os.close(fd)
+
+
+def _remove_stale_copies(path: str) -> None:
+    """Temporary index copies left by a writer killed while it replaced the index. Only called under the lock,
+    inside which every copy is made and renamed: one found there belongs to no living writer."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stale = re.compile(re.escape(name) + r"\.\d+\.[0-9a-f]{8}\.tmp")
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(folder):
+            if stale.fullmatch(entry):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, entry))
 
 
 def _write_header(file: h5py.File, header: dict[str, Any]) -> None:

@@ -245,3 +245,21 @@ def test_every_returned_forward_is_kept_when_close_is_skipped_or_interrupted(tmp
         assert len(index["runs"]) == 12  # linked at the close (at exit for the unclosed script)
     with loopscope.open(path) as capture:
         assert [r.num_tokens for r in capture.runs] == [37] * 12
+
+
+def test_index_copies_left_by_a_killed_close_are_removed_by_the_next_writer(tmp_path, reference_model, prompt_ids):
+    """A SIGKILL while close() replaces the index leaves its temporary copy (c.h5.PID.HEX.tmp). Every copy is made
+    under the run folder's lock, so the next writer to take it removes what it finds; other files stay."""
+    path = tmp_path / "c.h5"
+    with loopscope.attach(reference_model, path), torch.no_grad():
+        reference_model(prompt_ids, num_steps=2)
+    stale = tmp_path / "c.h5.4242.0badc0de.tmp"
+    stale.write_bytes(b"a half-written index copy")
+    kept = [tmp_path / "c.h5.notes.tmp", tmp_path / "d.h5.4242.0badc0de.tmp"]
+    for other in kept:
+        other.write_bytes(b"not ours")
+    with loopscope.attach(reference_model, path, mode="a"), torch.no_grad():
+        reference_model(prompt_ids, num_steps=2)
+    assert not stale.exists() and all(other.exists() for other in kept)
+    with loopscope.open(path) as capture:
+        assert len(capture.runs) == 2
