@@ -115,6 +115,7 @@ def token_metrics(
     if isinstance(reference, Run):
         raise LoopscopeError("the Dask analysis takes reference='final', a run index or 'file.h5[:N]', not a Run")
     plans = _plan_runs(_as_paths(captures), runs, space, loop, block_bytes, locking)
+    reference = _absolute_reference(reference)  # read by the workers, which may run in another directory
     graphs = []
     for p in plans:
         states = da.from_array(p.source, chunks=(p.block, -1, -1), asarray=True, lock=False, name=False)
@@ -293,13 +294,18 @@ def _plan_run(path, number, run: Run, space, loop, block_bytes, locking) -> _Run
     bf16 = run.logical_dtype(loop) == "bfloat16"
     readout = run.capture.readout if space == "readout" else None
     return _RunPlan(
-        capture=os.fspath(path),
+        capture=os.path.abspath(path),  # the workers open the files: a cluster's run in their own directories
         number=number,
         run=run,
         loop=name,
         space=space,
         source=StatesSource(
-            run.path, ds.name, tuple(ds.shape), ds.dtype, locking, schema.as_text(ds.attrs.get("compression"))
+            os.path.abspath(run.path),
+            ds.name,
+            tuple(ds.shape),
+            ds.dtype,
+            locking,
+            schema.as_text(ds.attrs.get("compression")),
         ),
         block=_token_block(ds.shape[1], ds.shape[2], block_bytes, chunks),
         bf16=bf16,
@@ -319,6 +325,17 @@ class _TokenData:
         self.tokens = run.tokens
         self.iterations = run.iterations_of(loop)
         self.step_stride = run.step_stride
+
+
+def _absolute_reference(reference):
+    """``"other.h5[:N]"`` with an absolute path, as the workers must find it; other references as they are."""
+    if not isinstance(reference, (str, os.PathLike)) or os.fspath(reference) == "final":
+        return reference
+    text = os.fspath(reference)
+    head, sep, tail = text.rpartition(":")
+    if sep and tail.isdigit() and not os.path.exists(text):
+        return f"{os.path.abspath(head)}:{tail}"
+    return os.path.abspath(text)
 
 
 def _is_final(reference) -> bool:

@@ -230,7 +230,7 @@ def test_dask_pca_equals_single_process(study, basis):
     assert_same_pca(expected, dd.trajectory_pca([(study["merged"], 2, [0, 3, -1])], basis=basis, workers=2))
 
 
-def test_dask_on_a_local_cluster_of_several_workers(study, bf16_capture):
+def test_dask_on_a_local_cluster_of_several_workers(study, bf16_capture, monkeypatch):
     distributed = pytest.importorskip("distributed")
     paths = [study["merged"], bf16_capture]
     with distributed.LocalCluster(
@@ -253,6 +253,13 @@ def test_dask_on_a_local_cluster_of_several_workers(study, bf16_capture):
             pids = client.run(os.getpid)
         assert len(set(pids.values())) == 3 and os.getpid() not in pids.values()
         assert len({task["worker"] for task in stream.data}) > 1  # the blocks ran on several worker processes
+        # a path relative to the caller's directory, which is not the workers' (they started before the chdir)
+        folder, name = os.path.split(os.path.abspath(study["merged"]))
+        monkeypatch.chdir(folder)
+        assert_same_metrics(single_process([study["merged"]]), dd.token_metrics([name], scheduler=address))
+        with loopscope.open(study["merged"]) as capture:  # a reference file named relative to the caller, too
+            expected = [token_metrics(capture.run(1), reference=capture.run(1))]
+        assert_same_metrics(expected, dd.token_metrics([name], runs=[1], reference=f"{name}:1", scheduler=address))
 
 
 def test_cli_convergence_on_dask_writes_the_same_csv(study, tmp_path):
