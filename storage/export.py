@@ -74,6 +74,9 @@ def export(
     if fmt not in FORMATS:
         raise LoopscopeError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     check_out(capture, out)
+    suffix = os.path.splitext(os.fspath(out))[1].lower()
+    if suffix != "." + fmt:  # a reader picks its loader by the name: an .npz named .safetensors fails there
+        raise LoopscopeError(f"--out {out}: a {fmt} file is named *.{fmt}; choose another --out or --format")
     chosen = capture.runs if runs is None else [capture.run(i) for i in runs]
     if not chosen:
         raise LoopscopeError(f"{capture.path} has no complete runs to export")

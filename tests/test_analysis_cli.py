@@ -228,6 +228,8 @@ def test_cli_errors_are_one_line(capture_path, tmp_path, reference_model, tokeni
         ["plot", cap, "--kind", "exits", "--tol", "-1", "--out", str(tmp_path / "x.png")],
         ["convergence", cap, "--out", str(tmp_path / "x.csv"), "--reference", "1"],
         ["export", cap, "--format", "parquet"],
+        ["export", cap, "--format", "npz", "--out", str(tmp_path / "x.safetensors")],
+        ["export", cap, "--format", "safetensors", "--out", str(tmp_path / "x.npz")],
         ["export", cap, "--format", "npz", "--out", str(tmp_path / "nodir" / "x.npz")],
         ["capture", str(tmp_path / "no-model"), "--prompt", "hi", "--out", str(tmp_path / "c.h5")],
         ["capture", str(model_dir), "--out", str(tmp_path / "c.h5")],
