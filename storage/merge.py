@@ -109,6 +109,7 @@ def _check_paths(out: str, sources: list[str], force: bool, locking) -> None:
     if not os.path.isdir(parent):
         raise MergeError(f"cannot create {out}: directory {parent} does not exist; create it first")
     _check_output_spares_sources(out, sources, force, locking)  # first: --force must not be suggested then
+    _check_sources_distinct(sources, locking)
     if (os.path.exists(out) or run_files.list_run_files(out)) and not force:
         raise MergeError(f"{out} already exists; pass --force (force=True) to replace it")
 
@@ -128,6 +129,26 @@ def _check_output_spares_sources(out: str, sources: list[str], force: bool, lock
             clash = protected.holding(path)
             if clash is not None:
                 raise MergeError(f"--force (force=True) would delete the run files of {out}, but {clash}; {advice}")
+
+
+def _check_sources_distinct(sources: list[str], locking) -> None:
+    """No two sources may read the same run file: a merged capture together with one of the captures it maps would
+    give every run of that one twice, and analysis would count it twice without a word."""
+    owner: dict[tuple[int, int], str] = {}
+    for source in sources:
+        for path in dependencies.capture_files([source], locking=locking).files:
+            if os.path.realpath(path) == os.path.realpath(source):
+                continue  # its index: every source has its own
+            try:
+                info = os.stat(path)
+            except OSError:
+                continue
+            first = owner.setdefault((info.st_dev, info.st_ino), source)
+            if first != source:
+                raise MergeError(
+                    f"sources {first} and {source} hold the same runs ({safety.clean(path)} is read by both, e.g. "
+                    "a merged capture and one it maps); merge each capture once"
+                )
 
 
 @contextlib.contextmanager

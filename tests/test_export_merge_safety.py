@@ -204,3 +204,16 @@ def test_merge_refuses_an_output_among_the_sources_files(pristine, tmp_path, cas
     line = _refused(tmp_path, pattern, *args)
     assert NEW_FILE in line
     _readable(cap)
+
+
+def test_merge_refuses_sources_that_hold_the_same_runs(pristine, tmp_path):
+    """A merged capture and one of the captures it maps, given together, would list that one's runs twice."""
+    cap = _copy(pristine, tmp_path / "src")
+    merge(tmp_path / "all.h5", [cap])
+    pattern = r"sources all\.h5 and src/cap\.h5 hold the same runs .*merge each capture once"
+    _refused(tmp_path, pattern, "merge", "twice.h5", "all.h5", "src/cap.h5")
+    shutil.copyfile(cap, tmp_path / "copy.h5")  # a copied index whose run folder is a link to the same runs
+    os.symlink(str(cap) + ".runs", tmp_path / "copy.h5.runs")
+    _refused(
+        tmp_path, r"sources src/cap\.h5 and copy\.h5 hold the same runs", "merge", "twice.h5", "src/cap.h5", "copy.h5"
+    )
