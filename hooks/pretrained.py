@@ -84,7 +84,12 @@ def load_pretrained(name_or_path: str, *, trust_remote_code: bool = False, devic
 def check_model_path(name_or_path: str) -> None:
     """A path that does not exist is named as such: transformers would take it for a hub id and say the id is
     malformed or unknown, which sends the user looking for a typo in a repository name."""
-    if os.path.exists(os.path.expanduser(name_or_path)) or not _looks_like_path(name_or_path):
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise LoopscopeError(
+            f"model directory {name_or_path} has no config.json; pass a directory saved with save_pretrained"
+        )
+    if os.path.exists(path) or not _looks_like_path(name_or_path):
         return
     raise LoopscopeError(
         f"model directory {name_or_path} does not exist; pass a directory saved with save_pretrained, "

@@ -232,6 +232,7 @@ def test_cli_errors_are_one_line(capture_path, tmp_path, reference_model, tokeni
         ["export", cap, "--format", "safetensors", "--out", str(tmp_path / "x.npz")],
         ["export", cap, "--format", "npz", "--out", str(tmp_path / "nodir" / "x.npz")],
         ["capture", str(tmp_path / "no-model"), "--prompt", "hi", "--out", str(tmp_path / "c.h5")],
+        ["capture", str(tmp_path), "--prompt", "hi", "--out", str(tmp_path / "c.h5")],  # a folder, no config.json
         ["capture", str(model_dir), "--out", str(tmp_path / "c.h5")],
         ["capture", str(model_dir), "--prompt", " ", "--out", str(tmp_path / "c.h5")],
         ["capture", str(model_dir), "--prompt-file", str(tmp_path / "none.txt"), "--out", str(tmp_path / "c.h5")],
