@@ -58,11 +58,16 @@ def test_tokens_converge_at_different_speeds(tmp_path):
 def test_loading_the_demo_model_prints_nothing_and_leaves_progress_bars_as_they_were(capfd):
     from transformers.utils import logging as hf_logging
 
-    assert hf_logging.is_progress_bar_enabled()
-    build_demo_model()
-    out, err = capfd.readouterr()
-    assert out == "" and "Loading weights" not in err, err
-    assert hf_logging.is_progress_bar_enabled()  # a library call does not switch off the user's bars
+    was = hf_logging.is_progress_bar_enabled()  # the CLI's commands switch bars off for their process
+    hf_logging.enable_progress_bar()
+    try:
+        build_demo_model()
+        out, err = capfd.readouterr()
+        assert out == "" and "Loading weights" not in err, err
+        assert hf_logging.is_progress_bar_enabled()  # a library call does not switch off the user's bars
+    finally:
+        if not was:
+            hf_logging.disable_progress_bar()
 
 
 @pytest.mark.parametrize("example", ["train_demo_model", "capture_generate", "capture_torchrun"])
