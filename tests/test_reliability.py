@@ -5,6 +5,8 @@ Both run a real capture in a child process (real files, real h5py, real OS limit
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 import loopscope
 
@@ -150,21 +153,7 @@ def test_killed_writer_keeps_completed_runs(tmp_path):
 def test_a_real_full_disk_mid_generation_keeps_completed_runs_and_exits_cleanly(tmp_path):
     """A real small file system (tmpfs, mounted when running as root) filling up mid-generate(): one clear error,
     a clean process exit (HDF5 once crashed at shutdown here), and every completed run intact."""
-    import os
-
-    import pytest
-
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)], capture_output=True
-        ).returncode
-        != 0
-    ):
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with _small_file_system(tmp_path, "1200k") as mount:
         body = """
         errors = []
         cap = loopscope.attach(model, path)
@@ -193,6 +182,18 @@ def test_a_real_full_disk_mid_generation_keeps_completed_runs_and_exits_cleanly(
             assert len(capture.runs) >= 2 * flushed  # two rows per generate() call, each flushed run complete
             for run in capture.runs:
                 assert not np.isnan(run.states()).any()
+
+
+@contextlib.contextmanager
+def _small_file_system(tmp_path, size: str):
+    """A tmpfs of ``size`` mounted under ``tmp_path`` (as root; else the test is skipped), unmounted at the end."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if os.geteuid() != 0 or mounted.returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mount
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
 
@@ -234,21 +235,7 @@ def test_a_full_disk_at_attach_or_close_is_one_line_and_crashes_nothing(tmp_path
     """The disk fills while attach() writes the new index, or while close() rewrites it with the run links: one
     line naming the full disk, a clean exit (HDF5 crashed the process when its own flush met the full disk inside
     an object's release), no temporary file left, and every run recorded before close() still readable."""
-    import os
-
-    import pytest
-
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
-        ).returncode
-        != 0
-    ):
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with _small_file_system(tmp_path, "4m") as mount:
         for phase, slack in [("attach", s) for s in (0, 3000, 5000, 6500, 8000)] + [
             ("close", s) for s in (9000, 14000)
         ]:
@@ -282,5 +269,3 @@ def test_a_full_disk_at_attach_or_close_is_one_line_and_crashes_nothing(tmp_path
                 assert error.startswith("ERROR CaptureWriteError") and "every completed run is kept" in error
                 with loopscope.open(mount / "c.h5") as capture:
                     assert len(capture.runs) == 40 and capture.runs[-1].num_tokens == 17
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
