@@ -51,6 +51,7 @@ class Capture:
         self._locking = options.locking
         self._closed = False
         self._stopped = False  # hooks removed: recording has ended, and close() finishes the rest (again if cut)
+        self._pid = os.getpid()  # the process whose writer thread this is (a fork's child has none)
         index.create_index(
             self.path,
             options.mode,
@@ -197,6 +198,8 @@ _OPEN: weakref.WeakSet[Capture] = weakref.WeakSet()
 @atexit.register
 def _close_at_exit() -> None:
     for capture in list(_OPEN):
+        if capture._pid != os.getpid():  # a forked child: the writer thread lives in the parent only
+            continue
         try:
             capture.close()
         except BaseException as exc:  # at exit nobody can catch it: say it, then close the others

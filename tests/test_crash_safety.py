@@ -263,3 +263,31 @@ def test_index_copies_left_by_a_killed_close_are_removed_by_the_next_writer(tmp_
     assert not stale.exists() and all(other.exists() for other in kept)
     with loopscope.open(path) as capture:
         assert len(capture.runs) == 2
+
+
+def test_a_forked_child_exits_without_waiting_for_the_parents_writer(tmp_path):
+    """Captures left open are closed at exit, but only by the process that made them: a child forked after
+    attach() has no writer thread, and waiting for one would hang its exit."""
+    body = textwrap.dedent(
+        """
+        import os, sys, torch
+        import loopscope
+        from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+        register(); torch.manual_seed(0)
+        model = RavenReferenceForCausalLM(tiny_config()).eval()
+        cap = loopscope.attach(model, sys.argv[1])
+        with torch.no_grad():
+            model(torch.arange(3, 20).unsqueeze(0), num_steps=2)
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)
+        os.waitpid(pid, 0)
+        print("CHILD EXITED", flush=True)
+        """
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", body, str(tmp_path / "c.h5")], capture_output=True, text=True, timeout=60
+    )
+    assert child.returncode == 0 and "CHILD EXITED" in child.stdout, child.stderr
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        assert len(capture.runs) == 1  # the parent closed it at its own exit
