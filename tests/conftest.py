@@ -201,3 +201,9 @@ class StateChangedInPlace(torch.nn.Module):
 def state_changed_in_place():
     """The :class:`StateChangedInPlace` class, to build with the sizes a test needs."""
     return StateChangedInPlace
+
+
+@pytest.fixture(scope="module")
+def pristine(two_run_capture, tmp_path_factory):
+    """A small real capture (a generate run and a forward run) that tests copy and then damage."""
+    return two_run_capture(tmp_path_factory.mktemp("pristine") / "cap.h5", "Short prompt.", 3, 2, 2)

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from capture_copies import copy_capture as _copy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -30,19 +31,6 @@ from loopscope.cli.app import app
 from loopscope.errors import CaptureFileError, LoopscopeError
 
 PACKAGE_ROOT = Path(loopscope.__file__).parent
-
-
-@pytest.fixture(scope="module")
-def pristine(two_run_capture, tmp_path_factory) -> Path:
-    """A small real capture (a generate run and a forward run) that tests copy and then damage."""
-    return two_run_capture(tmp_path_factory.mktemp("pristine") / "cap.h5", "Short prompt.", 3, 2, 2)
-
-
-def _copy(pristine: Path, folder: Path) -> Path:
-    target = folder / pristine.name
-    shutil.copyfile(pristine, target)
-    shutil.copytree(str(pristine) + ".runs", str(target) + ".runs")
-    return target
 
 
 def _cli(*args) -> tuple[int, str]:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from capture_copies import copy_capture as _copy
 
 import loopscope
 from loopscope.errors import LoopscopeError, MergeError
@@ -28,19 +29,6 @@ TIMEOUT = 120
 CHILD = "from loopscope.cli.app import app; app()"
 OTHER_OUT = "choose another --out"
 NEW_FILE = "write the merged capture to a new file"
-
-
-@pytest.fixture(scope="module")
-def pristine(two_run_capture, tmp_path_factory) -> Path:
-    return two_run_capture(tmp_path_factory.mktemp("pristine") / "cap.h5", "Short prompt.", 3, 2, 2)
-
-
-def _copy(pristine: Path, folder: Path, name: str = "cap.h5") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / name
-    shutil.copyfile(pristine, target)
-    shutil.copytree(str(pristine) + ".runs", str(target) + ".runs")
-    return target
 
 
 def _run_file(path: Path, number: int) -> Path:

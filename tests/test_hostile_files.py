@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from capture_copies import copy_capture as _copy
+from child_runs import run_script
 
 import loopscope
 from loopscope.errors import LoopscopeError
@@ -63,12 +63,9 @@ except LoopscopeError as exc:
 
 
 def _child(*args) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "COLUMNS")}
-    env["COLUMNS"] = "200"
-    proc = subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], capture_output=True, timeout=TIMEOUT, env=env)
-    out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    code, out, err = run_script(CHILD, *args, timeout=TIMEOUT)
     assert "Traceback" not in out + err and "MemoryError" not in out + err, out + err
-    return proc.returncode, out, err
+    return code, out, err
 
 
 def api_error(path: Path, pattern: str) -> None:
@@ -87,19 +84,6 @@ def cli_ok(*args) -> str:
     code, out, err = _child("cli", *args)
     assert code == 0, out + err
     return out
-
-
-@pytest.fixture(scope="module")
-def pristine(two_run_capture, tmp_path_factory) -> Path:
-    return two_run_capture(tmp_path_factory.mktemp("pristine") / "cap.h5", "Short prompt.", 3, 2, 2)
-
-
-def _copy(pristine: Path, folder: Path, name: str = "cap.h5") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / name
-    shutil.copyfile(pristine, target)
-    shutil.copytree(str(pristine) + ".runs", str(target) + ".runs")
-    return target
 
 
 def _run_file(path: Path, number: int = 0) -> Path:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from capture_copies import copy_capture as _copy
+from child_runs import run_script
 
 import loopscope
 from loopscope.analysis import token_metrics
@@ -54,13 +54,10 @@ except LoopscopeError as exc:
 
 
 def _child(*args) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "COLUMNS")}
-    env["COLUMNS"] = "400"
-    proc = subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], capture_output=True, timeout=TIMEOUT, env=env)
-    out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
-    assert proc.returncode >= 0, f"killed by signal {-proc.returncode}: {out}{err}"  # a segfault
+    code, out, err = run_script(CHILD, *args, timeout=TIMEOUT, columns=400)
+    assert code >= 0, f"killed by signal {-code}: {out}{err}"  # a segfault
     assert "Traceback" not in out + err, out + err
-    return proc.returncode, out, err
+    return code, out, err
 
 
 def api_error(path: Path, pattern: str, mode: str = "api") -> None:
@@ -80,19 +77,6 @@ def verify_fails(pattern: str, path: Path) -> None:
     assert code == 1 and re.search(pattern, out), out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and re.fullmatch(r"error: \d+ damaged chunk\(s\) or file\(s\) in .*cap\.h5", lines[0]), err
-
-
-@pytest.fixture(scope="module")
-def pristine(two_run_capture, tmp_path_factory) -> Path:
-    return two_run_capture(tmp_path_factory.mktemp("pristine") / "cap.h5", "Short prompt.", 3, 2, 2)
-
-
-def _copy(pristine: Path, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "cap.h5"
-    shutil.copyfile(pristine, target)
-    shutil.copytree(str(pristine) + ".runs", str(target) + ".runs")
-    return target
 
 
 def _run_file(path: Path, number: int = 0) -> Path:
