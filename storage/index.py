@@ -9,7 +9,6 @@ writers appending at once keep each other's links.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import os
 import re
@@ -25,7 +24,7 @@ try:
 except ImportError:  # not POSIX: no lock, run numbers are still reserved with O_EXCL
     fcntl = None  # type: ignore[assignment]
 
-from ..errors import CaptureFileError, CaptureWriteError, first_line
+from ..errors import CaptureFileError, CaptureWriteError, disk_full, first_line, os_reason
 from . import checksum, schema
 from .reader import CaptureFile
 from .readout import ReadoutNorm
@@ -86,24 +85,9 @@ def create_index(
         if not os.path.exists(path):  # the folder made above, still empty: nothing of a capture is left behind
             with contextlib.suppress(OSError):
                 os.rmdir(runs_dir(path))
-        hint = "free some space" if _disk_full(exc) else "on a network file system try locking=False"
-        raise CaptureFileError(f"cannot create {path} ({_reason(exc)}); {hint}") from None
+        hint = "free some space" if disk_full(exc) else "on a network file system try locking=False"
+        raise CaptureFileError(f"cannot create {path} ({os_reason(exc) or first_line(exc)}); {hint}") from None
     return path
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """Whether a write failed for want of space (errno, or HDF5's text of it)."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
-
-
-def _reason(exc: BaseException) -> str:
-    """The OS's reason where HDF5 buries it in a long message ("No space left on device"), else the first line."""
-    for reason in ("No space left on device", "Disk quota exceeded", "Permission denied", "Read-only file system"):
-        if reason in str(exc):
-            return reason
-    return first_line(exc)
 
 
 def _check_same_model(path: str, header: dict[str, Any], readout: dict[str, Any] | None, locking) -> None:
@@ -141,9 +125,10 @@ def finish_index(path: str, attrs: dict[str, Any], locking: bool | str | None = 
                     runs[name] = h5py.ExternalLink(relative, "/")
             index.attrs.update(schema.attrs_to_store(attrs))
     except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError when HDF5's flush fails (a full disk)
+        reason = os_reason(exc) or first_line(exc)
         raise CaptureWriteError(
-            f"could not link the runs into {path} ({_reason(exc)}); every completed run is kept in "
-            f"{runs_dir(path)} and reads as usual"
+            f"could not link the runs into {path} ({reason}); every completed run is kept in {runs_dir(path)} and "
+            "reads as usual"
         ) from None
 
 

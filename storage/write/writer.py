@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import queue
-import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ...errors import CaptureWriteError
+from ...errors import CaptureWriteError, disk_full, hdf5_line
 from .. import compression as filters
 from .. import schema
 from .messages import Batch, CloseRuns, Message, OpenRuns, Signal, State, Steps, Tokens, token_texts
@@ -95,7 +93,6 @@ class CaptureWriter:
         # Set when the thread has ended. close() waits on this, not on Thread.join(): a join cut short by Ctrl-C can
         # return at once the next time (CPython) while the thread still writes, and files would close under it.
         self._done = threading.Event()
-        self._stop_sent = False
         self._thread = threading.Thread(target=self._loop, name="loopscope-writer", daemon=True)
         self._thread.start()
 
@@ -123,7 +120,7 @@ class CaptureWriter:
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
-            reason = _one_line(self.error)
+            reason = hdf5_line(self.error)
             error = CaptureWriteError(
                 f"writing {self._filename} failed, recording stopped and hooks removed: {reason[:200]}"
             )
@@ -140,9 +137,7 @@ class CaptureWriter:
         """Drain the queue, stop the thread, close the files of any run left unfinished. A close interrupted while
         it waits (Ctrl-C) is finished by calling it again."""
         if not self._done.is_set():
-            if not self._stop_sent:
-                self._queue.put(_Stop())
-                self._stop_sent = True
+            self._queue.put(_Stop())  # again after an interrupted close: the thread ends at the first, harmlessly
             self._done.wait()
         self._thread.join()  # the thread has ended: this returns at once
         self.abandon_open_runs()
@@ -364,7 +359,7 @@ class CaptureWriter:
         """Close files of runs that never completed (after a failure), leaving them marked partial."""
         for run_id, h in list(self._runs.items()):
             h.drop_datasets()  # first, so no dataset handle outlives its file
-            if _disk_full(self.error):  # HDF5 writes its metadata at close, and a close that fails for want of
+            if disk_full(self.error):  # HDF5 writes its metadata at close, and a close that fails for want of
                 # space leaves the file half-closed inside HDF5, which then crashed the process at exit. The run is
                 # lost anyway: give its blocks back first, so the close succeeds (it stays a .partial file).
                 with contextlib.suppress(OSError):
@@ -376,18 +371,3 @@ class CaptureWriter:
             if h.reserve is not None:
                 h.reserve.release()
             self._runs.pop(run_id)
-
-
-def _disk_full(error: BaseException | None) -> bool:
-    """Whether a write failed for want of space (a full disk or quota)."""
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def _one_line(error: BaseException) -> str:
-    """HDF5 errors span lines and bury the OS reason ("File too large", "No space left on device"): surface it."""
-    text = str(error).strip()
-    if not text:
-        return type(error).__name__
-    first = text.splitlines()[0].split(" (file write failed")[0]
-    os_reason = re.search(r"error message = '([^']+)'", text)
-    return f"{first} ({os_reason.group(1)})" if os_reason else first
