@@ -133,6 +133,7 @@ class Capture:
         self.pool.close()
         stats = self.pool.stats
         orphans = self._tracker.orphan_calls
+        failed: CaptureWriteError | None = None
         try:
             index.finish_index(
                 self.path,
@@ -145,13 +146,12 @@ class Capture:
                 },
                 locking=self._locking,
             )
-        except CaptureWriteError:
-            self._closed = True  # linking again would fail alike: the runs are kept, the error is said once
-            _OPEN.discard(self)
-            if self.writer.error is None:  # else the writer's error (e.g. disk full) is the one to report
-                raise
-        self._closed = True
+        except CaptureWriteError as exc:  # linking again would fail alike: the runs are kept, the error said once
+            failed = exc
+        self._closed = True  # not before: a close cut short (Ctrl-C) is finished by the next
         _OPEN.discard(self)
+        if failed is not None and self.writer.error is None:  # else the writer's error (disk full) is the one
+            raise failed
         if orphans:
             warnings.warn(
                 f"loopscope: {orphans} loop call(s) happened outside the model's forward() and were not "
