@@ -34,12 +34,12 @@ class CaptureFiles:
         path = os.fspath(path)
         real = os.path.realpath(path)
         by_identity, by_name = self._files_index
-        known = by_identity.get(_identity(path)) or by_name.get(real)
+        known = by_identity.get(identity(path)) or by_name.get(real)
         if known is not None:
             return _clause(path, known, self.files[known])
         step = real
         while True:  # the target, then each folder above it (after symlinks: writing follows them)
-            folder = self._folders_index.get(_identity(step))
+            folder = self._folders_index.get(identity(step))
             if folder is not None:
                 what = self.folders[folder]
                 inside = f"{safety.clean(path)} is inside {safety.clean(folder)} ({what})"
@@ -49,16 +49,27 @@ class CaptureFiles:
                 return None
             step = parent
 
+    @classmethod
+    def joined(cls, parts: Iterable[CaptureFiles]) -> CaptureFiles:
+        """The files of several captures together (the first to name a file says what it is)."""
+        whole = cls()
+        for part in parts:
+            for path, what in part.files.items():
+                whole.files.setdefault(path, what)
+            for folder, what in part.folders.items():
+                whole.folders.setdefault(folder, what)
+        return whole
+
     @cached_property
     def _files_index(self) -> tuple[dict, dict]:
         """{(device, inode): path} of the files that exist, {real path: path} of all (a missing one too)."""
-        by_identity = {_identity(p): p for p in reversed(self.files)}  # the first listed wins
+        by_identity = {identity(p): p for p in reversed(self.files)}  # the first listed wins
         by_identity.pop(None, None)
         return by_identity, {os.path.realpath(p): p for p in reversed(self.files)}
 
     @cached_property
     def _folders_index(self) -> dict:
-        found = {_identity(p): p for p in reversed(self.folders)}
+        found = {identity(p): p for p in reversed(self.folders)}
         found.pop(None, None)
         return found
 
@@ -89,7 +100,7 @@ def _clause(path: str, known: str, what: str) -> str:
     return f"{safety.clean(path)} is {what}" if same else f"{safety.clean(path)} is {safety.clean(known)} ({what})"
 
 
-def _identity(path: str) -> tuple[int, int] | None:
+def identity(path: str) -> tuple[int, int] | None:
     """(device, inode) of what ``path`` names, symlinks followed; None when nothing is there."""
     try:
         st = os.stat(path)

@@ -108,17 +108,17 @@ def _check_paths(out: str, sources: list[str], force: bool, locking) -> None:
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise MergeError(f"cannot create {out}: directory {parent} does not exist; create it first")
-    _check_output_spares_sources(out, sources, force, locking)  # first: --force must not be suggested then
-    _check_sources_distinct(sources, locking)
+    read = [dependencies.capture_files([source], locking=locking) for source in sources]  # each walked once
+    _check_output_spares_sources(out, dependencies.CaptureFiles.joined(read), force)  # first: no --force advice
+    _check_sources_distinct(sources, read)
     if (os.path.exists(out) or run_files.list_run_files(out)) and not force:
         raise MergeError(f"{out} already exists; pass --force (force=True) to replace it")
 
 
-def _check_output_spares_sources(out: str, sources: list[str], force: bool, locking) -> None:
-    """Refuse an output whose writing or ``force`` removal would destroy what the sources read: their index and
-    run files, the files their runs map (followed through merges of merges: a source may map the very capture
-    being replaced), or their run folders, which must not hold a capture of their own either."""
-    protected = dependencies.capture_files(sources, locking=locking)
+def _check_output_spares_sources(out: str, protected: dependencies.CaptureFiles, force: bool) -> None:
+    """Refuse an output whose writing or ``force`` removal would destroy what the sources read (``protected``):
+    their index and run files, the files their runs map (followed through merges of merges: a source may map the
+    very capture being replaced), or their run folders, which must not hold a capture of their own either."""
     advice = "write the merged capture to a new file, outside the sources' run folders"
     for path in (out, out + ".tmp", run_files.runs_dir(out)):  # the index is written as OUT.tmp, then renamed
         clash = protected.holding(path)
@@ -131,19 +131,16 @@ def _check_output_spares_sources(out: str, sources: list[str], force: bool, lock
                 raise MergeError(f"--force (force=True) would delete the run files of {out}, but {clash}; {advice}")
 
 
-def _check_sources_distinct(sources: list[str], locking) -> None:
-    """No two sources may read the same run file: a merged capture together with one of the captures it maps would
-    give every run of that one twice, and analysis would count it twice without a word."""
+def _check_sources_distinct(sources: list[str], read: list[dependencies.CaptureFiles]) -> None:
+    """No two sources may read the same run file (``read``: the files of each): a merged capture together with one
+    of the captures it maps would give every run of that one twice, and analysis would count it twice unnoticed."""
     owner: dict[tuple[int, int], str] = {}
-    for source in sources:
-        for path in dependencies.capture_files([source], locking=locking).files:
-            if os.path.realpath(path) == os.path.realpath(source):
-                continue  # its index: every source has its own
-            try:
-                info = os.stat(path)
-            except OSError:
-                continue
-            first = owner.setdefault((info.st_dev, info.st_ino), source)
+    for source, files in zip(sources, read):
+        for path in files.files:
+            key = dependencies.identity(path)
+            if key is None or os.path.realpath(path) == os.path.realpath(source):
+                continue  # gone, or its index: every source has its own
+            first = owner.setdefault(key, source)
             if first != source:
                 raise MergeError(
                     f"sources {first} and {source} hold the same runs ({safety.clean(path)} is read by both, e.g. "
