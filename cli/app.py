@@ -24,7 +24,9 @@ from .output import (
     console,
     describe_loop,
     errors,
+    first_few,
     friendly,
+    note_first_loop,
     progress,
     removed_on_error,
     text,
@@ -102,11 +104,12 @@ def info(
             console.print(f"[yellow]{len(capture.incomplete_runs)} incomplete run(s) skipped[/yellow]")
         gone = capture.missing_runs
         if gone:
-            numbers = ", ".join(map(str, gone[:10])) + (f" (and {len(gone) - 10} more)" if len(gone) > 10 else "")
-            console.print(f"[yellow]{len(gone)} run(s) the index links are missing, skipped: {numbers}[/yellow]")
+            console.print(
+                f"[yellow]{len(gone)} run(s) the index links are missing, skipped: {first_few(gone, 10)}[/yellow]"
+            )
         strays = unexpected_files(capture.path)
         if strays:
-            names = ", ".join(strays[:5]) + (f" (and {len(strays) - 5} more)" if len(strays) > 5 else "")
+            names = first_few(strays, 5)
             console.print(f"[yellow]ignored in the run folder (not run files): {text(names)}[/yellow]")
 
 
@@ -144,7 +147,7 @@ def capture(
 
     prompts = read_prompts(prompt, prompt_file)
     check_counts(steps, max_new_tokens)
-    from_command_line(tokens)  # a bad --tokens is one line before the model loads
+    selected = from_command_line(tokens)  # a bad --tokens is one line before the model loads
     check_model_path(model)
     check_target(out, mode)  # before the model load, which can take minutes
     hf_logging.disable_progress_bar()  # our own status line says what is loading
@@ -163,7 +166,7 @@ def capture(
             on_prompt=lambda i: advance(1),
             criterion=criterion,
             exit_threshold=exit_threshold,
-            tokens=from_command_line(tokens),
+            tokens=selected,
             step_stride=step_stride,
         )
     console.print(
@@ -269,12 +272,7 @@ def convergence_table(
             raise LoopscopeError(f"{file} has no complete runs")
         several = next((r for r in chosen if len(r.loops) > 1), None)
         if several is not None and loop is None:  # as plot says it: the CSV's loop column names the one measured
-            names = ", ".join(text(n) for n in several.loops)
-            errors.print(
-                f"note: run {several.index} has loops {names}; measuring {text(several.loops[0])} "
-                "(pick another with --loop NAME)",
-                highlight=False,
-            )
+            note_first_loop(several, "measuring")
         on_dask = scheduler is not None or workers is not None
         computed = dask_metrics(file, run, reference, space, loop, scheduler, workers) if on_dask else None
         for i, r in enumerate(chosen):

@@ -32,6 +32,23 @@ def text(value) -> str:
     return escape(clean(value))
 
 
+def first_few(items, limit: int) -> str:
+    """``items`` joined by commas, at most ``limit`` of them and a count of the rest."""
+    items = [str(item) for item in items]
+    rest = len(items) - limit
+    return ", ".join(items[:limit]) + (f" (and {rest} more)" if rest > 0 else "")
+
+
+def note_first_loop(run, doing: str) -> None:
+    """A run of several loops (HRM-Text's H and L) is drawn or measured in its first unless --loop says otherwise:
+    say so, on stderr, so the output is never taken for the other loop's."""
+    errors.print(
+        f"note: run {run.index} has loops {', '.join(text(n) for n in run.loops)}; {doing} {text(run.loops[0])} "
+        "(pick another with --loop NAME)",
+        highlight=False,
+    )
+
+
 def friendly(fn):
     """Turn LoopscopeError (and a missing file) into one line on stderr and exit code 1."""
 

@@ -18,7 +18,7 @@ from ..analysis.figure_axes import prompt_rows, with_loop
 from ..analysis.metrics import CONVERGENCE_METRIC, METRIC_HELP, METRICS
 from ..errors import LoopscopeError
 from .measures import run_metrics
-from .output import errors, run_title, text
+from .output import note_first_loop, run_title
 
 
 @dataclass(frozen=True)
@@ -244,11 +244,7 @@ def draw(file: Path, kind: str, runs: list[int], out: Path | None, missing: str,
         chosen = [capture.run(i) for i in runs]
         loops = chosen[0].loops if chosen else []
         if len(loops) > 1 and options.loop is None:
-            errors.print(
-                f"note: run {chosen[0].index} has loops {', '.join(text(n) for n in loops)}; drawing {text(loops[0])} "
-                "(pick another with --loop NAME)",
-                highlight=False,
-            )
+            note_first_loop(chosen[0], "drawing")
         return PLOTS[kind](_Figure(Path(file).name, chosen, reference, out, options, stack))
 
 
