@@ -16,7 +16,9 @@ CONVERGENCE_COLUMNS = ("run", "tokens", "steps", "converged at (median)", "never
 
 
 def info_row(run) -> tuple:
-    """The cells after the run index in ``info``; raises LoopscopeError when the run file is damaged."""
+    """The cells after the run index in ``info``; raises LoopscopeError when the run file is damaged, or when any
+    loop's states could not be read (a virtual dataset that maps itself, a merged run's source gone)."""
+    run.check()
     return tuple(
         text(cell)
         for cell in (

@@ -21,6 +21,7 @@ import torch
 from ..errors import LoopscopeError, first_line
 from ..storage import run_files
 from .capture import attach
+from .hub import cache_only
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,10 +71,13 @@ def load_pretrained(name_or_path: str, *, trust_remote_code: bool = False, devic
     check_model_path(name_or_path)
     device = _pick_device(device)
     register()
+    # a hub id the hub cannot serve is read from the cache alone, or refused at once (no minute of retries)
+    hub = not os.path.isdir(os.path.expanduser(name_or_path))
+    where = {"local_files_only": True} if hub and cache_only(name_or_path) else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **where)
         model: Any = AutoModelForCausalLM.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, dtype=DTYPES[dtype]
+            name_or_path, trust_remote_code=trust_remote_code, dtype=DTYPES[dtype], **where
         )
     except (OSError, ValueError, KeyError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -111,6 +111,7 @@ def _capture_row(number: int, run: Run | None, file: tuple[str, bool]) -> list[s
     if run is None:  # completed after the capture was opened
         return [str(number), *blank, "complete (reopen the capture to read it)", files_size(path)]
     try:
+        run.check()  # every loop, not only the first one the cells below read
         merged = "source_file" in run.attrs
         cells = [_call(run), str(run.num_tokens), steps_text(run), run.logical_dtype() if run.loops else "-"]
     except Exception as exc:
@@ -130,6 +131,7 @@ def _run_rows(run: Run) -> tuple[list[tuple[str, str]], bool]:
 
 
 def _readable_run_rows(run: Run) -> list[tuple[str, str]]:
+    run.check()
     attrs = run.attrs
     call = _call(run)
     if attrs.get("call") == "generate":

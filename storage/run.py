@@ -219,6 +219,21 @@ class Run:
         self._datasets[loop] = ds
         return ds
 
+    def check(self) -> None:
+        """Raise what a read of any of the run's datasets would, from metadata alone (no state is read): every
+        loop's states checked, and where a loop's states or signals are virtual, the mappings walked (a dataset
+        that maps itself, a source gone). The runs tables of ``info`` and Jupyter call it, so a run no command can
+        read is never listed as sound."""
+        for loop in self.loops:
+            self.dataset(loop)  # checked; virtual states have their mappings walked
+            with reading(self.path):
+                signals = self._loop(loop).get(schema.SIGNALS)  # hard links only: the run file's open checked them
+                virtual = isinstance(signals, h5py.Group) and any(
+                    isinstance(ds, h5py.Dataset) and ds.is_virtual for ds in signals.values()
+                )
+            if virtual:
+                self._check_sources_once()
+
     def _check_sources_once(self) -> None:
         """A merged run reads other files through virtual datasets; HDF5 would read a missing one as NaN, silently."""
         if not self._sources_checked:

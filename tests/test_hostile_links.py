@@ -83,11 +83,15 @@ def _run_file(path: Path, number: int = 0) -> Path:
     return Path(str(path) + ".runs") / f"{number:06d}.h5"
 
 
-def _map_states(run_file: Path, source: str, name: str = "/loops/core/states", *, unlimited: bool = False) -> None:
-    """Replace the states of loop core in ``run_file`` by a virtual dataset of the same shape mapping ``name`` in
-    ``source`` (as stored in the file: relative to its folder, or "." for the file itself)."""
+def _map_states(
+    run_file: Path, source: str, name: str | None = None, *, unlimited: bool = False, loop_name: str = "core"
+) -> None:
+    """Replace the states of ``loop_name`` in ``run_file`` by a virtual dataset of the same shape mapping ``name``
+    (by default the same loop's states) in ``source`` (as stored in the file: relative to its folder, or "." for
+    the file itself)."""
+    name = name or f"/loops/{loop_name}/states"
     with h5py.File(run_file, "a") as f:
-        loop = f["loops/core"]
+        loop = f["loops"][loop_name]
         shape, dtype, attrs = loop["states"].shape, loop["states"].dtype, dict(loop["states"].attrs)
         del loop["states"]
         if unlimited:
@@ -119,6 +123,20 @@ def test_states_that_map_themselves_are_refused(pristine, tmp_path, name):
     cli_error(cycle, "convergence", path, "--run", "0", "--out", tmp_path / "x.csv")
     verify_fails(r"states of loop 'core' map themselves", path)
     np.testing.assert_array_equal(_states(path, 1), _states(pristine, 1))  # the other run reads as before
+
+
+def test_info_flags_a_run_whose_second_loop_maps_itself(hrm_capture, tmp_path):
+    """``info`` read only the first loop's states, so a run whose loop L maps itself was listed as sound while every
+    command reading L refused it; now the row is damaged, found from the mappings alone, and so is Jupyter's."""
+    path = _copy(hrm_capture, tmp_path)
+    _map_states(_run_file(path), ".", loop_name="L")
+    cycle = r"000000\.h5: the states of loop 'L' map themselves \(a cycle of virtual datasets\); the file is damaged"
+    cli_error(cycle, "plot", path, "--run", "0", "--loop", "L", "--out", tmp_path / "x.png")
+    code, out, err = _child("cli", "info", path)
+    assert code == 0 and re.search(r"│ 0 +│ damaged ", out) and "1 damaged run file(s)" in out, out + err
+    with loopscope.open(path) as capture:
+        assert "damaged: 000000.h5: the states of loop &#x27;L&#x27; map themselves" in capture._repr_html_()
+        assert "damaged: " in capture.run(0)._repr_html_()
 
 
 def test_two_run_files_that_map_each_other_are_refused(pristine, tmp_path):

@@ -3,7 +3,14 @@ counts it gives, and nothing at all on stderr when nothing is off."""
 
 from __future__ import annotations
 
+import http.server
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -74,6 +81,113 @@ def test_missing_model_directory_is_named(tmp_path, monkeypatch):
         check_model_path(hub_id)  # left to transformers: they name hub repositories
     with pytest.raises(LoopscopeError, match="model directory a/b/c does not exist"):
         check_model_path("a/b/c")
+
+
+CLI = "from loopscope.cli.app import main; main()"
+
+
+def _child(script: str, *args, env: dict[str, str], timeout: float = 60) -> tuple[int, str, str, float]:
+    """(exit code, stdout, stderr, seconds) of ``python -c script args`` in a child, which reads ``env``'s HF_*
+    variables afresh (huggingface_hub reads them once, at import)."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "HUGGINGFACE_"))}
+    child_env.update(COLUMNS="400", **env)
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=child_env
+    )
+    return result.returncode, result.stdout, result.stderr, time.monotonic() - start
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path):
+    """HF_* variables for a child: an empty cache, and a hub endpoint on a port that refuses connections."""
+    with socket.socket() as closed:  # bound, never listening: a connection is refused at once, no network needed
+        closed.bind(("127.0.0.1", 0))
+        yield {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}"}
+
+
+def _cache_model(hf_home: str, repo_id: str) -> None:
+    """Put the demo model into a Hugging Face cache as hub downloads leave it (refs/main names the snapshot)."""
+    from loopscope.models.demo import MODEL_DIR
+
+    repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(MODEL_DIR, repo / "snapshots" / commit)
+
+
+def test_a_hub_id_the_hub_cannot_serve_fails_at_once(unreachable_hub, tmp_path):
+    """Was ~50 s of huggingface_hub retries (a model load asks for each file five times) before any error."""
+    out = tmp_path / "c.h5"
+    for offline in ({}, {"HF_HUB_OFFLINE": "1"}):
+        code, _, stderr, seconds = _child(
+            CLI, "capture", "nonexist_dir", "--prompt", "hi", "--out", out, env={**unreachable_hub, **offline}
+        )
+        assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+        assert stderr.startswith("error: nonexist_dir is neither a local directory nor in the Hugging Face cache")
+        assert ("HF_HUB_OFFLINE is set" if offline else "cannot be reached (") in stderr, stderr
+        assert seconds < 20, seconds  # the child's imports take a few seconds; the check itself well under one
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["hub-unreachable", "HF_HUB_OFFLINE"])
+def test_a_cached_hub_model_loads_without_the_hub(unreachable_hub, tmp_path, offline):
+    """A cached model loads from the cache alone, quickly, whether or not offline mode is set (was: minutes of
+    retries for each optional file the cache lacks when the hub is unreachable)."""
+    _cache_model(unreachable_hub["HF_HOME"], "demo-org/looped-demo")
+    env = {**unreachable_hub, **({"HF_HUB_OFFLINE": "1"} if offline else {})}
+    out = tmp_path / "cached.h5"
+    code, _, stderr, seconds = _child(CLI, "capture", "demo-org/looped-demo", "--prompt", "hi", "--out", out, env=env)
+    assert code == 0, stderr
+    assert seconds < 30, seconds
+    with loopscope.open(out) as capture:
+        assert capture.meta["name_or_path"] == "demo-org/looped-demo" and capture.runs[0].num_tokens > 0
+
+
+class _Hub(http.server.BaseHTTPRequestHandler):
+    """A stand-in hub: the "served" organisation has every model, "gone" none, "down" answers 503."""
+
+    def do_HEAD(self):
+        org = self.path.strip("/").split("/")[0]
+        status, headers = {
+            "served": (200, {"X-Repo-Commit": "0" * 40, "ETag": '"abc"', "Content-Length": "2"}),
+            "gone": (401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}),
+        }.get(org, (503, {}))
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_hub_check_asks_once_and_names_what_is_wrong(tmp_path):
+    """One HEAD request decides: served (load as usual), no such model, or a hub error, each on one line."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    script = """if True:
+        import sys
+        from loopscope.errors import LoopscopeError
+        from loopscope.hooks.hub import cache_only
+        for name in sys.argv[1:]:
+            try:
+                print(name, "cache only" if cache_only(name) else "from the hub")
+            except LoopscopeError as exc:
+                print(name, "error:", exc)
+    """
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}
+    try:
+        code, stdout, stderr, _ = _child(script, "served/model", "gone/model", "down/model", env=env)
+    finally:
+        server.shutdown()
+    assert code == 0, stderr
+    served, gone, down = stdout.strip().splitlines()
+    assert served == "served/model from the hub"
+    assert "error: gone/model is neither" in gone and "has no such model: check the name" in gone, gone
+    assert "error: down/model is neither" in down and "answered HTTP 503: try again later" in down, down
 
 
 def test_cli_errors_name_flags_not_python_keywords(capture_path, tmp_path):
