@@ -161,7 +161,7 @@ def writer_alone(tokens: int) -> None:
             slab = pool.acquire((1, 1, n, steps, hidden), torch.float32)
             slab.normal_()
             writer.put(w.State([0], "core", offset, 0, slab, steps, "float32"))
-            writer.put(w.Steps([0], "core", offset, np.full((1, n), steps - 1, np.int32)))
+            writer.put(w.Steps([0], "core", offset, n, steps - 1))
 
         forward(0, 16)
         writer.drain()

@@ -94,7 +94,8 @@ class Capture:
         on.after(model, tracker.on_model_exit, with_kwargs=True)
         for spec in self.adapter.loops:
             exits = [model.get_submodule(path) for path in spec.exit.split("|")]  # tied copies: a call each is a step
-            on.before(model.get_submodule(spec.entry) if spec.entry else exits[0], tracker.entry_hook(spec))
+            entry = model.get_submodule(spec.entry) if spec.entry else exits[0]
+            tracker.entry_switches[spec.name] = on.before_while_on(entry, tracker.entry_hook(spec))
             for module in exits:
                 on.after(module, tracker.exit_hook(spec))
             for signal, path in spec.signals:

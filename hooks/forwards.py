@@ -1,8 +1,10 @@
 """What the tracker knows about one call of the model: the runs it fills (:class:`Session`), one pass through the
-model's forward (:class:`Forward`), and where a forward's inputs are (ids, mask, positions)."""
+model's forward (:class:`Forward`), where a forward's inputs are (ids, mask, positions), and what the writer gets
+of its tokens (:class:`TokenRecords`)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .transfer import Stage
+from ..storage.write import messages
+from .transfer import DeviceTransfer, Stage
 
 
 @dataclass
@@ -44,15 +47,15 @@ class Forward:
     tokens_message: Any = None
     row_steps: np.ndarray | None = None  # [B] each row's own exit step (Huginn's adaptive exit), 0 = not exited
     signals: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
+    stored: int = field(init=False)  # how many of its tokens are stored (read at every step: a plain int)
+
+    def __post_init__(self) -> None:
+        self.stored = self.tokens if self.keep is None else len(self.keep)
 
     def take_tokens(self) -> Any:
         """The forward's Tokens message, once (then None: an interrupted forward's is not sent twice)."""
         message, self.tokens_message = self.tokens_message, None
         return message
-
-    @property
-    def stored(self) -> int:
-        return self.tokens if self.keep is None else len(self.keep)
 
     def select(self, value: torch.Tensor) -> torch.Tensor:
         """The stored tokens of a [B, T, ...] tensor, selected where it lives (before any copy to the host)."""
@@ -114,20 +117,63 @@ def argument(args, kwargs, where: int | str):
     return kwargs.get("hidden_states", next(iter(kwargs.values()), None) if kwargs else None)
 
 
-def mask_for(mask, batch: int, tokens: int) -> torch.Tensor | np.ndarray:
-    """The forward's [B, T] attention mask where it has one (left where it lives), else ones."""
+def mask_for(mask, batch: int, tokens: int) -> torch.Tensor | None:
+    """The forward's [B, T] attention mask where it has one (left where it lives); None: every token attended."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= tokens:
-        return mask[:, -tokens:]
-    return np.ones((batch, tokens), dtype=np.int8)
+        return mask if mask.shape[1] == tokens else mask[:, -tokens:]
+    return None
 
 
-def positions_for(kwargs, batch: int, tokens: int, offset: int) -> torch.Tensor | np.ndarray:
-    """The forward's [B, T] positions: ``position_ids``, else ``cache_position``, else counted from ``offset``."""
+def positions_for(kwargs, tokens: int, offset: int) -> torch.Tensor | int:
+    """The forward's positions: ``position_ids`` ([B, T], or [1, T] for every row), else ``cache_position``
+    ([1, T]), else the first position, the others counted from it (the writer makes the arrays)."""
     position_ids = kwargs.get("position_ids")
     if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == tokens:
-        pos = position_ids.reshape(-1, tokens)
-        return pos.expand(batch, tokens) if pos.shape[0] == 1 else pos
+        return position_ids if position_ids.dim() == 2 else position_ids.reshape(-1, tokens)
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel() == tokens:
-        return cache_position.reshape(1, tokens).expand(batch, tokens)
-    return np.broadcast_to(np.arange(offset, offset + tokens, dtype=np.int64), (batch, tokens))
+        return cache_position.reshape(1, tokens)
+    return offset
+
+
+class TokenRecords:
+    """A forward's tokens as the writer gets them (a :class:`~loopscope.storage.write.messages.Tokens`): ids, mask
+    and positions copied off the model's device, and with a tokenizer each token's text."""
+
+    def __init__(self, transfer: DeviceTransfer, tokenizer):
+        self.transfer = transfer
+        self.tokenizer = tokenizer
+        self._decode_copy = None
+
+    def message(self, session: Session, ids: torch.Tensor, mask, positions, keep) -> messages.Tokens:
+        """``ids`` [B, T], the forward's ``attention_mask=`` (any), its ``positions_for``, the stored ``keep``."""
+        mask = mask_for(mask, *ids.shape)
+        host_ids = self.transfer.to_host(ids, torch.int64)
+        strings = decode = None
+        if self.tokenizer is not None and ids.is_cuda:  # the ids are still on their way: text on the writer's thread
+            decode = self._writer_decode()
+        elif self.tokenizer is not None:
+            strings = messages.token_texts(host_ids if keep is None else host_ids[:, keep], self.tokenizer.decode)
+        return messages.Tokens(
+            session.run_ids,
+            session.offset,
+            host_ids,
+            None if mask is None else self.transfer.to_host(mask, torch.int8),
+            positions if isinstance(positions, int) else self.transfer.to_host(positions, torch.int64),
+            session.forwards,
+            strings=strings,
+            keep=keep,  # applied on the writer's thread
+            decode=decode,
+            ready=self.transfer.ready_event(),
+            scratch=self.transfer.scratch,
+        )
+
+    def _writer_decode(self):
+        """The tokenizer's ``decode`` for the writer's thread, on a private copy: a fast tokenizer that the model's
+        thread is using at the same time (a streamer, a call with padding) can refuse a second thread."""
+        if self._decode_copy is None:
+            try:
+                self._decode_copy = copy.deepcopy(self.tokenizer).decode
+            except Exception:  # a tokenizer that cannot be copied: share it
+                self._decode_copy = self.tokenizer.decode
+        return self._decode_copy

@@ -1,9 +1,9 @@
 """Putting hooks and method wrappers on a model, and taking every one of them off again.
 
 Two mechanisms, each where only it works: torch forward (pre-)hooks on modules (the loop's exit and entry, signal
-modules, the model itself), and wrappers around model methods that run without a module call of their own
-(``forward`` as called directly, ``generate``, a family's entry and call methods). Several captures may wrap one
-model; each removes only its own, in any order.
+modules, the model itself; the entry's only while it is needed), and wrappers around model methods that run
+without a module call of their own (``forward`` as called directly, ``generate``, a family's entry and call
+methods). Several captures may wrap one model; each removes only its own, in any order.
 """
 
 from __future__ import annotations
@@ -14,17 +14,46 @@ from typing import Any
 from torch import nn
 
 
+class Switchable:
+    """A forward pre-hook that is on its module only while it is needed. A module with any hook takes torch's
+    slower call path at every call, and a loop's entry module is called at every step while s0 is read once per
+    forward: its hook is put on when a forward begins and taken off once it has read s0. Put on again, it runs
+    after the module's other pre-hooks, so s0 is what the module itself receives."""
+
+    def __init__(self, module: nn.Module, hook: Callable):
+        self.module = module
+        self.hook = hook
+        self._handle: Any = None
+
+    def on(self) -> None:
+        if self._handle is None:
+            self._handle = self.module.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def off(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
 class Installed:
     """The hooks and method wrappers one capture put on ``model``."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self._handles: list[Any] = []
+        self._switchable: list[Switchable] = []
         self._wrappers: list[tuple[str, Any]] = []
 
     def before(self, module: nn.Module, hook: Callable) -> None:
         """``hook(module, args, kwargs)`` before each call of ``module``."""
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def before_while_on(self, module: nn.Module, hook: Callable) -> Switchable:
+        """``hook(module, args, kwargs)`` before each call of ``module`` while the switch returned is on (it is)."""
+        switch = Switchable(module, hook)
+        switch.on()
+        self._switchable.append(switch)
+        return switch
 
     def after(self, module: nn.Module, hook: Callable, *, with_kwargs: bool = False) -> None:
         """``hook(module, args, output)`` (or ``(module, args, kwargs, output)``) after each call of ``module``."""
@@ -55,6 +84,9 @@ class Installed:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for switch in self._switchable:
+            switch.off()
+        self._switchable.clear()
         for name, wrapper in reversed(self._wrappers):
             top: Any = vars(self.model).get(name)
             if top is wrapper:

@@ -60,18 +60,23 @@ class StateRecorder:
 
     # ---- states --------------------------------------------------------------------------------------------------
     def record(self, session: Session, forward: Forward, spec: LoopSpec, step: int, state: torch.Tensor) -> None:
-        state = state.detach()
-        if state.dim() == 2 and forward.batch == 1:
+        # Called at every step: each tensor operation here is paid once per step and token. A state outside
+        # autograd is copied as it is (``detach()`` would be one operation more), its shape read once.
+        if state.requires_grad:
+            state = state.detach()
+        shape = state.shape
+        if len(shape) == 2 and forward.batch == 1:
             state = state.unsqueeze(0)
-        if state.dim() != 3 or tuple(state.shape[:2]) != (forward.batch, forward.tokens):
+            shape = state.shape
+        if len(shape) != 3 or shape[0] != forward.batch or shape[1] != forward.tokens:
             raise LoopscopeError(
-                f"loop {spec.exit!r} produced a state of shape {tuple(state.shape)}, expected "
+                f"loop {spec.exit!r} produced a state of shape {tuple(shape)}, expected "
                 f"({forward.batch}, {forward.tokens}, hidden); pass loop= with the module that outputs the state"
             )
-        width = self._loop_widths.setdefault(spec.name, state.shape[2])
-        if state.shape[2] != width:  # s0 and the iterations must be one state, of one size
+        width = self._loop_widths.setdefault(spec.name, shape[2])
+        if shape[2] != width:  # s0 and the iterations must be one state, of one size
             raise LoopscopeError(
-                f"loop {spec.exit!r} produced states {state.shape[2]} wide after {width}-wide ones (s0 included); "
+                f"loop {spec.exit!r} produced states {shape[2]} wide after {width}-wide ones (s0 included); "
                 "pass loop= with the module whose output is the loop's state"
             )
         state = forward.select(state)
@@ -101,8 +106,8 @@ class StateRecorder:
             base = step - step % depth
             expected = self._steps_hint.get(spec.name, 8) + 1  # slots of the forward, s0 included
             planes = max(1, min(-(-(expected - base) // depth), room // plane))
-            shape = (planes, forward.batch, forward.stored, depth, state.shape[2])
-            slab = self.pool.acquire(shape, state.dtype, state.is_cuda)
+            slab_shape = (planes, forward.batch, forward.stored, depth, width)
+            slab = self.pool.acquire(slab_shape, state.dtype, state.is_cuda)
             stage = forward.stages[spec.name] = Stage(slab, base, step, logical, cuda=state.is_cuda)
         self.transfer.copy_step(stage, step, state)
         stage.filled += 1

@@ -80,6 +80,11 @@ class TokenSelection:
             return cls(indices=frozenset(int(v) for v in value))
         raise LoopscopeError(f"tokens={value!r} is not one of {', '.join(_NAMED)}, a slice, or a list of token indices")
 
+    @property
+    def everything(self) -> bool:
+        """Every token is stored (the default): :meth:`keep` is None whatever it is given."""
+        return self.named == "all"
+
     def keep(self, fed_back: bool, indices: np.ndarray) -> np.ndarray | None:
         """Indices (into this forward's tokens) to store; None means every token. ``fed_back``: the forward decodes
         tokens ``generate()`` produced; ``indices``: the run's token indices of this forward's tokens."""

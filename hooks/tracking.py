@@ -17,7 +17,6 @@ without loopscope.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable
 
@@ -31,6 +30,7 @@ from ..storage.write import messages
 from ..storage.write.writer import CaptureWriter
 from . import forwards, selection
 from .forwards import Forward, Session
+from .install import Switchable
 from .recorder import StateRecorder
 from .transfer import DeviceTransfer
 from .user_frames import user_stacklevel
@@ -59,7 +59,7 @@ class Tracker:
         self.writer = writer
         self.transfer = transfer
         self.recorder = StateRecorder(transfer, self.put, stride=stride, cast=cast, chunks=chunks)
-        self.tokenizer = tokenizer
+        self._token_records = forwards.TokenRecords(transfer, tokenizer)
         self.abort = abort  # stops the capture after an error; the caller re-raises
         self.closed = False
         self.orphan_calls = 0  # loop calls outside any forward: counted, not recorded
@@ -75,7 +75,8 @@ class Tracker:
         self._in_forward = 0  # depth of the model's forward() calls running now
         self._nested = 0  # depth of model calls made inside its own forward(), which are not recorded
         self._warned_nested = False
-        self._decode_copy = None
+        # per loop: its entry hook, on from the start of each forward until it has read s0 (see install.Switchable)
+        self.entry_switches: dict[str, Switchable] = {}
 
     # ---- calls of the model (wrappers around its methods) ------------------------------------------------------------
     def forward_call(self, original, *args, **kwargs):
@@ -189,7 +190,7 @@ class Tracker:
         self.check_writer()
         input_ids, embeds = forwards.find_inputs(args, kwargs)
         if input_ids is not None:
-            ids = input_ids.detach()
+            ids = input_ids.detach() if input_ids.requires_grad else input_ids
             if ids.dim() == 1:
                 ids = ids.unsqueeze(0)
         elif embeds is not None:
@@ -223,38 +224,23 @@ class Tracker:
         # generate(use_cache=False) runs the whole sequence again at each step: only its tokens past those already
         # recorded are new to the run (the others were recorded when they were first computed)
         seen = session.tokens_seen if fed_back and tokens > session.tokens_seen else 0
-        positions = forwards.positions_for(kwargs, batch, tokens, session.tokens_seen - seen)
-        indices = np.arange(session.tokens_seen - seen, session.tokens_seen - seen + tokens)  # the run's k-th tokens
-        keep = self._tokens.keep(fed_back, indices[seen:])
+        first = session.tokens_seen - seen  # the run's index of this forward's first token
+        positions = forwards.positions_for(kwargs, tokens, first)
+        keep = None
+        if not self._tokens.everything:
+            keep = self._tokens.keep(fed_back, np.arange(first + seen, first + tokens))
         if seen:
             keep = np.arange(seen, tokens) if keep is None else keep + seen
         forward = self._forward = Forward(batch=batch, tokens=tokens, side=side, keep=keep)
+        for switch in self.entry_switches.values():
+            switch.on()
         session.tokens_seen += tokens - seen
         if not forward.stored:
             return
         if session.open_message is not None:
             self.put(session.open_message)
             session.open_message = None
-        mask = forwards.mask_for(kwargs.get("attention_mask"), batch, tokens)
-        host_ids = self.transfer.to_host(ids, torch.int64)
-        strings = decode = None
-        if self.tokenizer is not None and ids.is_cuda:  # the ids are still on their way: text on the writer's thread
-            decode = self._writer_decode()
-        elif self.tokenizer is not None:
-            strings = messages.token_texts(host_ids if keep is None else host_ids[:, keep], self.tokenizer.decode)
-        message = messages.Tokens(
-            session.run_ids,
-            session.offset,
-            host_ids,
-            self.transfer.to_host(mask, torch.int8),
-            self.transfer.to_host(positions, torch.int64),
-            session.forwards,
-            strings=strings,
-            keep=keep,  # applied on the writer's thread
-            decode=decode,
-            ready=self.transfer.ready_event(),
-            scratch=self.transfer.scratch,
-        )
+        message = self._token_records.message(session, ids, kwargs.get("attention_mask"), positions, keep)
         forward.tokens_message = message  # sent with the forward's last messages (a side forward's: if it ran)
 
     def _finish_forward(self) -> None:
@@ -278,11 +264,12 @@ class Tracker:
             self.recorder.flush_signals(session, forward)
             for spec in self.adapter.loops:
                 ran = forward.steps.get(spec.name, 0)
-                steps = np.full((forward.batch, forward.stored), ran, dtype=np.int32)
+                per_row = None
                 if forward.row_steps is not None and spec is self.adapter.loops[0]:
+                    per_row = np.full(forward.batch, ran, dtype=np.int32)
                     exited = forward.row_steps > 0
-                    steps[exited] = self._stored_exit(forward.row_steps[exited], ran)[:, None]
-                self.put(messages.Steps(session.run_ids, spec.name, session.offset, steps))
+                    per_row[exited] = self._stored_exit(forward.row_steps[exited], ran)
+                self.put(messages.Steps(session.run_ids, spec.name, session.offset, forward.stored, ran, per_row))
         session.offset += forward.stored
         session.forwards += 1
         self._forward = None
@@ -308,7 +295,10 @@ class Tracker:
     def entry_hook(self, spec: LoopSpec):
         def hook(module, args, kwargs):
             forward = self._forward
-            if forward is None or self._nested or spec.name in forward.s0_taken or forward.steps.get(spec.name, 0):
+            if forward is None or self._nested:
+                return
+            self.entry_switches[spec.name].off()  # s0 is read once per forward, before its first step
+            if spec.name in forward.s0_taken or forward.steps.get(spec.name, 0):
                 return
             forward.s0_taken.add(spec.name)
             if not forward.stored:
@@ -388,13 +378,3 @@ class Tracker:
             except CaptureWriteError as exc:
                 self.abort(exc)
                 raise
-
-    def _writer_decode(self):
-        """The tokenizer's ``decode`` for the writer's thread, on a private copy: a fast tokenizer that the model's
-        thread is using at the same time (a streamer, a call with padding) can refuse a second thread."""
-        if self._decode_copy is None:
-            try:
-                self._decode_copy = copy.deepcopy(self.tokenizer).decode
-            except Exception:  # a tokenizer that cannot be copied: share it
-                self._decode_copy = self.tokenizer.decode
-        return self._decode_copy

@@ -9,7 +9,7 @@ pinned memory; the writer waits on an event recorded after the copies before it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,14 +33,19 @@ class Stage:
     cuda: bool = False  # whether its states come from a CUDA device (its slab is then pinned)
     on_device: torch.Tensor | None = None  # CUDA: the plane being gathered on the device, [B, T, D, H]
     device_plane: int | None = None  # which plane ``on_device`` holds rows of that are not copied down yet
+    # Plain ints, read at every step: a tensor's shape read there costs more, with the model's work in between
+    # pushing the hook's code and data out of the cache.
+    rows: list[torch.Tensor] | None = None  # CPU: the views [B, T, H] of the slab's rows, by step - base
+    depth: int = field(init=False)  # D
+    capacity: int = field(init=False)  # steps the stage takes from ``step0``
 
-    @property
-    def capacity(self) -> int:
-        return self.slab.shape[0] * self.slab.shape[3] - (self.step0 - self.base)
+    def __post_init__(self) -> None:
+        self.depth = self.slab.shape[3]
+        self.capacity = self.slab.shape[0] * self.depth - (self.step0 - self.base)
 
     def place(self, step: int) -> tuple[int, int]:
         """(plane, row within the plane) of ``step``."""
-        return divmod(step - self.base, self.slab.shape[3])
+        return divmod(step - self.base, self.depth)
 
 
 class DeviceTransfer:
@@ -59,17 +64,19 @@ class DeviceTransfer:
         strided device-to-host copy would go through a pageable temporary and block until it is done. The gather
         runs on the model's own stream, so it reads the state before anything the model queues later can change it
         in place (a side-stream read could run after such a write)."""
-        plane, row = stage.place(step)
-        if not state.is_cuda:
-            stage.slab[plane, :, :, row].copy_(state)  # ``state`` is detached: no autograd record, no grad mode
+        if not state.is_cuda:  # ``state`` is outside autograd: no record, no grad mode needed
+            if stage.rows is None:  # every row's view at once (two unbinds), not an indexing per step
+                stage.rows = [row for plane in stage.slab.unbind(0) for row in plane.unbind(2)]
+            stage.rows[step - stage.base].copy_(state)
             return
+        plane, row = stage.place(step)
         if stage.device_plane is not None and stage.device_plane != plane:
             self.copy_plane_down(stage)
         if stage.on_device is None:  # a plane of its own: the one before may still be on its way down
             stage.on_device = torch.empty(stage.slab.shape[1:], dtype=state.dtype, device=state.device)
         stage.on_device[:, :, row].copy_(state)  # the model's stream; ``state`` is detached
         stage.device_plane = plane
-        if row == stage.slab.shape[3] - 1:
+        if row == stage.depth - 1:
             self.copy_plane_down(stage)
 
     def copy_plane_down(self, stage: Stage) -> None:
@@ -130,9 +137,11 @@ class DeviceTransfer:
         model may reuse once the forward returns. Off a CUDA device the copy is taken on the model's stream, so
         nothing queued later can change it, and goes down into a reused pinned tensor on the side stream without
         waiting: no host synchronisation per forward (the writer waits on the message's events before reading)."""
-        if isinstance(value, np.ndarray):  # made here (no mask given, positions counted)
+        if isinstance(value, np.ndarray):
             return value
-        value = value.detach().to(dtype=dtype, copy=True)
+        if value.requires_grad:  # integer ids, masks and positions never do: one tensor operation less per forward
+            value = value.detach()
+        value = value.to(dtype=dtype, copy=True)
         if not value.is_cuda:
             return value
         host = self.scratch.take(tuple(value.shape), dtype)

@@ -128,6 +128,27 @@ def test_hooks_removed_after_close(reference_model, prompt_ids, tmp_path):
         assert f.runs == []
 
 
+def test_the_loops_entry_is_hooked_only_until_it_has_read_s0(reference_model, prompt_ids, tmp_path):
+    """A hooked module takes torch's slower call path at every call, and the loop's entry (the adapter) is called
+    at every step: loopscope's hook on it reads s0 at each forward's first step and is off for the rest."""
+    adapter = reference_model.transformer.adapter
+    with loopscope.attach(reference_model, tmp_path / "e.h5"):
+        assert adapter._forward_pre_hooks  # on until a forward reads s0
+        with torch.no_grad():
+            torch.manual_seed(0)
+            reference_model.generate(prompt_ids, num_steps=4, max_new_tokens=3, do_sample=False)
+            assert not adapter._forward_pre_hooks
+            torch.manual_seed(0)
+            reference_model(prompt_ids, num_steps=2)
+            assert not adapter._forward_pre_hooks
+    with loopscope.open(tmp_path / "e.h5") as capture:
+        generated, forward = capture.runs
+        s0 = generated.states(step=0)  # one s0 per forward: the prompt's, then each decoded token's
+        assert generated.num_tokens == prompt_ids.shape[1] + 2 and np.isfinite(s0).all()
+        assert not np.array_equal(s0[-1], s0[-2])  # drawn afresh for each forward (random s0)
+        np.testing.assert_array_equal(forward.states(step=0), s0[: prompt_ids.shape[1]])  # same seed, same draw
+
+
 def test_file_is_self_describing_in_plain_h5py(reference_model, prompt_ids, tmp_path):
     with loopscope.attach(reference_model, tmp_path / "m.h5", tokenizer=None):
         _forward_logits(reference_model, prompt_ids, 2)

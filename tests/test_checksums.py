@@ -257,7 +257,7 @@ def test_signals_and_step_labels_are_checksummed(tmp_path):
     writer.put(w.Tokens([0], 0, ids, np.ones_like(ids, dtype=np.int8), ids, 0))
     writer.put(w.State([0], "core", 0, 0, torch.ones(1, 1, 5, 4, 8), 4, "float32"))
     writer.put(w.Signal([0], "core", "gate", 0, 0, np.ones((1, 5, 4), dtype=np.float32)))
-    writer.put(w.Steps([0], "core", 0, np.full((1, 5), 3, dtype=np.int32)))
+    writer.put(w.Steps([0], "core", 0, 5, 3))
     writer.put(w.CloseRuns([0]))
     writer.close()
     writer.raise_if_failed()

@@ -72,8 +72,7 @@ class Driver:
                 slab = torch.zeros(1, self.batch, tokens, group, self.hidden, dtype=self.dtype)
                 slab[0, :, :, : k1 - k0] = states[:, :, k0:k1]
                 self._send(self.offset, k0, slab, k1 - k0)
-        steps_array = np.full((self.batch, tokens), steps - 1, dtype=np.int32)
-        self.writer.put(w.Steps(self.run_ids, "core", self.offset, steps_array))
+        self.writer.put(w.Steps(self.run_ids, "core", self.offset, tokens, steps - 1))
         self.offset += tokens
 
     def _send(self, offset, step, slab: torch.Tensor, steps: int, base: int | None = None, last=False) -> None:
@@ -174,7 +173,7 @@ def test_a_slab_starting_inside_a_plane(tmp_path):
     d.writer.put(w.Tokens(d.run_ids, 0, ids, np.ones_like(ids, dtype=np.int8), ids, 0))
     slab = torch.randn(2, 1, 6, 3, 16, generator=d.generator)  # planes of steps 0-2 and 3-5; steps 1-4 recorded
     d._send(0, 1, slab.clone(), 4, base=0)
-    d.writer.put(w.Steps(d.run_ids, "core", 0, np.full((1, 6), 4, dtype=np.int32)))
+    d.writer.put(w.Steps(d.run_ids, "core", 0, 6, 4))
     expected = np.full((6, 5, 16), np.nan, dtype=np.float32)
     expected[:, 1:3] = slab[0, 0, :, 1:].numpy()
     expected[:, 3:5] = slab[1, 0, :, :2].numpy()
@@ -509,7 +508,7 @@ def test_decoded_tokens_fill_their_blocks_chunks_in_one_buffer(tmp_path, monkeyp
     d.writer.put(w.Tokens(d.run_ids, d.offset, ids, np.ones_like(ids, dtype=np.int8), ids, 0))
     slab = torch.randn(2, 1, 1, 3, 16, generator=d.generator)  # steps 1-4 of planes 0-2 and 3-5 (no s0)
     d._send(d.offset, 1, slab.clone(), 4, base=0)
-    d.writer.put(w.Steps(d.run_ids, "core", d.offset, np.full((1, 1), 4, dtype=np.int32)))
+    d.writer.put(w.Steps(d.run_ids, "core", d.offset, 1, 4))
     grown = np.full((d.offset + 1, d.expected[0].shape[1], 16), np.nan, dtype=np.float32)
     grown[: d.offset] = d.expected[0]
     grown[d.offset, 1:3], grown[d.offset, 3:5] = slab[0, 0, 0, 1:].numpy(), slab[1, 0, 0, :2].numpy()

@@ -43,8 +43,8 @@ class Tokens(Message):
     run_ids: list[int]
     offset: int
     token_ids: Any  # [B, T] int64
-    attention_mask: Any  # [B, T] int8
-    positions: Any  # [B, T] int64
+    attention_mask: Any  # [B, T] int8; None: every token attended
+    positions: Any  # [B, T] int64, or [1, T] for every row; an int: the first, the others counted from it
     forward_index: int
     strings: list[list[str]] | None = None
     keep: np.ndarray | None = None  # indices of the stored tokens (tokens=...), None = all
@@ -55,10 +55,16 @@ class Tokens(Message):
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(token ids, mask, positions) of the stored tokens, [B, T'] each, once their copies have landed."""
         _wait(self.ready)
-        arrays = [
-            a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-            for a in (self.token_ids, self.attention_mask, self.positions)
-        ]
+        ids = _host_array(self.token_ids)
+        batch, tokens = ids.shape
+        mask = np.ones((batch, tokens), np.int8) if self.attention_mask is None else _host_array(self.attention_mask)
+        if isinstance(self.positions, int):
+            positions = np.arange(self.positions, self.positions + tokens, dtype=np.int64)[None]
+        else:
+            positions = _host_array(self.positions)
+        if positions.shape[0] == 1 and batch > 1:
+            positions = np.broadcast_to(positions, (batch, tokens))
+        arrays = [ids, mask, positions]
         if self.keep is not None:
             arrays = [a[:, self.keep] for a in arrays]
         return arrays[0], arrays[1], arrays[2]
@@ -125,10 +131,21 @@ class State(Message):
 
 @dataclass
 class Steps(Message):
+    """How many steps a forward's stored tokens ran: ``ran`` each, or ``per_row[b]`` for every token of row b
+    where rows exited on their own (Huginn's adaptive exit). Plain numbers, made into arrays on the writer's
+    thread: the message is made once per decoded token, where every array operation costs."""
+
     run_ids: list[int]
     loop: str
     offset: int
-    num_steps: np.ndarray  # [B, T] int32
+    tokens: int
+    ran: int
+    per_row: np.ndarray | None = None  # [B]
+
+    def counts(self, b: int) -> np.ndarray:
+        """[T] int32: the step count of each of row ``b``'s tokens."""
+        value = self.ran if self.per_row is None else self.per_row[b]
+        return np.full(self.tokens, value, dtype=np.int32)
 
 
 @dataclass
@@ -185,6 +202,10 @@ class Batch(Message):
 def token_texts(ids, decode) -> list[list[str]]:
     """Each token's own text, [B, T] ids (a tensor or an array); -1 (an embedded input without an id) has none."""
     return [[decode([int(i)]) if i >= 0 else "" for i in row] for row in ids.tolist()]
+
+
+def _host_array(value) -> np.ndarray:
+    return value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
 def _wait(events) -> None:

@@ -60,6 +60,22 @@ class _Stop:
     """Ends the thread, after every message queued before it."""
 
 
+class _Together:
+    """The ``with`` block of :meth:`CaptureWriter.together`: a class, since it runs once per decoded token and a
+    generator-based context manager costs several times more."""
+
+    __slots__ = ("_writer",)
+
+    def __init__(self, writer: CaptureWriter):
+        self._writer = writer
+
+    def __enter__(self) -> None:
+        self._writer._hold()
+
+    def __exit__(self, *exc_info) -> None:
+        self._writer._send_held()
+
+
 class CaptureWriter:
     """Owns the open ``h5py.File`` and the thread that writes into it."""
 
@@ -106,17 +122,19 @@ class CaptureWriter:
         else:
             self._queue.put(message)
 
-    @contextlib.contextmanager
-    def together(self):
-        """Messages put inside the block are queued as one :class:`Batch` when it ends (also when it raises). Only
-        around code that never waits for the writer (for a slab from the pool): what it put is not queued yet."""
+    def together(self) -> _Together:
+        """Messages put inside the ``with`` block are queued as one :class:`Batch` when it ends (also when it
+        raises). Only around code that never waits for the writer (for a slab from the pool): what it put is not
+        queued yet."""
+        return _Together(self)
+
+    def _hold(self) -> None:
         self._held = []
-        try:
-            yield
-        finally:
-            held, self._held = self._held, None
-            if held:
-                self._queue.put(held[0] if len(held) == 1 else Batch(held))
+
+    def _send_held(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._queue.put(held[0] if len(held) == 1 else Batch(held))
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
@@ -308,10 +326,10 @@ class CaptureWriter:
         """A forward's step counts, sent after its states: its tokens are final, so their chunks can be written."""
         for b, run_id in enumerate(m.run_ids):
             h = self._runs[run_id]
-            h.add_pending(f"loops/{m.loop}", m.offset, m.num_steps[b])
+            h.add_pending(f"loops/{m.loop}", m.offset, m.counts(b))
             loop = h.loops.get(m.loop)
             if loop is not None:
-                loop["stager"].finish_tokens(m.offset + m.num_steps.shape[1])
+                loop["stager"].finish_tokens(m.offset + m.tokens)
 
     def _write_signal(self, m: Signal) -> None:
         values = m.block()
