@@ -21,6 +21,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,9 @@ class HostBufferPool:
         self._lock = threading.Condition()
         self._closed = False
         self._pinned_any = False
+        # Called before a wait for a slab, without the lock held: the capture sends the messages it defers, whose
+        # slabs the writer then gives back (see storage/write/outbox.py).
+        self.before_wait: Callable[[], None] | None = None
 
     def max_slab_bytes(self, pinned: bool = False) -> int:
         """The largest slab one hook call may take; larger states are split along the token axis. A pinned slab
@@ -60,31 +64,40 @@ class HostBufferPool:
 
     def acquire(self, shape: tuple[int, ...], dtype: torch.dtype, pinned: bool = False) -> torch.Tensor:
         """A host tensor of ``shape``/``dtype`` (page-locked if ``pinned``) to copy into; blocks while the budget
-        is used up."""
+        is used up, after calling ``before_wait`` (outside the lock)."""
         key = (tuple(shape), dtype, pinned)
         nbytes = _held_bytes(_nbytes(shape, dtype), pinned)
         with self._lock:
+            slab = self._take(key, nbytes)
+        if slab is not None:
+            return slab
+        if self.before_wait is not None:
+            self.before_wait()
+        with self._lock:
             waited_since = None
-            while True:
-                if self._free[key]:
-                    self.stats.slabs_reused += 1
-                    slab = self._free[key].pop()
-                    break
-                if self.stats.allocated_bytes + nbytes <= self.budget_bytes or self.stats.allocated_bytes == 0:
-                    slab = self._allocate(shape, dtype, nbytes, pinned)
-                    break
-                if self._drop_free_slab():
-                    continue  # freed an idle slab of another shape; try again
+            while (slab := self._take(key, nbytes)) is None:
                 if waited_since is None:
                     waited_since = time.perf_counter()
                     self.stats.waits += 1
-                if self._closed:
-                    slab = self._allocate(shape, dtype, nbytes, pinned)
-                    break
                 self._lock.wait(timeout=1.0)
             if waited_since is not None:
                 self.stats.wait_seconds += time.perf_counter() - waited_since
             return slab
+
+    def _take(self, key: tuple[tuple[int, ...], torch.dtype, bool], nbytes: int) -> torch.Tensor | None:
+        """A free slab of ``key``, or a new one within the budget (idle slabs of other shapes dropped to make
+        room), or past it once the pool is closed; None when the caller has to wait. Under the lock."""
+        while True:
+            if self._free[key]:
+                self.stats.slabs_reused += 1
+                return self._free[key].pop()
+            if self.stats.allocated_bytes + nbytes <= self.budget_bytes or self.stats.allocated_bytes == 0:
+                return self._allocate(key, nbytes)
+            if self._drop_free_slab():
+                continue  # freed an idle slab of another shape; try again
+            if self._closed:
+                return self._allocate(key, nbytes)
+            return None
 
     def release(self, slab: torch.Tensor) -> None:
         """Give a slab back once its bytes are written."""
@@ -103,7 +116,8 @@ class HostBufferPool:
         if pinned_any:
             empty_pinned_cache()
 
-    def _allocate(self, shape, dtype, nbytes, pinned: bool) -> torch.Tensor:
+    def _allocate(self, key: tuple[tuple[int, ...], torch.dtype, bool], nbytes: int) -> torch.Tensor:
+        shape, dtype, pinned = key
         with torch.inference_mode(False):
             slab = torch.empty(shape, dtype=dtype, pin_memory=pinned)
         if pinned:
@@ -148,7 +162,7 @@ class PinnedScratch:
     not block: reused by shape, outside the slab budget (bytes per token, not kilobytes), and at most ``keep`` of a
     shape are held. The writer gives them back once read; one that is never given back is simply freed."""
 
-    def __init__(self, keep: int = 4, shapes: int = 32):
+    def __init__(self, keep: int = 24, shapes: int = 32):  # keep: decoded tokens deferred (outbox.py) and more
         self.keep = keep
         self.shapes = shapes
         self._free: dict[tuple, list[torch.Tensor]] = {}

@@ -25,6 +25,10 @@ class Message:
     def give_back(self, pool: HostBufferPool) -> None:
         """Return the host memory the message borrowed (a pool's slab, pinned scratch); most borrow none."""
 
+    def pool_bytes(self) -> int:
+        """Bytes of the pool's budget the message holds until the writer gives them back."""
+        return 0
+
 
 @dataclass
 class OpenRuns(Message):
@@ -127,6 +131,9 @@ class State(Message):
 
     def give_back(self, pool: HostBufferPool) -> None:
         pool.release(self.slab)
+
+    def pool_bytes(self) -> int:
+        return self.slab.nbytes
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .. import compression as filters
 from .. import schema
 from .messages import Batch, CloseRuns, Message, OpenRuns, Signal, State, Steps, Tokens, token_texts
 from .objects import DatasetMaker, write_attrs
+from .outbox import Outbox
 from .preallocate import Reserve
 from .run_handles import RunHandles
 from .staging import ChunkBudget, ChunkStager
@@ -60,22 +61,6 @@ class _Stop:
     """Ends the thread, after every message queued before it."""
 
 
-class _Together:
-    """The ``with`` block of :meth:`CaptureWriter.together`: a class, since it runs once per decoded token and a
-    generator-based context manager costs several times more."""
-
-    __slots__ = ("_writer",)
-
-    def __init__(self, writer: CaptureWriter):
-        self._writer = writer
-
-    def __enter__(self) -> None:
-        self._writer._hold()
-
-    def __exit__(self, *exc_info) -> None:
-        self._writer._send_held()
-
-
 class CaptureWriter:
     """Owns the open ``h5py.File`` and the thread that writes into it."""
 
@@ -105,7 +90,8 @@ class CaptureWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._runs: dict[int, RunHandles] = {}
         self._closing: dict[int, RunHandles] = {}  # the run being finished, until its file is closed and renamed
-        self._held: list[Message] | None = None  # messages put inside together(), on the model's thread
+        self._outbox = Outbox(self._queue)  # the model's thread puts messages through it
+        pool.before_wait = self.send_deferred  # deferred messages hold slabs: sent before a wait for one
         # Set when the thread has ended. close() waits on this, not on Thread.join(): a join cut short by Ctrl-C can
         # return at once the next time (CPython) while the thread still writes, and files would close under it.
         self._done = threading.Event()
@@ -115,26 +101,18 @@ class CaptureWriter:
     # ---- model-thread side -------------------------------------------------------------------------------------
     def put(self, message) -> None:
         """Queue a message (blocks when the queue is full, which bounds memory together with the pool); inside
-        :meth:`together`, hold it back for the block's one :class:`Batch`."""
+        :meth:`together`, hold it back for the block's one :class:`Batch` (see ``outbox.py``)."""
         self.raise_if_failed()
-        if self._held is not None:
-            self._held.append(message)
-        else:
-            self._queue.put(message)
+        self._outbox.put(message)
 
-    def together(self) -> _Together:
-        """Messages put inside the ``with`` block are queued as one :class:`Batch` when it ends (also when it
-        raises). Only around code that never waits for the writer (for a slab from the pool): what it put is not
-        queued yet."""
-        return _Together(self)
+    def together(self):
+        """Messages put inside the ``with`` block go to the writer as one :class:`Batch`, sent with those of the
+        next decoded tokens (see ``outbox.py``). Only around code that never waits for the writer."""
+        return self._outbox.together()
 
-    def _hold(self) -> None:
-        self._held = []
-
-    def _send_held(self) -> None:
-        held, self._held = self._held, None
-        if held:
-            self._queue.put(held[0] if len(held) == 1 else Batch(held))
+    def send_deferred(self) -> None:
+        """Queue the closing messages of forwards that wait to be sent together (the pool asks, before a wait)."""
+        self._outbox.push()
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
@@ -148,6 +126,7 @@ class CaptureWriter:
     def drain(self) -> None:
         """Block until every queued message is written (completed runs are then renamed into place)."""
         if not self._done.is_set():
+            self._outbox.push()
             self._queue.join()
         self.raise_if_failed()
 
@@ -155,6 +134,7 @@ class CaptureWriter:
         """Drain the queue, stop the thread, close the files of any run left unfinished. A close interrupted while
         it waits (Ctrl-C) is finished by calling it again."""
         if not self._done.is_set():
+            self._outbox.push()
             self._queue.put(_Stop())  # again after an interrupted close: the thread ends at the first, harmlessly
             self._done.wait()
         self._thread.join()  # the thread has ended: this returns at once
