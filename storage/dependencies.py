@@ -124,10 +124,9 @@ def _add_mapped(found: CaptureFiles, path: str, name: str, seen: set[str], kwarg
 
 
 def _virtual_sources(path: str, kwargs: dict) -> list[str]:
-    """The files that ``path``'s virtual datasets map, as HDF5 finds them: beside ``path``, else from the working
-    directory (real paths: ``..`` in a mapping is resolved after symlinks, as the OS does for HDF5). An unreadable
-    file maps nothing here (the command reading it says what is wrong)."""
-    folder = os.path.realpath(os.path.dirname(path) or ".")
+    """The files that ``path``'s virtual datasets map, found where HDF5 finds them (``safety.mapped_file``, which the
+    readers and ``verify`` check too). An unreadable file maps nothing here (the command reading it says what is
+    wrong)."""
     names: list[str] = []
 
     def visit(name, obj):  # hard links only: soft and external links are not followed
@@ -139,10 +138,4 @@ def _virtual_sources(path: str, kwargs: dict) -> list[str]:
             f.visititems(visit)
     except (LoopscopeError, OSError, KeyError, ValueError, RuntimeError, TypeError):
         return []
-    sources = []
-    for name in dict.fromkeys(names):
-        if "\0" in name:  # no file has such a name: nothing there to protect
-            continue
-        beside = os.path.realpath(os.path.join(folder, name))
-        sources.append(beside if os.path.exists(beside) or not os.path.exists(name) else os.path.realpath(name))
-    return sources
+    return [safety.mapped_file(path, name) for name in dict.fromkeys(names) if "\0" not in name]

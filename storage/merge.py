@@ -207,7 +207,7 @@ def _check_same_readout(first: CaptureFile, other: CaptureFile) -> None:
 # ---- writing --------------------------------------------------------------------------------------------------------
 def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
     files = run_files.RunFiles(out, locking=locking)
-    out_dir = os.path.abspath(run_files.runs_dir(out))
+    out_dir = os.path.realpath(run_files.runs_dir(out))
     state_bytes = 0
     for number, (position, run) in enumerate(plan):
         source_index = captures[position]
@@ -215,7 +215,8 @@ def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
         dst = files.create_run(number)
         written.append(files.partial_path(number))
         try:
-            relative = os.path.relpath(os.path.abspath(run.path), out_dir)
+            # Between real paths: HDF5 joins the name to the folder and the OS resolves ``..`` after symlinks.
+            relative = os.path.relpath(os.path.realpath(run.path), out_dir)
             try:
                 state_bytes += _copy_group(run.group, dst, relative)
             except CaptureFileError as exc:

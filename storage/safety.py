@@ -175,12 +175,61 @@ def hard_dataset(file: h5py.File, name: str, path: str) -> h5py.Dataset | None:
     return obj if isinstance(obj, h5py.Dataset) else None
 
 
+VDS_PREFIX = "HDF5_VDS_PREFIX"
+# HDF5 keeps the value this variable had when the library started (h5py's import, above) as a second prefix; a
+# dataset's own virtual_prefix (h5py's access option) replaces it only where it is unset, and loopscope sets none.
+_PREFIX_AT_START = os.environ.get(VDS_PREFIX)
+_ORIGIN = "${ORIGIN}"
+
+
+def source_candidates(vds_file: str, name: str) -> list[str]:
+    """The paths HDF5 tries, in its order, for the source file ``name`` of a virtual dataset in ``vds_file`` (HDF5
+    2.0, measured): ``"."`` is that file; an absolute name as is, then its last part in the places below; each
+    entry of ``HDF5_VDS_PREFIX`` now (colon-separated); its value when the library started (``${ORIGIN}`` there is
+    the file's folder); the file's folder as opened; the working directory; the folder the file's symlink points
+    into. Paths are joined, not normalised: the OS resolves ``..`` after symlinks, as it does for HDF5."""
+    own = os.path.abspath(vds_file)
+    if name == ".":
+        return [own]
+    tried = []
+    if os.path.isabs(name):
+        tried.append(name)
+        name = name.rsplit("/", 1)[-1]
+    folder = os.path.dirname(own)
+    prefixes = [p for p in os.environ.get(VDS_PREFIX, "").split(":") if p]
+    start = _PREFIX_AT_START
+    if start and start != ".":
+        prefixes.append(folder + "/" + start[len(_ORIGIN) :] if start.startswith(_ORIGIN) else start)
+    actual = os.path.realpath(own) if os.path.islink(own) else own
+    tried += [_join(p, name) for p in (*prefixes, folder)] + [name, _join(os.path.dirname(actual), name)]
+    return list(dict.fromkeys(tried))
+
+
 def mapped_file(vds_file: str, name: str) -> str:
-    """The file a virtual dataset's mapping names, where HDF5 looks first: ``"."`` is the dataset's own file, a
-    relative name lies in the folder of that file (HDF5 falls back to other places; a source missing here is
-    reported missing before anything is read, see ``virtual.py``)."""
-    vds_file = os.path.abspath(vds_file)
-    return vds_file if name == "." else os.path.normpath(os.path.join(os.path.dirname(vds_file), name))
+    """The file HDF5 reads for a virtual dataset's source ``name``: the first of :func:`source_candidates` that
+    exists (HDF5 opens it or fails, it never goes on to the next), else the first, which a "missing" message
+    names. Readers, ``verify``, the cycle walk and what ``export``/``merge`` protect all use this one answer."""
+    candidates = source_candidates(vds_file, name)
+    found = next((c for c in candidates if os.path.exists(c)), candidates[0])
+    return _tidy(found)
+
+
+def _join(folder: str, name: str) -> str:
+    """``folder`` + ``name`` as HDF5 joins them (a separator only where needed; an empty folder adds nothing)."""
+    return name if not folder else folder + ("" if folder.endswith("/") else "/") + name
+
+
+def _tidy(path: str) -> str:
+    """``path`` readable in messages, naming the same file: ``.`` and doubled separators dropped, and the part up
+    to the last ``..`` resolved as the OS resolves it (after symlinks) when that folder exists."""
+    parts = path.split("/")
+    if ".." not in parts:
+        return os.path.abspath(path)
+    cut = len(parts) - parts[::-1].index("..")
+    head = "/".join(parts[:cut]) or "/"
+    if not os.path.isdir(head):
+        return path
+    return os.path.normpath(os.path.join(os.path.realpath(head), *parts[cut:]))
 
 
 def check_virtual(ds: h5py.Dataset, path: str, error=CaptureFileError) -> None:
