@@ -10,8 +10,8 @@ Messages wait here in two ways before they are queued:
 
 Why: every wake-up of the writer hands the GIL over from the model's thread and back, and decoding a small model
 spends its time in Python, where it waits for the GIL. Sending 16 decoded tokens at once cut loopscope's extra
-time per token by about a third in ``benchmarks/overhead.py --sizes tiny``. A prefill's slabs pass the byte limit
-at once, so prefill is sent as before.
+wall time per token by 11-36 % on the tiny reference model (interleaved runs, ``benchmarks/README.md``). A
+prefill's slabs pass the byte limit at once, so prefill is sent as before.
 
 Deferred slabs still count in the pool's budget: a slab request that would wait first sends what is deferred
 (``HostBufferPool.before_wait``), so the writer can give those slabs back and the wait can never be on itself.
