@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from package_files import package_sources
 
 ROOT = Path(__file__).resolve().parent.parent  # the package root: loopscope/__init__.py
-NOT_LIBRARY = ("tests", "benchmarks", ".ci", ".ci-venv", "build", "dist")
+NOT_LIBRARY = ("tests", "benchmarks")
 #: Real model code kept whole on purpose (a reader compares it with the upstream modeling file side by side).
 LONG_ON_PURPOSE = ("models/huginn_reference.py", "models/ouro_reference.py", "examples/train_demo_model.py")
 MAX_LINES = 400
@@ -20,9 +21,9 @@ MAX_LINES = 400
 def _library_modules() -> dict[str, Path]:
     """{dotted module name: file} for every module of the package, tests and benchmarks left out."""
     modules = {}
-    for path in sorted(ROOT.rglob("*.py")):
+    for path in package_sources(ROOT):
         relative = path.relative_to(ROOT)
-        if relative.parts[0] in NOT_LIBRARY or any(part.startswith(".") for part in relative.parts):
+        if relative.parts[0] in NOT_LIBRARY:
             continue
         parts = ["loopscope", *relative.with_suffix("").parts]
         if parts[-1] == "__init__":
@@ -136,6 +137,23 @@ def test_the_checker_sees_a_cycle_hidden_in_a_function(tmp_path):
     modules = {"loopscope.storage.a": package / "storage" / "a.py", "loopscope.storage.b": package / "storage" / "b.py"}
     assert _imports("loopscope.storage.a", modules["loopscope.storage.a"], modules) == {"loopscope.storage.b"}
     assert _imports("loopscope.storage.b", modules["loopscope.storage.b"], modules) == {"loopscope.storage.a"}
+
+
+def test_source_checks_leave_out_virtual_environments_in_the_checkout(tmp_path):
+    """README's commands may run in a virtual environment made inside the checkout, under any name: the checks on
+    the source read the package's files, not the environment's thousands."""
+    for name in ("storage/a.py", "storage/write/b.py", "top.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    for environment in (".venv", "venv", "my-env"):
+        site = tmp_path / environment / "lib" / "python3" / "site-packages"
+        site.mkdir(parents=True)
+        (site / "typing_extensions.py").write_text("eval('1')\n")
+        (tmp_path / environment / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (tmp_path / "build" / "lib").mkdir(parents=True)
+    (tmp_path / "build" / "lib" / "copy.py").write_text("")
+    found = [p.relative_to(tmp_path).as_posix() for p in package_sources(tmp_path)]
+    assert found == ["storage/a.py", "storage/write/b.py", "top.py"]
 
 
 @pytest.mark.parametrize(

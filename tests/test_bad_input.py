@@ -23,6 +23,7 @@ import torch
 from capture_copies import copy_capture as _copy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from package_files import package_sources
 from typer.testing import CliRunner
 
 import loopscope
@@ -185,8 +186,8 @@ def test_no_code_runs_from_files():
     )
     offenders = [
         f"{path.relative_to(PACKAGE_ROOT)}:{n}"
-        for path in PACKAGE_ROOT.rglob("*.py")
-        if "tests" not in path.parts and ".ci-venv" not in path.parts
+        for path in package_sources(PACKAGE_ROOT)
+        if path.relative_to(PACKAGE_ROOT).parts[0] != "tests"
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         if forbidden.search(line)
     ]
