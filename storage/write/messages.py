@@ -173,7 +173,7 @@ class Signal(Message):
     def block(self) -> np.ndarray:
         """[B, T, K] over consecutive steps from ``step``, once the copy has landed."""
         _wait(self.ready)
-        values = self.values.numpy() if isinstance(self.values, torch.Tensor) else self.values
+        values = _host_array(self.values)
         if self.slots is None:
             return values
         block = np.full(values.shape[:2] + (int(self.slots.max()) + 1,), np.nan, dtype=np.float32)
