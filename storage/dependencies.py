@@ -34,12 +34,12 @@ class CaptureFiles:
         path = os.fspath(path)
         real = os.path.realpath(path)
         by_identity, by_name = self._files_index
-        known = by_identity.get(identity(path)) or by_name.get(real)
+        known = by_identity.get(safety.file_identity(path)) or by_name.get(real)
         if known is not None:
             return _clause(path, known, self.files[known])
         step = real
         while True:  # the target, then each folder above it (after symlinks: writing follows them)
-            folder = self._folders_index.get(identity(step))
+            folder = self._folders_index.get(safety.file_identity(step))
             if folder is not None:
                 what = self.folders[folder]
                 inside = f"{safety.clean(path)} is inside {safety.clean(folder)} ({what})"
@@ -63,13 +63,13 @@ class CaptureFiles:
     @cached_property
     def _files_index(self) -> tuple[dict, dict]:
         """{(device, inode): path} of the files that exist, {real path: path} of all (a missing one too)."""
-        by_identity = {identity(p): p for p in reversed(self.files)}  # the first listed wins
+        by_identity = {safety.file_identity(p): p for p in reversed(self.files)}  # the first listed wins
         by_identity.pop(None, None)
         return by_identity, {os.path.realpath(p): p for p in reversed(self.files)}
 
     @cached_property
     def _folders_index(self) -> dict:
-        found = {identity(p): p for p in reversed(self.folders)}
+        found = {safety.file_identity(p): p for p in reversed(self.folders)}
         found.pop(None, None)
         return found
 
@@ -98,15 +98,6 @@ def capture_files(paths: Iterable[str | os.PathLike], *, locking: bool | str | N
 def _clause(path: str, known: str, what: str) -> str:
     same = os.path.abspath(path) == os.path.abspath(known)
     return f"{safety.clean(path)} is {what}" if same else f"{safety.clean(path)} is {safety.clean(known)} ({what})"
-
-
-def identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of what ``path`` names, symlinks followed; None when nothing is there."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _add_mapped(found: CaptureFiles, path: str, name: str, seen: set[str], kwargs: dict) -> None:

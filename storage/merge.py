@@ -134,10 +134,10 @@ def _check_output_spares_sources(out: str, protected: dependencies.CaptureFiles,
 def _check_sources_distinct(sources: list[str], read: list[dependencies.CaptureFiles]) -> None:
     """No two sources may read the same run file (``read``: the files of each): a merged capture together with one
     of the captures it maps would give every run of that one twice, and analysis would count it twice unnoticed."""
-    owner: dict[tuple[int, int], str] = {}
+    owner: dict[object, str] = {}
     for source, files in zip(sources, read):
         for path in files.files:
-            key = dependencies.identity(path)
+            key = safety.file_identity(path)
             if key is None or os.path.realpath(path) == os.path.realpath(source):
                 continue  # gone, or its index: every source has its own
             first = owner.setdefault(key, source)

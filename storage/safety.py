@@ -58,6 +58,16 @@ def file_problem(path: str | os.PathLike) -> str | None:
     return None if stat.S_ISREG(mode) else NOT_REGULAR
 
 
+def file_identity(path: str | os.PathLike) -> object | None:
+    """What makes two paths one file: (device, inode) after symlinks, so a symlink or a second hard link is the same
+    file (as it is to HDF5); the real path where the file system has no inode numbers; None when nothing is there."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (info.st_dev, info.st_ino) if info.st_ino else os.path.normcase(os.path.realpath(path))
+
+
 def require_regular(path: str | os.PathLike, error=CaptureFileError, what: str = "") -> str:
     """``path`` if it is a regular file (symlinks followed); a FIFO, device or socket would block HDF5 forever."""
     path = os.fspath(path)

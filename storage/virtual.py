@@ -52,13 +52,13 @@ def _walk(group: h5py.Group, path: str, root: str, chain: list[_Hop], done: set,
     """Visit one file: each source file it maps is checked, then walked unless walked already (a diamond of merges
     is no cycle); ``chain`` holds the files above this one, so meeting one of them again is a cycle."""
     try:
-        identity = _identity(path)
+        identity = safety.file_identity(path)
         for source, datasets in _mappings(group, path).items():
             hops = [*chain, _Hop(identity, path, datasets[0][0])]
             if not os.path.exists(source):
                 missing[source] = None
                 continue
-            target = _identity(source)
+            target = safety.file_identity(source)
             for j, hop in enumerate(hops):
                 if hop.identity == target:
                     raise CaptureFileError(_cycle(root, hops, j))
@@ -96,12 +96,6 @@ def _mappings(group: h5py.Group, path: str) -> dict[str, list[tuple[str, str]]]:
 
     group.visititems(visit)  # hard links only: external links are not followed
     return {source: list(dict.fromkeys(pairs)) for source, pairs in found.items()}
-
-
-def _identity(path: str) -> object:
-    """What makes two paths one file (a symlink or a second hard link is the same file to HDF5)."""
-    info = os.stat(path)
-    return (info.st_dev, info.st_ino) if info.st_ino else os.path.normcase(os.path.realpath(path))
 
 
 def _cycle(root: str, hops: list[_Hop], j: int) -> str:
