@@ -90,6 +90,7 @@ class Capture:
 
     def _install(self) -> None:
         model, tracker, on = self.model, self._tracker, self._installed
+        on.before(model, lambda *_: on.keep_last())  # before on_model_enter: hooks added since go behind ours
         on.before(model, tracker.on_model_enter)
         on.after(model, tracker.on_model_exit, with_kwargs=True)
         for spec in self.adapter.loops:
@@ -97,9 +98,9 @@ class Capture:
             entry = model.get_submodule(spec.entry) if spec.entry else exits[0]
             tracker.entry_switches[spec.name] = on.before_while_on(entry, tracker.entry_hook(spec))
             for module in exits:
-                on.after(module, tracker.exit_hook(spec))
+                on.after_all(module, tracker.exit_hook(spec))
             for signal, path in spec.signals:
-                on.after(model.get_submodule(path), tracker.signal_hook(spec, signal))
+                on.after_all(model.get_submodule(path), tracker.signal_hook(spec, signal))
         on.wrap_method("forward", tracker.forward_call)
         for name in ("generate", *self.adapter.call_methods):
             on.wrap_method(name, functools.partial(tracker.whole_call, name))

@@ -4,6 +4,11 @@ Two mechanisms, each where only it works: torch forward (pre-)hooks on modules (
 modules, the model itself; the entry's only while it is needed), and wrappers around model methods that run
 without a module call of their own (``forward`` as called directly, ``generate``, a family's entry and call
 methods). Several captures may wrap one model; each removes only its own, in any order.
+
+What is recorded is what the model passes on: s0 as the loop's entry module receives it and each step as its exit
+module returns it, after every other hook on those modules, a user's steering hook included. Torch runs a module's
+hooks in the order they were registered, so the hooks that read states are put back behind any hook registered
+after them when a forward begins (:meth:`Installed.keep_last`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from torch import nn
 class Switchable:
     """A forward pre-hook that is on its module only while it is needed. A module with any hook takes torch's
     slower call path at every call, and a loop's entry module is called at every step while s0 is read once per
-    forward: its hook is put on when a forward begins and taken off once it has read s0. Put on again, it runs
-    after the module's other pre-hooks, so s0 is what the module itself receives."""
+    forward: its hook is put on when a forward begins and taken off once it has read s0. Put on, it is registered
+    anew, so it runs after the module's other pre-hooks and s0 is what the module itself receives."""
 
     def __init__(self, module: nn.Module, hook: Callable):
         self.module = module
@@ -26,8 +31,8 @@ class Switchable:
         self._handle: Any = None
 
     def on(self) -> None:
-        if self._handle is None:
-            self._handle = self.module.register_forward_pre_hook(self.hook, with_kwargs=True)
+        self.off()  # still on when a forward did not read s0 (the first one after attach): behind later hooks again
+        self._handle = self.module.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def off(self) -> None:
         if self._handle is not None:
@@ -42,6 +47,7 @@ class Installed:
         self.model = model
         self._handles: list[Any] = []
         self._switchable: list[Switchable] = []
+        self._last: list[list[Any]] = []  # [module, hook, handle] of the hooks kept behind all others
         self._wrappers: list[tuple[str, Any]] = []
 
     def before(self, module: nn.Module, hook: Callable) -> None:
@@ -58,6 +64,26 @@ class Installed:
     def after(self, module: nn.Module, hook: Callable, *, with_kwargs: bool = False) -> None:
         """``hook(module, args, output)`` (or ``(module, args, kwargs, output)``) after each call of ``module``."""
         self._handles.append(module.register_forward_hook(hook, with_kwargs=with_kwargs))
+
+    def after_all(self, module: nn.Module, hook: Callable) -> None:
+        """``hook(module, args, output)`` after each call of ``module``, behind its other forward hooks: those
+        registered later are passed again by :meth:`keep_last`, so ``output`` is what the module passes on."""
+        hook._loopscope_last = True  # type: ignore[attr-defined]
+        self._last.append([module, hook, module.register_forward_hook(hook)])
+
+    def keep_last(self) -> None:
+        """Put each :meth:`after_all` hook back behind any hook registered after it (at a forward's start). Other
+        such hooks (several captures of one model) may stay behind it: they only read."""
+        for entry in self._last:
+            module, hook, handle = entry
+            hooks = module._forward_hooks
+            for hook_id in reversed(hooks):
+                if hook_id == handle.id:
+                    break
+                if not getattr(hooks[hook_id], "_loopscope_last", False):
+                    handle.remove()
+                    entry[2] = module.register_forward_hook(hook)
+                    break
 
     def wrap_method(self, name: str, call: Callable) -> None:
         """Replace ``model.<name>`` by an instance attribute that routes through ``call(original, ...)``.
@@ -84,6 +110,9 @@ class Installed:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for _, _, handle in self._last:
+            handle.remove()
+        self._last.clear()
         for switch in self._switchable:
             switch.off()
         self._switchable.clear()

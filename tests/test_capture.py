@@ -149,6 +149,41 @@ def test_the_loops_entry_is_hooked_only_until_it_has_read_s0(reference_model, pr
         np.testing.assert_array_equal(forward.states(step=0), s0[: prompt_ids.shape[1]])  # same seed, same draw
 
 
+def test_states_are_what_the_model_passes_on_after_hooks_registered_later(reference_model, prompt_ids, tmp_path):
+    """A user's steering hooks registered after attach(): s0 is what the loop's entry receives after the user's
+    pre-hook (in the first forward too, where loopscope's hook was registered first), and each step is the exit's
+    output after the user's forward hook, i.e. what the next iteration reads."""
+    adapter, exit_block = reference_model.transformer.adapter, reference_model.transformer.core_block[-1]
+    received: list[torch.Tensor] = []  # the state part of what the adapter receives, each call (3 per forward)
+    width = reference_model.config.n_embd
+
+    def steer_s0(module, args):  # shifts s0 only: the adapter's first call of each forward
+        if len(received) % 3:
+            return None
+        return (torch.cat([args[0][..., :width] + 100, args[0][..., width:]], -1),)
+
+    with loopscope.attach(reference_model, tmp_path / "s.h5"):
+        handles = [
+            adapter.register_forward_pre_hook(steer_s0),
+            exit_block.register_forward_hook(lambda m, a, out: out * 0.5),
+            adapter.register_forward_pre_hook(lambda m, a: received.append(a[0][..., :width].clone())),
+        ]
+        try:
+            with torch.no_grad():
+                for _ in range(2):
+                    torch.manual_seed(0)
+                    reference_model(prompt_ids, num_steps=3)
+        finally:
+            for handle in handles:
+                handle.remove()
+    with loopscope.open(tmp_path / "s.h5") as capture:
+        assert len(capture.runs) == 2 and len(received) == 6
+        for run, seen in zip(capture.runs, (received[:3], received[3:])):
+            stored = np.stack([run.states(token=t) for t in range(run.num_tokens)], 1)  # [steps + 1, T, E]
+            for step in range(3):  # s0 and s1, s2 as the adapter reads them
+                np.testing.assert_array_equal(stored[step], seen[step][0].numpy())
+
+
 def test_file_is_self_describing_in_plain_h5py(reference_model, prompt_ids, tmp_path):
     with loopscope.attach(reference_model, tmp_path / "m.h5", tokenizer=None):
         _forward_logits(reference_model, prompt_ids, 2)
