@@ -41,47 +41,12 @@ import time
 import _common as c  # noqa: I001 - sets OMP_WAIT_POLICY before torch is imported
 import numpy as np
 import torch
+from _placement_writer import write_forward
 
 VARIANTS = ("plain", "copies only", "thread", "process", "process, idle")
 CONFIG = dict(n_embd=256, num_attention_heads=4, intermediate_size=512)
 
-# The writer's work, as source so the child process runs it without importing torch or this script.
-WRITER = r'''
-import os, sys, numpy as np, h5py
-
-def write_forward(buffer, f, folder, hot=False, steps_per_chunk=4):
-    """The 8 run files of forward f: buffer is [forwards, steps, batch, tokens, hidden]. hot: write a block the
-    writer has just filled itself instead of the states (what is left when nothing has to be read cold)."""
-    states = buffer[f]
-    for b in range(states.shape[1]):
-        with h5py.File(os.path.join(folder, f"run-{f}-{b}.h5"), "w") as out:
-            for k in range(15):
-                out.attrs[f"attribute_{k}"] = k
-            if hot:
-                block = np.full(states[:, b].shape, f, np.float32)
-            else:
-                block = np.ascontiguousarray(states[:, b])  # [steps, tokens, hidden], read cold
-            out.create_dataset("states", data=block, chunks=(steps_per_chunk,) + block.shape[1:], fletcher32=True)
-            for k in range(5):
-                out.create_dataset(f"per_token_{k}", data=np.arange(block.shape[1]), chunks=True, fletcher32=True)
-
-def serve(path, shape, folder, idle, hot):
-    if idle:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    buffer = np.memmap(path, np.float32, "r", shape=shape)
-    for line in sys.stdin:
-        write_forward(buffer, int(line), folder, hot)
-    del buffer
-    print(time.process_time(), flush=True)
-
-if __name__ == "__main__":
-    import json, time
-    path, shape, folder, idle, hot = json.loads(sys.argv[1])
-    serve(path, tuple(shape), folder, idle, hot)
-'''
-_namespace: dict = {}
-exec(compile(WRITER, "<writer>", "exec"), _namespace)  # the thread variant runs the very same function
-write_forward = _namespace["write_forward"]
+WRITER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_placement_writer.py")
 
 
 def capture(
@@ -138,7 +103,7 @@ def _writer(variant: str, buffer: np.ndarray, memory_path: str, folder: str, hot
     import json
 
     argument = json.dumps([memory_path, list(buffer.shape), folder, variant == "process, idle", hot])
-    child = subprocess.Popen([sys.executable, "-c", WRITER, argument], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, WRITER_SCRIPT, argument], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert child.stdin is not None and child.stdout is not None
 
     def send(f: int) -> None:

@@ -1,28 +1,28 @@
 """Finding the loop: a ``loop=`` override, then the known families, then a probe forward.
 
-The probe runs one tiny forward (RNG state saved and restored, no grad) with counting hooks on every module. A
-*unit* is one module instance, or several instances that share all their parameter storage and type (ALBERT-style
-blocks written as tied copies, each called once). Among the outermost units that return a float state, the calls
-form a sequence such as ``embed? a b a b a b head?``; its longest run of a repeated pattern (the shortest pattern
-when lengths tie) is the loop: the pattern's repetitions are the iterations, its last unit is the exit (its output
-is the state), and the first unit whose input has the state's width gives s0. When an integer in the model's config
-(or on the model itself) equals the iteration count, a second probe with that value plus one confirms that it sets
-the count, and the file says so.
+The probe runs one tiny forward (RNG state saved and restored, no grad, the model's own and torch's global forward
+hooks set aside: see ``probe_forward.py``) with counting hooks on every module. A *unit* is one module instance, or
+several instances that share all their parameter storage and type (ALBERT-style blocks written as tied copies, each
+called once). Among the outermost units that return a float state, the calls form a sequence such as
+``embed? a b a b a b head?``; its longest run of a repeated pattern (the shortest pattern when lengths tie) is the
+loop: the pattern's repetitions are the iterations, its last unit is the exit (its output is the state), and the
+first unit whose input has the state's width gives s0. When an integer in the model's config (or on the model
+itself) equals the iteration count, a second probe with that value plus one confirms that it sets the count, and
+the file says so.
 """
 
 from __future__ import annotations
 
-import random
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from .. import families
 from ..errors import LoopNotFoundError
 from ..families.adapter import LoopAdapter, LoopSpec
+from . import probe_forward
 from .user_frames import user_stacklevel
 
 #: Joins the members of a tied-copies unit in ``LoopSpec.exit``: each member's call is the next iteration.
@@ -100,9 +100,25 @@ class _Unit:
         return self.calls[0][2]
 
 
+class _ProbeForwardFailed(LoopNotFoundError):
+    """The probe's forward raised (rather than ran and showed no loop)."""
+
+
 def probe(model: nn.Module, input_ids: torch.Tensor | None = None) -> LoopAdapter:
-    """Run one small forward and find the modules (or tied copies) entered more than once."""
-    ids = input_ids if input_ids is not None else _probe_ids(model)
+    """Run one small forward and find the modules (or tied copies) entered more than once. The model's own forward
+    hooks and torch's global ones are set aside meanwhile: no hook but the probe's sees its forwards. A model that
+    cannot run without its hooks (they gather sharded weights, say) is probed again with them in place."""
+    ids = input_ids if input_ids is not None else probe_forward.probe_ids(model)
+    with probe_forward.hooks_set_aside(model) as had_hooks:
+        try:
+            return _probe(model, ids)
+        except _ProbeForwardFailed:
+            if not had_hooks:
+                raise
+    return _probe(model, ids)
+
+
+def _probe(model: nn.Module, ids: torch.Tensor) -> LoopAdapter:
     units, unit_of = _units(model)
     clock = [0]
     open_calls: dict[str, list[int]] = {}
@@ -137,9 +153,9 @@ def probe(model: nn.Module, input_ids: torch.Tensor | None = None) -> LoopAdapte
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(module.register_forward_hook(post))
     try:
-        _run(model, ids)
+        probe_forward.run(model, ids)
     except Exception as exc:
-        raise LoopNotFoundError(
+        raise _ProbeForwardFailed(
             f"could not find the loop of {type(model).__name__}: the probe forward failed "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass loop='dotted.module.path'"
         ) from None
@@ -346,7 +362,7 @@ def _confirm_count(model: nn.Module, ids: torch.Tensor, exit_unit: _Unit, reps: 
         handles = [m.register_forward_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1)) for m in members]
         try:
             setattr(owner, key, reps + 1)
-            _run(model, ids)
+            probe_forward.run(model, ids)
         except Exception:
             continue
         finally:
@@ -356,37 +372,6 @@ def _confirm_count(model: nn.Module, ids: torch.Tensor, exit_unit: _Unit, reps: 
         if count[0] == reps + 1:
             return f"{where}.{key} (a probe with {key}={reps + 1} ran {reps + 1} iterations)"
     return None
-
-
-def _run(model: nn.Module, ids: torch.Tensor) -> None:
-    """One probe forward that leaves the model as it was: no autograd, the RNG restored, and in eval mode (a
-    training-mode forward would update batch-norm statistics), each module's own mode put back after."""
-    # every GPU the model computes on: a random s0 or dropout on any of them draws from that GPU's generator
-    devices = sorted({t.device.index for t in (ids, *model.parameters(), *model.buffers()) if t.is_cuda})
-    modes = [(module, module.training) for module in model.modules()]
-    generators = random.getstate(), np.random.get_state()  # a model may draw from Python's or numpy's too
-    model.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            try:
-                model(input_ids=ids)
-            except TypeError:  # plain nn.Modules take the ids positionally
-                model(ids)
-    finally:
-        for module, training in modes:
-            module.training = training
-        random.setstate(generators[0])
-        np.random.set_state(generators[1])
-
-
-def _probe_ids(model: nn.Module) -> torch.Tensor:
-    device = torch.device("cpu")
-    for param in model.parameters():
-        if param.device.type != "meta":  # offloaded (accelerate) weights live on meta; their hooks move the inputs
-            device = param.device
-            break
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
-    return torch.arange(4, device=device).remainder(vocab).unsqueeze(0)
 
 
 def _width(value) -> int | None:

@@ -24,6 +24,29 @@ DTYPES: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
 }
 
+#: HDF5 chunks of states stay under this many bytes: the file's format (libver v110) cannot index a chunk of 4 GiB.
+CHUNK_BYTES_LIMIT = 1 << 32
+#: Bytes per stored value at the narrowest (float16, bfloat16): what ``dtype="keep"`` may store at attach time.
+NARROWEST_ITEMSIZE = 2
+
+
+def check_chunk_bytes(chunks: tuple[int, int], hidden: int | None, itemsize: int) -> None:
+    """A one-line error unless a chunk of ``chunks=(tokens, steps)`` states ``hidden`` wide, ``itemsize`` bytes per
+    value, stays under :data:`CHUNK_BYTES_LIMIT`. At attach the width is not known (``hidden=None``: chunks too big
+    at a width of 1 are too big at any); the recorder checks again at a loop's first state, with its width."""
+    tokens, steps = (int(n) for n in chunks)
+    size = tokens * steps * (hidden or 1) * itemsize
+    if size < CHUNK_BYTES_LIMIT:
+        return
+    most = (CHUNK_BYTES_LIMIT - 1) // ((hidden or 1) * itemsize)
+    gib = f"{size / (1 << 30):.3g} GiB"
+    what = f"{gib} at any hidden size" if hidden is None else f"{gib} for states {hidden} wide"
+    raise LoopscopeError(
+        f"chunks=({tokens}, {steps}) is too big: an HDF5 chunk of states (tokens x steps x hidden size x "
+        f"{itemsize} bytes) must stay under 4 GiB, and these are {what}; pass chunks whose tokens x steps is "
+        f"{'well ' if hidden is None else ''}under {most + 1}, e.g. (64, 4)"
+    )
+
 
 @dataclass(frozen=True)
 class CaptureOptions:
@@ -51,6 +74,8 @@ class CaptureOptions:
                 isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in parts
             ):
                 raise LoopscopeError(f"chunks={chunks!r} must be (tokens, steps): two positive integers, e.g. (64, 4)")
+            stored = DTYPES[dtype]  # too big already at a hidden size of 1 is too big for any (the rest: first state)
+            check_chunk_bytes(parts, None, stored.itemsize if stored is not None else NARROWEST_ITEMSIZE)
         if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
             raise LoopscopeError(
                 f"tokenizer= needs a decode() method (a transformers tokenizer); {type(tokenizer).__name__} has none"

@@ -18,7 +18,7 @@ from ..errors import LoopscopeError
 from ..families.adapter import LoopSpec
 from ..storage import schema
 from ..storage.write import messages
-from . import selection
+from . import options, selection
 from .forwards import Forward, Session
 from .transfer import DeviceTransfer, Stage
 
@@ -131,6 +131,7 @@ class StateRecorder:
         if chunks is None:
             if self._chunks is not None:
                 chunks = self._chunks
+                options.check_chunk_bytes(chunks, state.shape[2], state.element_size())  # HDF5: under 4 GiB
             else:
                 hint = self._steps_hint.get(spec.name)
                 slots = hint + 1 if hint else None
