@@ -327,8 +327,8 @@ def export(
 
     if format not in FORMATS:
         raise LoopscopeError(f"--format {format}: use one of {', '.join(FORMATS)}")
-    out = out if out is not None else Path(file).with_suffix("." + format)
-    with CaptureFile(file, missing=missing) as capture:
+    with CaptureFile(file, missing=missing) as capture:  # first: "." or "" is a directory, not a name to suffix
+        out = out if out is not None else Path(file).with_suffix("." + format)
         chosen = _selected_runs(capture, run)
         total = sum(r.dataset(loop).size * r.dataset(loop).dtype.itemsize for r in chosen for loop in r.loops)
         with progress(f"exporting to {text(out.name)}", max(total, 1)) as advance:
@@ -344,6 +344,7 @@ def verify(file: Path = typer.Argument(..., help="A capture file (.h5).", readab
 
     from rich.text import Text
 
+    from ..storage.safety import clean
     from ..storage.verify import describe, verify_capture
 
     with console.status("checking chunks…"):
@@ -354,8 +355,8 @@ def verify(file: Path = typer.Argument(..., help="A capture file (.h5).", readab
         table = Table("run", "dataset", "where", "problem")
         for f, kind in findings:
             run = Text("index" if f.run is None else str(f.run))
-            problem = Text(f.problem, style="red" if kind == "damaged" else "yellow")
-            table.add_row(run, Text(f.dataset or Path(f.file).name), Text(f.where or "-"), problem)
+            problem = Text(clean(f.problem), style="red" if kind == "damaged" else "yellow")
+            table.add_row(run, Text(clean(f.dataset or Path(f.file).name)), Text(clean(f.where or "-")), problem)
         console.print(table)
     console.print(Text(describe(result)))
     if result.incomplete:
@@ -376,9 +377,9 @@ def verify(file: Path = typer.Argument(..., help="A capture file (.h5).", readab
             )
         )
     if not result.ok:
-        errors.print(Text(f"error: {len(result.damaged)} damaged chunk(s) or file(s) in {file}", style="red"))
+        errors.print(Text(f"error: {len(result.damaged)} damaged chunk(s) or file(s) in {clean(file)}", style="red"))
         raise typer.Exit(1)
-    console.print(Text(f"ok: every checksummed chunk of {file} matches", style="green"))
+    console.print(Text(f"ok: every checksummed chunk of {clean(file)} matches", style="green"))
 
 
 def _selected_runs(capture, indices: list[int] | None) -> list:

@@ -15,6 +15,7 @@ bfloat16 states stay bfloat16 in safetensors and are widened to float32 (exactly
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -89,25 +90,39 @@ def export(
         }
     )
     parent = os.path.dirname(os.fspath(out)) or "."
-    if os.path.exists(out) and not os.path.isfile(out):  # a FIFO would block the write forever
-        raise LoopscopeError(f"{out} exists and is not a regular file; choose another --out")
+    partial = partial_path(out)  # renamed once whole: a failure leaves no half file, and ``out`` as it was
+    for path in (out, partial):
+        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the write forever
+            raise LoopscopeError(f"{path} exists and is not a regular file; choose another --out")
     if not os.path.isdir(parent):
         raise LoopscopeError(f"{out}: directory {parent} does not exist; create it first")
     writer = _write_npz if fmt == "npz" else _write_safetensors
     try:
-        writer(os.fspath(out), arrays, meta, progress or (lambda n: None))
-    except OSError as exc:
-        raise LoopscopeError(f"cannot write {out}: {exc.strerror or exc}") from None
+        writer(partial, arrays, meta, progress or (lambda n: None))
+        os.replace(partial, out)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        if isinstance(exc, OSError):
+            raise LoopscopeError(f"cannot write {out}: {exc.strerror or exc}") from None
+        raise
     return [a.name for a in arrays]
+
+
+def partial_path(out: str | os.PathLike) -> str:
+    """Where the export of ``out`` is written until it is whole (beside it, so the rename stays on one disk)."""
+    return os.fspath(out) + ".partial"
 
 
 def check_out(capture: CaptureFile, out: str | os.PathLike) -> None:
     """Refuse an ``out`` that the capture reads: its index, its run folder or anything in it, or a file its runs
     map. The export streams from those files while it writes, so it would destroy the data it is exporting."""
     protected = dependencies.capture_files([capture.path], locking=capture._open_kwargs.get("locking"))
-    clash = protected.holding(out)
-    if clash is not None:
-        raise LoopscopeError(f"--out {clash}; the export must not write where it reads: choose another --out")
+    for path in (out, partial_path(out)):  # the export is written beside ``out`` first, then renamed
+        clash = protected.holding(path)
+        if clash is not None:
+            where = f"--out {clash}" if path == out else f"--out {out}: {clash}"
+            raise LoopscopeError(f"{where}; the export must not write where it reads: choose another --out")
 
 
 def _run_arrays(run: Run, widen_bf16: bool) -> list[_Array]:
@@ -131,14 +146,30 @@ def _run_arrays(run: Run, widen_bf16: bool) -> list[_Array]:
 
 
 def _json_safe(attrs: dict) -> dict:
-    """Run attributes that JSON can hold (numbers, text, flags); arrays as lists."""
+    """Run attributes that JSON can hold (numbers, text, flags); arrays as lists, their bytes as text (UTF-8,
+    undecodable bytes replaced). An attribute JSON cannot hold (a compound or complex value) is left out."""
     out = {}
     for key, value in attrs.items():
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        if isinstance(value, (str, int, float, bool, list)):
+        value = _json_value(value)
+        if value is not _LEFT_OUT:
             out[key] = value
     return out
+
+
+_LEFT_OUT = object()
+
+
+def _json_value(value):
+    """``value`` as JSON can hold it (text, a number, a flag, nested lists of them), or ``_LEFT_OUT``."""
+    text = schema.as_text(value)
+    if text is not None:
+        return text
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = value.tolist()  # nested lists of Python values (bytes stay bytes: decoded below)
+    if isinstance(value, (list, tuple)):
+        items = [_json_value(item) for item in value]
+        return _LEFT_OUT if any(item is _LEFT_OUT for item in items) else items
+    return value if isinstance(value, (str, int, float, bool)) else _LEFT_OUT
 
 
 def _states_array(run: Run, loop: str, name: str, widen_bf16: bool) -> _Array:
@@ -157,6 +188,9 @@ def _states_array(run: Run, loop: str, name: str, widen_bf16: bool) -> _Array:
 
 
 def _write_npz(path: str, arrays: list[_Array], meta: str, progress) -> None:
+    for array in arrays:  # before the file is made: numpy writes an object array as pointers, no reader loads it
+        if array.dtype.hasobject:
+            raise LoopscopeError(f"cannot export {array.name}: it holds Python objects, not numbers (damaged)")
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for array in arrays:
             with archive.open(array.name + ".npy", "w", force_zip64=True) as handle:

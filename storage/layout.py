@@ -100,6 +100,8 @@ def _check_loop(loops: h5py.Group, loop: str, n_tokens: int, path: str, readout_
     if labels is not None:
         if labels.ndim != 2 or labels.shape[0] != states.shape[1] or labels.shape[1] > MAX_LABEL_DEPTH:
             raise CaptureFileError(f"{where}: step_labels has shape {labels.shape}; damaged")
+        if labels.dtype.kind not in "iu":  # cycle numbers; strings would reach exports as object pointers
+            raise CaptureFileError(f"{where}: step_labels has dtype {labels.dtype}; damaged")
         safety.check_whole(labels, path)
     signals = safety.hard_child(sub, schema.SIGNALS, path, h5py.Group)
     if signals is not None:

@@ -67,6 +67,8 @@ def merge(
             raise MergeError(f"none of the {len(paths)} source(s) has a complete run; nothing to merge")
         if force:
             _remove_capture(out)
+        folder = run_files.runs_dir(out)
+        made_folder = not os.path.lexists(folder)
         written: list[str] = []
         try:
             state_bytes = _write_runs(out, plan, captures, written, locking)
@@ -75,6 +77,9 @@ def merge(
             for path in written:
                 with contextlib.suppress(OSError):
                     os.remove(path)
+            if made_folder:  # the run folder this merge made, once empty again (rmdir leaves one that is not)
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
             if isinstance(exc, OSError):
                 raise MergeError(f"cannot write {out} ({first_line(exc)})") from None
             raise
@@ -165,6 +170,7 @@ def _plan(captures: list[CaptureFile]) -> list[tuple[int, Run]]:
     plan = []
     for position, capture in enumerate(captures):
         _check_same_loops(first, capture)
+        _source_rank(capture)  # before anything is written
         for run in capture.runs:
             try:
                 for loop in run.loops:  # reading the loops validates the run file's layout
@@ -191,9 +197,26 @@ def _check_same_loops(first: CaptureFile, other: CaptureFile) -> None:
             f"{other.path} recorded loops {other.loop_names}, {first.path} {first.loop_names}; "
             "merge captures of one model"
         )
-    a, b = first.meta.get("model_class"), other.meta.get("model_class")
+    a, b = _model_class(first), _model_class(other)
     if a != b:
         raise MergeError(f"{other.path} holds model {b}, {first.path} {a}; merge captures of one model")
+
+
+def _model_class(capture: CaptureFile) -> str | None:
+    """The source's ``model_class`` attribute: its text, None when absent; anything else is a damaged header."""
+    value = capture.meta.get("model_class")
+    name = schema.as_text(value)
+    if value is not None and name is None:
+        raise MergeError(f"source {capture.path}: model_class {safety.clean(value)!r} is not text; damaged")
+    return name
+
+
+def _source_rank(capture: CaptureFile) -> int:
+    """The source's ``rank`` attribute (-1 when absent): an integer, else a damaged header."""
+    value = capture.meta.get("rank", -1)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise MergeError(f"source {capture.path}: rank {safety.clean(value)!r} is not an integer; damaged")
+    return int(value)
 
 
 def _check_same_readout(first: CaptureFile, other: CaptureFile) -> None:
@@ -228,7 +251,7 @@ def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
                     {
                         "source_file": _relative_to(out, source_index.path),
                         "source_run": run.index,
-                        "source_rank": int(meta.get("rank", -1)),
+                        "source_rank": _source_rank(source_index),
                         "source_hostname": str(meta.get("hostname", "")),
                     }
                 )

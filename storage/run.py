@@ -93,9 +93,13 @@ class Run:
         ends = self._array("token_ends")
         with reading(self.path):
             data = self.group["token_bytes"][()].tobytes()
-        if ends.size and (np.any(np.diff(ends) < 0) or ends[0] < 0 or ends[-1] > len(data)):
+        # bounds first, in the stored dtype: only then is int64 exact (and np.diff of unsigned ends would wrap)
+        if ends.size and (ends.min() < 0 or ends.max() > len(data)):
             raise CaptureFileError(f"{self.path}: token_ends do not fit token_bytes; damaged")
-        starts = np.concatenate([[0], ends[:-1]])
+        ends = ends.astype(np.int64)
+        if np.any(np.diff(ends) < 0):
+            raise CaptureFileError(f"{self.path}: token_ends do not fit token_bytes; damaged")
+        starts = np.concatenate([np.zeros(1, np.int64), ends[:-1]])
         return [data[a:b].decode("utf-8", "replace") for a, b in zip(starts.tolist(), ends.tolist())]
 
     @cached_property
@@ -242,12 +246,20 @@ class Run:
 
     def logical_dtype(self, loop: str | None = None) -> str:
         ds = self.dataset(loop)
+        stored = ds.dtype.newbyteorder("=")  # a byte order HDF5 converts on read changes no value
         with reading(self.path):
-            value = ds.attrs.get("logical_dtype", "float32")
+            value = ds.attrs.get("logical_dtype")
+        if value is None:  # not written by loopscope, which always says: floats are what they store
+            value = stored.name if stored.kind == "f" else "float32"
         value = schema.text_or(value, str(value))
-        expected = {"bfloat16": "u", "float16": "f", "float32": "f", "float64": "f"}.get(value)
-        if expected is None or ds.dtype.kind != expected:
-            raise CaptureFileError(f"{self.path}: states stored as {ds.dtype} with logical dtype {value!r}; damaged")
+        try:  # each logical dtype has one stored dtype: bf16 bits in a uint32 would decode to other numbers
+            expected = schema.stored_numpy_dtype(value)
+        except KeyError:
+            expected = None
+        if expected is None or stored != expected:
+            raise CaptureFileError(
+                f"{self.path}: states stored as {ds.dtype} with logical dtype {safety.clean(value)!r}; damaged"
+            )
         return value
 
     def hidden_size(self, loop: str | None = None) -> int:

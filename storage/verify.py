@@ -19,6 +19,7 @@ import h5py
 
 from ..errors import CaptureFileError, LoopscopeError, first_line
 from . import checksum, run_files, safety, schema, virtual
+from .damage import verify_hint
 from .reader import CaptureFile
 
 
@@ -56,11 +57,19 @@ class VerifyResult:
 def verify_capture(path: str | os.PathLike, *, locking: bool | str | None = None) -> VerifyResult:
     """Check every chunk of the capture at ``path`` (its index and every run file, complete or not)."""
     path = os.fspath(path)
-    CaptureFile(path, locking=locking).close()  # a one-line error when it is not a readable capture
+    try:
+        CaptureFile(path, locking=locking).close()  # a one-line error when it is not a readable capture
+        refused = None
+    except CaptureFileError as exc:
+        if verify_hint(path) not in str(exc):
+            raise
+        refused = exc  # a damaged chunk of the index (its readout) failed the open: verify lists it below
     kwargs = {"libver": "latest", **({} if locking is None else {"locking": locking})}
     result = VerifyResult(path)
     seen: set[tuple[str, str]] = set()
     _check_file(result, None, path, kwargs, seen)
+    if refused is not None and not any(f.where for f in result.damaged):  # no damaged chunk to list after all
+        raise refused
     for number, (run_path, complete) in run_files.list_run_files(path).items():
         found = len(result.damaged)
         _check_file(result, number, run_path, kwargs, seen)
