@@ -200,12 +200,28 @@ _OPEN: weakref.WeakSet[Capture] = weakref.WeakSet()
 @atexit.register
 def _close_at_exit() -> None:
     for capture in list(_OPEN):
-        if capture._pid != os.getpid():  # a forked child: the writer thread lives in the parent only
+        if capture._pid != os.getpid():  # a forked child (see _let_go_in_child): nothing of it to close here
             continue
         try:
             capture.close()
         except BaseException as exc:  # at exit nobody can catch it: say it, then close the others
             print(f"loopscope: closing {capture.path} at exit failed: {first_line(exc)}", file=sys.stderr)
+
+
+def _let_go_in_child() -> None:
+    """In a child forked after attach() (a DataLoader worker, a fork-based pool), the parent's captures have no
+    writer thread: the parent's queue and pool would fill and the child's model wait for good, and closing would wait
+    forever. So each is closed there at once, without a write: its hooks come off the child's copy of the model,
+    which runs as if loopscope were not attached, and the parent's files are left to the parent."""
+    for capture in list(_OPEN):
+        if capture._pid != os.getpid():
+            capture._stopped = capture._tracker.closed = capture._closed = True
+            capture._installed.remove()
+            _OPEN.discard(capture)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 def attach(

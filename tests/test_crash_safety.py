@@ -291,3 +291,55 @@ def test_a_forked_child_exits_without_waiting_for_the_parents_writer(tmp_path):
     assert child.returncode == 0 and "CHILD EXITED" in child.stdout, child.stderr
     with loopscope.open(tmp_path / "c.h5") as capture:
         assert len(capture.runs) == 1  # the parent closed it at its own exit
+
+
+def test_a_forked_child_runs_the_model_without_the_capture(tmp_path):
+    """A child forked after attach() (a DataLoader worker, a fork-based pool) has no writer thread: before, its
+    forwards filled the parent's queue and waited for good, and its close(), flush() or a failed call waited for
+    the writer forever. Now the capture is closed in the child at the fork: the child's model runs unhooked, with
+    the outputs it has without loopscope, and the capture records the parent's forwards only."""
+    body = textwrap.dedent(
+        """
+        import os, sys, torch
+        torch.set_num_threads(1)
+        import loopscope
+        from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+        register(); torch.manual_seed(0)
+        model = RavenReferenceForCausalLM(tiny_config()).eval()
+        ids = torch.arange(3, 40).unsqueeze(0)
+        def generate():
+            torch.manual_seed(1)
+            with torch.no_grad():
+                return model.generate(ids, num_steps=4, max_new_tokens=60, min_new_tokens=60, do_sample=False)
+        plain = generate()
+        cap = loopscope.attach(model, sys.argv[1], buffer_mb=0.05)  # a budget the child's tokens would fill
+        with torch.no_grad():
+            model(ids, num_steps=2)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                if not (cap.closed and torch.equal(generate(), plain)):
+                    code = 3
+                try:
+                    with torch.no_grad():
+                        model(torch.tensor([[10**6]]), num_steps=2)  # fails inside the model, as without loopscope
+                except IndexError:
+                    pass
+                cap.flush()
+                cap.close()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print("CHILD", os.waitstatus_to_exitcode(status), flush=True)
+        with torch.no_grad():
+            model(ids, num_steps=3)
+        cap.close()
+        """
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", body, str(tmp_path / "c.h5")], capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0 and "CHILD 0" in child.stdout, child.stdout + child.stderr
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        assert [run.num_steps.max() for run in capture.runs] == [2, 3]  # the parent's two forwards, nothing else
