@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LoopscopeError
+from ..storage import schema
 from ..storage.safety import figure_text as _t  # titles and labels hold file names, signal names, model text
+from ..storage.safety import write_whole
 
 FORMATS = (".png", ".pdf", ".svg")
 MAX_TOKEN_LABELS = 64
@@ -67,7 +69,28 @@ def checked_output(out: str | os.PathLike, suffixes: tuple[str, ...], advice: st
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise LoopscopeError(f"{path}: directory {parent} does not exist; create it first")
+    if path.is_dir() and not path.is_symlink():
+        raise LoopscopeError(f"{path} is a directory; name a file to write")
     return path
+
+
+def refuse_capture_files(capture, outputs) -> None:
+    """Refuse ``outputs`` that are ``capture``'s own files (``export`` refuses the same): writing one would destroy
+    the data it was drawn from."""
+    from ..storage import dependencies
+
+    dependencies.refuse_outputs(capture, outputs, "writing it would destroy the capture")
+
+
+def nonfinite_note(metrics) -> str | None:
+    """Which tokens blew up (NaN or infinite states), or None: their blank cells and empty CSV cells need saying."""
+    bad = metrics.nonfinite_tokens()
+    if not bad.size:
+        return None
+    return (
+        f"run {metrics.run}: {bad.size} token(s) have NaN or infinite states (first: token {int(bad[0])}); "
+        "they are left blank in figures and empty in CSV"
+    )
 
 
 #: Blanks and line breaks as visible signs: a token's leading space is part of it, and must show in a label.
@@ -227,36 +250,40 @@ def _heatmap_page(plt, shown, norm, start, tokens, labels, colour_label, step_st
 
 
 def _save_pages(plt, figures, out) -> list[str]:
-    """One figure -> ``out``; several -> pages of one PDF, or numbered files for PNG/SVG."""
+    """One figure -> ``out``; several -> pages of one PDF, or numbered files for PNG/SVG. Each file is written
+    beside it and renamed into place (``write_whole``): a link at ``out`` is replaced, never written through."""
     path = check_figure_path(out)
+    kind = path.suffix.lower()[1:]
     written = []
     try:
         if len(figures) == 1:
-            figures[0].savefig(path, dpi=DPI)
+            write_whole(path, lambda partial: figures[0].savefig(partial, dpi=DPI, format=kind))
             written.append(os.fspath(path))
-        elif path.suffix.lower() == ".pdf":
-            from matplotlib.backends.backend_pdf import PdfPages
-
-            with PdfPages(path) as pdf:
-                for fig in figures:
-                    pdf.savefig(fig)
+        elif kind == "pdf":
+            write_whole(path, lambda partial: _pdf_pages(figures, partial))
             written.append(os.fspath(path))
         else:
             for number, fig in enumerate(figures, 1):
                 page = path.with_name(f"{path.stem}-p{number:02d}{path.suffix}")
-                fig.savefig(page, dpi=DPI)
+                write_whole(page, lambda partial, fig=fig: fig.savefig(partial, dpi=DPI, format=kind))
                 written.append(os.fspath(page))
-    except OSError as exc:
-        raise LoopscopeError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         for fig in figures:
             plt.close(fig)
     return written
 
 
+def _pdf_pages(figures, path: str) -> None:
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    with PdfPages(path) as pdf:
+        for fig in figures:
+            pdf.savefig(fig)
+
+
 def prompt_rows(run) -> int | None:
     """How many of a generate() run's rows are its prompt (the first forward's tokens), if it has both kinds."""
-    if run.attrs.get("call") != "generate":
+    if schema.as_text(run.attrs.get("call")) != "generate":  # absent when not text (a damaged attribute)
         return None
     prompt = int(np.sum(run.forward_index == 0))
     return prompt if 0 < prompt < run.num_tokens else None

@@ -5,7 +5,6 @@ Every expected failure is a :class:`LoopscopeError` and becomes one red line and
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -28,7 +27,6 @@ from .output import (
     friendly,
     note_first_loop,
     progress,
-    removed_on_error,
     text,
 )
 from .tables import CONVERGENCE_COLUMNS, DAMAGED_ROW, INFO_COLUMNS, convergence_row, info_row
@@ -255,18 +253,17 @@ def convergence_table(
 ):
     """Every measure per token and step (distance, relative distance, step delta, cosine, norm, update cosine,
     contraction) as CSV."""
+    from ..analysis.figure_axes import checked_output, refuse_capture_files
     from ..analysis.reference import parse_reference
     from ..storage.reader import CaptureFile
+    from ..storage.safety import write_whole
 
     if out.suffix.lower() != ".csv":
         raise LoopscopeError(f"--out {out}: use a .csv file name")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise LoopscopeError(f"--out {out}: directory {parent} does not exist; create it first")
+    checked_output(out, (".csv",), "use a .csv file name")  # in a directory that exists, and not one itself
     table = Table(*CONVERGENCE_COLUMNS)
-    rows = 0
-    partial = out.with_name(out.name + ".partial")  # renamed once every run is in: a failure leaves no half table
-    with CaptureFile(file, missing=missing) as capture, removed_on_error(partial):
+    with CaptureFile(file, missing=missing) as capture:
+        refuse_capture_files(capture, [out])  # before any work: the table must not replace the capture it measures
         chosen = _selected_runs(capture, run)
         if not chosen:
             raise LoopscopeError(f"{file} has no complete runs")
@@ -275,11 +272,16 @@ def convergence_table(
             note_first_loop(several, "measuring")
         on_dask = scheduler is not None or workers is not None
         computed = dask_metrics(file, run, reference, space, loop, scheduler, workers) if on_dask else None
-        for i, r in enumerate(chosen):
-            m = computed[i] if computed else run_metrics(r, parse_reference(reference), space, loop)
-            rows += m.to_csv(partial, tol=tol, append=i > 0)
-            table.add_row(*convergence_row(r, m, tol))
-        os.replace(partial, out)
+
+        def write(partial: str) -> int:
+            rows = 0
+            for i, r in enumerate(chosen):
+                m = computed[i] if computed else run_metrics(r, parse_reference(reference), space, loop)
+                rows += m.to_csv(partial, tol=tol, append=i > 0)
+                table.add_row(*convergence_row(r, m, tol))
+            return rows
+
+        rows = write_whole(out, write)  # renamed once every run is in: a failure leaves no half table
     console.print(table)
     console.print(f"wrote [bold]{text(out)}[/bold] ({rows} rows, s* = {text(reference)}, tolerance {tol:g})")
 

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import typer
 
+from ..analysis.figure_axes import checked_output, refuse_capture_files
 from ..analysis.figures import FORMATS, check_figure_path
 from ..analysis.lens_result import KINDS
 from ..errors import LoopscopeError
-from .output import MISSING_HELP, console, friendly, removed_on_error, text
+from ..storage.safety import write_whole
+from .output import MISSING_HELP, console, friendly, text
 
 WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
@@ -50,12 +52,10 @@ def lens(
     table = _check_out(out)
     check_model_dir(model)
     with CaptureFile(file, missing=missing) as capture:
+        refuse_capture_files(capture, [out] if table else figure_paths(out))  # before the model loads
         result = _read(capture.run(run), model, kind, loop, top_k, trust_remote_code)
     if table:
-        partial = out.with_name(out.name + ".partial")  # renamed once whole: a failure leaves no half table
-        with removed_on_error(partial):
-            rows = result.to_csv(partial)
-            os.replace(partial, out)
+        rows = write_whole(out, result.to_csv)  # renamed once whole: a failure leaves no half table
         console.print(f"wrote [bold]{text(out)}[/bold] ({rows} rows, {kind} lens, run {result.run_index})")
         return
     for path in draw_lens(result, out, f"{Path(file).name}, run {result.run_index}"):
@@ -73,19 +73,21 @@ def _read(run, model: Path, kind: str, loop: str | None, top_k: int, trust_remot
         return read_lens(run, os.fspath(model), kind, loop=loop, top_k=top_k, trust_remote_code=trust_remote_code)
 
 
+def figure_paths(out: Path) -> list[Path]:
+    """The figures ``lens --out`` writes: the prediction grid, its ``_kl`` and ``_settling`` siblings."""
+    return [out, *(out.with_name(f"{out.stem}_{name}{out.suffix}") for name in ("kl", "settling"))]
+
+
 def draw_lens(result, out: Path, name: str) -> list[str]:
     """The prediction grid at ``out``, the KL heatmap at ``<stem>_kl<suffix>`` and the settling histogram at
     ``<stem>_settling<suffix>``; returns every file written (pages included)."""
     from ..analysis import lens_figures
 
     kind = result.kind
-    written = lens_figures.prediction_grid(result, out, title=f"{name}: top-1 prediction per step ({kind} lens)")
-    written += lens_figures.kl_heatmap(
-        result, out.with_name(f"{out.stem}_kl{out.suffix}"), title=f"{name}: KL(p_k || p_final) ({kind} lens)"
-    )
-    written += lens_figures.settling_histogram(
-        result, out.with_name(f"{out.stem}_settling{out.suffix}"), title=f"{name}: settling iteration ({kind} lens)"
-    )
+    grid, kl, settling = figure_paths(out)
+    written = lens_figures.prediction_grid(result, grid, title=f"{name}: top-1 prediction per step ({kind} lens)")
+    written += lens_figures.kl_heatmap(result, kl, title=f"{name}: KL(p_k || p_final) ({kind} lens)")
+    written += lens_figures.settling_histogram(result, settling, title=f"{name}: settling iteration ({kind} lens)")
     return written
 
 
@@ -104,9 +106,7 @@ def check_model_dir(model: Path) -> None:
 def _check_out(out: Path) -> bool:
     """True for a CSV table, False for a figure; either way its directory exists."""
     if out.suffix.lower() == ".csv":
-        parent = out.parent if str(out.parent) else Path(".")
-        if not parent.is_dir():
-            raise LoopscopeError(f"--out {out}: directory {parent} does not exist; create it first")
+        checked_output(out, (".csv",), "use a .csv file name")
         return True
     if out.suffix.lower() not in FORMATS:
         raise LoopscopeError(f"--out {out}: use a .csv, .png, .pdf or .svg file name")

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ..analysis.figure_axes import nonfinite_note
 from ..errors import LoopscopeError
 from ..storage.display import files_size
 from ..storage.run_files import list_run_files
@@ -110,25 +111,11 @@ def progress(description: str, total: int):
         yield lambda n: bar.advance(task, n)
 
 
-@contextlib.contextmanager
-def removed_on_error(path: Path):
-    """Delete ``path`` if the block fails (a file written in part)."""
-    try:
-        yield
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-
-
 def warn_nonfinite(metrics) -> None:
     """Say which tokens blew up: their blanks in figures and empty CSV cells would otherwise go unexplained."""
-    bad = metrics.nonfinite_tokens()
-    if bad.size:
-        errors.print(
-            f"[yellow]warning:[/yellow] run {metrics.run}: {bad.size} token(s) have NaN or infinite states "
-            f"(first: token {int(bad[0])}); they are left blank in figures and empty in CSV",
-            highlight=False,
-        )
+    note = nonfinite_note(metrics)
+    if note is not None:
+        errors.print(f"[yellow]warning:[/yellow] {text(note)}", highlight=False)
 
 
 def run_title(run) -> str:

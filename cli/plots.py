@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..analysis.figure_axes import prompt_rows, with_loop
+from ..analysis.figure_axes import prompt_rows, refuse_capture_files, with_loop
 from ..analysis.metrics import CONVERGENCE_METRIC, METRIC_HELP, METRICS
 from ..errors import LoopscopeError
 from .measures import run_metrics
@@ -241,6 +241,7 @@ def draw(file: Path, kind: str, runs: list[int], out: Path | None, missing: str,
         raise LoopscopeError(f"--kind {kind} draws one run; repeat --run only for curves")
     reference = parse_reference(options.reference)
     with CaptureFile(file, missing=missing) as capture, contextlib.ExitStack() as stack:
+        refuse_capture_files(capture, [out])  # before drawing it
         chosen = [capture.run(i) for i in runs]
         loops = chosen[0].loops if chosen else []
         if len(loops) > 1 and options.loop is None:

@@ -6,9 +6,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..analysis.figure_axes import checked_output, steps_label
+from ..analysis.figure_axes import checked_output, refuse_capture_files
 from ..analysis.reference import resolve_space
 from ..errors import CaptureFileError, LoopscopeError
+from ..storage import safety, schema
 from ..storage.reader import CaptureFile
 from . import data, page
 
@@ -38,6 +39,7 @@ def write_report(
     default the directory's). The file appears whole or not at all.
     """
     out = check_out(out)
+    refuse_capture_files(capture, [out])  # before any work: the page must not replace the data it shows
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise LoopscopeError(f"top_k={top_k!r} must be a positive integer: predictions shown per step, e.g. {TOP_K}")
     chosen = [capture.run(i) for i in runs] if runs else capture.runs
@@ -52,6 +54,8 @@ def write_report(
         try:
             if run.num_tokens == 0:  # nothing to draw (a hand-trimmed or foreign file): say so beside the others
                 raise CaptureFileError(f"run {run.index} holds no tokens")
+            if not run.loops:  # called with num_steps=0: no state was recorded
+                raise CaptureFileError(f"run {run.index} ran no loop iterations, so there are no states to show")
             run_views = data.run_views(run, progress, space)
         except CaptureFileError as exc:  # a damaged run file: the others are still worth a look
             if len(chosen) == 1:
@@ -63,21 +67,14 @@ def write_report(
         views += run_views
     if not views:
         raise LoopscopeError(f"no run of {capture.path} could be read: {'; '.join(notes)}")
-    strides = {run.step_stride for run in chosen}
     html = page.render(
         [data.packed(view) for view in views],
         title=f"{Path(capture.path).name}: convergence of the latent state",
-        source=f"{Path(capture.path).name} · {capture.meta.get('model_class') or 'model'} · "
+        source=f"{Path(capture.path).name} · {schema.as_text(capture.meta.get('model_class')) or 'model'} · "
         f"{len(chosen)} run(s) · s* = each token's final state",
         notes=notes,
-        steps_label=steps_label(strides.pop() if len(strides) == 1 else 2),
     )
-    partial = out.with_name(out.name + ".partial")  # renamed once whole: a failure leaves no half page
-    try:
-        partial.write_text(html, encoding="utf-8")
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    safety.write_whole(out, lambda partial: Path(partial).write_text(html, encoding="utf-8"))
     return out
 
 

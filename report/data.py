@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..analysis.figure_axes import printable, prompt_rows, space_text
+from ..analysis.figure_axes import nonfinite_note, printable, prompt_rows, space_text, steps_label
 from ..analysis.metrics import token_metrics
 from ..analysis.pca import block_trajectories
 from ..analysis.reference import space_fn
+from ..storage import schema
 from ..storage.reader import Run
+from .page import readable
 
 BLOCK_BYTES = 64 << 20  # states read at once for the trajectories
 LABEL_CHARACTERS = 24  # a token's label on the heatmap's axis; the token panel shows it whole
@@ -55,6 +57,7 @@ class RunView:
     pca: np.ndarray  # [T, K, 2]
     explained: np.ndarray  # [T, 2]
     space: str  # as figure labels say it ("readout space", "state space (...)")
+    step_stride: int = 1  # the run's own: runs of one capture may differ (its step axis is labelled with it)
     lens: LensView | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -76,12 +79,13 @@ def run_views(run: Run, progress: Callable[[str], None] | None = None, space: st
         last = run.steps_of(loop).astype(np.int64)
         projections, explained = _trajectories(run, loop, last, metrics.space)
         tokens = run.tokens
+        blown = nonfinite_note(metrics)  # their cells are blank: say why, as ``plot`` does
         views.append(
             RunView(
                 run=run.index,
                 loop=loop,
                 loops=len(run.loops),
-                call=str(run.attrs.get("call") or "forward"),
+                call=schema.as_text(run.attrs.get("call")) or "forward",
                 tokens=list(tokens) if tokens is not None else [""] * run.num_tokens,
                 token_ids=run.token_ids,
                 positions=run.positions,
@@ -93,6 +97,8 @@ def run_views(run: Run, progress: Callable[[str], None] | None = None, space: st
                 pca=projections,
                 explained=explained,
                 space=space_text(metrics.space, run.capture.readout.kind),
+                step_stride=run.step_stride,
+                notes=[] if blown is None else [blown],
             )
         )
     return views
@@ -119,7 +125,8 @@ def lens_view(result, tokenizer) -> LensView:
     ids = np.asarray(result.top_ids)
     vocab = {}
     for token_id in np.unique(ids[ids >= 0]):
-        vocab[int(token_id)] = tokenizer.decode([int(token_id)]) if tokenizer is not None else f"id {int(token_id)}"
+        text = tokenizer.decode([int(token_id)]) if tokenizer is not None else f"id {int(token_id)}"
+        vocab[int(token_id)] = readable(str(text))  # as the capture stores a token's text (lone surrogates too)
     return LensView(result.kind, ids, np.asarray(result.top_probs), np.asarray(result.kl_final), vocab)
 
 
@@ -136,6 +143,8 @@ def packed(view: RunView) -> dict:
         "prompt": view.prompt,
         "space": view.space,
         "space_name": view.space.split()[0],  # "readout" or "state": the short form for axis titles
+        "step_stride": view.step_stride,
+        "steps_label": steps_label(view.step_stride),  # the x axis of this run's heatmaps
         "notes": view.notes,
         "shape": list(view.distance.shape),
         "token_ids": _array(view.token_ids, "<i4"),

@@ -16,21 +16,22 @@ from importlib import resources
 import numpy as np
 
 from .._version import __version__
+from ..storage import safety
 
 WINDOW = 256  # tokens drawn at full resolution at once
 OVERVIEW_ROWS = 1000  # rows of a long run's overview at most (each a block of tokens)
 ASSETS = resources.files(__package__) / "assets"
 
 
-def render(runs: list[dict], *, title: str, source: str, notes: list[str], steps_label: str) -> str:
-    """The page for ``runs`` (``data.packed`` views): a self-contained HTML document as text."""
+def render(runs: list[dict], *, title: str, source: str, notes: list[str]) -> str:
+    """The page for ``runs`` (``data.packed`` views, each with its own step axis): a self-contained HTML document as
+    text."""
     from plotly.offline import get_plotlyjs
 
     data = {
         "title": title,
         "source": source,
         "notes": notes,
-        "steps_label": steps_label,
         "window": WINDOW,
         "overview_rows": OVERVIEW_ROWS,
         "runs": runs,
@@ -43,12 +44,11 @@ def render(runs: list[dict], *, title: str, source: str, notes: list[str], steps
         "__DATA__": _json(data),
         "__SCRIPT__": _script(_asset("report.js")),
     }
-    page = _asset("report.html")
-    for placeholder, text in parts.items():  # each placeholder once, so inlined text is never searched again
-        head, found, tail = page.partition(placeholder)
-        assert found, placeholder
-        page = head + text + tail
-    return page
+    template = _asset("report.html")
+    placeholders = re.compile("|".join(re.escape(name) for name in parts))
+    assert sorted(placeholders.findall(template)) == sorted(parts), "each placeholder once in report.html"
+    # one pass: inlined text (a token reading __SCRIPT__, a capture named __DATA__.h5) is never searched again
+    return placeholders.sub(lambda found: parts[found.group()], template)
 
 
 def page_data(path: str | os.PathLike) -> dict:
@@ -72,7 +72,7 @@ def _asset(name: str) -> str:
 
 def _json(data: dict) -> str:
     """JSON safe inside a script element: a token reading ``</script>`` cannot end it early (``<`` is escaped)."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = readable(json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
     return text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
@@ -85,4 +85,10 @@ def _script(code: str) -> str:
 def _html_text(text: str) -> str:
     import html
 
-    return html.escape(text, quote=True)
+    return html.escape(readable(text), quote=True)
+
+
+def readable(text: str) -> str:
+    """``text`` as valid UTF-8 can hold it, as the capture's reader shows token text: a lone surrogate (a raw byte
+    from a tokenizer, or from a file name) becomes U+FFFD instead of failing the page's write."""
+    return safety.utf8(text).decode("utf-8", "replace")

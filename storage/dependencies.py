@@ -95,6 +95,19 @@ def capture_files(paths: Iterable[str | os.PathLike], *, locking: bool | str | N
     return found
 
 
+def refuse_outputs(capture, outputs: Iterable[str | os.PathLike], why: str) -> None:
+    """Refuse any of ``outputs`` (and the ``.partial`` file each is written to first, see ``safety.write_whole``)
+    that ``capture`` reads: its index, its run folder or a file in it, or a file its runs map, also through a link.
+    ``why``: what writing there would do, said after the clash."""
+    protected = capture_files([capture.path], locking=capture._open_kwargs.get("locking"))
+    for out in outputs:
+        for path in (os.fspath(out), os.fspath(out) + ".partial"):
+            clash = protected.holding(path)
+            if clash is not None:
+                where = f"--out {clash}" if path == os.fspath(out) else f"--out {out}: {clash}"
+                raise LoopscopeError(f"{where}; {why}: choose another --out")
+
+
 def _clause(path: str, known: str, what: str) -> str:
     same = os.path.abspath(path) == os.path.abspath(known)
     return f"{safety.clean(path)} is {what}" if same else f"{safety.clean(path)} is {safety.clean(known)} ({what})"

@@ -15,7 +15,6 @@ bfloat16 states stay bfloat16 in safetensors and are widened to float32 (exactly
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LoopscopeError
-from . import dependencies, schema
+from . import dependencies, safety, schema
 from .reader import CaptureFile, Run
 
 FORMATS = ("npz", "safetensors")
@@ -90,39 +89,18 @@ def export(
         }
     )
     parent = os.path.dirname(os.fspath(out)) or "."
-    partial = partial_path(out)  # renamed once whole: a failure leaves no half file, and ``out`` as it was
-    for path in (out, partial):
-        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the write forever
-            raise LoopscopeError(f"{path} exists and is not a regular file; choose another --out")
     if not os.path.isdir(parent):
         raise LoopscopeError(f"{out}: directory {parent} does not exist; create it first")
     writer = _write_npz if fmt == "npz" else _write_safetensors
-    try:
-        writer(partial, arrays, meta, progress or (lambda n: None))
-        os.replace(partial, out)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        if isinstance(exc, OSError):
-            raise LoopscopeError(f"cannot write {out}: {exc.strerror or exc}") from None
-        raise
+    # beside ``out`` and renamed once whole: a failure leaves no half file, and ``out`` as it was
+    safety.write_whole(out, lambda partial: writer(partial, arrays, meta, progress or (lambda n: None)))
     return [a.name for a in arrays]
 
 
-def partial_path(out: str | os.PathLike) -> str:
-    """Where the export of ``out`` is written until it is whole (beside it, so the rename stays on one disk)."""
-    return os.fspath(out) + ".partial"
-
-
 def check_out(capture: CaptureFile, out: str | os.PathLike) -> None:
-    """Refuse an ``out`` that the capture reads: its index, its run folder or anything in it, or a file its runs
-    map. The export streams from those files while it writes, so it would destroy the data it is exporting."""
-    protected = dependencies.capture_files([capture.path], locking=capture._open_kwargs.get("locking"))
-    for path in (out, partial_path(out)):  # the export is written beside ``out`` first, then renamed
-        clash = protected.holding(path)
-        if clash is not None:
-            where = f"--out {clash}" if path == out else f"--out {out}: {clash}"
-            raise LoopscopeError(f"{where}; the export must not write where it reads: choose another --out")
+    """Refuse an ``out`` that the capture reads: the export streams from those files while it writes, so it would
+    destroy the data it is exporting."""
+    dependencies.refuse_outputs(capture, [out], "the export must not write where it reads")
 
 
 def _run_arrays(run: Run, widen_bf16: bool) -> list[_Array]:

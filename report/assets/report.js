@@ -92,8 +92,9 @@
     return { title: { text: title }, dtick: count > 20 ? undefined : 1, tickformat: "d", zeroline: false };
   }
 
+  // Each run's own axis: runs of one capture may store steps with different strides.
   function stepAxis(v) {
-    return integerAxis(v.K, DATA.steps_label);
+    return integerAxis(v.K, v.steps_label);
   }
 
   // ---- the full-resolution window -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from .. import checksum, schema
+from ..safety import utf8
 from .objects import DatasetMaker, create_group
 from .preallocate import Reserve
 
@@ -97,8 +98,10 @@ class RunHandles:
             self.token_sets[name] = self._token_values(self.token_sets.get(name), self.group, name, start, values)
 
     def _append_token_text(self, strings: np.ndarray) -> np.ndarray:
-        """Append the tokens' utf-8 bytes to ``token_bytes``; returns where each token's text ends."""
-        encoded = [str(t).encode("utf-8") for t in strings]
+        """Append the tokens' utf-8 bytes to ``token_bytes``; returns where each token's text ends. A tokenizer's lone
+        surrogate (part of a character, decoded with errors="surrogateescape") is stored as its byte, never an error
+        that would lose the run (the reader decodes it as U+FFFD)."""
+        encoded = [utf8(str(t)) for t in strings]
         ends = self.token_bytes_used + np.cumsum([len(e) for e in encoded], dtype=np.int64)
         new_end = int(ends[-1]) if len(ends) else self.token_bytes_used
         data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
