@@ -93,7 +93,8 @@ class LensResult:
         settling = self.settling
         rows = 0
         try:
-            with open(path, "a" if append else "w", newline="") as handle:
+            # UTF-8 whatever the locale; a lone surrogate (a tokenizer decoding half a character) becomes "?"
+            with open(path, "a" if append else "w", newline="", encoding="utf-8", errors="replace") as handle:
                 writer = csv.writer(handle)
                 if not append or os.path.getsize(path) == 0:
                     writer.writerow(CSV_COLUMNS)

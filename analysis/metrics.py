@@ -137,7 +137,7 @@ class TokenMetrics:
         converged = self.convergence_iterations(tol)
         iterations = self.step_iterations()
         rows = 0
-        with open(path, "a" if append else "w", newline="", encoding="utf-8") as handle:
+        with open(path, "a" if append else "w", newline="", encoding="utf-8", errors="replace") as handle:
             writer = csv.writer(handle)
             if not append or handle.tell() == 0:
                 writer.writerow(

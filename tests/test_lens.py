@@ -397,3 +397,30 @@ def test_the_coda_lens_of_another_size_of_model_is_one_line(reference_model, pro
             lens(capture.runs[0], wider, "coda")
         with pytest.raises(LoopscopeError, match="block_tokens"):
             lens(capture.runs[0], reference_model, block_tokens=0)
+
+
+def test_lens_csv_keeps_a_prediction_text_with_a_lone_surrogate(tmp_path):
+    """A tokenizer decoding one token of a multi-byte character may return a lone surrogate; the CSV is UTF-8
+    whatever the locale, with that half character as '?', not a UnicodeEncodeError."""
+    from loopscope.analysis.lens_result import LensResult
+
+    one = np.zeros((1, 1))
+    result = LensResult(
+        kind="readout",
+        loop="core",
+        run_index=0,
+        steps=np.array([1]),
+        last=np.array([0]),
+        top_ids=np.zeros((1, 1, 1), np.int64),
+        top_probs=np.ones((1, 1, 1)),
+        entropy=one,
+        kl_final=one,
+        kl_previous=one,
+        final_rank=np.zeros((1, 1), np.int64),
+        final_prob=np.ones((1, 1)),
+        tokens=["é\udcff"],
+        top1_text=np.array([["\udcffü"]], dtype=object),
+    )
+    assert result.to_csv(tmp_path / "lens.csv") == 1
+    text = (tmp_path / "lens.csv").read_text(encoding="utf-8")
+    assert "é?" in text and "?ü" in text
