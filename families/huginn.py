@@ -91,8 +91,8 @@ class ExitWatcher:
 
     def check(self, model, latents, aux):
         result = self.evaluator.check(model, latents, aux)
-        exits, _outputs, values = result
-        self.on_check(exits, values)
+        if isinstance(result, (tuple, list)) and len(result) == 3:  # else the decoding loop says what is wrong
+            self.on_check(result[0], result[2])  # any values a user's evaluator returns: read as they can be
         return result
 
     def __getattr__(self, name):  # anything else the decoding loop reads comes from the real evaluator

@@ -1,6 +1,7 @@
 """What the tracker knows about one call of the model: the runs it fills (:class:`Session`), one pass through the
-model's forward (:class:`Forward`), where a forward's inputs are (ids, mask, positions), and what the writer gets
-of its tokens (:class:`TokenRecords`)."""
+model's forward (:class:`Forward`), where a forward's inputs are (ids, mask, positions), what the writer gets of
+its tokens (:class:`TokenRecords`), the generate() calls it cannot follow (beam search, assisted decoding), and how
+an adaptive-exit evaluator's answers are read."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import LoopscopeError
 from ..storage.write import messages
 from .transfer import DeviceTransfer, Stage
 
@@ -99,14 +101,118 @@ def find_inputs(args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]
     return None, None
 
 
-def num_beams(model: nn.Module, args, kwargs) -> int:
-    """The beam count a generate() call will use: its num_beams=, else its generation config's, else the model's."""
-    if kwargs.get("num_beams") is not None:
-        return int(kwargs["num_beams"])
+def token_ids(args, kwargs) -> torch.Tensor:
+    """The forward's token ids [B, T] (-1 for input embeddings), or the one-line error that it has none."""
+    input_ids, embeds = find_inputs(args, kwargs)
+    if input_ids is not None:
+        ids = input_ids.detach() if input_ids.requires_grad else input_ids
+        return ids.unsqueeze(0) if ids.dim() == 1 else ids
+    if embeds is not None:
+        return torch.full(embeds.shape[:2], -1, dtype=torch.int64)
+    raise LoopscopeError(
+        "loopscope could not find the inputs of the model's forward call: pass input_ids (or inputs_embeds), "
+        "or token ids as an integer tensor [batch, tokens]"
+    )
+
+
+def generate_setting(model: nn.Module, args, kwargs, name: str):
+    """A generate() call's setting ``name``: its keyword, else its generation config's, else the model's."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
     config = kwargs.get("generation_config")
     if config is None:  # generate(inputs, generation_config, ...) positionally
         config = next((a for a in args[1:2] if hasattr(a, "num_beams")), getattr(model, "generation_config", None))
-    return int(getattr(config, "num_beams", None) or 1)
+    return getattr(config, name, None)
+
+
+def num_beams(model: nn.Module, args, kwargs) -> int:
+    """The beam count a generate() call will use: its num_beams=, else its generation config's, else the model's."""
+    return int(generate_setting(model, args, kwargs, "num_beams") or 1)
+
+
+#: generate() settings that switch on assisted (speculative) decoding in transformers.
+ASSISTED_DECODING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
+
+
+def refuse_unfollowable_generate(model: nn.Module, args, kwargs) -> None:
+    """One line for a generate() call whose forwards are not one sequence per batch row: beam search, assisted
+    decoding (it runs the model on draft tokens and throws the rejected ones away)."""
+    beams = num_beams(model, args, kwargs)
+    if beams > 1:
+        raise LoopscopeError(
+            f"generate(num_beams={beams}): beam search reorders the batch rows at every step, so no row is one "
+            "sequence to record as a run; use num_beams=1 (greedy or sampling), or close the capture first"
+        )
+    for name in ASSISTED_DECODING:
+        value = generate_setting(model, args, kwargs, name)
+        if value is not None and value is not False:
+            shown = repr(value) if isinstance(value, (bool, int, float, str)) else "..."
+            raise LoopscopeError(
+                f"generate({name}={shown}): assisted (speculative) decoding runs the model on draft tokens and "
+                f"discards the rejected ones, so its forwards are not one sequence to record as a run; leave out "
+                f"{name} while capturing (plain greedy or sampling), or close the capture first"
+            )
+
+
+def note_exit_check(forward: Forward, step: int, exits, values) -> tuple[torch.Tensor | None, str | None]:
+    """One check of an adaptive-exit evaluator at ``step``: rows that exit now get ``step`` in ``forward.row_steps``.
+    Returns the check's values as [B, T] (one per row: on the last position, NaN elsewhere; one number: every
+    row's; None: none) and what could not be read (a user's evaluator may return lists, numbers or None)."""
+    batch, problem = forward.batch, None
+    decided = _tensor_or_none(exits)
+    if decided is not None and decided.numel() in (1, batch):  # one decision: every row's
+        if forward.row_steps is None:
+            forward.row_steps = np.zeros(batch, dtype=np.int32)
+        newly = decided.detach().reshape(-1).to("cpu", torch.bool).numpy() & (forward.row_steps == 0)
+        forward.row_steps[newly] = step
+    else:
+        problem = (
+            f"the exit evaluator's decisions ({_described(exits)}) are not one per batch row ({batch}); the rows "
+            "are recorded with the batch's iteration count"
+        )
+    value = _tensor_or_none(values)
+    if value is None:  # no values (None) is nothing to record; values that are no numbers are named
+        unread = f"the exit evaluator's values ({_described(values)}) are not numbers; exit_value is not recorded"
+        return None, problem if values is None else unread
+    value = value.detach().float()
+    tokens = forward.tokens
+    if value.numel() == batch * tokens and (batch == 1 or value.shape[0] == batch):  # one value per token
+        return value.reshape(batch, tokens), problem
+    if value.numel() in (1, batch):  # one value per row (or one for all), computed on the last position
+        per_token = torch.full((batch, tokens), float("nan"), device=value.device)
+        per_token[:, -1] = value.reshape(-1)
+        return per_token, problem
+    return None, problem or (
+        f"the exit evaluator's values ({_described(values)}) are neither one per batch row nor one per token; "
+        "exit_value is not recorded for them"
+    )
+
+
+def _tensor_or_none(value) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor) or value is None:
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _described(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def stored_exits(exits: np.ndarray, last: int, stride: int) -> tuple[np.ndarray, str | None]:
+    """Rows of an adaptive batch that exited between stored steps (with ``step_stride``) are recorded up to their
+    last stored iteration: only the batch's own last iteration is kept off the stride. Also says so, if it happens."""
+    off = (exits % stride != 0) & (exits != last)
+    if not off.any():
+        return exits, None
+    return np.where(off, exits - exits % stride, exits), (
+        f"with step_stride={stride}, rows of an adaptive batch that exit between stored steps are recorded up to "
+        "their last stored iteration; use batch size 1 or step_stride=1 to keep each row's exit state"
+    )
 
 
 def argument(args, kwargs, where: int | str):

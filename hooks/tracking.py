@@ -9,7 +9,8 @@ Labels are the point of the product, so this module owns them:
   step 0 is s0, read before the first iteration. Decoding loops that bypass ``forward()`` (Huginn's adaptive
   exit) are grouped by the adapter's ``entry_methods`` instead: each call starts the next group of tokens;
 * token ids come from the forward's ``input_ids``; positions from ``cache_position``/``position_ids``;
-* ``tokens=`` and ``step_stride=`` choose what is stored (``selection.py``), on the device, before any copy.
+* ``tokens=`` and ``step_stride=`` choose what is stored (``selection.py``), on the device, before any copy;
+* ``model.forward(...)`` called directly is recorded as ``model(...)`` is; one thread's calls at a time (threads.py).
 
 Hooks only read tensors (detached, copied into host slabs), so the model's outputs are bit-identical with and
 without loopscope.
@@ -32,6 +33,7 @@ from . import forwards, selection
 from .forwards import Forward, Session
 from .install import Switchable
 from .recorder import StateRecorder
+from .threads import ThreadGate
 from .transfer import DeviceTransfer
 from .user_frames import user_stacklevel
 
@@ -71,34 +73,54 @@ class Tracker:
         self._in_call = 0  # depth of generate()/call_methods calls; the outermost one makes the runs
         self._call_name = "forward"
         self._side_groups = False  # whether entry-method calls start groups of tokens in the current call
-        self._warned_stride_exit = False
         self._in_forward = 0  # depth of the model's forward() calls running now
         self._nested = 0  # depth of model calls made inside its own forward(), which are not recorded
-        self._warned_nested = False
+        self._warned: set[str] = set()  # what was named once (a warning) and is not named again
+        self._unread: set[str] = set()  # what a family's exit evaluator returned that could not be read
+        self._hooked = False  # the model's pre-hook began the forward that forward_call is about to run
+        self.gate = ThreadGate()  # one thread's calls are recorded at a time; other threads' run unrecorded
         # per loop: its entry hook, on from the start of each forward until it has read s0 (see install.Switchable)
         self.entry_switches: dict[str, Switchable] = {}
 
     # ---- calls of the model (wrappers around its methods) ------------------------------------------------------------
     def forward_call(self, original, *args, **kwargs):
+        """The model's forward(): called by ``model(...)``, whose pre-hook began the forward, or directly (peft's
+        LoRA wrapper calls ``model.forward``), which begins and finishes it here just as the hooks would."""
+        if self.closed:
+            return original(*args, **kwargs)
+        if not self.gate.this_thread.owns and not self.gate.claim():  # another thread's call is being recorded:
+            return self.gate.unrecorded(original, args, kwargs, forward=True)  # this one runs, unrecorded
+        if direct := not self._hooked:  # no pre-hook ran: model.forward(...) called directly
+            self.on_model_enter(self.model, args, kwargs)
+        self._hooked = False
         self._in_forward += 1
         try:
-            return original(*args, **kwargs)
+            output = original(*args, **kwargs)
         except BaseException as exc:
             self.abort(exc)
             raise
         finally:
             self._in_forward -= 1
+        if direct:
+            self.on_model_exit(self.model, args, kwargs, output)
+        return output
 
     def whole_call(self, name: str, original, *args, **kwargs):
         """generate() (or an adapter's call method): everything it computes is one run per batch row."""
-        if self._in_call or self.closed or self._in_forward:  # a generate() calling generate() (a dispatcher) is
-            return original(*args, **kwargs)  # one call; one run inside the model's forward is not recorded
-        beams = forwards.num_beams(self.model, args, kwargs) if name == "generate" else 1
-        if beams > 1:
-            raise LoopscopeError(
-                f"generate(num_beams={beams}): beam search reorders the batch rows at every step, so no row is one "
-                "sequence to record as a run; use num_beams=1 (greedy or sampling), or close the capture first"
-            )
+        if self.closed:
+            return original(*args, **kwargs)
+        if not self.gate.claim():  # another thread's call is being recorded: this one runs, unrecorded
+            return self.gate.unrecorded(original, args, kwargs, forward=False)
+        if self._in_call or self._in_forward:  # a generate() calling generate() (a dispatcher) is one call; one
+            return original(*args, **kwargs)  # run inside the model's forward is not recorded
+        try:
+            return self._record_call(name, original, args, kwargs)
+        finally:
+            self.gate.release()
+
+    def _record_call(self, name: str, original, args, kwargs):
+        if name == "generate":  # num_beams > 1, assisted decoding: one line, before anything runs
+            forwards.refuse_unfollowable_generate(self.model, args, kwargs)
         self._in_call += 1
         self._call_name = name
         # Only decoding loops the adapter describes group tokens by entry-method calls (Huginn: adaptive exit);
@@ -120,12 +142,15 @@ class Tracker:
             self._finish_forward()
         if self._session is not None:
             self.end_session(complete=True)
+        for problem in sorted(self._unread):
+            self._warn_once(problem)
         return result
 
     def side_entry(self, original, *args, **kwargs):
         """An entry method (Huginn's ``embed_inputs``): inside forward() nothing happens; inside generate() a call
         begins a new group of tokens, whose iterations are the loop calls until the next group begins."""
-        if self.closed or (self._forward is not None and not self._forward.side) or not self._side_groups:
+        inside = self._forward is not None and not self._forward.side  # in forward(): nothing to do
+        if inside or self.closed or not self._side_groups or not self.gate.this_thread.owns:
             return original(*args, **kwargs)  # loop calls outside any call stay orphans (counted, not recorded)
         try:
             if self._forward is not None:
@@ -136,36 +161,31 @@ class Tracker:
             self.abort(exc)
             raise
 
-    def on_exit_check(self, exits: torch.Tensor, values: torch.Tensor) -> None:
-        """A family's exit evaluator decided (``exits`` per row) on ``values``: note each row's own exit step."""
+    def on_exit_check(self, exits, values) -> None:
+        """A family's exit evaluator decided (``exits``) on ``values``: each row's exit step, signal ``exit_value``."""
         forward = self._forward
         if forward is None or self.closed:
             return
         spec = self.adapter.loops[0]
         step = forward.steps.get(spec.name, 0)
-        exits = exits.detach().reshape(-1).to("cpu")
-        if exits.numel() == forward.batch:
-            if forward.row_steps is None:
-                forward.row_steps = np.zeros(forward.batch, dtype=np.int32)
-            newly = exits.numpy().astype(bool) & (forward.row_steps == 0)
-            forward.row_steps[newly] = step
-        values = values.detach().float()
-        if values.numel() == forward.batch:  # one value per row, computed on the last position
-            per_token = torch.full((forward.batch, forward.tokens), float("nan"), device=values.device)
-            per_token[:, -1] = values.reshape(-1)
-            values = per_token
-        self.recorder.add_signal(forward, spec, "exit_value", step, values)
+        try:  # inside the model's decoding loop: what a user's evaluator returns is never raised into it
+            signal, problem = forwards.note_exit_check(forward, step, exits, values)
+            if signal is not None:
+                self.recorder.add_signal(forward, spec, "exit_value", step, signal)
+        except Exception as exc:
+            problem = f"the exit evaluator's check could not be recorded ({type(exc).__name__}: {exc})"
+        if problem is not None:  # named once the call returns, at the caller's line (not in the model's code)
+            self._unread.add(problem)
 
     # ---- the model's own forward (pre- and post-hooks on the model) --------------------------------------------------
     def on_model_enter(self, module, args, kwargs):
+        if not self.gate.this_thread.owns and not self.gate.claim():  # another thread's call is being recorded
+            return
+        self._hooked = True
         if self._in_forward:  # the model called inside its own forward (from a hook, say): not recorded, and the
             self._nested += 1  # outer forward goes on as if it had not happened
-            if self._nested == 1 and not self._warned_nested:
-                warnings.warn(
-                    "loopscope: a call of the model inside its own forward() is not recorded",
-                    stacklevel=user_stacklevel(),
-                )
-                self._warned_nested = True
+            if self._nested == 1:
+                self._warn_once("a call of the model inside its own forward() is not recorded")
             return
         if self._forward is not None and self._forward.side:  # a group computed outside forward() ends here
             self._finish_forward()
@@ -173,9 +193,17 @@ class Tracker:
             if self._session is not None:
                 self.end_session(complete=False)  # also gives the interrupted forward's staged slabs back
             self._forward = None
-        self._begin_forward(args, kwargs)
+        try:
+            self._begin_forward(args, kwargs)
+        except BaseException:  # no inputs to record (one line): the call ends here, the capture goes on
+            self._hooked = False
+            if not self._in_call:
+                self.gate.release()
+            raise
 
     def on_model_exit(self, module, args, kwargs, output):
+        if not self.gate.this_thread.owns:  # a forward of another thread, not recorded
+            return
         if self._nested:
             self._nested -= 1
             return
@@ -185,21 +213,12 @@ class Tracker:
             except BaseException as exc:
                 self.abort(exc)
                 raise
+        if not self._in_call and not self._in_forward:
+            self.gate.release()
 
     def _begin_forward(self, args, kwargs, side: bool = False) -> None:
         self.check_writer()
-        input_ids, embeds = forwards.find_inputs(args, kwargs)
-        if input_ids is not None:
-            ids = input_ids.detach() if input_ids.requires_grad else input_ids
-            if ids.dim() == 1:
-                ids = ids.unsqueeze(0)
-        elif embeds is not None:
-            ids = torch.full(embeds.shape[:2], -1, dtype=torch.int64)
-        else:
-            raise LoopscopeError(
-                "loopscope could not find the inputs of the model's forward call: pass input_ids (or inputs_embeds), "
-                "or token ids as an integer tensor [batch, tokens]"
-            )
+        ids = forwards.token_ids(args, kwargs)
         batch, tokens = ids.shape
         if self._session is None:
             call = self._call_name if self._in_call else "forward"
@@ -268,7 +287,8 @@ class Tracker:
                 if forward.row_steps is not None and spec is self.adapter.loops[0]:
                     per_row = np.full(forward.batch, ran, dtype=np.int32)
                     exited = forward.row_steps > 0
-                    per_row[exited] = self._stored_exit(forward.row_steps[exited], ran)
+                    per_row[exited], problem = forwards.stored_exits(forward.row_steps[exited], ran, self._stride)
+                    self._warn_once(problem)
                 self.put(messages.Steps(session.run_ids, spec.name, session.offset, forward.stored, ran, per_row))
         session.offset += forward.stored
         session.forwards += 1
@@ -278,6 +298,8 @@ class Tracker:
 
     def end_session(self, complete: bool) -> None:
         """The runs of the current call end (complete or cut short); a session that stored nothing made no runs."""
+        if self.closed:  # the capture closes: name the forwards other threads ran meanwhile
+            self.gate.warn_skipped()
         if self._session is None:
             return
         if self._forward is not None:  # an interrupted forward: its staged slabs go back unwritten, its tokens count
@@ -294,6 +316,8 @@ class Tracker:
     # ---- the loop's modules (hooks on entry, exit and signal modules) ------------------------------------------------
     def entry_hook(self, spec: LoopSpec):
         def hook(module, args, kwargs):
+            if self.gate.others and not self.gate.this_thread.owns:  # another thread's unrecorded forward
+                return
             forward = self._forward
             if forward is None or self._nested:
                 return
@@ -316,7 +340,11 @@ class Tracker:
         return hook
 
     def exit_hook(self, spec: LoopSpec):
+        gate = self.gate
+
         def hook(module, args, output):
+            if gate.others and not gate.this_thread.owns:  # another thread's unrecorded forward
+                return
             forward = self._forward
             if forward is None:
                 self.orphan_calls += 1
@@ -337,7 +365,7 @@ class Tracker:
 
     def signal_hook(self, spec: LoopSpec, signal: str):
         def hook(module, args, output):
-            if self._forward is None or self._nested:
+            if self._forward is None or self._nested or (self.gate.others and not self.gate.this_thread.owns):
                 return
             value = output[0] if isinstance(output, (tuple, list)) else output
             if isinstance(value, torch.Tensor):
@@ -346,21 +374,10 @@ class Tracker:
 
         return hook
 
-    def _stored_exit(self, exits: np.ndarray, last: int) -> np.ndarray:
-        """Rows of an adaptive batch that exited between stored steps (with ``step_stride``) are recorded up to
-        their last stored iteration: only the batch's own last iteration is kept off the stride."""
-        off = (exits % self._stride != 0) & (exits != last)
-        if off.any():
-            if not self._warned_stride_exit:
-                warnings.warn(
-                    f"loopscope: with step_stride={self._stride}, rows of an adaptive batch that exit between stored "
-                    "steps are recorded up to their last stored iteration; use batch size 1 or step_stride=1 to "
-                    "keep each row's exit state",
-                    stacklevel=user_stacklevel(),
-                )
-                self._warned_stride_exit = True
-            exits = np.where(off, exits - exits % self._stride, exits)
-        return exits
+    def _warn_once(self, problem: str | None) -> None:
+        if problem is not None and problem not in self._warned:
+            self._warned.add(problem)
+            warnings.warn(f"loopscope: {problem}", stacklevel=user_stacklevel())
 
     # ---- the writer --------------------------------------------------------------------------------------------------
     def put(self, message) -> None:
