@@ -197,6 +197,17 @@ def interleaved(variants, repeats: int, run):
     return results
 
 
+def wall_rows(times: dict, variants, baseline: str = "plain") -> list[list[str]]:
+    """Per variant: its minimum and median wall time (the first item of each result) and both as ratios to
+    ``baseline``'s, formatted for :func:`table`."""
+    best = {v: min(r[0] for r in rs) for v, rs in times.items()}
+    mid = {v: statistics.median(r[0] for r in rs) for v, rs in times.items()}
+    return [
+        [v, f"{best[v]:.3f}", f"{mid[v]:.3f}", f"{best[v] / best[baseline]:.3f}", f"{mid[v] / mid[baseline]:.3f}"]
+        for v in variants
+    ]
+
+
 def median(values) -> float:
     return statistics.median(values)
 

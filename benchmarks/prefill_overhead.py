@@ -138,16 +138,7 @@ def main() -> None:
     cpu = {v: statistics.median(r[1] for r in rs) for v, rs in times.items()}
     cpu_min = {v: min(r[1] for r in rs) for v, rs in times.items()}
     writer = {v: statistics.median(r[2] for r in rs) for v, rs in times.items()}
-    rows = [
-        [
-            v,
-            f"{best[v]:.3f}",
-            f"{median[v]:.3f}",
-            f"{best[v] / best['plain']:.3f}",
-            f"{median[v] / median['plain']:.3f}",
-        ]
-        for v in VARIANTS
-    ]
+    rows = c.wall_rows(times, VARIANTS)
     c.table("wall time per capture", ["variant", "min s", "median s", "min x plain", "median x plain"], rows)
     for other in ("recorder", "raw thread"):
         c.console.print(

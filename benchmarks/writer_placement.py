@@ -153,18 +153,9 @@ def main() -> None:
             times = c.interleaved(variants, repeats, run)
     finally:
         memory.close()
-    best = {v: min(r[0] for r in rs) for v, rs in times.items()}
-    median = {v: statistics.median(r[0] for r in rs) for v, rs in times.items()}
     rows = [
-        [
-            v,
-            f"{best[v]:.3f}",
-            f"{median[v]:.3f}",
-            f"{best[v] / best['plain']:.3f}",
-            f"{median[v] / median['plain']:.3f}",
-            f"{statistics.median(r[1] for r in times[v]):.3f}" if v not in ("plain", "copies only") else "-",
-        ]
-        for v in variants
+        row + [f"{statistics.median(r[1] for r in times[v]):.3f}" if v not in ("plain", "copies only") else "-"]
+        for v, row in zip(variants, c.wall_rows(times, variants))
     ]
     c.table(
         "wall time per capture",

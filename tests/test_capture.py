@@ -480,17 +480,19 @@ def test_generic_models_called_without_input_ids_are_captured(tmp_path):
             np.testing.assert_array_equal(run.states(), torch.stack(states, dim=2)[0].numpy())
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["model(...)", "model.forward(...)"])
 def test_a_call_of_the_model_inside_its_own_forward_is_not_recorded(
-    reference_model, prompt_ids, reference_recorder, tmp_path
+    reference_model, prompt_ids, reference_recorder, tmp_path, direct
 ):
-    """A user's hook that runs the model during its forward: the outer forward is recorded whole and exact (before,
-    it was left incomplete), the inner call is left out with a warning."""
+    """A user's hook that runs the model during its forward (as ``model(...)``, or ``model.forward(...)``, which is
+    recorded as ``model(...)`` is): the outer forward is recorded whole and exact (before, it was left incomplete),
+    the inner call is left out with a warning."""
     probed = []
 
     def probe(module, args, output):
         if not probed:
             probed.append(True)
-            reference_model(prompt_ids[:, :3], num_steps=2)
+            (reference_model.forward if direct else reference_model)(prompt_ids[:, :3], num_steps=2)
 
     with torch.no_grad():
         inner = reference_model.transformer.core_block[-1].register_forward_hook(probe)

@@ -189,30 +189,6 @@ def test_direct_forward_calls_are_recorded_as_model_calls_are(
         np.testing.assert_array_equal(capture.runs[0].states(), capture.runs[2].states())
 
 
-def test_a_direct_forward_inside_the_models_own_forward_is_not_recorded(
-    reference_model, prompt_ids, reference_recorder, tmp_path
-):
-    """A hook calling ``model.forward`` during a forward: as ``model(...)`` would be, left out with a warning."""
-    probed = []
-
-    def probe(module, args, output):
-        if not probed:
-            probed.append(True)
-            reference_model.forward(prompt_ids[:, :3], num_steps=2)
-
-    with torch.no_grad():
-        inner = reference_model.transformer.core_block[-1].register_forward_hook(probe)
-        recorder = reference_recorder(reference_model)
-        with loopscope.attach(reference_model, tmp_path / "n.h5"), pytest.warns(UserWarning, match="not recorded"):
-            reference_model(prompt_ids, num_steps=4)
-        inner.remove()
-        recorder.remove()
-    outer = [recorder.s0[0]] + recorder.states[2:]  # the inner call's two iterations came first
-    with loopscope.open(tmp_path / "n.h5") as capture:
-        (run,) = capture.runs
-        np.testing.assert_array_equal(run.states(), torch.stack(outer, dim=2)[0].numpy())
-
-
 def test_assisted_decoding_is_refused_and_the_capture_goes_on(reference_model, tokenizer, tmp_path):
     """Prompt lookup and assistant models decode draft tokens and discard the rejected ones: no run would be one
     sequence. Refused in one line naming the option, before anything runs; the capture records what comes next."""
