@@ -52,13 +52,23 @@ class Capture:
         self._closed = False
         self._stopped = False  # hooks removed: recording has ended, and close() finishes the rest (again if cut)
         self._pid = os.getpid()  # the process whose writer thread this is (a fork's child has none)
-        index.create_index(
+        # held until close: mode="w" from another capture is refused meanwhile (see run_files.WriterLock)
+        self._writer_lock = index.create_index(
             self.path,
             options.mode,
             header=metadata.describe(model, self.adapter, options.describe()),
             readout=metadata.readout_params(model, self.adapter),
             locking=options.locking,
         )
+        try:
+            self._start(model, options)
+        except BaseException:
+            if self._writer_lock is not None:
+                self._writer_lock.release()
+            raise
+        _OPEN.add(self)
+
+    def _start(self, model: nn.Module, options: CaptureOptions) -> None:
         self.pool = HostBufferPool(int(options.buffer_mb * (1 << 20)))
         self.writer = w.CaptureWriter(
             run_files.RunFiles(self.path, locking=options.locking),
@@ -86,7 +96,6 @@ class Capture:
             self._installed.remove()
             self.writer.close()
             raise
-        _OPEN.add(self)
 
     def _install(self) -> None:
         model, tracker, on = self.model, self._tracker, self._installed
@@ -147,6 +156,7 @@ class Capture:
                     "orphan_loop_calls": orphans,
                 },
                 locking=self._locking,
+                lock=self._writer_lock,
             )
         except CaptureWriteError as exc:  # linking again would fail alike: the runs are kept, the error said once
             failed = exc
@@ -217,6 +227,8 @@ def _let_go_in_child() -> None:
         if capture._pid != os.getpid():
             capture._stopped = capture._tracker.closed = capture._closed = True
             capture._installed.remove()
+            if capture._writer_lock is not None:  # the child's copy of the descriptor: the parent's lock stays
+                capture._writer_lock.release()
             _OPEN.discard(capture)
 
 

@@ -9,6 +9,7 @@ writers appending at once keep each other's links.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import re
@@ -25,7 +26,7 @@ except ImportError:  # not POSIX: no lock, run numbers are still reserved with O
     fcntl = None  # type: ignore[assignment]
 
 from ..errors import CaptureFileError, CaptureWriteError, disk_full, first_line, os_reason
-from . import checksum, schema
+from . import checksum, run_files, schema
 from .reader import CaptureFile
 from .readout import ReadoutNorm
 from .run_files import check_locking, list_run_files, runs_dir
@@ -48,6 +49,8 @@ def check_target(path: str | os.PathLike, mode: str = "w-", locking: bool | str 
     exists = os.path.exists(path) or bool(list_run_files(path))
     if exists and mode in ("w-", "x"):
         raise CaptureFileError(f"{path} already exists; pass mode='w' to overwrite it or mode='a' to add runs to it")
+    if mode == "w":  # it would remove the runs of a capture writing there now
+        run_files.refuse_if_written(path, locking)
     if exists and mode == "a":
         CaptureFile(path, locking=locking).close()  # validates that it is a capture we can extend
     return exists
@@ -60,8 +63,9 @@ def create_index(
     header: dict[str, Any],
     readout: dict[str, Any] | None,
     locking: bool | str | None = None,
-) -> str:
-    """Create (or, with mode "a", validate) the index file; returns its path. Nothing stays open.
+) -> run_files.WriterLock | None:
+    """Create (or, with mode "a", validate) the index file; returns the capture's writer lock (``run_files``), held
+    until it is passed to :func:`finish_index` (or released), or None where locks are skipped.
 
     ``mode`` follows h5py: "w-"/"x" (default) refuse an existing capture, "w" replaces it (its run files too),
     "a" adds runs to an existing loopscope capture. ``locking`` is passed to h5py (False on network file systems
@@ -72,22 +76,46 @@ def create_index(
     try:
         os.makedirs(runs_dir(path), exist_ok=True)  # also when appending to an empty capture whose folder was lost
         with _index_lock(path, locking):  # checked again under the lock: another writer may have just made it
-            if check_target(path, mode, locking) and mode == "a":
-                _check_same_model(path, header, readout, locking)
-                return path
-            if mode == "w":
-                for run_path, _ in list_run_files(path).values():
-                    os.remove(run_path)
-            with _replaced_atomically(path, start_from=None) as index:
-                _write_header(index, {**header, "capture_id": uuid.uuid4().hex})
-                _write_readout(index, readout)
+            exists = check_target(path, mode, locking)  # mode="w": refused while another capture writes here
+            lock = run_files.hold_writer_lock(path, locking)  # held until close: mode="w" elsewhere is refused
+            try:
+                if exists and mode == "a":
+                    _check_same_model(path, header, readout, locking)
+                    return lock
+                if mode == "w":
+                    for run_path, _ in list_run_files(path).values():
+                        os.remove(run_path)
+                with _replaced_atomically(path, start_from=None) as index:
+                    _write_header(index, {**header, "capture_id": uuid.uuid4().hex})
+                    _write_readout(index, readout)
+            except BaseException:
+                if lock is not None:
+                    lock.release()
+                if not os.path.exists(path):
+                    run_files.remove_lock_file(path, locking)
+                raise
     except (OSError, RuntimeError) as exc:
         if not os.path.exists(path):  # the folder made above, still empty: nothing of a capture is left behind
             with contextlib.suppress(OSError):
                 os.rmdir(runs_dir(path))
-        hint = "free some space" if disk_full(exc) else "on a network file system try locking=False"
-        raise CaptureFileError(f"cannot create {path} ({os_reason(exc) or first_line(exc)}); {hint}") from None
-    return path
+        reason = os_reason(exc) or first_line(exc)
+        raise CaptureFileError(f"cannot create {path} ({reason}); {_create_hint(exc, reason)}") from None
+    return lock
+
+
+def _create_hint(exc: BaseException, reason: str) -> str:
+    """What to do about a failed attach, by the OS's reason: a network file system's lock failure alone gets the
+    locking=False advice."""
+    code = getattr(exc, "errno", None)
+    if disk_full(exc):
+        return "free some space"
+    if code in (errno.EACCES, errno.EPERM) or reason in (os.strerror(errno.EACCES), os.strerror(errno.EPERM)):
+        return "choose a folder you can write"
+    if code == errno.EROFS or reason == os.strerror(errno.EROFS):
+        return "the file system is read-only; choose another path"
+    if code == errno.ENOLCK or any(word in str(exc).lower() for word in ("unable to lock", "file locking")):
+        return "on a network file system try locking=False"
+    return "check the path and its folder"
 
 
 def _check_same_model(path: str, header: dict[str, Any], readout: dict[str, Any] | None, locking) -> None:
@@ -107,29 +135,53 @@ def _check_same_model(path: str, header: dict[str, Any], readout: dict[str, Any]
         )
 
 
-def finish_index(path: str, attrs: dict[str, Any], locking: bool | str | None = None) -> None:
+def finish_index(
+    path: str, attrs: dict[str, Any], locking: bool | str | None = None, lock: run_files.WriterLock | None = None
+) -> None:
     """At a clean close: link every completed run into the index (so plain h5py sees them) and store stats.
     Under the folder lock the copy starts from the newest index, so a writer appending at the same time keeps its
     links. A failure (a full disk) is a CaptureWriteError: the runs stay in the folder, where the reader finds them.
 
     The index is edited as a copy that replaces it atomically: a kill in the middle leaves the old index, which
-    still finds every run through the run directory.
+    still finds every run through the run directory. The capture's writer ``lock`` (from :func:`create_index`) is
+    let go of here, and the lock file removed once no capture holds it.
     """
     try:
-        with _index_lock(path, locking), _replaced_atomically(path, start_from=path) as index:
-            runs = index.require_group(schema.RUNS)
-            for number, (run_path, complete) in list_run_files(path).items():
-                name = schema.run_name(number)
-                if complete and name not in runs:
-                    relative = os.path.relpath(run_path, os.path.dirname(os.path.abspath(path)))
-                    runs[name] = h5py.ExternalLink(relative, "/")
-            index.attrs.update(schema.attrs_to_store(attrs))
+        with _index_lock(path, locking):
+            try:
+                if not os.path.exists(path):
+                    raise FileNotFoundError(errno.ENOENT, "the index was removed")
+                with _replaced_atomically(path, start_from=path) as index:
+                    runs = index.require_group(schema.RUNS)
+                    for number, (run_path, complete) in list_run_files(path).items():
+                        name = schema.run_name(number)
+                        if complete and name not in runs:
+                            relative = os.path.relpath(run_path, os.path.dirname(os.path.abspath(path)))
+                            runs[name] = h5py.ExternalLink(relative, "/")
+                    index.attrs.update(schema.attrs_to_store(attrs))
+            finally:
+                if lock is not None:
+                    lock.release()
+                run_files.remove_lock_file(path, locking)  # once no capture holds it: a closed capture has none
     except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError when HDF5's flush fails (a full disk)
+        if not os.path.exists(path):  # not "reads as usual": nothing opens the runs without their index
+            raise CaptureWriteError(
+                f"the index {path} was removed while the capture recorded; its runs cannot be read without it: "
+                "record again"
+            ) from None
+        if not os.path.isdir(runs_dir(path)):
+            raise CaptureWriteError(
+                f"the run folder {runs_dir(path)} was removed while the capture recorded, its runs with it; "
+                "record again"
+            ) from None
         reason = os_reason(exc) or first_line(exc)
         raise CaptureWriteError(
             f"could not link the runs into {path} ({reason}); every completed run is kept in {runs_dir(path)} and "
             "reads as usual"
         ) from None
+    finally:
+        if lock is not None:
+            lock.release()  # where the index lock could not be taken
 
 
 @contextlib.contextmanager

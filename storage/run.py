@@ -56,17 +56,9 @@ class Run:
 
     def _check_belongs(self, attrs: dict) -> None:
         """A run file copied in from another capture (or renamed) is an error, not another run's data."""
-        ours, theirs = (schema.as_text(a.get("capture_id")) for a in (self.capture._attrs, attrs))
-        number = attrs.get("run_number")
-        if not ours or not theirs:
-            return  # written before capture ids existed
-        same_number = isinstance(number, (int, np.integer)) and int(number) == self.index
-        if theirs != ours or (number is not None and not same_number):
-            raise CaptureFileError(
-                f"run file {self.path} belongs to another capture (capture {safety.clean(theirs)[:32]}, run "
-                f"{safety.clean(number)}), not run {self.index} of this one; "
-                "remove it or put it back where it came from"
-            )
+        problem = safety.foreign_run(self.capture._attrs.get("capture_id"), attrs, self.index)
+        if problem is not None:
+            raise CaptureFileError(f"run file {self.path} {problem}")
 
     @property
     def attrs(self) -> dict:

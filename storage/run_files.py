@@ -16,17 +16,26 @@ the capture goes on. The reader finds runs by listing the directory; the links a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import weakref
 from typing import Any
 
 import h5py
 
-from ..errors import CaptureFileError
+try:
+    import fcntl
+except ImportError:  # not POSIX: no writer lock (mode="w" cannot see another writer; run numbers stay safe)
+    fcntl = None  # type: ignore[assignment]
+
+from ..errors import CaptureFileError, CaptureWriteError, first_line
 from . import safety, schema
 from .write.objects import write_attrs
 
 RUN_FILE = re.compile(r"^(\d{6,})(\.partial)?\.h5$")
+#: In the run folder while a capture writes: each writing capture holds a shared flock on it (see WriterLock).
+LOCK_FILE = ".writers.lock"
 
 
 def runs_dir(index_path: str) -> str:
@@ -71,7 +80,7 @@ def unexpected_files(index_path: str) -> list[str]:
         names = os.listdir(folder)
     except OSError:
         return []
-    return sorted(name for name in names if run_file_name(name) is None)
+    return sorted(name for name in names if run_file_name(name) is None and name != LOCK_FILE)
 
 
 def check_locking(locking) -> None:
@@ -113,7 +122,8 @@ class RunFiles:
         self.folder = runs_dir(index_path)
         self.locking = locking
         self.cache_bytes = cache_bytes
-        self.capture_id = _capture_id(index_path)
+        self.capture_id = _capture_id(index_path, locking)
+        self._index_seen: tuple[int, ...] = ()  # the index's stat when it was last found to be this capture's
         self._numbers: dict[int, int] = {}  # caller's run key -> run number reserved on disk
         self._next = -1
 
@@ -132,7 +142,10 @@ class RunFiles:
 
     def _reserve(self) -> int:
         """The next free run number, taken atomically against every other process writing to this capture."""
-        os.makedirs(self.folder, exist_ok=True)
+        self._check_index()
+        if not os.path.isdir(self.folder):  # the run folder alone was removed (its index is there): made again
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.folder)  # not makedirs: a removed output directory is not silently made again
         candidate = self._next if self._next >= 0 else next_run_index(self.index_path)
         while True:
             try:
@@ -169,16 +182,140 @@ class RunFiles:
         partial = self._path(number, ".partial.h5")
         if not complete:
             return partial
+        self._check_index()  # never renamed into a capture that replaced this one (it stays .partial.h5)
         # No fsync here: a killed process loses nothing that reached the page cache, and an fsync per run would
         # cost more than the run's own writes. (The index, written twice per capture, is fsynced.)
         os.replace(partial, self._path(number, ".h5"))
         return self._path(number, ".h5")
 
+    def _check_index(self) -> None:
+        """The index must still be this capture's: one removed (with its folder) or replaced by another capture
+        (``mode="w"`` with ``locking=False``) is one error, not runs written where nothing reads them or into the
+        other capture. A stat per call; the index is read again only when it changed (another appending writer)."""
+        if not self.capture_id:  # no index when this was made (merge writes its index last): nothing to compare
+            return
+        name = os.path.basename(self.index_path)
+        try:
+            stat = os.stat(self.index_path)
+        except FileNotFoundError:
+            raise CaptureWriteError(
+                f"the capture's index {name} was removed while it recorded, and its runs cannot be read without it; "
+                "attach again to record"
+            ) from None
+        signature = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if signature == self._index_seen:
+            return
+        current = _capture_id(self.index_path, self.locking)
+        if current and current != self.capture_id:
+            raise CaptureWriteError(
+                f"{name} was replaced by another capture (mode='w') while this one recorded; this run is left "
+                "out of it: record to another path"
+            )
+        if current:
+            self._index_seen = signature
 
-def _capture_id(index_path: str) -> str:
+
+def _capture_id(index_path: str, locking: bool | str | None = None) -> str:
     """The index's ``capture_id`` (written into every run file, so a run of another capture is recognised)."""
     try:
-        with h5py.File(index_path, "r") as index:
+        with h5py.File(index_path, "r", **({} if locking is None else {"locking": locking})) as index:
             return schema.as_text(index.attrs.get("capture_id")) or ""
     except OSError:
         return ""
+
+
+# ---- the writer lock -------------------------------------------------------------------------------------------------
+# A capture holds a shared flock on its run folder's LOCK_FILE from attach to close: mode="w" (which removes the runs)
+# is refused while any capture writes there, in this process too (a flock belongs to the open file, not the process).
+# Taking it, that check and the file's removal happen under the index lock, so none races another. locking=False
+# skips it, as HDF5's own locking is skipped; RunFiles._check_index is the second line of defence.
+
+
+class WriterLock:
+    """One capture's shared flock on its run folder's lock file: an open descriptor, closed to let go, also when the
+    object is dropped (an attach that failed after the index was made). A forked child closes only its own copy."""
+
+    def __init__(self, fd: int):
+        self.release = weakref.finalize(self, os.close, fd)  # calling it closes the descriptor, once
+
+
+def refuse_if_written(index_path: str, locking) -> None:
+    """A one-line CaptureFileError when a capture writes ``index_path`` now (for ``mode="w"``, which would remove
+    its runs under it). Nothing is written here."""
+    if locking is False or fcntl is None:
+        return
+    try:
+        fd = _open_lock(index_path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: no capture writes here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        holders = _holders(fd)
+    except OSError:
+        return  # locks do not work here: taking the capture's own lock says so (or goes on, best-effort)
+    finally:
+        os.close(fd)
+    who = f" (process {holders}?)" if holders else ""
+    raise CaptureFileError(
+        f"{index_path} is being written by another capture{who}; wait for it to close or choose another path"
+    )
+
+
+def hold_writer_lock(index_path: str, locking) -> WriterLock | None:
+    """Take the shared writer lock for the capture being attached (under the index lock), held until its
+    ``release()``. None where locks are skipped (or fail, with ``locking="best-effort"``)."""
+    if locking is False or fcntl is None:
+        return None
+    path = os.path.join(runs_dir(index_path), LOCK_FILE)
+    try:
+        fd = _open_lock(index_path, os.O_RDWR | os.O_CREAT)
+    except PermissionError:  # made by another user: a read-only descriptor takes a shared lock as well
+        fd = _open_lock(index_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError as exc:
+        os.close(fd)
+        if locking == "best-effort":
+            return None
+        raise CaptureFileError(
+            f"cannot lock {path} ({first_line(exc)}); on a network file system pass locking=False"
+        ) from None
+    return WriterLock(fd)
+
+
+def remove_lock_file(index_path: str, locking) -> None:
+    """Remove the lock file once no capture holds it (under the index lock, so no capture is taking it now)."""
+    if locking is False or fcntl is None:
+        return
+    path = os.path.join(runs_dir(index_path), LOCK_FILE)
+    try:
+        fd = _open_lock(index_path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.remove(path)
+    except OSError:
+        pass  # held by a capture still writing (or locks do not work here): it stays, ignored by readers
+    finally:
+        os.close(fd)
+
+
+def _open_lock(index_path: str, flags: int) -> int:
+    """The lock file, never through a link nor blocking on a FIFO planted under its name."""
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    return os.open(os.path.join(runs_dir(index_path), LOCK_FILE), flags, 0o666)
+
+
+def _holders(fd: int) -> str:
+    """The processes holding a flock on ``fd``'s file, where the system lists them (Linux), else ""."""
+    inode = str(os.fstat(fd).st_ino)
+    try:
+        with open("/proc/locks") as listing:
+            rows = [line.split() for line in listing]
+    except OSError:
+        return ""
+    pids = [row[4] for row in rows if len(row) > 5 and row[1] == "FLOCK" and row[5].rsplit(":", 1)[-1] == inode]
+    return ", ".join(dict.fromkeys(pids))

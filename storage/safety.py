@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from ..errors import CaptureFileError
+from . import schema
 
 # Generous ceilings: far beyond any real capture, far below what would exhaust memory or time.
 MAX_TOKENS = 1 << 26  # tokens in one run
@@ -385,3 +386,20 @@ def write_whole(out: str | os.PathLike, write):
             raise LoopscopeError(f"cannot write {clean(out)}: {clean(exc.strerror or exc)}") from None
         raise
     return result
+
+
+def foreign_run(capture_id, attrs: dict, run: int) -> str | None:
+    """What is wrong with a run file whose attributes ``attrs`` say it is not run ``run`` of the capture
+    ``capture_id`` (copied in from another capture, renamed, or left by a concurrent ``mode="w"``), or None. Files
+    written before capture ids existed pass."""
+    ours, theirs = schema.as_text(capture_id), schema.as_text(attrs.get("capture_id"))
+    number = attrs.get("run_number")
+    if not ours or not theirs:
+        return None
+    same_number = isinstance(number, (int, np.integer)) and int(number) == run
+    if theirs == ours and (number is None or same_number):
+        return None
+    return (
+        f"belongs to another capture (capture {clean(theirs)[:32]}, run {clean(number)}), not run {run} of this "
+        "one; remove it or put it back where it came from"
+    )

@@ -57,8 +57,10 @@ class VerifyResult:
 def verify_capture(path: str | os.PathLike, *, locking: bool | str | None = None) -> VerifyResult:
     """Check every chunk of the capture at ``path`` (its index and every run file, complete or not)."""
     path = os.fspath(path)
+    ours = ""
     try:
-        CaptureFile(path, locking=locking).close()  # a one-line error when it is not a readable capture
+        with CaptureFile(path, locking=locking) as capture:  # a one-line error when it is not a readable capture
+            ours = schema.as_text(capture.meta.get("capture_id")) or ""
         refused = None
     except CaptureFileError as exc:
         if verify_hint(path) not in str(exc):
@@ -72,7 +74,7 @@ def verify_capture(path: str | os.PathLike, *, locking: bool | str | None = None
         raise refused
     for number, (run_path, complete) in run_files.list_run_files(path).items():
         found = len(result.damaged)
-        _check_file(result, number, run_path, kwargs, seen)
+        _check_file(result, number, run_path, kwargs, seen, ours)
         if not complete:
             result.incomplete.append(run_path)
             result.incomplete_problems += result.damaged[found:]
@@ -80,10 +82,14 @@ def verify_capture(path: str | os.PathLike, *, locking: bool | str | None = None
     return result
 
 
-def _check_file(result: VerifyResult, run: int | None, path: str, kwargs: dict, seen: set) -> None:
+def _check_file(result: VerifyResult, run: int | None, path: str, kwargs: dict, seen: set, ours: str = "") -> None:
     result.files += 1
     try:
         with safety.open_regular(path, **kwargs) as f:  # a FIFO named like a run file would block HDF5 forever
+            if run is not None:
+                stranger = _belongs_elsewhere(f, run, ours)
+                if stranger is not None:  # its chunks may be sound, but the reader refuses it as this run
+                    result.damaged.append(Finding(run, path, "", "", stranger))
             datasets: list[h5py.Dataset] = []
 
             def visit(name, obj):
@@ -102,6 +108,15 @@ def _check_file(result: VerifyResult, run: int | None, path: str, kwargs: dict, 
         result.damaged.append(Finding(run, path, "", "", str(exc)))
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
         result.damaged.append(Finding(run, path, "", "", f"unreadable ({first_line(exc)})"))
+
+
+def _belongs_elsewhere(f: h5py.File, run: int, ours: str) -> str | None:
+    """What the reader says of a run file of another capture (see ``safety.foreign_run``), or None."""
+    try:
+        attrs = safety.read_attrs(f, f.filename)
+    except CaptureFileError:
+        return None  # a damaged attribute: the reader's own error, not this one
+    return safety.foreign_run(ours, attrs, run)
 
 
 def _mappings_problem(f: h5py.File, path: str) -> str | None:
