@@ -15,8 +15,8 @@ import numpy as np
 
 from ..errors import LoopscopeError
 from ..storage import schema
+from ..storage.outputs import write_whole
 from ..storage.safety import figure_text as _t  # titles and labels hold file names, signal names, model text
-from ..storage.safety import write_whole
 
 FORMATS = (".png", ".pdf", ".svg")
 MAX_TOKEN_LABELS = 64

@@ -255,8 +255,8 @@ def convergence_table(
     contraction) as CSV."""
     from ..analysis.figure_axes import checked_output, refuse_capture_files
     from ..analysis.reference import parse_reference
+    from ..storage.outputs import write_whole
     from ..storage.reader import CaptureFile
-    from ..storage.safety import write_whole
 
     if out.suffix.lower() != ".csv":
         raise LoopscopeError(f"--out {out}: use a .csv file name")

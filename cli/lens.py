@@ -16,7 +16,7 @@ from ..analysis.figure_axes import checked_output, refuse_capture_files
 from ..analysis.figures import FORMATS, check_figure_path
 from ..analysis.lens_result import KINDS
 from ..errors import LoopscopeError
-from ..storage.safety import write_whole
+from ..storage.outputs import write_whole
 from .output import MISSING_HELP, console, friendly, text
 
 WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..analysis.figure_axes import checked_output, refuse_capture_files
 from ..analysis.reference import resolve_space
 from ..errors import CaptureFileError, LoopscopeError
-from ..storage import safety, schema
+from ..storage import outputs, schema
 from ..storage.reader import CaptureFile
 from . import data, page
 
@@ -74,7 +74,7 @@ def write_report(
         f"{len(chosen)} run(s) · s* = each token's final state",
         notes=notes,
     )
-    safety.write_whole(out, lambda partial: Path(partial).write_text(html, encoding="utf-8"))
+    outputs.write_whole(out, lambda partial: Path(partial).write_text(html, encoding="utf-8"))
     return out
 
 

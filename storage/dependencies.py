@@ -96,7 +96,7 @@ def capture_files(paths: Iterable[str | os.PathLike], *, locking: bool | str | N
 
 
 def refuse_outputs(capture, outputs: Iterable[str | os.PathLike], why: str) -> None:
-    """Refuse any of ``outputs`` (and the ``.partial`` file each is written to first, see ``safety.write_whole``)
+    """Refuse any of ``outputs`` (and the ``.partial`` file each is written to first, see ``outputs.write_whole``)
     that ``capture`` reads: its index, its run folder or a file in it, or a file its runs map, also through a link.
     ``why``: what writing there would do, said after the clash."""
     protected = capture_files([capture.path], locking=capture._open_kwargs.get("locking"))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LoopscopeError
-from . import dependencies, safety, schema
+from . import dependencies, outputs, schema
 from .reader import CaptureFile, Run
 
 FORMATS = ("npz", "safetensors")
@@ -93,7 +93,7 @@ def export(
         raise LoopscopeError(f"{out}: directory {parent} does not exist; create it first")
     writer = _write_npz if fmt == "npz" else _write_safetensors
     # beside ``out`` and renamed once whole: a failure leaves no half file, and ``out`` as it was
-    safety.write_whole(out, lambda partial: writer(partial, arrays, meta, progress or (lambda n: None)))
+    outputs.write_whole(out, lambda partial: writer(partial, arrays, meta, progress or (lambda n: None)))
     return [a.name for a in arrays]
 
 

@@ -354,40 +354,6 @@ def utf8(text: str) -> bytes:
         return text.encode("utf-8", "replace")
 
 
-def write_whole(out: str | os.PathLike, write):
-    """``write(partial)`` to ``out + ".partial"``, then renamed over ``out``; returns what ``write`` returns. The
-    file appears whole or not at all, and a link at ``out`` is replaced, never written through. A directory there,
-    or an HDF5 file (a capture or run file: loopscope never writes figures, pages or tables as HDF5, even through
-    a link), is refused, and an OSError is one LoopscopeError line (the partial file removed)."""
-    from ..errors import LoopscopeError
-
-    out = os.fspath(out)
-    partial = out + ".partial"
-    for path in (out, partial):
-        name = "it" if path == out else clean(path)
-        if os.path.isdir(path) and not os.path.islink(path):
-            raise LoopscopeError(f"cannot write {clean(out)}: {name} is a directory; choose another name")
-        if os.path.isfile(path) and h5py.is_hdf5(path):
-            raise LoopscopeError(
-                f"cannot write {clean(out)}: {name} holds HDF5 data (a capture?), which writing there would destroy; "
-                "choose another name"
-            )
-    try:
-        if os.path.lexists(partial):
-            os.unlink(partial)  # left by a run that was killed, or a link: never written through
-        result = write(partial)
-        os.replace(partial, out)
-    except BaseException as exc:
-        try:
-            os.unlink(partial)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise LoopscopeError(f"cannot write {clean(out)}: {clean(exc.strerror or exc)}") from None
-        raise
-    return result
-
-
 def foreign_run(capture_id, attrs: dict, run: int) -> str | None:
     """What is wrong with a run file whose attributes ``attrs`` say it is not run ``run`` of the capture
     ``capture_id`` (copied in from another capture, renamed, or left by a concurrent ``mode="w"``), or None. Files
