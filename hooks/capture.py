@@ -99,8 +99,8 @@ class Capture:
 
     def _install(self) -> None:
         model, tracker, on = self.model, self._tracker, self._installed
-        on.before(model, lambda *_: on.keep_last())  # before on_model_enter: hooks added since go behind ours
         on.before(model, tracker.on_model_enter)
+        tracker.keep_hooks_last = on.keep_last  # at each forward's start: hooks added since go before ours
         on.after(model, tracker.on_model_exit, with_kwargs=True)
         for spec in self.adapter.loops:
             exits = [model.get_submodule(path) for path in spec.exit.split("|")]  # tied copies: a call each is a step

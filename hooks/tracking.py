@@ -79,8 +79,10 @@ class Tracker:
         self._unread: set[str] = set()  # what a family's exit evaluator returned that could not be read
         self._hooked = False  # the model's pre-hook began the forward that forward_call is about to run
         self.gate = ThreadGate()  # one thread's calls are recorded at a time; other threads' run unrecorded
-        # per loop: its entry hook, on from the start of each forward until it has read s0 (see install.Switchable)
+        # per loop: its entry hook, on from the start of each forward until it has read s0 (see install.Switchable);
+        # and what puts the other state hooks back behind hooks registered since, then (install.Installed.keep_last)
         self.entry_switches: dict[str, Switchable] = {}
+        self.keep_hooks_last: Callable[[], None] = lambda: None
 
     # ---- calls of the model (wrappers around its methods) ------------------------------------------------------------
     def forward_call(self, original, *args, **kwargs):
@@ -251,6 +253,7 @@ class Tracker:
         if seen:
             keep = np.arange(seen, tokens) if keep is None else keep + seen
         forward = self._forward = Forward(batch=batch, tokens=tokens, side=side, keep=keep)
+        self.keep_hooks_last()
         for switch in self.entry_switches.values():
             switch.on()
         session.tokens_seen += tokens - seen
