@@ -93,9 +93,48 @@ def open_reference_run(run: Run, reference, stack: contextlib.ExitStack) -> Run 
     )
 
 
-def check_reference(run: Run, reference_run: Run, loop: str | None) -> None:
-    """The reference must cover the same tokens (the same ids in the same order, or a longer sequence that starts
-    with them) in states of the same size (a capture of the same model)."""
+def check_reference(run: Run, reference_run: Run, loop: str | None) -> np.ndarray:
+    """The reference's row for each token of ``run``: the token at the same position, with the same id (a run that
+    stored some tokens only, ``tokens=``, is matched by position, not by order), or, where positions do not say
+    (none stored, or repeated as in a padded row), the same ids in the same order, the reference possibly longer.
+    The states must be of the same size (a capture of the same model)."""
+    rows = _rows_by_position(run, reference_run)
+    if rows is None:
+        rows = _rows_by_order(run, reference_run)
+    size, ref_size = run.hidden_size(loop), reference_run.hidden_size(loop)
+    if size != ref_size:
+        raise LoopscopeError(
+            f"reference run {reference_run.index} has states of size {ref_size}, run {run.index} {size}; "
+            "use a reference captured from the same model"
+        )
+    return rows
+
+
+def _rows_by_position(run: Run, reference_run: Run) -> np.ndarray | None:
+    positions, ref_positions = run.positions, reference_run.positions
+    if positions.ndim != 1 or ref_positions.ndim != 1 or len(np.unique(ref_positions)) != len(ref_positions):
+        return None
+    if len(np.unique(positions)) != len(positions):
+        return None
+    where = {int(p): i for i, p in enumerate(ref_positions.tolist())}
+    rows = np.array([where.get(int(p), -1) for p in positions.tolist()], dtype=np.int64)
+    found = rows >= 0
+    if not np.array_equal(reference_run.token_ids[rows[found]], run.token_ids[found]):
+        raise LoopscopeError(
+            f"reference run {reference_run.index} covers other tokens than run {run.index} at the same positions; "
+            "capture the same prompt (the reference may be longer, but must start with the same tokens)"
+        )
+    if not found.all():
+        missing = int(positions[np.argmin(found)])
+        raise LoopscopeError(
+            f"reference run {reference_run.index} has no token at position {missing}, which run {run.index} "
+            "holds; the reference must cover at least the run's tokens: capture it on the same prompt with at "
+            "least as many new tokens"
+        )
+    return rows
+
+
+def _rows_by_order(run: Run, reference_run: Run) -> np.ndarray:
     n = run.num_tokens
     ref_ids = reference_run.token_ids
     k = len(ref_ids)
@@ -110,43 +149,39 @@ def check_reference(run: Run, reference_run: Run, loop: str | None) -> None:
             f"reference run {reference_run.index} has {k} token(s) and run {run.index} has {n}; the reference must "
             "cover at least the run's tokens: capture it on the same prompt with at least as many new tokens"
         )
-    size, ref_size = run.hidden_size(loop), reference_run.hidden_size(loop)
-    if size != ref_size:
-        raise LoopscopeError(
-            f"reference run {reference_run.index} has states of size {ref_size}, run {run.index} {size}; "
-            "use a reference captured from the same model"
-        )
+    return np.arange(n)
 
 
 def reference_states(run: Run, reference_run: Run | None, space: str, loop: str | None) -> Reference:
     """Read s* of every token of ``run`` from ``reference_run`` (its last state per token), in ``space``.
 
-    The reference must cover the same tokens: the same ids in the same order, or a longer sequence that starts
-    with them (a forward over prompt + generated text at more iterations, say).
+    The reference must cover the same tokens (see :func:`check_reference`): a forward over prompt + generated text
+    at more iterations, say.
     """
     if reference_run is None:
         return Reference(None, "final")
-    check_reference(run, reference_run, loop)
+    rows = check_reference(run, reference_run, loop)
     n = run.num_tokens
     to_space = space_fn(reference_run, space)
     ds = reference_run.dataset(loop)
-    steps = reference_run.steps_of(loop)[:n].astype(np.int64)
-    # One read per block of tokens that stopped at the same step (one read in all for a fixed-depth run).
+    steps = reference_run.steps_of(loop)[rows].astype(np.int64)
+    # One read per block of consecutive reference rows that stopped at the same step (one for a fixed-depth run).
     blocks = []
     start = 0
     while start < n:
         stop = start + 1
-        while stop < n and steps[stop] == steps[start]:
+        while stop < n and steps[stop] == steps[start] and rows[stop] == rows[stop - 1] + 1:
             stop += 1
-        block = reference_run.read(np.s_[start:stop, int(steps[start]), :], loop)
+        block = reference_run.read(np.s_[int(rows[start]) : int(rows[stop - 1]) + 1, int(steps[start]), :], loop)
         blocks.append(to_space(reference_run.decode(block, loop)))
         start = stop
-    rows = np.concatenate(blocks) if blocks else np.empty((0, ds.shape[2]))
+    states = np.concatenate(blocks) if blocks else np.empty((0, ds.shape[2]))
     same_file = os.path.abspath(reference_run.capture.path) == os.path.abspath(run.capture.path)
     where = (
         f"run {reference_run.index}"
         if same_file
         else f"{os.path.basename(reference_run.capture.path)}:{reference_run.index}"
     )
-    label = f"{where} ({int(steps.max()) if n else 0} steps)"
-    return Reference(rows, label)
+    iterations = reference_run.iterations_of(loop)[rows]  # the label counts iterations, not stored steps
+    label = f"{where} ({int(iterations.max()) if n else 0} steps)"
+    return Reference(states, label)

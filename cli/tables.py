@@ -34,15 +34,18 @@ def info_row(run) -> tuple:
 
 
 def convergence_row(run, m, tol: float) -> tuple:
-    """The ``convergence`` summary of one run's measures ``m``: the CSV holds the detail."""
-    converged = m.convergence_steps(tol)
+    """The ``convergence`` summary of one run's measures ``m``, in iterations as the CSV and ``info`` count them (with
+    a step stride, the last step delta is between the last two stored steps): the CSV holds the detail."""
+    converged = m.convergence_iterations(tol)
     done = converged[converged >= 0]
     last = m.step_delta[np.arange(len(m.num_steps)), m.num_steps] if len(m.num_steps) else np.array([])
     last = last[np.isfinite(last)]
+    iterations = m.num_steps if m.iterations is None else m.iterations
+    kept = f" (1 in {m.step_stride} kept)" if m.step_stride > 1 else ""
     return (
         str(run.index),
         str(run.num_tokens),
-        f"{m.num_steps.min()}-{m.num_steps.max()}" if run.num_tokens else "-",
+        f"{iterations.min()}-{iterations.max()}{kept}" if run.num_tokens else "-",
         f"{np.median(done):g}" if done.size else "-",
         str(int(np.sum(converged < 0))),
         f"{last.mean():.3g}" if last.size else "-",

@@ -454,3 +454,41 @@ def test_csv_appends_the_update_measures_and_curves_draw_them(capture_path, tmp_
         assert result.exit_code == 0, result.output
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (drawn["log"], drawn["ylim"], drawn["ylabel"]) == (log, ylim, METRIC_HELP[metric])
+
+
+def test_a_reference_is_matched_by_position_and_labelled_in_iterations(reference_model, tmp_path):
+    """A run that stored some tokens only (``tokens=[2, 4]``) takes s* from the reference's tokens at its positions,
+    not from the reference's first tokens (a prompt of one repeated token made the ids agree, and the distances were
+    silently wrong); a reference with a step stride is labelled with its iterations, not its stored steps."""
+    ids = torch.full((1, 6), 5)
+    with torch.no_grad():
+        with loopscope.attach(reference_model, tmp_path / "run.h5", tokens=[2, 4]):
+            reference_model(ids, num_steps=6)
+        with loopscope.attach(reference_model, tmp_path / "ref.h5", step_stride=3):
+            reference_model(ids, num_steps=20)
+    with loopscope.open(tmp_path / "run.h5") as capture, loopscope.open(tmp_path / "ref.h5") as reference:
+        run, ref = capture.runs[0], reference.runs[0]
+        assert run.positions.tolist() == [2, 4]
+        star = ref.states(step=int(ref.steps_of(None)[0]))[[2, 4]]  # the last stored step holds iteration 20
+        got = token_metrics(run, reference=f"{tmp_path / 'ref.h5'}:0", space="state")
+        want = _direct(run.states(), run.steps_of(None), lambda s: s, star.astype(np.float64))
+        np.testing.assert_allclose(got.distance, want["distance"], rtol=1e-5, equal_nan=True)
+        assert got.reference == "ref.h5:0 (20 steps)"
+    with loopscope.attach(reference_model, tmp_path / "short.h5") as _, torch.no_grad():
+        reference_model(ids[:, :4], num_steps=6)
+    with loopscope.open(tmp_path / "run.h5") as capture, pytest.raises(LoopscopeError, match="no token at position 4"):
+        token_metrics(capture.runs[0], reference=f"{tmp_path / 'short.h5'}:0")
+
+
+def test_the_convergence_table_counts_iterations_with_a_step_stride(reference_model, tmp_path):
+    """The summary table said "7-7" steps and a convergence step in stored slots for 20 iterations kept 1 in 3,
+    where its own CSV and ``info`` count iterations."""
+    with loopscope.attach(reference_model, tmp_path / "s.h5", step_stride=3), torch.no_grad():
+        reference_model(torch.arange(3, 30).unsqueeze(0), num_steps=20)
+    command = ["convergence", str(tmp_path / "s.h5"), "--out", str(tmp_path / "m.csv")]
+    result = CliRunner().invoke(app, command, env={"COLUMNS": "200"})  # a wide table: no cell wraps
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "m.csv") as f:
+        converged = [int(row["converged_at"]) for row in csv.DictReader(f) if row["step"] == "0"]
+    row = " ".join(result.output.split())
+    assert "20-20 (1 in 3 kept)" in row and f"│ {np.median(converged):g} │" in row
