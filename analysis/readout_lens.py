@@ -193,7 +193,8 @@ def check_readout(run: Run, loop: str, head: lens_readout.Readout) -> None:
 
 
 def check_directory(directory: Path, run: Run) -> None:
-    """A directory that is a checkpoint of the captured model, by its config's state width."""
+    """A directory that is a checkpoint of the captured model, by its config's model type, architecture and state
+    width. (Weights are not compared: a checkpoint of the same model with other weights passes.)"""
     config_path = directory / "config.json"
     if not directory.is_dir():
         raise LoopscopeError(f"model directory {directory} does not exist; pass a local checkpoint directory")
@@ -203,8 +204,17 @@ def check_directory(directory: Path, run: Run) -> None:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError):
         raise LoopscopeError(f"{config_path} is not readable JSON; re-download the checkpoint") from None
+    if not isinstance(config, dict):
+        raise LoopscopeError(f"{config_path} holds no model configuration; pass the checkpoint directory")
     stored = run.capture.meta.get("config_json")
-    if isinstance(stored, dict) and isinstance(config, dict):
+    if isinstance(stored, dict):
+        for key in ("model_type", "architectures"):  # same sizes are not the same model (a GPT-2 as wide, say)
+            ours, theirs = stored.get(key), config.get(key)  # architectures: written only by save_pretrained
+            if ours is not None and theirs != ours and (theirs is not None or key == "model_type"):
+                raise LoopscopeError(
+                    f"{directory} has {key}={config.get(key)!r}, the capture's model {stored[key]!r}: "
+                    "pass the checkpoint the capture was made with"
+                )
         for key in ("hidden_size", "n_embd", "d_model", "vocab_size"):
             if key in stored and key in config and stored[key] != config[key]:
                 raise LoopscopeError(

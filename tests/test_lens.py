@@ -260,7 +260,17 @@ def test_bad_models_and_directories_are_one_line_errors(reference_model, new_ref
     no_weights.mkdir()
     (no_weights / "config.json").write_text(reference_model.config.to_json_string())
     save_file({"other.weight": torch.zeros(2, 2)}, str(no_weights / "model.safetensors"))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    as_wide = tmp_path / "gpt2"  # another model of the same width and vocabulary: its head reads, wrongly
+    width, vocab = reference_model.config.n_embd, reference_model.config.vocab_size
+    GPT2LMHeadModel(GPT2Config(n_embd=width, vocab_size=vocab, n_layer=1, n_head=2)).save_pretrained(as_wide)
+    no_type = tmp_path / "no_type"
+    no_type.mkdir()
+    (no_type / "config.json").write_text("{}")
     cases = [
+        (lambda run: lens(run, as_wide), "has model_type='gpt2', the capture's model 'loopscope_raven'"),
+        (lambda run: lens(run, no_type), "has model_type=None"),
         (lambda run: lens(run, wider), "64-wide"),
         (lambda run: lens(run, smaller_vocab), "vocabulary"),
         (lambda run: lens(run, ouro), "huginn-raven model"),
