@@ -19,7 +19,7 @@ import safetensors
 import torch
 from torch import nn
 
-from ..errors import LoopscopeError
+from ..errors import LoopscopeError, first_line
 from ..families.adapter import LoopSpec
 from ..storage.reader import Run
 
@@ -119,8 +119,13 @@ def _read_tensor(files: dict[str, Path] | Path, name: str) -> torch.Tensor | Non
     path = files.get(name) if isinstance(files, dict) else files
     if path is None:
         return None
-    with safetensors.safe_open(str(path), framework="pt") as handle:
-        return handle.get_tensor(name).float() if name in handle.keys() else None
+    if not path.is_file():
+        raise LoopscopeError(f"{path} is missing (the checkpoint's {INDEX_FILE} names it); re-download the checkpoint")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name).float() if name in handle.keys() else None
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise LoopscopeError(f"cannot read {path}: {first_line(exc)}; re-download the checkpoint") from None
 
 
 def _weight_files(folder: Path) -> dict[str, Path] | Path:

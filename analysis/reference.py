@@ -127,9 +127,9 @@ def _rows_by_position(run: Run, reference_run: Run) -> np.ndarray | None:
     if not found.all():
         missing = int(positions[np.argmin(found)])
         raise LoopscopeError(
-            f"reference run {reference_run.index} has no token at position {missing}, which run {run.index} "
-            "holds; the reference must cover at least the run's tokens: capture it on the same prompt with at "
-            "least as many new tokens"
+            f"reference run {reference_run.index} has {len(ref_positions)} token(s) and run {run.index} has "
+            f"{len(positions)}, none at position {missing}; the reference must cover at least the run's tokens: "
+            "capture it on the same prompt with at least as many new tokens"
         )
     return rows
 

@@ -139,14 +139,14 @@ def capture(
     """Load a model, run the prompts through it with loopscope attached, and write the capture."""
     from transformers.utils import logging as hf_logging
 
-    from ..hooks.pretrained import capture_prompts, check_counts, check_model_path, load_pretrained, read_prompts
+    from ..hooks.pretrained import capture_prompts, check_counts, check_inputs, load_pretrained, read_prompts
     from ..hooks.selection import from_command_line
     from ..storage.index import check_target
 
     prompts = read_prompts(prompt, prompt_file)
-    check_counts(steps, max_new_tokens)
     selected = from_command_line(tokens)  # a bad --tokens is one line before the model loads
-    check_model_path(model)
+    check_counts(steps, max_new_tokens, seed=seed, tokens=selected)
+    check_inputs(out, model, prompt_file)  # the model path, and --out is none of the model's files or the prompts
     check_target(out, mode)  # before the model load, which can take minutes
     hf_logging.disable_progress_bar()  # our own status line says what is loading
     with console.status(f"loading {text(model)}…"):

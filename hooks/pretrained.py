@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import os
 import warnings
@@ -16,10 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from ..errors import LoopscopeError, first_line
-from ..storage import run_files
+from ..storage import run_files, safety
+from ..storage.dependencies import CaptureFiles
 from .capture import attach
 from .hub import cache_only
 
@@ -52,37 +56,79 @@ def read_prompts(prompt: str | None, prompt_file: str | os.PathLike | None) -> l
     return prompts
 
 
-def check_counts(steps: int | None, max_new_tokens: int) -> None:
-    """Reject impossible counts before any model is loaded."""
+def check_counts(steps: int | None, max_new_tokens: int, *, seed: int | None = None, tokens=None) -> None:
+    """Reject impossible counts (and a token selection known to store nothing) before any model is loaded."""
     if steps is not None and steps < 1:
         raise LoopscopeError(f"--steps {steps}: give a positive number of iterations")
     if max_new_tokens < 0:
         raise LoopscopeError(f"--max-new-tokens {max_new_tokens}: give 0 or more")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise LoopscopeError(f"--seed {seed}: give a number from 0 to {2**63 - 1}")
+    if tokens == "generated" and not max_new_tokens:
+        raise LoopscopeError(
+            "--tokens generated stores only generated tokens, and none are generated without --max-new-tokens N "
+            "(N > 0): nothing would be stored"
+        )
+
+
+def check_inputs(out: str | os.PathLike, name_or_path: str, prompt_file: str | os.PathLike | None) -> None:
+    """:func:`check_model_path`, then refuse an ``out`` that is one of the capture's own inputs: a file of the local
+    model directory, or the prompt file. Writing there (mode 'w') would destroy what the capture reads."""
+    check_model_path(name_or_path)
+    inputs = CaptureFiles()
+    if prompt_file is not None:
+        inputs.files[os.fspath(prompt_file)] = "the prompt file"
+    folder = os.path.expanduser(name_or_path)
+    if os.path.isdir(folder):
+        for root, _, names in os.walk(folder):
+            for name in names:
+                inputs.files[os.path.join(root, name)] = f"a file of model directory {safety.clean(name_or_path)}"
+    clash = inputs.holding(out)
+    if clash is not None:
+        raise LoopscopeError(f"--out {clash}; writing the capture there would destroy it: choose another --out")
 
 
 def load_pretrained(name_or_path: str, *, trust_remote_code: bool = False, device: str = "auto", dtype: str = "auto"):
     """(model in eval mode on ``device``, tokenizer). Our reference architecture is registered first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models.huginn_reference import register
+    from ..models import huginn_reference, ouro_reference
 
     if dtype not in DTYPES:
         raise LoopscopeError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     check_model_path(name_or_path)
     device = _pick_device(device)
-    register()
+    huginn_reference.register()
+    ouro_reference.register()
     # a hub id the hub cannot serve is read from the cache alone, or refused at once (no minute of retries)
     hub = not os.path.isdir(os.path.expanduser(name_or_path))
     where = {"local_files_only": True} if hub and cache_only(name_or_path) else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **where)
+    except LOAD_ERRORS as exc:
+        if "backend tokenizer" in str(exc):  # transformers found no tokenizer file to build one from
+            raise LoopscopeError(
+                f"{name_or_path} has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file); "
+                "save one there with tokenizer.save_pretrained"
+            ) from None
+        raise _load_error(name_or_path, exc, trust_remote_code) from None
+    try:
         model: Any = AutoModelForCausalLM.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code, dtype=DTYPES[dtype], **where
         )
-    except (OSError, ValueError, KeyError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoopscopeError(f"cannot load {name_or_path}: {first}") from None
+    except LOAD_ERRORS as exc:
+        raise _load_error(name_or_path, exc, trust_remote_code) from None
     return model.to(device).eval(), tokenizer
+
+
+LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, SafetensorError)
+
+
+def _load_error(name_or_path: str, exc: BaseException, trust_remote_code: bool) -> LoopscopeError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    remote = not trust_remote_code and ("custom code" in str(exc) or "trust_remote_code" in str(exc))
+    hint = "; a model with its own code needs trust_remote_code=True (if you trust that code)" if remote else ""
+    return LoopscopeError(f"cannot load {name_or_path}: {first}{hint}")
 
 
 def check_model_path(name_or_path: str) -> None:
@@ -93,6 +139,15 @@ def check_model_path(name_or_path: str) -> None:
         raise LoopscopeError(
             f"model directory {name_or_path} has no config.json; pass a directory saved with save_pretrained"
         )
+    config = os.path.join(path, "config.json")
+    if os.path.isfile(config):
+        try:
+            with open(config, encoding="utf-8") as handle:
+                parsed = json.load(handle)
+        except (OSError, ValueError):
+            raise LoopscopeError(f"{config} is not readable JSON; re-save or re-download the model") from None
+        if not isinstance(parsed, dict):
+            raise LoopscopeError(f"{config} holds no model configuration; re-save or re-download the model")
     if os.path.exists(path) or not _looks_like_path(name_or_path):
         return
     raise LoopscopeError(
@@ -134,7 +189,7 @@ def capture_prompts(
     s0 at random) can be repeated exactly; None leaves the RNG alone. ``criterion`` / ``exit_threshold`` switch on
     Huginn's adaptive exit in ``generate()``; ``capture_options`` go to :func:`attach` (``tokens``, ``step_stride``).
     """
-    check_counts(steps, max_new_tokens)
+    check_counts(steps, max_new_tokens, seed=seed, tokens=capture_options.get("tokens"))
     extra: dict[str, Any] = {}
     if criterion is not None or exit_threshold is not None:
         if not max_new_tokens or not hasattr(model, "generate_with_adaptive_compute"):
@@ -159,6 +214,8 @@ def capture_prompts(
         if ids.shape[1] == 0:
             raise LoopscopeError(f"prompt {i} encodes to no tokens; give some text")
         _check_context(model, i, ids.shape[1], max_new_tokens)
+    _check_selects(capture_options.get("tokens"), max(ids.shape[1] for ids in encoded) + max_new_tokens)
+    before = set(run_files.list_run_files(os.fspath(out))) if mode == "a" else set()
     capture = attach(model, out, tokenizer=tokenizer, mode=mode, **capture_options)
     try:
         _run_prompts(model, capture, encoded, device, seed, max_new_tokens, pad, extra, on_prompt)
@@ -170,6 +227,14 @@ def capture_prompts(
 
     with CaptureFile(capture.path) as written:
         tokens = sum(run.num_tokens for run in written.runs)
+        stored = sum(run.num_tokens for run in written.runs if run.index not in before)
+    if not stored:
+        if mode != "a":  # this call's file holds nothing: leave none behind
+            _remove_capture(capture.path)
+        raise LoopscopeError(
+            f"nothing was stored: the token selection kept no token of any of the {len(prompts)} prompt(s) "
+            "(generate() may have stopped early); widen --tokens or raise --max-new-tokens"
+        )
     return CaptureSummary(capture.path, len(prompts), tokens, str(device))
 
 
@@ -207,6 +272,30 @@ def _remove_if_empty(path: str) -> None:
         os.rmdir(run_files.runs_dir(path))
 
 
+def _remove_capture(path: str) -> None:
+    """Remove a capture this call made (its index, run files and run folder)."""
+    with contextlib.suppress(OSError, LoopscopeError):
+        for run_file, _ in run_files.list_run_files(path).values():
+            os.remove(run_file)
+        os.rmdir(run_files.runs_dir(path))
+        os.remove(path)
+
+
+def _check_selects(tokens, longest: int) -> None:
+    """Refuse token indices past every run before anything is written: they would store nothing."""
+    from .selection import TokenSelection
+
+    if tokens is None or isinstance(tokens, str):
+        return
+    selection = TokenSelection.parse(tokens)
+    kept = selection.keep(False, np.arange(longest))
+    if kept is not None and not kept.size:
+        raise LoopscopeError(
+            f"{selection.describe()} select no token: the longest run has {longest} tokens (indices 0 to "
+            f"{longest - 1}), so nothing would be stored; pick lower indices"
+        )
+
+
 #: Config fields that bound a model's sequence length outright (a position table that ends there).
 HARD_CONTEXT = ("block_size", "n_positions")
 
@@ -232,7 +321,11 @@ def _pick_device(device: str) -> str:
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        raise LoopscopeError(f"--device {device}: use cpu, cuda, cuda:N or auto") from None
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise LoopscopeError(f"--device {device}: use cpu, cuda, cuda:N or auto")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise LoopscopeError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise LoopscopeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

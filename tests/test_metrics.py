@@ -476,7 +476,8 @@ def test_a_reference_is_matched_by_position_and_labelled_in_iterations(reference
         assert got.reference == "ref.h5:0 (20 steps)"
     with loopscope.attach(reference_model, tmp_path / "short.h5") as _, torch.no_grad():
         reference_model(ids[:, :4], num_steps=6)
-    with loopscope.open(tmp_path / "run.h5") as capture, pytest.raises(LoopscopeError, match="no token at position 4"):
+    missing = "has 4 token.s. and run 0 has 2, none at position 4"
+    with loopscope.open(tmp_path / "run.h5") as capture, pytest.raises(LoopscopeError, match=missing):
         token_metrics(capture.runs[0], reference=f"{tmp_path / 'short.h5'}:0")
 
 
