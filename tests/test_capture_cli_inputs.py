@@ -12,21 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_messages import _cli  # one line and exit code 1 per error, never a traceback
 from typer.testing import CliRunner
 
 from loopscope.cli.app import app
 from loopscope.hooks import pretrained
 from loopscope.models import ouro_reference
-
-
-def _cli(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    if result.exit_code:
-        assert result.exit_code == 1, result.output
-        assert len(result.output.strip().splitlines()) == 1, result.output
-        assert result.output.startswith("error:"), result.output
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")
