@@ -155,7 +155,7 @@ def test_a_model_that_needs_its_hooks_is_probed_with_them(tmp_path):
 
 
 def test_a_recorder_registered_before_attach_sees_only_the_users_forwards(tmp_path):
-    """The audit's case: a hand-written recorder on the loop's block, registered first, gets exactly the steps of
+    """A hand-written recorder on the loop's block, registered first, gets exactly the steps of
     the user's forward, equal to what the capture stores."""
     torch.manual_seed(0)
     model = Looped(steps=3)
