@@ -31,6 +31,7 @@ from torch import nn
 from .. import families
 from ..errors import LoopscopeError
 from ..families.adapter import LoopSpec
+from ..families.checkpoint import read_config
 from ..storage.reader import Run
 from . import lens_readout
 from .coda_lens import coda_lens
@@ -200,12 +201,7 @@ def check_directory(directory: Path, run: Run) -> None:
         raise LoopscopeError(f"model directory {directory} does not exist; pass a local checkpoint directory")
     if not config_path.is_file():
         raise LoopscopeError(f"{directory} has no config.json; pass the checkpoint directory of the captured model")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
-        raise LoopscopeError(f"{config_path} is not readable JSON; re-download the checkpoint") from None
-    if not isinstance(config, dict):
-        raise LoopscopeError(f"{config_path} holds no model configuration; pass the checkpoint directory")
+    config = read_config(config_path)
     stored = run.capture.meta.get("config_json")
     if isinstance(stored, dict):
         for key in ("model_type", "architectures"):  # same sizes are not the same model (a GPT-2 as wide, say)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
 import os
 import warnings
@@ -22,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import LoopscopeError, first_line
+from ..families.checkpoint import read_config
 from ..storage import run_files, safety
 from ..storage.dependencies import CaptureFiles
 from .capture import attach
@@ -141,13 +141,7 @@ def check_model_path(name_or_path: str) -> None:
         )
     config = os.path.join(path, "config.json")
     if os.path.isfile(config):
-        try:
-            with open(config, encoding="utf-8") as handle:
-                parsed = json.load(handle)
-        except (OSError, ValueError):
-            raise LoopscopeError(f"{config} is not readable JSON; re-save or re-download the model") from None
-        if not isinstance(parsed, dict):
-            raise LoopscopeError(f"{config} holds no model configuration; re-save or re-download the model")
+        read_config(config)
     if os.path.exists(path) or not _looks_like_path(name_or_path):
         return
     raise LoopscopeError(
@@ -221,7 +215,7 @@ def capture_prompts(
         _run_prompts(model, capture, encoded, device, seed, max_new_tokens, pad, extra, on_prompt)
     except BaseException:
         if mode != "a":  # a capture this call made and that recorded nothing is no data: leave no file behind
-            _remove_if_empty(capture.path)
+            _remove_capture(capture.path, only_if_empty=True)
         raise
     from ..storage.reader import CaptureFile
 
@@ -263,19 +257,15 @@ def _run_prompts(model, capture, encoded, device, seed, max_new_tokens, pad, ext
                 on_prompt(i)
 
 
-def _remove_if_empty(path: str) -> None:
-    """Remove a capture whose run folder holds no run file at all, complete or not (nothing was recorded)."""
+def _remove_capture(path: str, *, only_if_empty: bool = False) -> None:
+    """Remove a capture this call made: its run files, run folder, then its index (last, so that whatever cannot be
+    removed is still a capture the reader lists). ``only_if_empty``: only when it holds no run file at all, complete
+    or not (nothing was recorded)."""
     with contextlib.suppress(OSError, LoopscopeError):  # the error being raised matters, not this
-        if run_files.list_run_files(path):
+        found = run_files.list_run_files(path)
+        if found and only_if_empty:
             return
-        os.remove(path)
-        os.rmdir(run_files.runs_dir(path))
-
-
-def _remove_capture(path: str) -> None:
-    """Remove a capture this call made (its index, run files and run folder)."""
-    with contextlib.suppress(OSError, LoopscopeError):
-        for run_file, _ in run_files.list_run_files(path).values():
+        for run_file, _ in found.values():
             os.remove(run_file)
         os.rmdir(run_files.runs_dir(path))
         os.remove(path)

@@ -61,12 +61,21 @@ def test_missing_shard_is_named(new_reference_model, capture_of_saved, tmp_path)
     assert code == 1 and shard in output and "is missing" in output
 
 
-@pytest.mark.parametrize("content", ["[]", "null"])
-def test_config_that_is_no_object_is_refused(saved, tmp_path, content):
+@pytest.mark.parametrize("command", ["capture", "lens"])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("[]", "holds no model configuration"), ("null", "holds no model configuration"), ("{'a'", "not readable JSON")],
+)
+def test_a_config_that_is_no_object_is_one_line_in_capture_and_lens(
+    saved, capture_of_saved, tmp_path, command, content, message
+):
     folder = _copy(saved, tmp_path)
     (folder / "config.json").write_text(content)
-    code, output = _cli("capture", folder, "--prompt", "hi", "--out", tmp_path / "o.h5")
-    assert code == 1 and "holds no model configuration" in output
+    if command == "capture":
+        code, output = _cli("capture", folder, "--prompt", "hi", "--out", tmp_path / "o.h5")
+    else:
+        code, output = _cli("lens", capture_of_saved, "--model", folder, "--out", tmp_path / "l.csv")
+    assert code == 1 and message in output and "config.json" in output and "re-download" in output
 
 
 @pytest.mark.parametrize("device", ["mps", "xpu", "meta", "cuda:99" if torch.cuda.is_available() else "cuda"])
