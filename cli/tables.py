@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..storage import schema
 from ..storage.display import steps_text
 from .output import text
 
@@ -22,7 +23,7 @@ def info_row(run) -> tuple:
     return tuple(
         text(cell)
         for cell in (
-            str(run.attrs.get("call", "")),
+            schema.text_or(run.attrs.get("call"), "?"),  # text, whatever a damaged attribute holds
             str(run.num_tokens),
             steps_text(run),  # HRM's H and L, ALBERT's groups: each loop its own range
             ",".join(run.loops),

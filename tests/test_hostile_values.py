@@ -143,6 +143,19 @@ def test_unsigned_token_ends_are_checked_as_numbers(pristine, tmp_path):
         capture.runs[0].tokens
 
 
+# ---- info and the Jupyter summary -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [np.array([b"generate", b"generate"]), np.arange(3), 7.5], ids=str)
+def test_a_call_attribute_that_is_no_text_shows_as_unknown(pristine, tmp_path, value):
+    path = _copy(pristine, tmp_path)
+    with h5py.File(_run_file(path, 0), "a") as f:
+        f.attrs["call"] = value
+    code, out, err = _child("cli", "info", path)
+    assert code == 0 and "[" not in out.split("\n", 1)[1] and "7.5" not in out, out + err
+    with loopscope.open(path) as capture:
+        summary = capture.runs[0]._repr_html_()
+    assert '<th style="text-align: left">call</th><td style="text-align: left">?</td>' in summary, summary[:400]
+
+
 # ---- verify ----------------------------------------------------------------------------------------------------------
 def test_verify_prints_names_and_paths_from_files_inert(pristine, tmp_path):
     path = _copy(pristine, tmp_path / "dir\x1b[2J")
