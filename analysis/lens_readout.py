@@ -4,7 +4,8 @@ From a loaded model, the family says which modules turn a loop's state into logi
 Huginn's ``transformer.ln_f`` then ``lm_head``), and they run as the model runs them. From a checkpoint directory
 nothing is loaded but what the readout needs: the capture already stores the readout norm's parameters, so only the
 head's weight (or the embedding a tied head shares) is read, with ``safetensors.safe_open``, from a single file or
-from the shard that ``model.safetensors.index.json`` names. A 3.5B checkpoint then costs one matrix, not the model.
+from the shard that ``model.safetensors.index.json`` names. A 3.5B checkpoint then costs one matrix, not the model
+(and the norm's weight, one vector, to check that the checkpoint is the captured model's).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import safetensors
 import torch
 from torch import nn
@@ -82,8 +84,11 @@ def from_model(model: nn.Module, spec: LoopSpec, family: str, override: Sequence
     return Readout(apply, hidden, vocab, paths[-1])
 
 
-def from_directory(directory: str | os.PathLike, run: Run, spec: LoopSpec, family: str) -> Readout:
-    """The stored readout norm, then the head's matrix read from the checkpoint (nothing else is read)."""
+def from_directory(
+    directory: str | os.PathLike, run: Run, spec: LoopSpec, family: str, norm_module: str | None = None
+) -> Readout:
+    """The stored readout norm, then the head's matrix read from the checkpoint (and, to check that the checkpoint
+    is the captured model's, its copy of the norm ``norm_module`` when it has one; nothing else is read)."""
     folder = Path(directory)
     if spec.lens_head is None and spec.no_lens:  # no head reads this loop's states, from a checkpoint or not
         raise LoopscopeError(f"{family} loop {spec.name!r} has no logit lens ({spec.no_lens}); read another loop")
@@ -104,6 +109,8 @@ def from_directory(directory: str | os.PathLike, run: Run, spec: LoopSpec, famil
         )
     bias = _read_tensor(files, bias_name)
     norm = run.capture.readout
+    if norm_module and norm.weight is not None:
+        _check_norm(_read_tensor(files, f"{norm_module}.weight"), norm.weight, folder, norm_module)
 
     @torch.no_grad()
     def apply(states: torch.Tensor) -> torch.Tensor:
@@ -112,6 +119,20 @@ def from_directory(directory: str | os.PathLike, run: Run, spec: LoopSpec, famil
 
     source = str(files.get(spec.lens_head, files.get(spec.lens_tied or "")) if isinstance(files, dict) else files)
     return Readout(apply, int(weight.shape[1]), int(weight.shape[0]), source)
+
+
+def _check_norm(theirs: torch.Tensor | None, ours: np.ndarray, folder: Path, module: str) -> None:
+    """The checkpoint's readout norm is the one the capture stored, up to the rounding of a model run in bfloat16 or
+    float16: a checkpoint of the same architecture with other weights (another training step, the instruct model
+    for the base one) has a head of the right size too, and would give other predictions without a word."""
+    if theirs is None:  # saved under another name: nothing to compare
+        return
+    found = theirs.double().numpy().reshape(-1)
+    if found.shape != ours.reshape(-1).shape or not np.allclose(found, ours.reshape(-1), rtol=2**-7, atol=1e-6):
+        raise LoopscopeError(
+            f"{folder} holds another {module}.weight than the captured model's: it is not the checkpoint the capture "
+            "was made with; pass that one"
+        )
 
 
 def _read_tensor(files: dict[str, Path] | Path, name: str) -> torch.Tensor | None:

@@ -98,7 +98,8 @@ def readout_for(
     family, spec = _spec(run, model, loop)
     if isinstance(model, nn.Module):
         return lens_readout.from_model(model, spec, family, [readout] if isinstance(readout, str) else readout)
-    return lens_readout.from_directory(model, run, spec, family)
+    norm_module = _stored_adapter(run).get("readout")
+    return lens_readout.from_directory(model, run, spec, family, norm_module if isinstance(norm_module, str) else None)
 
 
 def block_measures(
@@ -148,6 +149,13 @@ def _spec(run: Run, model: nn.Module | str | os.PathLike, loop: str) -> tuple[st
 
 def _stored_spec(run: Run, loop: str) -> tuple[str, LoopSpec]:
     """The family and loop the capture recorded (its header holds the adapter it was made with)."""
+    adapter = _stored_adapter(run)
+    family = str(adapter.get("family", "?"))
+    return family, lens_readout.spec_of(adapter.get("loops") or [], family, loop)
+
+
+def _stored_adapter(run: Run) -> dict:
+    """The loop adapter the capture was made with, as its header records it."""
     adapter = run.capture.meta.get("loop_json")
     if isinstance(adapter, str):
         try:
@@ -156,8 +164,7 @@ def _stored_spec(run: Run, loop: str) -> tuple[str, LoopSpec]:
             adapter = None
     if not isinstance(adapter, dict):
         raise LoopscopeError(f"{run.capture.path} does not describe its loop adapter; re-capture it")
-    family = str(adapter.get("family", "?"))
-    return family, lens_readout.spec_of(adapter.get("loops") or [], family, loop)
+    return adapter
 
 
 def _model_spec(model: nn.Module, run: Run, loop: str, family: str, stored: LoopSpec) -> tuple[str, LoopSpec]:
@@ -195,7 +202,7 @@ def check_readout(run: Run, loop: str, head: lens_readout.Readout) -> None:
 
 def check_directory(directory: Path, run: Run) -> None:
     """A directory that is a checkpoint of the captured model, by its config's model type, architecture and state
-    width. (Weights are not compared: a checkpoint of the same model with other weights passes.)"""
+    width. (Its weights are compared where the lens reads them: ``lens_readout`` checks its readout norm.)"""
     config_path = directory / "config.json"
     if not directory.is_dir():
         raise LoopscopeError(f"model directory {directory} does not exist; pass a local checkpoint directory")

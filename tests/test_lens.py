@@ -192,8 +192,8 @@ def _family_model(family: str):
 
 
 def test_lens_from_a_sharded_checkpoint_reads_only_the_head(reference_model, prompt_ids, tmp_path, monkeypatch):
-    """A checkpoint in shards with an index: the lens reads one tensor (the head) from one shard, and agrees with
-    the loaded model's lens."""
+    """A checkpoint in shards with an index: the lens reads one matrix (the head) from one shard, and the norm's
+    vector to check it, and agrees with the loaded model's lens."""
     path = tmp_path / "s.h5"
     with loopscope.attach(reference_model, path), torch.no_grad():
         reference_model(prompt_ids, num_steps=6)
@@ -239,8 +239,8 @@ def test_lens_from_a_sharded_checkpoint_reads_only_the_head(reference_model, pro
     with loopscope.open(path) as capture:
         from_dir = lens(capture.runs[0], folder)
         from_model = lens(capture.runs[0], reference_model)
-    assert [name for name, _ in read] == ["lm_head.weight"]
-    assert sum(size for _, size in read) * 4 < total  # the head only: a fraction of the checkpoint
+    assert [name for name, _ in read] == ["lm_head.weight", "transformer.ln_f.weight"]  # the norm: to check it
+    assert sum(size for _, size in read) * 4 < total  # the head (and one vector): a fraction of the checkpoint
     np.testing.assert_array_equal(from_dir.top_ids, from_model.top_ids)
     np.testing.assert_allclose(from_dir.top_probs, from_model.top_probs, rtol=1e-4)
 
@@ -287,6 +287,33 @@ def test_bad_models_and_directories_are_one_line_errors(reference_model, new_ref
             with pytest.raises(LoopscopeError, match=pattern) as caught:
                 call(run)
             assert "\n" not in str(caught.value)
+
+
+def test_a_checkpoint_with_another_readout_norm_is_refused_and_dtype_rounding_is_not(
+    new_reference_model, prompt_ids, tmp_path
+):
+    """Same architecture, sizes and head shape, other weights: the checkpoint's ln_f differs from the stored one.
+    A model captured in bfloat16 from a float32 checkpoint still reads that checkpoint."""
+    trained = new_reference_model()
+    with torch.no_grad():
+        trained.transformer.ln_f.weight.uniform_(0.5, 1.5)  # as training leaves it (a fresh norm is all ones)
+    checkpoint, other = tmp_path / "ckpt", tmp_path / "other"
+    trained.save_pretrained(checkpoint)
+    saved_norm = trained.transformer.ln_f.weight.detach().clone().numpy()
+    another = new_reference_model(seed=1)
+    with torch.no_grad():
+        another.transformer.ln_f.weight.copy_(trained.transformer.ln_f.weight * 1.05)  # another step's norm
+    another.save_pretrained(other)
+    path = tmp_path / "bf16.h5"
+    in_bf16 = trained.to(torch.bfloat16)
+    with loopscope.attach(in_bf16, path), torch.no_grad():
+        in_bf16(prompt_ids, num_steps=4)
+    with loopscope.open(path) as capture:
+        run = capture.runs[0]
+        assert not np.array_equal(capture.readout.weight, saved_norm)  # rounded to bfloat16: not equal, yet the same
+        assert lens(run, checkpoint).top_ids.shape[0] == run.num_tokens
+        with pytest.raises(LoopscopeError, match=r"another transformer\.ln_f\.weight .* pass that one$"):
+            lens(run, other)
 
 
 def test_lens_of_a_merged_run_and_through_dask_equals_the_lens_of_its_source(reference_model, prompt_ids, tmp_path):
