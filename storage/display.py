@@ -16,8 +16,6 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import schema
-
 if TYPE_CHECKING:
     from .reader import CaptureFile
     from .run import Run
@@ -136,7 +134,7 @@ def _readable_run_rows(run: Run) -> list[tuple[str, str]]:
     run.check()
     attrs = run.attrs
     call = _call(run)
-    if schema.as_text(attrs.get("call")) == "generate":
+    if call == "generate":
         prompt = int((run.forward_index == 0).sum())
         call += f" ({prompt} prompt + {run.num_tokens - prompt} generated tokens)"
     rows = [("call", call), ("tokens", str(run.num_tokens)), ("steps (min-max)", steps_text(run))]
@@ -158,6 +156,8 @@ def _readable_run_rows(run: Run) -> list[tuple[str, str]]:
 
 def _call(run: Run) -> str:
     """How the run was made: a prefill (one forward), a generate() call, or the adapter's named method."""
+    from . import schema  # here, not at the top: ``import loopscope`` loads this module and must not load h5py
+
     call = schema.text_or(run.attrs.get("call"), "?")  # a damaged attribute (an array, a number) shows as "?"
     return "prefill" if call == "forward" else call
 
