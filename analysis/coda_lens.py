@@ -5,7 +5,8 @@ At step k the whole sequence of step-k states goes through the model's ``coda_me
 ``predict_from_latents``: ``ln_f``, the coda blocks with causal attention over the run's tokens, ``ln_f``, the head)
 at the run's positions. A prefill run's last step is then exactly the model's own forward. A decoded token attended
 in generation to the earlier tokens' cached final states; here it attends to their step-k states (a token past its
-own last step keeps its last state), which is the approximation this lens makes for generated tokens.
+own last step keeps its last state), which is the approximation this lens makes for generated tokens. A run that
+stored some tokens only (``tokens=``) is refused: its tokens would attend to each other alone.
 
 Memory: a few [T, V] arrays (the last step's logits, the previous step's, the current one), on top of the model.
 """
@@ -18,6 +19,7 @@ from torch import nn
 
 from .. import families
 from ..errors import LoopscopeError
+from ..storage import safety
 from ..storage.reader import Run
 from .lens_measure import assemble, stack_steps, step_measures
 from .lens_result import LensResult
@@ -31,6 +33,7 @@ def coda_lens(run: Run, model: nn.Module, loop: str, family: str, top_k: int) ->
             f"--kind coda needs a model with a coda after its loop (Huginn-shaped); {family} has none: "
             "use the logit lens (kind='logit')"
         )
+    check_whole_sequence(run)
     states = run.decode(run.read(np.s_[:], loop), loop)  # [T, K, H]: every step of every token is needed
     last = run.steps_of(loop).astype(np.int64)
     n_tokens, n_slots, hidden = states.shape
@@ -52,6 +55,24 @@ def coda_lens(run: Run, model: nn.Module, loop: str, family: str, top_k: int) ->
         final[torch.as_tensor(last == step)] = at[torch.as_tensor(last == step)]
     parts = _per_step(logits_at, final, last, n_slots, top_k)
     return assemble(run, loop, "coda", parts, last)
+
+
+def check_whole_sequence(run: Run) -> None:
+    """Refuse a run that left out earlier tokens (``tokens=[...]``, ``"generated"``): its stored tokens would attend
+    to each other only, and every prediction would be silently wrong. The attended rows (a left-padded row's pads
+    aside, as its ``attention_mask`` records them) must sit at positions 0, 1, ... with none missing."""
+    positions = np.asarray(run.positions, dtype=np.int64)
+    attended = positions[np.asarray(run.attention_mask) != 0]
+    if np.array_equal(attended, np.arange(len(attended))) or np.array_equal(positions, np.arange(len(positions))):
+        return
+    options = run.capture.meta.get("options_json")
+    selection = options.get("tokens") if isinstance(options, dict) else None
+    kept = f" (token selection: {safety.clean(selection)[:80]})" if isinstance(selection, str) else ""
+    raise LoopscopeError(
+        f"the coda lens needs every token up to the last one stored; run {run.index} stored {run.num_tokens} of "
+        f"{int(positions.max()) + 1 if positions.size else 0}{kept}: use the logit lens (--kind logit) or capture "
+        "all tokens"
+    )
 
 
 def _per_step(logits_at, final: torch.Tensor, last: np.ndarray, n_slots: int, top_k: int) -> dict[str, np.ndarray]:

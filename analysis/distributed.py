@@ -101,6 +101,7 @@ def token_metrics(
     workers: int | None = None,
     block_bytes: int = BLOCK_BYTES,
     locking: bool | str | None = None,
+    missing: str = "error",
 ) -> list[TokenMetrics]:
     """Every measure of every selected run of every capture, computed by Dask; one :class:`TokenMetrics` per run,
     in the order (capture, run), equal to :func:`loopscope.analysis.token_metrics` on the same run with its default
@@ -109,12 +110,14 @@ def token_metrics(
     ``runs``: run indices (as ``CaptureFile.run``) taken from each capture; None for all. ``reference``: ``"final"``,
     a run index of the same capture, or ``"other.h5[:N]"``; the reference states are read by the workers too.
     ``scheduler``: None or ``"threads"`` (local threads, ``workers`` of them), ``"processes"``, ``"sync"``, a
-    ``dask.distributed`` address such as ``"tcp://10.0.0.5:8786"``, or a ``distributed.Client``.
+    ``dask.distributed`` address such as ``"tcp://10.0.0.5:8786"``, or a ``distributed.Client``. ``missing``: as
+    :class:`CaptureFile`'s (``"skip"``: the runs whose files are there), for every file a task opens.
     """
     dask, da = require_dask()
+    opening = {"locking": locking, "missing": missing}
     if isinstance(reference, Run):
         raise LoopscopeError("the Dask analysis takes reference='final', a run index or 'file.h5[:N]', not a Run")
-    plans = _plan_runs(_as_paths(captures), runs, space, loop, block_bytes, locking)
+    plans = _plan_runs(_as_paths(captures), runs, space, loop, block_bytes, opening)
     reference = _absolute_reference(reference)  # read by the workers, which may run in another directory
     graphs = []
     for p in plans:
@@ -122,7 +125,7 @@ def token_metrics(
         steps = da.from_array(p.steps, chunks=(p.block,))
         args: list = [states, "tkh", steps, "t"]
         if not _is_final(reference):
-            ref = dask.delayed(_reference_rows, pure=True)(p.capture, p.number, reference, p.space, p.loop, locking)
+            ref = dask.delayed(_reference_rows, pure=True)(p.capture, p.number, reference, p.space, p.loop, opening)
             star = da.from_delayed(ref, shape=(len(p.steps), p.source.shape[2]), dtype=p.dtype)
             args += [star.rechunk((p.block, -1)), "th"]
         else:
@@ -139,7 +142,7 @@ def token_metrics(
                 readout=p.readout,
             )
         )
-    labels = _reference_labels(plans, reference, locking)  # also checks each reference before any task runs
+    labels = _reference_labels(plans, reference, opening)  # also checks each reference before any task runs
     results = compute(*graphs, scheduler=scheduler, workers=workers)
     out = []
     for p, values, label in zip(plans, results, labels):
@@ -172,6 +175,7 @@ def trajectory_pca(
     scheduler: Any = None,
     workers: int | None = None,
     locking: bool | str | None = None,
+    missing: str = "error",
 ) -> list[TrajectoryPCA]:
     """Principal components of the trajectories of ``(capture, run, tokens)`` selections, possibly from many files.
 
@@ -185,12 +189,12 @@ def trajectory_pca(
     selection = [(os.fspath(c), int(r), list(t)) for c, r, t in selection]
     if not any(tokens for _, _, tokens in selection):
         raise LoopscopeError("select at least one token for the PCA")
-    trajectories, labels, tokens_out = [], [], []
+    trajectories, labels, tokens_out, held = [], [], [], []
     for capture_path, number, tokens in selection:
-        with CaptureFile(capture_path, locking=locking) as capture:
+        with CaptureFile(capture_path, locking=locking, missing=missing) as capture:
             run = capture.run(number)
             plan = _plan_run(capture_path, run.index, run, space, loop, BLOCK_BYTES, locking)
-            n = run.num_tokens
+            n, iterations = run.num_tokens, run.step_iterations(loop)
             one_token = da.from_array(plan.source, chunks=(1, -1, -1), asarray=True, lock=False, name=False)
             for t in tokens:
                 if not -n <= t < n:
@@ -201,6 +205,7 @@ def trajectory_pca(
                 trajectories.append(x)
                 labels.append(_pca._label(run, t))
                 tokens_out.append(t % n)
+                held.append(iterations[t % n, : int(plan.steps[t]) + 1])
     centres = [x.mean(axis=0) for x in trajectories]
     centred = [x - c for x, c in zip(trajectories, centres)]
     if basis == "shared":
@@ -214,9 +219,9 @@ def trajectory_pca(
         tasks = [dask.delayed(_token_axes, pure=True)(c, n_components) for c in centred]  # one numpy SVD each
         pieces, centres, centred = compute(tasks, centres, centred, scheduler=scheduler, workers=workers)
     results = []
-    for t, label, x, centre, (axes, variance, total) in zip(tokens_out, labels, centred, centres, pieces):
+    for t, label, x, centre, (axes, variance, total), its in zip(tokens_out, labels, centred, centres, pieces, held):
         explained = variance / total if total > 0 else np.zeros_like(variance)
-        results.append(TrajectoryPCA(t, label, x @ axes.T, explained, centre))
+        results.append(TrajectoryPCA(t, label, x @ axes.T, explained, centre, its))
     return results
 
 
@@ -270,16 +275,16 @@ def _as_paths(captures) -> list[str]:
     return paths
 
 
-def _plan_runs(paths, runs, space, loop, block_bytes, locking) -> list[_RunPlan]:
+def _plan_runs(paths, runs, space, loop, block_bytes, opening: dict) -> list[_RunPlan]:
     plans = []
     for path in paths:
-        with CaptureFile(path, locking=locking) as capture:
+        with CaptureFile(path, **opening) as capture:
             numbers = list(runs) if runs else [run.index for run in capture.runs]
             if not numbers:
                 raise LoopscopeError(f"{path} has no complete runs")
             for number in numbers:
                 run = capture.run(number)  # -1 and the like resolved once: every task reads this very run
-                plans.append(_plan_run(path, run.index, run, space, loop, block_bytes, locking))
+                plans.append(_plan_run(path, run.index, run, space, loop, block_bytes, opening["locking"]))
                 plans[-1].run = _TokenData(plans[-1].run, plans[-1].loop)
     return plans
 
@@ -335,19 +340,19 @@ def _absolute_reference(reference):
     head, sep, tail = text.rpartition(":")
     if sep and tail.isdigit() and not os.path.exists(text):
         return f"{os.path.abspath(head)}:{tail}"
-    return os.path.abspath(text)
+    return os.path.abspath(text)  # "other.h5:-1" too: its ":-1" kept
 
 
 def _is_final(reference) -> bool:
     return isinstance(reference, str) and reference == "final"
 
 
-def _reference_labels(plans, reference, locking) -> list[str]:
+def _reference_labels(plans, reference, opening: dict) -> list[str]:
     if _is_final(reference):
         return ["final"] * len(plans)
     labels = []
     for p in plans:  # the label needs only the reference run's step counts: a small read
-        with CaptureFile(p.capture, locking=locking) as capture, contextlib.ExitStack() as stack:
+        with CaptureFile(p.capture, **opening) as capture, contextlib.ExitStack() as stack:
             run = capture.run(p.number)
             ref_run = open_reference_run(run, reference, stack)
             assert ref_run is not None  # "final" returned above
@@ -378,9 +383,9 @@ def _decode(raw: np.ndarray, *, bf16: bool) -> np.ndarray:
     return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32) if bf16 else raw
 
 
-def _reference_rows(capture_path, number, reference, space, loop, locking) -> np.ndarray | None:
+def _reference_rows(capture_path, number, reference, space, loop, opening: dict) -> np.ndarray | None:
     """s* of every token of one run, [T, H] in the analysis space, read where the task runs."""
-    with CaptureFile(capture_path, locking=locking) as capture, contextlib.ExitStack() as stack:
+    with CaptureFile(capture_path, **opening) as capture, contextlib.ExitStack() as stack:
         run = capture.run(number)
         return reference_states(run, open_reference_run(run, reference, stack), space, loop).states
 

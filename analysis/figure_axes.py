@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import LoopscopeError
 from ..storage import schema
 from ..storage.outputs import write_whole
+from ..storage.safety import clean
 from ..storage.safety import figure_text as _t  # titles and labels hold file names, signal names, model text
 
 FORMATS = (".png", ".pdf", ".svg")
@@ -135,12 +136,18 @@ def fit_label(fig, text) -> None:
 
 
 def prompt_line(ax, prompt: int | None, start: int, stop: int) -> bool:
-    """Draw the line between a generate() run's prompt rows and its generated ones if it falls on rows
-    ``start:stop``; says whether it did."""
-    if prompt is None or not start <= prompt <= stop:
+    """Draw the line between a generate() run's prompt rows and its generated ones if the first generated row is
+    one of rows ``start:stop`` (a prompt ending with a page is marked on the next, not on this one's lower edge);
+    says whether it did."""
+    if prompt is None or not marks_prompt(prompt, start, stop):
         return False
     ax.axhline(prompt - start - 0.5, color="red", linewidth=1.5)
     return True
+
+
+def marks_prompt(prompt: int | None, start: int, stop: int) -> bool:
+    """Whether rows ``start:stop`` hold the first generated row, where :func:`prompt_line` draws its line."""
+    return prompt is not None and start <= prompt < stop
 
 
 class _AggFigures:
@@ -178,10 +185,12 @@ def _cmap():
     return matplotlib.colormaps["viridis"].with_extremes(bad="white")
 
 
-def _log_scale(d: np.ndarray, zeros: str, LogNorm):
-    """(shared LogNorm, array to draw, colour-bar note) for distances ``d`` under the chosen zero handling."""
+def _log_scale(d: np.ndarray, zeros: str, LogNorm, floor: float | None = None):
+    """(shared LogNorm, array to draw, colour-bar note) for distances ``d`` under the chosen zero handling.
+    ``floor``: where clipped zeros go, when a colour scale shared with other data sets it (a compare panel)."""
     positive = d[np.isfinite(d) & (d > 0)]
-    floor = float(positive.min()) if positive.size else 1e-12
+    if floor is None:
+        floor = float(positive.min()) if positive.size else 1e-12
     ceiling = float(positive.max()) if positive.size else 1.0
     has_zeros = bool(np.any(d == 0))
     if zeros == "clip":
@@ -270,7 +279,56 @@ def _save_pages(plt, figures, out) -> list[str]:
     finally:
         for fig in figures:
             plt.close(fig)
+    _remove_stale(path, kind, 0 if len(written) == 1 else len(written))
     return written
+
+
+#: How each format's files begin: a file is removed as an older page only if it is one (never a capture's HDF5).
+_MAGIC = {"png": (b"\x89PNG\r\n\x1a\n",), "svg": (b"<?xml", b"<svg"), "pdf": (b"%PDF-",)}
+
+
+def _remove_stale(path: Path, kind: str, pages: int) -> None:
+    """Remove what an earlier drawing to ``path`` left that this one did not overwrite: with ``pages`` pages, the
+    single ``<stem><suffix>`` and pages numbered past them; as one file (``pages`` 0), every ``<stem>-pNN<suffix>``.
+    Otherwise the folder would mix two figures' pages. Only regular files (no link) holding this format's data are
+    removed; anything else of such a name is left, and one warning says so."""
+    import re
+    import warnings
+
+    folder = path.parent
+    pattern = re.compile(re.escape(path.stem) + r"-p(\d{2,})" + re.escape(path.suffix))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    stale = [path] if pages else []
+    stale += [folder / n for n in names if (m := pattern.fullmatch(n)) is not None and int(m.group(1)) > pages]
+    left = [p for p in stale if os.path.lexists(p) and not _remove_figure(p, kind)]
+    if left:
+        warnings.warn(
+            f"loopscope: left {len(left)} file(s) named like pages of {clean(path)} from an earlier figure, which are "
+            f"not {kind.upper()} files loopscope wrote (first: {clean(left[0])}); remove them by hand",
+            stacklevel=3,
+        )
+
+
+def _remove_figure(path: Path, kind: str) -> bool:
+    """Unlink ``path`` if it is a regular file (not a link) beginning as a ``kind`` figure does; whether it went."""
+    import stat
+
+    try:  # no link followed, and a FIFO swapped in is never waited on
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not os.read(fd, 16).startswith(_MAGIC[kind]):
+            return False
+        os.unlink(path)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _pdf_pages(figures, path: str) -> None:

@@ -28,6 +28,7 @@ from .figure_axes import (  # noqa: F401 (FORMATS, ITERATIONS, check_figure_path
     check_figure_path,
     colour_bar,
     integer_ticks,
+    marks_prompt,
     percent,
     printable,
     prompt_line,
@@ -130,7 +131,7 @@ class _Pages:
             page_title = title
             if len(pages) > 1:
                 page_title += f" (tokens {start}-{stop - 1}, page {number}/{len(pages)})"
-            marked = self.prompt is not None and start <= self.prompt <= stop
+            marked = marks_prompt(self.prompt, start, stop)
             # the note is ours, added after the file's text is cleaned (which would escape its line break)
             fig.axes[0].set_title(_t(page_title) + (f"\n({PROMPT_NOTE})" if marked else ""))
             figures.append(fig)
@@ -172,7 +173,7 @@ def compare(
     )
     image, panels = None, []
     for n, (ax, d, name, stride) in enumerate(zip(axes, (a, b), titles, step_strides)):
-        _, shown, _ = _log_scale(d, zeros, LogNorm)
+        _, shown, _ = _log_scale(d, zeros, LogNorm, floor=norm.vmin)  # s* at the floor the colour bar names
         padded = np.ma.masked_all((rows, shown.shape[1]))
         padded[: d.shape[0]] = shown
         image = _cells(ax, padded, norm)
@@ -245,22 +246,37 @@ def exits(
     *,
     title: str | None = None,
     xlabel: str = "Steps to exit",
+    notes: tuple[str, ...] = (),
+    never: str = "have no step",
 ) -> list[str]:
-    """Histogram of integer step counts (each token's exit step of an adaptive run, or its convergence step)."""
+    """Histogram of integer step counts (each token's exit step of an adaptive run, or its convergence step).
+
+    ``notes``: more title lines (what s* was). A negative count (a token that never converged) has no bar: a title
+    line says how many there are and ``never`` what they did ("never converged within tol=1e-07"), so the bars are
+    not read as every token, and a run where none converged says so instead of showing an empty frame."""
     plt, _ = _pyplot()
-    values = np.asarray(steps, dtype=np.int64)
-    values = values[values >= 0]
+    everything = np.asarray(steps, dtype=np.int64)
+    values = everything[everything >= 0]
+    dropped = f"{everything.size - values.size} of {everything.size} tokens {never}"
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     if values.size:
         edges = np.arange(values.min(), values.max() + 2) - 0.5
         ax.hist(values, bins=edges, color="#3b528b", edgecolor="white")
         ax.axvline(values.mean(), color="#fde725", linewidth=2, label=f"mean {values.mean():.1f}")
         ax.legend()
-    integer_ticks(ax.xaxis)
-    integer_ticks(ax.yaxis)
+        integer_ticks(ax.xaxis)
+        integer_ticks(ax.yaxis)
+    else:
+        said = dropped if everything.size else "no tokens"
+        ax.text(0.5, 0.5, _t(said), transform=ax.transAxes, ha="center", va="center", wrap=True)
+        ax.set_xticks([])
+        ax.set_yticks([])
     ax.set_xlabel(_t(xlabel))
     ax.set_ylabel("Tokens")
-    ax.set_title(_t(title or "Steps to exit per token"))
+    lines = [title or "Steps to exit per token", *notes]
+    if values.size < everything.size:
+        lines.append(dropped + (" (not drawn)" if values.size else ""))
+    ax.set_title("\n".join(_t(line) for line in lines), fontsize=10)  # each line cleaned, the breaks ours
     return _save_pages(plt, [fig], out)
 
 
@@ -271,7 +287,9 @@ def pca_trajectories(
 
     Each trajectory is centred on its own centre of mass; a cross marks s_0 and a star the last state. Steps are
     coloured on a log scale (linear from 0 to 1): late steps crowd s*, and a linear scale would give the few early,
-    far-apart ones almost the whole range while the many late ones share one colour.
+    far-apart ones almost the whole range while the many late ones share one colour. Colours are iterations (a step
+    stride stores s_0, s_4, s_8, ...), or stored steps when the tokens' rows hold different iterations (a stride
+    with adaptive exit); the star names each token's own last iteration.
     """
     plt, _ = _pyplot()
     from matplotlib.colors import SymLogNorm
@@ -282,13 +300,14 @@ def pca_trajectories(
     if pairs == 0:
         raise LoopscopeError("a PCA plot needs at least 2 components: the trajectories are too short")
     rows = len(trajectories)
-    last = max(t.projections.shape[0] for t in trajectories) - 1
+    by_iteration = _same_iterations([t.held for t in trajectories])
+    colours = [t.held if by_iteration else np.arange(t.projections.shape[0]) for t in trajectories]
+    last = max(int(c[-1]) for c in colours)
     norm = SymLogNorm(linthresh=1, linscale=0.5, vmin=0, vmax=max(last, 1), base=10)
     fig, axes = plt.subplots(rows, pairs, figsize=(4 * pairs, 3.6 * rows), constrained_layout=True, squeeze=False)
     scatter = None
-    for row, traj in zip(axes, trajectories):
+    for row, traj, steps in zip(axes, trajectories, colours):
         p = traj.projections
-        steps = np.arange(p.shape[0])
         for pair, ax in enumerate(row):
             i, j = 2 * pair, 2 * pair + 1
             if j >= p.shape[1]:
@@ -297,18 +316,25 @@ def pca_trajectories(
             ax.plot(p[:, i], p[:, j], color="0.75", linewidth=0.8, zorder=1)
             scatter = ax.scatter(p[:, i], p[:, j], c=steps, cmap="viridis", norm=norm, s=14, zorder=2)
             ax.scatter(p[0, i], p[0, j], marker="x", color="black", s=40, zorder=3, label="s_0")
-            ax.scatter(p[-1, i], p[-1, j], marker="*", color="red", s=80, zorder=3, label=f"s_{p.shape[0] - 1}")
+            ax.scatter(p[-1, i], p[-1, j], marker="*", color="red", s=80, zorder=3, label=f"s_{int(traj.held[-1])}")
             ax.set_xlabel(f"PC{i + 1} ({percent(traj.explained[i])})")
             ax.set_ylabel(f"PC{j + 1} ({percent(traj.explained[j])})")
             if pair == 0:
                 ax.set_title(f"token {traj.token}: {printable(traj.label)}", loc="left", fontsize=10)
                 ax.legend(fontsize=7, loc="best")
-    bar = colour_bar(fig, scatter, axes, with_loop("Iteration (log scale)", loop), shrink=0.6)
+    scale = "Iteration (log scale)" if by_iteration else "Stored step (log scale; tokens' iterations differ)"
+    bar = colour_bar(fig, scatter, axes, with_loop(scale, loop), shrink=0.6)
     bar.set_ticks(_log_steps(max(last, 1)))
     bar.set_ticklabels([str(k) for k in _log_steps(max(last, 1))])
     if title:
         fig.suptitle(_t(with_loop(title, loop)))
     return _save_pages(plt, [fig], out)
+
+
+def _same_iterations(held: list[np.ndarray]) -> bool:
+    """Whether every trajectory's row k holds the same iteration as every other's that has a row k."""
+    longest = max(held, key=len)
+    return all(np.array_equal(h, longest[: len(h)]) for h in held)
 
 
 def _log_steps(last: int) -> list[int]:

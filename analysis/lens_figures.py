@@ -25,6 +25,7 @@ from .figures import (
     _t,
     check_figure_path,
     printable,
+    steps_label,
     token_axes,
 )
 from .lens_result import LensResult
@@ -136,7 +137,7 @@ def kl_figures(
     def page(start: int, stop: int, page_title: str):
         colour_label = f"KL(p_k || p_final) in nats ({result.kind} lens){note}"
         fig = _heatmap_page(plt, shown[start:stop], norm, start, labels, positions, colour_label, 1)
-        _step_ticks(fig.axes[0], result.steps[: shown.shape[1]])
+        _step_ticks(fig.axes[0], result, shown.shape[1])
         fig.axes[0].set_title(page_title)
         return fig
 
@@ -219,12 +220,18 @@ def _row_labels(result: LensResult) -> list[str]:
     return [str(int(p)) for p in _positions(result)]
 
 
-def _step_ticks(ax, steps: np.ndarray) -> None:
-    """At most MAX_STEP_TICKS ticks on cells, each labelled with the iteration its stored step holds."""
-    ticks = np.arange(0, len(steps), _tick_every(len(steps)))
+def _step_ticks(ax, result: LensResult, n_steps: int) -> None:
+    """At most MAX_STEP_TICKS ticks on cells, each labelled with the iteration its stored step holds; when tokens
+    hold different iterations in one slot (a step stride with adaptive exit), with the stored step, as
+    :func:`.figures.heatmap` labels it."""
+    shared = result.shared_steps
+    ticks = np.arange(0, n_steps, _tick_every(n_steps))
     ax.set_xticks(ticks)
-    ax.set_xticklabels([str(int(steps[k])) for k in ticks])
-    ax.set_xlabel(ITERATIONS)
+    ax.set_xticklabels([str(int(k if shared is None else shared[k])) for k in ticks])
+    if shared is not None:
+        ax.set_xlabel(ITERATIONS)
+    else:
+        ax.set_xlabel(steps_label(result.step_stride) if result.step_stride > 1 else "Stored step")
 
 
 def _tick_every(n: int) -> int:
@@ -238,7 +245,7 @@ def _tick_every(n: int) -> int:
 def _token_axes(fig, ax, image, labels, start, stop, result: LensResult, colour_label: str, every: int) -> None:
     """The grid's axes: iterations along x, token labels left and positions right (every ``every``-th row), and
     the colour bar."""
-    _step_ticks(ax, result.steps[: image.get_array().shape[1]])
+    _step_ticks(ax, result, image.get_array().shape[1])
     right = token_axes(ax, stop - start, start, labels, _positions(result), label=str, every=every)
     fig.colorbar(image, ax=[ax, right], pad=0.02, fraction=0.03).set_label(_t(colour_label))
 

@@ -114,4 +114,6 @@ def assemble(run: Run, loop: str, kind: str, parts: dict[str, np.ndarray], last:
         kl_previous=parts["kl_previous"],
         final_rank=parts["final_rank"],
         final_prob=parts["final_prob"],
+        iterations=iterations,
+        step_stride=run.step_stride,
     )

@@ -1,6 +1,6 @@
 """What every stored step of a run would predict: the result of the readout lens (``lens.py``), without torch.
 
-Per token t and stored step k (slot k of the states, ``steps[k]`` its iteration): the top-k next-token ids and
+Per token t and stored step k (slot k of the states, ``iterations[t, k]`` its iteration): the top-k next-token ids and
 probabilities, the entropy, KL(p_k || p_final) (the quantity Huginn's ``kl`` exit criterion thresholds),
 KL(p_k || p_(k-1)), and the rank and probability of the token the last step predicts. Per token, the *settling
 step*: the first stored step from which the top-1 prediction never changes again. Slots past a token's last step
@@ -51,7 +51,7 @@ class LensResult:
     kind: str
     loop: str
     run_index: int
-    steps: np.ndarray  # [K] the iteration of each stored step
+    steps: np.ndarray  # [K] the iteration of each stored step, where every token's is the same (see iterations)
     last: np.ndarray  # [T] each token's last stored step
     top_ids: np.ndarray  # [T, K, top_k] int64, most probable first
     top_probs: np.ndarray  # [T, K, top_k] float64
@@ -63,6 +63,28 @@ class LensResult:
     tokens: list[str] | None = None  # each row's own token text, when the capture stored it
     positions: np.ndarray | None = None  # [T] each row's position in its sequence
     top1_text: np.ndarray | None = None  # [T, K] object: the text of each top-1 prediction (with a tokenizer)
+    # [T, K] each token's own iteration per stored step (-1 past its last): with a step stride and adaptive exit,
+    # a token that stopped early holds its last iteration in a slot where the others hold a later stride's
+    iterations: np.ndarray | None = None
+    step_stride: int = 1  # 1, or n when the capture kept s0, every n-th iteration and each token's last
+
+    @property
+    def step_iterations(self) -> np.ndarray:
+        """[T, K] int64: the iteration each token's stored step holds (``steps`` for every token when not given)."""
+        if self.iterations is not None:
+            return np.asarray(self.iterations, dtype=np.int64)
+        return np.broadcast_to(np.asarray(self.steps, dtype=np.int64), self.entropy.shape)
+
+    @property
+    def shared_steps(self) -> np.ndarray | None:
+        """[K] the iteration of each stored step when every token that reached it holds the same one (an axis to
+        label in iterations), else None (a step stride with adaptive exit: the axis is in stored steps)."""
+        held = self.step_iterations
+        reached = held >= 0
+        top = np.where(reached, held, -1).max(axis=0, initial=-1)
+        if np.any(reached & (held != top[None, :])):
+            return None
+        return np.where(top >= 0, top, np.asarray(self.steps, dtype=np.int64)[: len(top)])
 
     @property
     def num_tokens(self) -> int:
@@ -85,12 +107,13 @@ class LensResult:
 
     @property
     def settling_iteration(self) -> np.ndarray:
-        """[T] int64: :attr:`settling` as an iteration of the loop (differs from it with ``step_stride``)."""
-        return self.steps[self.settling]
+        """[T] int64: :attr:`settling` as an iteration of the loop (differs from it with ``step_stride``), each
+        token's own."""
+        return self.step_iterations[np.arange(self.num_tokens), self.settling]
 
     def to_csv(self, path: str | os.PathLike, *, append: bool = False) -> int:
         """One row per token and stored step it ran (``CSV_COLUMNS``); returns the rows written."""
-        settling = self.settling
+        settling, iterations = self.settling, self.step_iterations
         rows = 0
         try:
             # UTF-8 whatever the locale; a lone surrogate (a tokenizer decoding half a character) becomes "?"
@@ -100,13 +123,13 @@ class LensResult:
                     writer.writerow(CSV_COLUMNS)
                 for t in range(self.num_tokens):
                     for k in range(int(self.last[t]) + 1):
-                        writer.writerow(self._row(t, k, settling[t]))
+                        writer.writerow(self._row(t, k, settling[t], int(iterations[t, k])))
                         rows += 1
         except OSError as exc:
             raise LoopscopeError(f"cannot write {path}: {exc.strerror or exc}") from None
         return rows
 
-    def _row(self, t: int, k: int, settling: int) -> list:
+    def _row(self, t: int, k: int, settling: int, iteration: int) -> list:
         text = "" if self.tokens is None else self.tokens[t]
         predicted = "" if self.top1_text is None else str(self.top1_text[t, k])
         position = t if self.positions is None else int(self.positions[t])
@@ -118,7 +141,7 @@ class LensResult:
             position,
             text,
             k,
-            int(self.steps[k]),
+            iteration,
             int(self.top_ids[t, k, 0]),
             predicted,
             _number(self.top_probs[t, k, 0]),

@@ -27,6 +27,13 @@ class TrajectoryPCA:
     projections: np.ndarray  # [n + 1, C]: s_0..s_n, centred on the trajectory's centre of mass
     explained: np.ndarray  # [C] fraction of the variance each component explains
     centre: np.ndarray  # [H] the centre of mass, in the analysis space
+    iterations: np.ndarray | None = None  # [n + 1] the iteration each row holds (a step stride skips some); None: 0..n
+
+    @property
+    def held(self) -> np.ndarray:
+        """[n + 1] the iteration of each row: ``iterations``, or 0..n when every iteration was stored."""
+        rows = np.arange(self.projections.shape[0])
+        return rows if self.iterations is None else np.asarray(self.iterations, dtype=np.int64)
 
 
 def trajectory_pca(
@@ -50,6 +57,7 @@ def trajectory_pca(
         raise LoopscopeError("select at least one token for the PCA")
     to_space = space_fn(run, resolve_space(run, space))
     n = run.num_tokens
+    held = run.step_iterations(loop)  # [T, K]: with a step stride, row k is not iteration k
     centred, centres = [], []
     for t in tokens:
         if not -n <= t < n:
@@ -70,7 +78,8 @@ def trajectory_pca(
         axes, variance = (shared_axes, shared_var) if basis == "shared" else _principal_axes(x, n_components)
         total = float(np.sum(x * x)) if basis == "token" else float(sum(np.sum(c * c) for c in centred))
         explained = variance / total if total > 0 else np.zeros_like(variance)
-        results.append(TrajectoryPCA(t % n, _label(run, t), x @ axes.T, explained, centre))
+        iterations = held[t % n, : len(x)]
+        results.append(TrajectoryPCA(t % n, _label(run, t), x @ axes.T, explained, centre, iterations))
     return results
 
 

@@ -34,7 +34,7 @@ from ..families.adapter import LoopSpec
 from ..families.checkpoint import read_config
 from ..storage.reader import Run
 from . import lens_readout
-from .coda_lens import coda_lens
+from .coda_lens import check_whole_sequence, coda_lens
 from .lens_measure import assemble, measure
 from .lens_result import KINDS, LensResult
 
@@ -68,6 +68,8 @@ def lens(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LoopscopeError(f"{name}={value!r} must be a positive integer, e.g. 5")
     loop = check_loop(run, loop)
+    if kind == "coda":
+        check_whole_sequence(run)  # before a checkpoint is loaded for nothing
     if not isinstance(model, nn.Module):
         directory = Path(model)
         check_directory(directory, run)

@@ -2,13 +2,15 @@
 
 The Huginn paper measures each token's distance to a state computed with many more iterations (128) than the run
 itself; without such a run, a token's own last state is the usual stand-in. Both are supported, plus a run in
-another capture file, named ``"other.h5"`` (its first complete run) or ``"other.h5:3"`` (its run number 3).
+another capture file, named ``"other.h5"`` (its first complete run), ``"other.h5:3"`` (its run number 3) or
+``"other.h5:-1"`` (its last).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +66,15 @@ def parse_reference(text: str) -> str | int:
     return text
 
 
+def split_file_run(text: str) -> tuple[str, int | None]:
+    """``"file.h5:N"`` -> (file, N), N negative counting back from the last run as ``--run`` does; ``"file.h5"``
+    (or a file whose own name ends in ``:N``) -> (file, None): its first complete run."""
+    head, sep, tail = text.rpartition(":")
+    if sep and re.fullmatch(r"-?[0-9]+", tail) and not os.path.exists(text):
+        return head, int(tail)
+    return text, None
+
+
 def open_reference_run(run: Run, reference, stack: contextlib.ExitStack) -> Run | None:
     """The run that holds s*, or None for ``"final"``. Files opened here are closed by ``stack``."""
     if isinstance(reference, Run):
@@ -74,10 +85,7 @@ def open_reference_run(run: Run, reference, stack: contextlib.ExitStack) -> Run 
         text = os.fspath(reference)
         if text == "final":
             return None
-        path, index = text, None  # no ":N": the file's first complete run
-        head, sep, tail = text.rpartition(":")
-        if sep and tail.isdigit() and not os.path.exists(text):
-            path, index = head, int(tail)
+        path, index = split_file_run(text)
         if not os.path.exists(path):
             raise LoopscopeError(
                 f"reference={text!r}: use 'final', a run index of this capture, or an existing capture file[:run]"

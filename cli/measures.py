@@ -18,7 +18,7 @@ def run_metrics(run, reference, space, loop, measures=METRICS):
     return metrics
 
 
-def dask_metrics(file, runs, reference, space, loop, scheduler, workers) -> list:
+def dask_metrics(file, runs, reference, space, loop, scheduler, workers, missing: str = "error") -> list:
     """Every selected run's measures in one Dask computation (see analysis/distributed.py)."""
     from ..analysis.distributed import token_metrics as distributed_token_metrics
     from ..analysis.reference import parse_reference
@@ -32,6 +32,7 @@ def dask_metrics(file, runs, reference, space, loop, scheduler, workers) -> list
             loop=loop,
             scheduler=scheduler,
             workers=workers,
+            missing=missing,
         )
     for metrics in results:
         warn_nonfinite(metrics)

@@ -189,13 +189,15 @@ def _exits(fig: _Figure) -> list:
     if np.unique(steps).size > 1:
         title = with_loop(f"{run_title(first)}: steps to exit (adaptive depth)", fig.loop)
         return figures.exits(steps, fig.out, title=title)
-    converged = fig.metrics(first, CONVERGENCE_METRIC).convergence_iterations(tol)
+    m = fig.metrics(first, CONVERGENCE_METRIC)
     depth = int(steps.max()) if steps.size else 0
     return figures.exits(
-        converged,
+        m.convergence_iterations(tol),
         fig.out,
         xlabel=f"First step with ||s - s*|| / ||s*|| <= {tol:g} from then on",
         title=with_loop(f"{run_title(first)}: fixed depth {depth}, convergence step per token", fig.loop),
+        notes=(f"s* = {m.reference}",),
+        never=f"never converged within tol={tol:g}",
     )
 
 

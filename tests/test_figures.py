@@ -235,3 +235,95 @@ def test_convergence_of_a_run_of_several_loops_says_which_it_measured(hrm_captur
             warnings.simplefilter("error")
             np.testing.assert_array_equal(convergence(run, loop="H"), first)
             assert convergence(run, loop="L").shape[1] != first.shape[1]
+
+
+def test_compare_draws_both_panels_zeros_at_the_shared_floor(tmp_path, drawn):
+    """--zeros clip: each panel's s* cells (distance 0) sit at the floor the one colour bar names, not at the
+    panel's own smallest distance (run A's 1e-2 would read as 'not converged' beside run B's 1e-6)."""
+    a = np.array([[10.0, 1.0, 1e-2, 0.0], [10.0, 2.0, 2e-2, 0.0]])
+    b = np.array([[10.0, 1e-3, 1e-6, 0.0], [10.0, 1e-3, 1e-6, 0.0]])
+    figures.compare(a, b, tmp_path / "c.png", zeros="clip")
+    fig = drawn.pop()
+    for ax in [ax for ax in fig.axes if ax.images][:2]:
+        image = ax.images[0]
+        assert image.norm.vmin == pytest.approx(1e-6)
+        np.testing.assert_allclose(image.get_array()[:, 3], image.norm.vmin)
+
+
+def test_exits_says_how_many_tokens_never_converged_and_names_s_star(generated, tmp_path, drawn):
+    """Tokens that never get within tol have no bar: the title counts them (it once dropped them silently, and a
+    run where none converged drew an empty frame) and names s*."""
+    figures.exits(np.array([3, -1, 5, -1]), tmp_path / "e.png", never="never converged within tol=1e-07")
+    fig = drawn.pop()
+    assert fig.axes[0].get_title().endswith("\n2 of 4 tokens never converged within tol=1e-07 (not drawn)")
+    assert sum(patch.get_height() for patch in fig.axes[0].patches) == 2
+    _plot(generated, "--run", "1", "--kind", "exits", "--reference", "0", "--tol", "1e-12", "--out", tmp_path / "n.png")
+    fig = drawn.pop()
+    with loopscope.open(generated) as capture:
+        n = capture.run(1).num_tokens
+    title = fig.axes[0].get_title().split("\n")
+    assert title[1] == "s* = run 0 (4 steps)" and title[2] == f"{n} of {n} tokens never converged within tol=1e-12"
+    assert [t.get_text() for t in fig.axes[0].texts] == [title[2]]  # said in the frame, not an empty one
+    _plot(generated, "--run", "1", "--kind", "exits", "--out", tmp_path / "f.png")  # s* = final: every token does
+    assert drawn.pop().axes[0].get_title().split("\n")[1:] == ["s* = final"]
+
+
+def test_pca_of_a_strided_capture_colours_and_names_real_iterations(new_reference_model, tmp_path, drawn):
+    """step_stride=4 over 10 iterations stores s_0, s_4, s_8, s_10: colours, colour bar and the star's name are
+    those iterations, not the rows 0..3; tokens whose rows hold different iterations are coloured by stored step."""
+    from loopscope.analysis.pca import TrajectoryPCA
+
+    model = new_reference_model()
+    with loopscope.attach(model, tmp_path / "s.h5", step_stride=4), torch.no_grad():
+        model(torch.arange(3, 9)[None, :], num_steps=10)
+    with loopscope.open(tmp_path / "s.h5") as capture:
+        trajectories = trajectory_pca(capture.runs[0], [0, 2], space="state")
+    figures.pca_trajectories(trajectories, tmp_path / "p.png")
+    fig = drawn.pop()
+    assert list(fig.axes[0].collections[0].get_array()) == [0, 4, 8, 10]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["s_0", "s_10"]
+    assert _colour_label(fig).startswith("Iteration") and fig.axes[-1].get_yticklabels()[-1].get_text() == "10"
+    early = TrajectoryPCA(1, "x", trajectories[1].projections[:3], trajectories[1].explained, None, np.array([0, 4, 6]))
+    figures.pca_trajectories([trajectories[0], early], tmp_path / "q.png")
+    fig = drawn.pop()
+    assert list(fig.axes[0].collections[0].get_array()) == [0, 1, 2, 3] and _colour_label(fig).startswith("Stored step")
+    legend = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert legend == ["s_0", "s_10", "s_0", "s_6"]
+
+
+def test_a_figure_over_an_earlier_one_leaves_none_of_its_pages(tmp_path):
+    """3 pages, then 2, then one file, then 2 again to one name: only the last figure's files remain. Files of such
+    names that are no figure of this format (a capture, a link) are left, and a warning says so."""
+    import warnings
+
+    out = tmp_path / "fig.png"
+    d = np.array([[2.0, 1.0, 0.0]] * 6)
+
+    def draw(rows_per_page):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            figures.heatmap(d, out, rows_per_page=rows_per_page)
+        return sorted(p.name for p in tmp_path.iterdir()), [str(w.message) for w in caught]
+
+    assert draw(2)[0] == ["fig-p01.png", "fig-p02.png", "fig-p03.png"]
+    assert draw(3) == (["fig-p01.png", "fig-p02.png"], [])
+    assert draw(6) == (["fig.png"], [])
+    assert draw(3) == (["fig-p01.png", "fig-p02.png"], [])
+    keep = {"fig-p3.png": b"x", "fig-p03.png.bak": b"x", "other-p03.png": b"x", "fig-p04.svg": b"<svg"}
+    for name, data in keep.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "fig-p05.png").write_bytes(b"\x89HDF\r\n\x1a\n")  # a capture named like a page
+    (tmp_path / "fig-p06.png").symlink_to(tmp_path / "fig-p01.png")
+    names, messages = draw(6)
+    assert names == sorted(["fig.png", "fig-p05.png", "fig-p06.png", *keep])
+    assert len(messages) == 1 and "left 2 file(s) named like pages of" in messages[0]
+
+
+def test_a_prompt_ending_with_a_page_is_marked_on_the_next_page_only(tmp_path, drawn):
+    """4 prompt rows, pages of 4: the line belongs to page 2, where generated tokens begin (at its top), not to
+    page 1's lower edge as well."""
+    figures.heatmap(np.array([[2.0, 1.0, 0.0]] * 8), tmp_path / "h.png", rows_per_page=4, prompt=4)
+    first, second = drawn
+    assert PROMPT_NOTE not in first.axes[0].get_title() and not first.axes[0].lines
+    assert second.axes[0].get_title().endswith(f"\n({PROMPT_NOTE})")
+    assert [list(line.get_ydata()) for line in second.axes[0].lines] == [[-0.5, -0.5]]

@@ -113,6 +113,57 @@ def test_coda_lens_of_a_prefill_run_is_the_models_own_logits(reference_model, pr
     assert result.kind == "coda" and np.all(result.kl_final[:, -1] == 0)
 
 
+def test_coda_lens_refuses_a_run_that_stored_some_tokens_only(reference_model, prompt_ids, tmp_path):
+    """Stored tokens would attend to each other alone: wrong predictions, so one line instead. A prompt-only run
+    (every token from position 0) and a left-padded row (pads aside, positions 0, 1, ...) stay measurable."""
+    with loopscope.attach(reference_model, tmp_path / "s.h5", tokens=[1, 3, 5]), torch.no_grad():
+        reference_model(prompt_ids, num_steps=4)
+    with loopscope.attach(reference_model, tmp_path / "g.h5", tokens="generated"):
+        reference_model.generate(prompt_ids, max_new_tokens=3, num_steps=4, do_sample=False)
+    with loopscope.attach(reference_model, tmp_path / "p.h5", tokens="prompt"):
+        reference_model.generate(prompt_ids, max_new_tokens=3, num_steps=4, do_sample=False)
+    ids = torch.cat([prompt_ids, torch.cat([torch.zeros_like(prompt_ids[:, :2]), prompt_ids[:, 2:]], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with loopscope.attach(reference_model, tmp_path / "pad.h5"), torch.no_grad():
+        reference_model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), num_steps=4)
+    for name, chosen in (("s.h5", "token indices 1,3,5"), ("g.h5", "generated")):
+        with loopscope.open(tmp_path / name) as capture:
+            with pytest.raises(LoopscopeError, match=rf"needs every token .* \(token selection: {chosen}\): use "):
+                lens(capture.runs[0], reference_model, "coda")
+    with loopscope.open(tmp_path / "p.h5") as capture:
+        assert lens(capture.runs[0], reference_model, "coda").num_tokens == prompt_ids.shape[1]
+    with loopscope.open(tmp_path / "pad.h5") as capture:
+        assert [lens(run, reference_model, "coda").num_tokens for run in capture.runs] == [ids.shape[1]] * 2
+
+
+def test_lens_labels_each_tokens_own_iterations_with_a_stride_and_adaptive_exit(reference_model, prompt_ids, tmp_path):
+    """With step_stride=4 a token that exits at iteration 6 holds it in slot 2, where a deeper token holds 8: the
+    CSV and settling iterations are each token's own, and the figures' axis says stored step."""
+    import csv
+
+    from loopscope.analysis import lens_figures
+
+    with loopscope.attach(reference_model, tmp_path / "a.h5", step_stride=4):
+        torch.manual_seed(0)
+        reference_model.generate(
+            prompt_ids, max_new_tokens=6, num_steps=16, criterion="kl", exit_threshold=1e-3, do_sample=False
+        )
+    with loopscope.open(tmp_path / "a.h5") as capture:
+        run = capture.runs[0]
+        truth = run.step_iterations()
+        assert len({tuple(row[row >= 0]) for row in truth}) > 1  # tokens hold different iterations in one slot
+        result = lens(run, reference_model)
+    np.testing.assert_array_equal(result.settling_iteration, truth[np.arange(len(truth)), result.settling])
+    result.to_csv(tmp_path / "lens.csv")
+    with open(tmp_path / "lens.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["iteration"]) for r in rows] == [int(truth[int(r["token_index"]), int(r["step"])]) for r in rows]
+    assert result.shared_steps is None
+    for fig in lens_figures.kl_figures(result):
+        assert fig.axes[0].get_xlabel().startswith("Stored step")
+
+
 def test_hrm_text_lens_reads_the_h_stream_and_says_the_l_stream_has_none(tmp_path, new_hrm_text_model):
     model = new_hrm_text_model(h_cycles=3, l_cycles=2)
     ids = torch.randint(0, 100, (1, 9))

@@ -210,6 +210,31 @@ def test_settling_histogram_has_integer_bins(tmp_path, shape):
     assert Path(path).read_bytes()[:8] == PNG
 
 
+def test_step_axis_is_in_iterations_only_when_every_token_holds_the_same():
+    """A step stride of 4: slots hold iterations 0, 4, 8; a token that exited at 6 holds 6 in slot 2, so the axis
+    can only say stored step; when all tokens agree, its ticks are the iterations."""
+    result = _result(4, 3, short=0)
+    result.step_stride = 4
+    result.iterations = np.array([[0, 4, 8]] * 3 + [[0, 4, 6]])
+    figures = lens_figures.kl_figures(result) + lens_figures.prediction_figures(result)
+    try:
+        for fig in figures:
+            ax = fig.axes[0]
+            assert ax.get_xlabel().startswith("Stored step: s0, then 1 in 4 iterations")
+            assert [label.get_text() for label in ax.get_xticklabels()] == ["0", "1", "2"]
+    finally:
+        _close(figures)
+    assert list(result.settling_iteration) == [int(result.iterations[t, k]) for t, k in enumerate(result.settling)]
+    result.iterations = np.array([[0, 4, 8]] * 4)
+    figures = lens_figures.kl_figures(result)
+    try:
+        ax = figures[0].axes[0]
+        assert ax.get_xlabel() == lens_figures.ITERATIONS
+        assert [label.get_text() for label in ax.get_xticklabels()] == ["0", "4", "8"]
+    finally:
+        _close(figures)
+
+
 def test_figure_paths_are_checked_before_drawing(tmp_path):
     result = _result(3, 2)
     with pytest.raises(lens_figures.LoopscopeError, match="png"):

@@ -94,6 +94,25 @@ def test_reference_run_of_more_iterations(capture_path):
             token_metrics(capture.runs[0], reference=2)
 
 
+def test_a_reference_file_run_counts_back_from_the_last_as_run_does(capture_path, tmp_path):
+    """``FILE:-1`` is the file's last run, as ``--run -1`` is (it was refused as a file that does not exist); past
+    the first run, one line says so."""
+    with loopscope.open(capture_path) as capture:
+        short = capture.runs[1]
+        want = token_metrics(short, reference=2)
+        got = token_metrics(short, reference=f"{capture_path}:-1")
+        _assert_metrics_equal(got, {name: want[name] for name in METRICS})
+        assert got.reference == want.reference
+        with pytest.raises(LoopscopeError, match=r"has 3 complete run\(s\); run -4 counts back too far"):
+            token_metrics(short, reference=f"{capture_path}:-4")
+    command = ["convergence", str(capture_path), "--run", "1", "--reference", f"{capture_path}:-1"]
+    result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "m.csv")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["plot", str(capture_path), "--run", "1", "--reference", f"{capture_path}:-4"])
+    assert result.exit_code == 1 and "counts back too far" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_reference_in_another_file_and_longer_sequence(capture_path, reference_model, tokenizer, tmp_path):
     """A reference file whose run covers the prompt plus more tokens is accepted (prefix match)."""
     other = tmp_path / "ref.h5"

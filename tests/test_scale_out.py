@@ -8,11 +8,13 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from capture_copies import copy_capture
 from typer.testing import CliRunner
 
 import loopscope
@@ -269,6 +271,23 @@ def test_cli_convergence_on_dask_writes_the_same_csv(study, tmp_path):
         result = runner.invoke(app, ["convergence", study["merged"], "--out", str(out), *extra])
         assert result.exit_code == 0, result.output
     assert plain.read_text() == threaded.read_text()
+
+
+def test_dask_reads_the_runs_that_are_there_with_missing_skip(two_run_capture, tmp_path):
+    """--missing skip reaches every file the Dask path opens (planning, labels, reference tasks), as the streamed
+    path: it once failed on the run file that --missing skip said to leave out."""
+    source = two_run_capture(str(tmp_path / "a.h5"), PROMPT_A, generate_steps=5, new_tokens=2, forward_steps=4)
+    path = copy_capture(Path(source), tmp_path / "copy", "gone.h5")
+    (Path(str(path) + ".runs") / "000000.h5").unlink()
+    runner = CliRunner()
+    plain, threaded = tmp_path / "plain.csv", tmp_path / "threaded.csv"
+    for out, extra in ((plain, []), (threaded, ["--workers", "2"])):
+        result = runner.invoke(app, ["convergence", str(path), "--missing", "skip", "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+    assert plain.read_text() == threaded.read_text()
+    with loopscope.open(path, missing="skip") as capture:
+        expected = [token_metrics(capture.run(1), reference=1)]
+    assert_same_metrics(expected, dd.token_metrics(path, reference=1, missing="skip", scheduler="sync"))
 
 
 # ---- (c) errors ------------------------------------------------------------------------------------------------------
