@@ -271,7 +271,7 @@ def convergence_table(
         if several is not None and loop is None:  # as plot says it: the CSV's loop column names the one measured
             note_first_loop(several, "measuring")
         on_dask = scheduler is not None or workers is not None
-        computed = dask_metrics(file, run, reference, space, loop, scheduler, workers) if on_dask else None
+        computed = dask_metrics(file, run, reference, space, loop, scheduler, workers, missing) if on_dask else None
 
         def write(partial: str) -> int:
             rows = 0
@@ -323,7 +323,7 @@ def export(
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Write the states and token data to .npz or .safetensors, streamed (bf16 stays bf16 in safetensors)."""
-    from ..storage.export import FORMATS
+    from ..storage.export import FORMATS, unique_runs
     from ..storage.export import export as export_capture
     from ..storage.reader import CaptureFile
 
@@ -331,7 +331,7 @@ def export(
         raise LoopscopeError(f"--format {format}: use one of {', '.join(FORMATS)}")
     with CaptureFile(file, missing=missing) as capture:  # first: "." or "" is a directory, not a name to suffix
         out = out if out is not None else Path(file).with_suffix("." + format)
-        chosen = _selected_runs(capture, run)
+        chosen = unique_runs(_selected_runs(capture, run))
         total = sum(r.dataset(loop).size * r.dataset(loop).dtype.itemsize for r in chosen for loop in r.loops)
         with progress(f"exporting to {text(out.name)}", max(total, 1)) as advance:
             names = export_capture(capture, out, format, runs=[r.index for r in chosen], progress=advance)

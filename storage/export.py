@@ -77,7 +77,7 @@ def export(
     suffix = os.path.splitext(os.fspath(out))[1].lower()
     if suffix != "." + fmt:  # a reader picks its loader by the name: an .npz named .safetensors fails there
         raise LoopscopeError(f"--out {out}: a {fmt} file is named *.{fmt}; choose another --out or --format")
-    chosen = capture.runs if runs is None else [capture.run(i) for i in runs]
+    chosen = capture.runs if runs is None else unique_runs([capture.run(i) for i in runs])
     if not chosen:
         raise LoopscopeError(f"{capture.path} has no complete runs to export")
     arrays = [a for run in chosen for a in _run_arrays(run, widen_bf16=(fmt == "npz"))]
@@ -95,6 +95,15 @@ def export(
     # beside ``out`` and renamed once whole: a failure leaves no half file, and ``out`` as it was
     outputs.write_whole(out, lambda partial: writer(partial, arrays, meta, progress or (lambda n: None)))
     return [a.name for a in arrays]
+
+
+def unique_runs(runs: list[Run]) -> list[Run]:
+    """``runs`` without repeats (``--run 0 --run -3`` of three runs name one run twice), the first kept: a run
+    exported twice gives every array name twice, which no safetensors reader loads."""
+    first: dict[int, Run] = {}
+    for run in runs:
+        first.setdefault(run.index, run)
+    return list(first.values())
 
 
 def check_out(capture: CaptureFile, out: str | os.PathLike) -> None:
@@ -151,18 +160,19 @@ def _json_value(value):
 
 
 def _states_array(run: Run, loop: str, name: str, widen_bf16: bool) -> _Array:
-    ds = run.dataset(loop)
+    ds = run.dataset(loop)  # not kept: the run's file may be closed (and opened again) before its blocks are read
     bf16 = run.logical_dtype(loop) == "bfloat16"
     dtype = np.dtype(np.float32) if bf16 and widen_bf16 else ds.dtype
-    row_bytes = max(int(np.prod(ds.shape[1:], dtype=np.int64)) * 4, 1)
+    shape = ds.shape
+    row_bytes = max(int(np.prod(shape[1:], dtype=np.int64)) * 4, 1)
     step = max(BLOCK_BYTES // row_bytes, 1)
 
     def blocks():
-        for t0 in range(0, ds.shape[0], step):
+        for t0 in range(0, shape[0], step):
             block = run.read(np.s_[t0 : t0 + step], loop)
             yield run.decode(block, loop) if bf16 and widen_bf16 else block
 
-    return _Array(name, dtype, ds.shape, blocks, "BF16" if bf16 and not widen_bf16 else None)
+    return _Array(name, dtype, shape, blocks, "BF16" if bf16 and not widen_bf16 else None)
 
 
 def _write_npz(path: str, arrays: list[_Array], meta: str, progress) -> None:

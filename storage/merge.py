@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from ..errors import CaptureFileError, LoopscopeError, MergeError, first_line
-from . import checksum, dependencies, run_files, safety, schema
+from ..errors import CaptureFileError, LoopscopeError, MergeError, disk_full, first_line
+from . import checksum, dependencies, merge_output, run_files, safety, schema
 from .reader import CaptureFile, Run
 from .virtual import check_sources, missing_sources  # noqa: F401 - the README names merge.check_sources
 
@@ -32,6 +33,8 @@ from .virtual import check_sources, missing_sources  # noqa: F401 - the README n
 RANK_FIELDS = ("rank", "world_size", "local_rank", "hostname")
 RUN_MAP = "merged_runs"
 OWN_ATTRS = ("capture_id", "run_number")  # what ties a run file to its index: never copied from a source
+#: The source run file's OWN_ATTRS, on the merged run: a source captured again since the merge is told apart.
+SOURCE_ATTRS = tuple(f"source_{key}" for key in OWN_ATTRS)
 
 
 @dataclass
@@ -65,24 +68,7 @@ def merge(
         plan = _plan(captures)
         if not plan:
             raise MergeError(f"none of the {len(paths)} source(s) has a complete run; nothing to merge")
-        if force:
-            _remove_capture(out)
-        folder = run_files.runs_dir(out)
-        made_folder = not os.path.lexists(folder)
-        written: list[str] = []
-        try:
-            state_bytes = _write_runs(out, plan, captures, written, locking)
-            _write_index(out, captures, plan, locking)
-        except BaseException as exc:
-            for path in written:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-            if made_folder:  # the run folder this merge made, once empty again (rmdir leaves one that is not)
-                with contextlib.suppress(OSError):
-                    os.rmdir(folder)
-            if isinstance(exc, OSError):
-                raise MergeError(f"cannot write {out} ({first_line(exc)})") from None
-            raise
+        state_bytes = _write(out, plan, captures, locking)
     size = os.path.getsize(out) + sum(os.path.getsize(p) for p, _ in run_files.list_run_files(out).values())
     return MergeSummary(
         path=out,
@@ -93,6 +79,21 @@ def merge(
         skipped_incomplete=sum(len(c.incomplete_runs) for c in captures),
         empty_sources=[c.path for c in captures if not c.runs],
     )
+
+
+def _write(out: str, plan, captures: list[CaptureFile], locking) -> int:
+    """Write the merged capture whole, then put it in place (``merge_output.py``); returns the bytes mapped."""
+    mapped = []
+
+    def runs(staging: str, capture_id: str) -> list[int]:
+        numbers, state_bytes = _write_runs(out, staging, plan, captures, locking, capture_id)
+        mapped.append(state_bytes)
+        return numbers
+
+    merge_output.write_capture(
+        out, runs, lambda capture_id, numbers: _index_image(out, captures, plan, capture_id, numbers)
+    )
+    return mapped[0]
 
 
 # ---- checks ---------------------------------------------------------------------------------------------------------
@@ -228,23 +229,27 @@ def _check_same_readout(first: CaptureFile, other: CaptureFile) -> None:
 
 
 # ---- writing --------------------------------------------------------------------------------------------------------
-def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
-    files = run_files.RunFiles(out, locking=locking)
-    out_dir = os.path.realpath(run_files.runs_dir(out))
+def _write_runs(out: str, staging: str, plan, captures, locking, capture_id: str) -> tuple[list[int], int]:
+    """Write the merged run files into ``staging``'s run folder; returns their numbers and the bytes mapped."""
+    files = run_files.RunFiles(staging, locking=locking, capture_id=capture_id)
+    out_dir = os.path.realpath(run_files.runs_dir(out))  # where they will be read from
     state_bytes = 0
+    numbers = []
     for number, (position, run) in enumerate(plan):
         source_index = captures[position]
         meta = source_index.meta
         dst = files.create_run(number)
-        written.append(files.partial_path(number))
         try:
             # Between real paths: HDF5 joins the name to the folder and the OS resolves ``..`` after symlinks.
             relative = os.path.relpath(os.path.realpath(run.path), out_dir)
             try:
                 state_bytes += _copy_group(run.group, dst, relative)
+                source = run.attrs  # what ties the mapping to this very source run (virtual.py checks it)
             except CaptureFileError as exc:
                 raise MergeError(f"source {exc}") from None
             except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+                if disk_full(exc):  # writing the merged run, not reading the source
+                    raise
                 raise MergeError(f"source {run.path} is damaged or unreadable ({first_line(exc)})") from None
             dst.attrs.update(
                 schema.attrs_to_store(
@@ -253,14 +258,20 @@ def _write_runs(out: str, plan, captures, written: list[str], locking) -> int:
                         "source_run": run.index,
                         "source_rank": _source_rank(source_index),
                         "source_hostname": str(meta.get("hostname", "")),
+                        **{
+                            name: source[key]
+                            for name, key in zip(SOURCE_ATTRS, OWN_ATTRS)
+                            if isinstance(source.get(key), (str, int, np.integer))
+                        },
                     }
                 )
             )
         except BaseException:
             dst.close()
             raise
-        written[-1] = files.finish_run(number, dst, complete=True)  # the number reserved may differ from ours
-    return state_bytes
+        path = files.finish_run(number, dst, complete=True)
+        numbers.append(int(os.path.basename(path).split(".")[0]))  # in a folder of its own: ``number`` itself
+    return numbers, state_bytes
 
 
 def _copy_group(src: h5py.Group, dst: h5py.Group, source_file: str) -> int:
@@ -269,7 +280,7 @@ def _copy_group(src: h5py.Group, dst: h5py.Group, source_file: str) -> int:
     stores what it declares (the source is someone else's file)."""
     path = src.file.filename
     for key, value in safety.read_attrs(src, path).items():
-        if src.name != "/" or key not in OWN_ATTRS:  # the merged run has its own capture id and number
+        if src.name != "/" or key not in OWN_ATTRS + SOURCE_ATTRS:  # the merged run has its own id, number, source
             dst.attrs[key] = schema.restored(value)  # text as UTF-8, whatever version wrote the source
     mapped = 0
     for name in list(src.keys()):
@@ -304,71 +315,48 @@ def _is_mapped(ds: h5py.Dataset) -> bool:
     return (is_state or is_signal) and ds.size > 0
 
 
-def _write_index(out: str, captures: list[CaptureFile], plan, locking) -> None:
+def _index_image(out: str, captures: list[CaptureFile], plan, capture_id: str, numbers: list[int]) -> bytes:
+    """The merged index's bytes, made in memory (as ``index.py`` makes a capture's): HDF5 never writes it to disk
+    itself, where a full disk fails inside its flush; the caller writes the bytes, a full disk one OSError."""
     first = captures[0]
-    tmp = out + ".tmp"
-    read_kwargs = {} if locking is None else {"locking": locking}
-    try:
-        with (
-            safety.open_h5(first.path, MergeError, "source ", **read_kwargs) as src,
-            h5py.File(tmp, "w", **run_files.h5_kwargs(locking)) as index,
-        ):
-            for key, value in safety.read_attrs(src, first.path).items():
-                if key not in RANK_FIELDS and key not in OWN_ATTRS:
-                    index.attrs[key] = schema.restored(value)
-            own = _own_capture_id(out)
-            if own is not None:  # the id the merged run files were written with ties them to this index
-                index.attrs["capture_id"] = schema.restored(own)
-            readout = safety.hard_child(src, schema.READOUT, first.path, h5py.Group)
-            if readout is not None:  # rewritten, not copied: a copy keeps the source's HDF5 object versions
-                _copy_group(readout, index.create_group(schema.READOUT), "")
-            sources = [
+    image = io.BytesIO()
+    with (
+        safety.open_h5(first.path, MergeError, "source ", **first._open_kwargs) as src,
+        h5py.File(image, "w", libver=schema.LIBVER) as index,
+    ):
+        for key, value in safety.read_attrs(src, first.path).items():
+            if key not in RANK_FIELDS and key not in OWN_ATTRS:
+                index.attrs[key] = schema.restored(value)
+        index.attrs["capture_id"] = schema.text(capture_id)  # as in its run files, which it ties to this index
+        readout = safety.hard_child(src, schema.READOUT, first.path, h5py.Group)
+        if readout is not None:  # rewritten, not copied: a copy keeps the source's HDF5 object versions
+            _copy_group(readout, index.create_group(schema.READOUT), "")
+        sources = [
+            {
+                "file": _relative_to(out, c.path),
+                "runs": len(c.runs),
+                **{k: c.meta.get(k) for k in RANK_FIELDS},
+            }
+            for c in captures
+        ]
+        index.attrs.update(
+            schema.attrs_to_store(
                 {
-                    "file": _relative_to(out, c.path),
-                    "runs": len(c.runs),
-                    **{k: c.meta.get(k) for k in RANK_FIELDS},
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "merged_from": sources,
                 }
-                for c in captures
-            ]
-            index.attrs.update(
-                schema.attrs_to_store(
-                    {
-                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        "merged_from": sources,
-                    }
-                )
             )
-            table = np.array([(n, position, run.index) for n, (position, run) in enumerate(plan)], dtype=np.int64)
-            table = table.reshape(-1, 3)
-            runs_map = index.create_dataset(RUN_MAP, data=table, **checksum.dataset_options(table.shape))
-            runs_map.attrs["columns_json"] = schema.text('["run", "source", "source_run"]')
-            group = index.create_group(schema.RUNS)
-            out_dir = os.path.dirname(os.path.abspath(out))
-            for number, (path, complete) in run_files.list_run_files(out).items():
-                if complete:
-                    group[schema.run_name(number)] = h5py.ExternalLink(os.path.relpath(path, out_dir), "/")
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def _own_capture_id(out: str):
-    """The ``capture_id`` the merged run files carry (written with them), or None."""
-    for path, complete in run_files.list_run_files(out).values():
-        if complete:
-            with h5py.File(path, "r") as run:
-                return run.attrs.get("capture_id")
-    return None
-
-
-def _remove_capture(path: str) -> None:
-    """Remove an existing capture at ``path`` (its index and run files) before it is replaced."""
-    for run_path, _ in run_files.list_run_files(path).values():
-        os.remove(run_path)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+        )
+        table = np.array([(n, position, run.index) for n, (position, run) in enumerate(plan)], dtype=np.int64)
+        table = table.reshape(-1, 3)
+        runs_map = index.create_dataset(RUN_MAP, data=table, **checksum.dataset_options(table.shape))
+        runs_map.attrs["columns_json"] = schema.text('["run", "source", "source_run"]')
+        group = index.create_group(schema.RUNS)
+        folder = os.path.basename(run_files.runs_dir(out))
+        for number in numbers:
+            name = schema.run_name(number)
+            group[name] = h5py.ExternalLink(f"{folder}/{name}.h5", "/")
+    return image.getvalue()
 
 
 def _relative_to(out: str, path: str) -> str:

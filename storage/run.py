@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from ..errors import CaptureFileError
-from . import checksum, layout, safety, schema
+from . import checksum, layout, open_runs, safety, schema
 from .damage import chunk_check_failed, reading, verify_hint
 from .virtual import check_sources
 
@@ -29,30 +29,56 @@ class Run:
         self.name = schema.run_name(index)
         self.path = path
         self._group: h5py.File | None = None
+        self._checked: tuple[int, ...] | None = None  # the run file's signature when it was last checked
         self._sources_checked = False  # a merged run's states live in other files (virtual datasets)
         self._datasets: dict[str | None, h5py.Dataset] = {}  # checked states datasets, while the file is open
 
     @property
     def group(self) -> h5py.File:
-        """The run's HDF5 group (the root of its run file), opened on first use."""
-        if self._group is None:
-            self._group = safety.open_h5(self.path, what="run file ", **self.capture._open_kwargs)
+        """The run's HDF5 group (the root of its run file), opened on use. Only so many run files stay open at once
+        (``open_runs.py``): one closed to make room for another's opens again here."""
+        group = self._group
+        if group is None:
+            return self._open()
+        open_runs.used(self)
+        return group
+
+    def _open(self) -> h5py.File:
+        """Open the run file; checked (layout, that it is this run) unless it is the very file checked before."""
+        open_runs.opening(self)
+        try:
             try:
+                group = safety.open_h5(self.path, what="run file ", **self.capture._open_kwargs)
+            except CaptureFileError as exc:  # out of descriptors all the same: the other runs' files go first
+                if not (open_runs.out_of_descriptors(exc) and open_runs.close_others(self)):
+                    raise
+                group = safety.open_h5(self.path, what="run file ", **self.capture._open_kwargs)
+        except BaseException:
+            open_runs.closed(self)
+            raise
+        try:
+            seen = open_runs.signature(group, self.path)
+            if seen is None or seen != self._checked:
+                self._sources_checked = False
                 with reading(self.path):
                     weight = self.capture.readout.weight
-                    attrs = layout.check_run(self._group, self.path, None if weight is None else len(weight))
+                    attrs = layout.check_run(group, self.path, None if weight is None else len(weight))
                     self._check_belongs(attrs)
-            except CaptureFileError:
-                self._group.close()
-                self._group = None
-                raise
-        return self._group
+                self._checked = seen
+        except BaseException:
+            group.close()
+            open_runs.closed(self)
+            raise
+        self._group = group
+        return group
 
     def close(self) -> None:
-        self._datasets.clear()
-        if self._group is not None:
-            self._group.close()
-            self._group = None
+        """Close the run's file (it opens again when the run is used)."""
+        self._datasets.clear()  # h5py objects of the file: invalid once it is closed
+        group, self._group = self._group, None
+        open_runs.closed(self)
+        if group is not None:
+            group.close()
 
     def _check_belongs(self, attrs: dict) -> None:
         """A run file copied in from another capture (or renamed) is an error, not another run's data."""
@@ -204,6 +230,7 @@ class Run:
 
         Looked up and checked once per open file: a streamed reader asks for it once per block."""
         if loop in self._datasets:
+            open_runs.used(self)  # a run streamed block by block is the last whose file is closed
             return self._datasets[loop]
         with reading(self.path):
             ds = self._loop(loop)["states"]

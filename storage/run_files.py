@@ -17,6 +17,7 @@ the capture goes on. The reader finds runs by listing the directory; the links a
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import weakref
@@ -53,8 +54,12 @@ def list_run_files(index_path: str) -> dict[int, tuple[str, bool]]:
     try:
         names = os.listdir(folder)
     except OSError as exc:  # no read or search permission: every run is out of reach, say so once
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # not the folder's fault
+            hint = "close other files, or raise the open-file limit (ulimit -n)"
+        else:
+            hint = "check its permissions"
         raise CaptureFileError(
-            f"cannot list the run folder {safety.clean(folder)} ({exc.strerror or exc}); check its permissions"
+            f"cannot list the run folder {safety.clean(folder)} ({exc.strerror or exc}); {hint}"
         ) from None
     for name in names:
         parsed = run_file_name(name)
@@ -117,12 +122,16 @@ class RunFiles:
     # blocks of up to writer.TOKEN_CHUNK tokens (each touching one or two chunks), so a cache would only copy; and
     # a chunk left dirty in it by a failed write is flushed again when HDF5 shuts down, which could crash the
     # process at exit.
-    def __init__(self, index_path: str, *, locking: bool | str | None = None, cache_bytes: int = 0):
+    def __init__(
+        self, index_path: str, *, locking: bool | str | None = None, cache_bytes: int = 0, capture_id: str = ""
+    ):
+        """``capture_id``: that of a capture whose index is written after its runs (merge), instead of the index's."""
         self.index_path = index_path
         self.folder = runs_dir(index_path)
         self.locking = locking
         self.cache_bytes = cache_bytes
-        self.capture_id = _capture_id(index_path, locking)
+        self._index_first = not capture_id  # then the index is checked before each run is made or renamed
+        self.capture_id = capture_id or _capture_id(index_path, locking)
         self._index_seen: tuple[int, ...] = ()  # the index's stat when it was last found to be this capture's
         self._numbers: dict[int, int] = {}  # caller's run key -> run number reserved on disk
         self._next = -1
@@ -163,16 +172,26 @@ class RunFiles:
     def create_run(self, key: int, attrs: dict[str, Any] | None = None) -> h5py.File:
         """A new run file, its header attributes and ``attrs`` (ready to store) set."""
         number = self._reserve()
+        path = self._path(number, ".partial.h5")
+        run = None
+        try:
+            run = h5py.File(path, "w", **h5_kwargs(self.locking, self.cache_bytes))
+            header: dict[str, Any] = {
+                "format": schema.text(schema.RUN_FORMAT_NAME),
+                "format_version": schema.FORMAT_VERSION,
+                "run_number": number,
+            }
+            if self.capture_id:
+                header["capture_id"] = schema.text(self.capture_id)
+            write_attrs(run, {**header, **(attrs or {})})
+        except BaseException:  # a full disk: the number's reserved (empty) file would stand as a run cut short
+            with contextlib.suppress(Exception):
+                if run is not None:
+                    run.close()
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise
         self._numbers[key] = number
-        run = h5py.File(self._path(number, ".partial.h5"), "w", **h5_kwargs(self.locking, self.cache_bytes))
-        header: dict[str, Any] = {
-            "format": schema.text(schema.RUN_FORMAT_NAME),
-            "format_version": schema.FORMAT_VERSION,
-            "run_number": number,
-        }
-        if self.capture_id:
-            header["capture_id"] = schema.text(self.capture_id)
-        write_attrs(run, {**header, **(attrs or {})})
         return run
 
     def finish_run(self, key: int, run: h5py.File, *, complete: bool) -> str:
@@ -192,7 +211,7 @@ class RunFiles:
         """The index must still be this capture's: one removed (with its folder) or replaced by another capture
         (``mode="w"`` with ``locking=False``) is one error, not runs written where nothing reads them or into the
         other capture. A stat per call; the index is read again only when it changed (another appending writer)."""
-        if not self.capture_id:  # no index when this was made (merge writes its index last): nothing to compare
+        if not self.capture_id or not self._index_first:  # no index yet (merge writes its index last)
             return
         name = os.path.basename(self.index_path)
         try:

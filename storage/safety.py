@@ -259,6 +259,12 @@ def check_virtual(ds: h5py.Dataset, path: str, error=CaptureFileError) -> None:
             source = mapped_file(ds.file.filename, dcpl.get_virtual_filename(i))
             if file_problem(source) == NOT_REGULAR:
                 raise error(f"{where} maps {clean(source)}, which is {NOT_REGULAR}; damaged")
+        # Every cell mapped, as merge maps the whole shape: a declared shape far beyond the mappings would be read
+        # as fill for hours, or allocated whole. (The shape is safe to ask for now: no selection is unlimited.)
+        points = sum(dcpl.get_virtual_vspace(i).get_select_npoints() for i in range(count))
+        mapped = min(int(points), int(np.prod(ds.shape, dtype=np.float64))) * ds.dtype.itemsize
+        if declared_bytes(ds) - mapped > STATES_FILL_FLOOR:
+            raise error(f"{where} declares {declared_bytes(ds)} bytes but maps {mapped}; the file is damaged")
     except (OSError, ValueError, RuntimeError) as exc:  # a mapping HDF5 cannot decode, a name that is not UTF-8
         raise error(f"{where} has unreadable mappings ({clean(_first(exc))}); damaged") from None
 
@@ -323,7 +329,7 @@ def check_states(ds: h5py.Dataset, path: str) -> None:
     tokens, steps, hidden = ds.shape
     if hidden > MAX_HIDDEN or steps > MAX_STEPS or tokens > MAX_TOKENS:
         raise CaptureFileError(f"{clean(path)}: {clean(ds.name)} declares shape {ds.shape}; damaged")
-    if ds.is_virtual or 0 in ds.shape:
+    if ds.is_virtual or 0 in ds.shape:  # virtual: what it maps was counted when it was reached (check_virtual)
         return
     chunks = ds.chunks
     if chunks is not None:  # a contiguous dataset is read in slices of any size
@@ -357,13 +363,21 @@ def utf8(text: str) -> bytes:
 def foreign_run(capture_id, attrs: dict, run: int) -> str | None:
     """What is wrong with a run file whose attributes ``attrs`` say it is not run ``run`` of the capture
     ``capture_id`` (copied in from another capture, renamed, or left by a concurrent ``mode="w"``), or None. Files
-    written before capture ids existed pass."""
+    written before capture ids existed pass; where either id is missing, the run number alone is compared (a run
+    file renamed within its capture)."""
     ours, theirs = schema.as_text(capture_id), schema.as_text(attrs.get("capture_id"))
     number = attrs.get("run_number")
+    same_number = number is None or (
+        isinstance(number, (int, np.integer)) and not isinstance(number, bool) and int(number) == run
+    )
     if not ours or not theirs:
-        return None
-    same_number = isinstance(number, (int, np.integer)) and int(number) == run
-    if theirs == ours and (number is None or same_number):
+        if same_number:
+            return None
+        return (
+            f"holds run {clean(number)}, not run {run} (renamed, or swapped with another run file); put it back "
+            "under its own number or remove it"
+        )
+    if theirs == ours and same_number:
         return None
     return (
         f"belongs to another capture (capture {clean(theirs)[:32]}, run {clean(number)}), not run {run} of this "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import h5py
+import numpy as np
 
 from ..errors import CaptureFileError, MergeError, first_line
 from . import layout, safety, schema
@@ -69,7 +70,8 @@ def _walk(group: h5py.Group, path: str, root: str, chain: list[_Hop], done: set,
                     f"{MAX_DEPTH} files of virtual datasets; the file is damaged"
                 )
             with safety.open_h5(source, MergeError, f"{safety.clean(path)} maps states in ") as f:  # a FIFO blocks
-                layout.check_run(f, source)  # a run file, storing what it declares
+                attrs = layout.check_run(f, source)  # a run file, storing what it declares
+                _check_same_source(group, path, source, attrs)
                 for dataset, name in datasets:
                     if safety.hard_dataset(f, name, source) is None:  # HDF5 would read the fill value
                         raise CaptureFileError(
@@ -81,6 +83,31 @@ def _walk(group: h5py.Group, path: str, root: str, chain: list[_Hop], done: set,
         done.add(identity)
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise MergeError(f"{path}: cannot list its virtual sources ({first_line(exc)})") from None
+
+
+def _check_same_source(group: h5py.Group, path: str, source: str, attrs: dict) -> None:
+    """A merged run records the capture id and run number of the source run file it maps (``merge.SOURCE_ATTRS``):
+    a source captured again over the old one (same shapes) would otherwise be read as if it were the one merged."""
+    own = safety.read_attrs(group, path)
+    want = {key: own.get(f"source_{key}") for key in ("capture_id", "run_number")}
+    if all(value is None for value in want.values()):
+        return  # merged before these were recorded, or no merged run
+    have = {key: attrs.get(key) for key in want}
+    if any(value is not None and _plain(value) != _plain(have[key]) for key, value in want.items()):
+        raise MergeError(
+            f"{safety.clean(path)}: the source run {safety.clean(source)} is no longer the one merged (captured "
+            "again since?); merge again"
+        )
+
+
+def _plain(value) -> object:
+    """An attribute as text or a Python number, so that one stored as bytes or as numpy compares equal."""
+    text = schema.as_text(value)
+    if text is not None:
+        return text
+    if isinstance(value, np.ndarray):  # no loopscope file stores one here: compared as its bytes
+        return (value.dtype.str, value.shape, value.tobytes())
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _mappings(group: h5py.Group, path: str) -> dict[str, list[tuple[str, str]]]:

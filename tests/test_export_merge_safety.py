@@ -115,6 +115,27 @@ def test_export_api_refuses_the_same(pristine, tmp_path):
     assert _tree(tmp_path) == before
 
 
+def test_export_of_a_run_named_twice_writes_it_once(pristine, tmp_path):
+    """``--run 0 --run -2`` of two runs names run 0 twice: exported once (each name twice was a safetensors file no
+    reader loads, and an npz with duplicate members)."""
+    import zipfile
+
+    from safetensors.numpy import load_file
+
+    with loopscope.open(pristine) as capture:
+        names = export(capture, tmp_path / "e.safetensors", "safetensors", runs=[0, -2, 1, 0])
+        assert len(names) == len(set(names)) and names[0].startswith("runs/000000/")
+        assert any(name.startswith("runs/000001/") for name in names)
+        export(capture, tmp_path / "e.npz", "npz", runs=[0, -2])
+    assert sorted(load_file(tmp_path / "e.safetensors")) == sorted(names)
+    members = zipfile.ZipFile(tmp_path / "e.npz").namelist()
+    assert len(members) == len(set(members))
+    proc = _cli(
+        "export", pristine, "--format", "npz", "--run", "1", "--run", "-1", "--out", tmp_path / "c.npz", cwd=tmp_path
+    )
+    assert proc.returncode == 0 and "from 1 run(s)" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_export_default_out_that_is_the_capture_itself(pristine, tmp_path):
     """Without --out the export goes to FILE with the format's suffix: for a capture named cap.npz, cap.npz."""
     cap = _copy(pristine, tmp_path, "cap.npz")

@@ -22,6 +22,7 @@ from child_runs import run_script
 import loopscope
 from loopscope.errors import LoopscopeError
 from loopscope.storage.merge import merge
+from loopscope.storage.verify import verify_capture
 
 TIMEOUT = 60
 CHILD = r"""
@@ -357,6 +358,28 @@ def test_run_files_of_another_capture_are_refused(pristine, tmp_path):
     with pytest.raises(LoopscopeError, match="belongs to another capture"):
         with loopscope.open(swapped) as capture:
             capture.run(1).states()
+
+
+def test_a_merged_capture_has_an_id_and_its_swapped_run_files_are_refused(pristine, tmp_path):
+    """A merged capture's index and run files carry an id of their own (they carried none, so run files swapped or
+    copied in went unnoticed); a run file whose number is not its name's is refused where there are no ids too."""
+    merged = tmp_path / "m.h5"
+    merge(merged, [_copy(pristine, tmp_path / "src")])
+    with h5py.File(merged, "r") as index, h5py.File(_run_file(merged, 1), "r") as run:
+        ours = index.attrs["capture_id"]
+        assert ours and run.attrs["capture_id"] == ours and run.attrs["run_number"] == 1
+    for capture in (merged, _copy(pristine, tmp_path / "no_ids")):
+        if capture != merged:  # a capture written before ids existed, or whose ids were lost
+            for path in (capture, _run_file(capture, 0), _run_file(capture, 1)):
+                with h5py.File(path, "a") as f:
+                    del f.attrs["capture_id"]
+        os.replace(_run_file(capture, 0), tmp_path / "tmp.h5")
+        os.replace(_run_file(capture, 1), _run_file(capture, 0))
+        os.replace(tmp_path / "tmp.h5", _run_file(capture, 1))
+        with pytest.raises(LoopscopeError, match=r"000000\.h5 .*run 1.*not run 0"):
+            with loopscope.open(capture) as opened:
+                opened.run(0).states()
+        assert any(f.run == 0 for f in verify_capture(str(capture)).damaged)
 
 
 def test_merge_refuses_special_and_crafted_sources(pristine, tmp_path):

@@ -250,6 +250,28 @@ def test_an_unlimited_mapping_is_refused_before_its_shape_is_read(pristine, tmp_
     verify_fails("unlimited selection", path)
 
 
+def test_virtual_states_that_declare_far_more_than_they_map_are_refused(pristine, tmp_path):
+    """A merged run's states declaring a million steps but mapping the source's few: refused in one line by every
+    reader (convergence read fill for hours, or died of a MemoryError), and named by info and verify, which called
+    the file sound. Checked by info and verify first: a reader without the check would allocate the declared size."""
+    merged = tmp_path / "cap.h5"
+    merge(merged, [_copy(pristine, tmp_path / "src")])
+    with h5py.File(_run_file(merged), "a") as f:
+        loop = f["loops"]["core"]
+        old = loop["states"]
+        shape, dtype, attrs, source = old.shape, old.dtype, dict(old.attrs), old.virtual_sources()[0]
+        del loop["states"]
+        layout = h5py.VirtualLayout(shape=(shape[0], 1 << 20, shape[2]), dtype=dtype)
+        layout[:, : shape[1], :] = h5py.VirtualSource(source.file_name, source.dset_name, shape=shape)
+        loop.create_virtual_dataset("states", layout, fillvalue=np.nan).attrs.update(attrs)
+    refused = r"/loops/core/states declares \d+ bytes but maps \d+; the file is damaged"
+    code, out, err = _child("cli", "info", merged)
+    assert code == 0 and "damaged" in out, out + err
+    verify_fails(refused, merged)
+    api_error(merged, refused)
+    cli_error(refused, "convergence", merged, "--run", "0", "--out", tmp_path / "c.csv")
+
+
 def test_a_dask_task_refuses_a_fifo(tmp_path):
     os.mkfifo(tmp_path / "000000.h5")
     api_error(tmp_path / "000000.h5", r"000000\.h5 is damaged or unreadable \(not a regular file", mode="task")

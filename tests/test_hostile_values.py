@@ -215,3 +215,43 @@ def test_a_failed_merge_removes_the_run_folder_it_made(pristine, tmp_path):
     with pytest.raises(MergeError):
         merge(tmp_path / "merged.h5", [a, b], force=True)
     assert (tmp_path / "merged.h5.runs").is_dir()
+
+
+def test_a_failed_merge_force_keeps_the_capture_it_would_replace(pristine, tmp_path):
+    """``force`` replaces the output only once the new capture is whole: a merge that fails on the way (a damaged
+    source here, a full disk in test_reliability) leaves the old one as it was (it was deleted first), and no
+    staging file behind."""
+    a, b = _copy(pristine, tmp_path / "a"), _copy(pristine, tmp_path / "b")
+    merged = tmp_path / "merged.h5"
+    merge(merged, [a])
+    with loopscope.open(merged) as capture:
+        before = [run.states() for run in capture.runs]
+    files = sorted(os.listdir(f"{merged}.runs"))
+    _flip(_run_file(b, 1), "token_ids", chunk=0, at=0)  # read only when the merge copies it, after run 0 of b
+    with pytest.raises(MergeError, match="damaged"):
+        merge(merged, [b, a], force=True)
+    assert sorted(os.listdir(f"{merged}.runs")) == files and not (tmp_path / "merged.h5.tmp").exists()
+    with loopscope.open(merged) as capture:
+        assert len(capture.runs) == len(before)
+        for run, states in zip(capture.runs, before):
+            np.testing.assert_array_equal(run.states(), states)
+    summary = merge(merged, [_copy(pristine, tmp_path / "c"), a], force=True)  # the old runs replaced
+    assert summary.runs == 4 and sorted(os.listdir(f"{merged}.runs")) == [f"{n:06d}.h5" for n in range(4)]
+
+
+def test_a_run_file_that_cannot_be_created_leaves_no_reserved_file(tmp_path, monkeypatch):
+    """The run number is reserved as an empty ``NNNNNN.partial.h5`` before HDF5 creates the file; when that fails
+    (a full disk) the reservation goes too: it stood as a run cut short, and made the next merge say the output
+    already exists."""
+    from loopscope.storage import run_files
+
+    (tmp_path / "c.h5.runs").mkdir()
+    files = run_files.RunFiles(str(tmp_path / "c.h5"), capture_id="0" * 32)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_files.h5py, "File", full)
+    with pytest.raises(OSError, match="No space"):
+        files.create_run(0)
+    assert os.listdir(tmp_path / "c.h5.runs") == [] and run_files.list_run_files(str(tmp_path / "c.h5")) == {}

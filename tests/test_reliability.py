@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -269,3 +270,131 @@ def test_a_full_disk_at_attach_or_close_is_one_line_and_crashes_nothing(tmp_path
                 assert error.startswith("ERROR CaptureWriteError") and "every completed run is kept" in error
                 with loopscope.open(mount / "c.h5") as capture:
                     assert len(capture.runs) == 40 and capture.runs[-1].num_tokens == 17
+
+
+FEW_FILES_BODY = """
+    import errno, io, contextlib, numpy as np
+    from loopscope.cli.app import app
+    from loopscope.storage import merge
+    from loopscope.analysis import token_metrics
+    folder = os.path.dirname(path)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))  # far fewer descriptors than the capture has runs
+
+    def cli(*args):
+        sys.argv = ["loopscope", *map(str, args)]
+        try:
+            app()
+        except SystemExit as exc:
+            assert not exc.code, (args, exc.code)
+
+    merge.merge(os.path.join(folder, "m.h5"), [path])
+    for name in ("c.h5", "m.h5"):
+        with loopscope.open(os.path.join(folder, name)) as capture:
+            first = capture.runs[0].states()
+            total = sum(float(np.nansum(run.states())) for run in capture.runs)
+            metrics = [token_metrics(run) for run in capture.runs]
+            assert np.array_equal(capture.run(0).states(), first, equal_nan=True)  # closed, then opened again
+            print(name, len(capture.runs), len(metrics), round(total, 3), flush=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli("info", os.path.join(folder, "m.h5"))
+        cli("convergence", path, "--out", os.path.join(folder, "c.csv"))
+        cli("export", os.path.join(folder, "m.h5"), "--format", "npz", "--out", os.path.join(folder, "e.npz"))
+        cli("verify", os.path.join(folder, "m.h5"))
+    print("DONE", len(np.load(os.path.join(folder, "e.npz")).files), flush=True)
+    """
+
+
+def test_captures_with_more_runs_than_open_files_read_merge_and_export(tmp_path):
+    """Only so many run files stay open at once: a capture of 48 runs is read, analysed, merged, exported and
+    verified by a process allowed 40 open files (each run file used to stay open until the capture closed)."""
+    prelude = CHILD_PRELUDE + "cap = loopscope.attach(model, path)\nwith torch.no_grad():\n"
+    prelude += "    for _ in range(6): model(torch.randint(3, 300, (8, 4)), num_steps=2)\ncap.close()\n"
+    child = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(FEW_FILES_BODY), str(tmp_path / "c.h5")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0 and "DONE" in child.stdout, child.stdout + child.stderr[-3000:]
+    lines = child.stdout.splitlines()
+    assert lines[0].split()[:3] == ["c.h5", "48", "48"] and lines[1].split()[:3] == ["m.h5", "48", "48"], lines
+    assert lines[0].split()[3] == lines[1].split()[3], lines  # the merged capture reads the same states
+
+
+def test_a_folder_listed_without_descriptors_left_is_no_permissions_problem(tmp_path, monkeypatch):
+    """Running out of open files is said as such, with what to do, not as a permissions problem."""
+    import errno
+
+    from loopscope.errors import CaptureFileError
+    from loopscope.storage import run_files
+
+    (tmp_path / "c.h5.runs").mkdir()
+
+    def listdir(path):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(CaptureFileError, match=r"Too many open files\); .*ulimit -n") as caught:
+        run_files.list_run_files(str(tmp_path / "c.h5"))
+    assert "permission" not in str(caught.value)
+
+
+def _fill(folder, free: int) -> None:
+    """Leave about ``free`` bytes free on the file system of ``folder``."""
+    stat = os.statvfs(folder)
+    with open(os.path.join(folder, "filler"), "wb") as filler:
+        with contextlib.suppress(OSError):
+            filler.write(b"\0" * max(stat.f_bavail * stat.f_frsize - free, 0))
+
+
+def test_merge_onto_a_full_disk_is_one_line_and_keeps_what_force_would_replace(tmp_path, new_reference_model):
+    """The disk fills while merge writes its run files or its index: one line naming the full disk (HDF5's flush
+    of the index failed as a RuntimeError traceback), nothing left behind (no reserved empty run file to block
+    the next merge), and with --force the capture being replaced is still there and reads as before (it was
+    deleted before the new one was written)."""
+    import torch
+
+    model = new_reference_model()
+    source = tmp_path / "src.h5"
+    with loopscope.attach(model, source), torch.no_grad():
+        model(torch.randint(3, 300, (40, 8)), num_steps=4)
+    cli = [sys.executable, "-c", "from loopscope.cli.app import app; app()", "merge"]
+    sizes = tmp_path / "sizes.h5"
+    subprocess.run([*cli, str(sizes), str(source)], check=True, capture_output=True)
+    run_bytes = sum(p.stat().st_size for p in (tmp_path / "sizes.h5.runs").iterdir())
+    with _small_file_system(tmp_path, "2m") as mount:
+        out = mount / "m.h5"
+        for free in (8_000, run_bytes // 2, run_bytes, run_bytes + 8_000, run_bytes + 20_000, run_bytes + 40_000):
+            for force in (False, True):
+                for name in os.listdir(mount):
+                    path = mount / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if force:  # an existing merged capture, to be replaced
+                    subprocess.run([*cli, str(out), str(tmp_path / "sizes.h5")], check=True, capture_output=True)
+                    with loopscope.open(out) as old:
+                        before = [run.states() for run in old.runs]
+                _fill(mount, free)
+                child = subprocess.run(
+                    [*cli, str(out), str(source), *(["--force"] if force else [])],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                left = sorted(os.listdir(mount))
+                if child.returncode == 0:  # enough space after all
+                    continue
+                lines = child.stderr.strip().splitlines()
+                assert child.returncode == 1 and len(lines) == 1, (free, force, child.stderr[-3000:])
+                assert re.fullmatch(
+                    r"error: cannot write .*m\.h5 \(No space left on device\); free some space", lines[0]
+                )
+                if not force:
+                    assert left == ["filler"], (free, left)
+                    continue
+                assert left == ["filler", "m.h5", "m.h5.runs"], (free, left)
+                with loopscope.open(out) as old:
+                    assert len(old.runs) == len(before) and sorted(os.listdir(f"{out}.runs")) == [
+                        f"{n:06d}.h5" for n in range(len(before))
+                    ]
+                    for run, states in zip(old.runs, before):
+                        np.testing.assert_array_equal(run.states(), states)

@@ -150,3 +150,29 @@ def test_merge_into_a_symlinked_folder_maps_its_sources(pristine, tmp_path):
         np.testing.assert_array_equal(f[STATES][()], expected)
     with loopscope.open(merged) as capture:
         np.testing.assert_array_equal(capture.runs[0].states(), expected)
+
+
+def test_a_source_captured_again_since_the_merge_is_refused(pristine, tmp_path):
+    """Each merged run records the capture id and run number of the source run file it maps: a source captured
+    again over the old one (same shapes, another capture id), or its run files renamed, is an error, not states of
+    other tokens read silently beside the token ids copied at the merge."""
+    source = _copy(pristine, tmp_path / "src")
+    merged = tmp_path / "all.h5"
+    merge(merged, [source])
+    with h5py.File(_run_file(merged), "r") as f, h5py.File(_run_file(source), "r") as src:
+        assert f.attrs["source_capture_id"] == src.attrs["capture_id"] and f.attrs["source_run_number"] == 0
+    with h5py.File(_run_file(source), "r+") as f:
+        f.attrs["capture_id"] = np.bytes_(b"f" * 32)  # what mode="w" over the old capture gives run 0
+    stale = r"source run .*src/cap\.h5\.runs/000000\.h5 is no longer the one merged.*; merge again"
+    with loopscope.open(merged) as capture:
+        with pytest.raises(MergeError, match=stale):
+            capture.run(0).states()
+        assert capture.run(1).states().size  # run 1 maps an untouched source run
+    findings = verify_capture(str(merged)).damaged
+    assert [f.run for f in findings] == [0] and "no longer the one merged" in findings[0].problem
+    again = tmp_path / "again.h5"
+    merge(again, [_copy(pristine, tmp_path / "src2")])
+    with h5py.File(_run_file(tmp_path / "src2" / "cap.h5"), "r+") as f:
+        f.attrs["run_number"] = 1  # the same capture, but another run's file under run 0's name
+    with loopscope.open(again) as capture, pytest.raises(MergeError, match="no longer the one merged"):
+        capture.run(0).states()
