@@ -27,7 +27,7 @@ from ..families.adapter import LoopAdapter
 from ..storage import index, run_files
 from ..storage.write import writer as w
 from ..storage.write.buffers import HostBufferPool
-from . import distributed, metadata, selection
+from . import distributed, lifetime, metadata, selection
 from .detect import resolve_adapter
 from .install import Installed
 from .options import CaptureOptions
@@ -39,12 +39,15 @@ from .user_frames import user_stacklevel
 class Capture:
     """Hooks attached to one model, writing to one file. Close it (or use ``with``) to flush and detach.
 
-    Made by :func:`attach`; ``adapter`` says where the loop is, ``pool`` and ``writer`` are the host buffers and the
-    writer thread (their statistics are stored in the index at close)."""
+    Made by :func:`attach`; ``path`` is the index file's absolute path; ``adapter`` says where the loop is,
+    ``pool`` and ``writer`` are the host buffers and the writer thread (their statistics are stored in the index
+    at close)."""
 
     def __init__(self, model: nn.Module, path: str | os.PathLike, loop, options: CaptureOptions):
         self.model = model
-        self.path = distributed.rank_path(path)  # under torchrun: one file per rank
+        # absolute, resolved once: the writer opens run files long after attach(), and an os.chdir() (a notebook's
+        # %cd) meanwhile must not move them away from the index; ``path`` is this absolute path of the index
+        self.path = os.path.abspath(distributed.rank_path(path))  # under torchrun: one file per rank
         self.tokenizer = options.tokenizer
         self.adapter = resolve_adapter(model, loop)
         selection.check_stride_for(options.step_stride, self.adapter)
@@ -66,6 +69,8 @@ class Capture:
             if self._writer_lock is not None:
                 self._writer_lock.release()
             raise
+        self._ending = lifetime.Ending(self.writer, self.pool, self.path, options.locking, self._writer_lock)
+        self._when_dropped = lifetime.finish_when_dropped(self, self._ending)  # dropped unclosed: runs still kept
         _OPEN.add(self)
 
     def _start(self, model: nn.Module, options: CaptureOptions) -> None:
@@ -140,31 +145,13 @@ class Capture:
             self._stopped = self._tracker.closed = True
             self._installed.remove()
             self._tracker.end_session(complete=False)
-        self.writer.close()  # waits for every queued write; again where a first wait was interrupted
-        self.pool.close()
-        stats = self.pool.stats
-        orphans = self._tracker.orphan_calls
-        failed: CaptureWriteError | None = None
-        try:
-            index.finish_index(
-                self.path,
-                {
-                    "buffer_peak_bytes": stats.peak_bytes,
-                    "staging_peak_bytes": self.writer.staging.peak,  # partial chunks the writer assembled
-                    "backpressure_waits": stats.waits,
-                    "backpressure_seconds": stats.wait_seconds,
-                    "orphan_loop_calls": orphans,
-                },
-                locking=self._locking,
-                lock=self._writer_lock,
-            )
-        except CaptureWriteError as exc:  # linking again would fail alike: the runs are kept, the error said once
-            failed = exc
+        failed = self._ending.finish(self._tracker.orphan_calls)
         self._closed = True  # not before: a close cut short (Ctrl-C) is finished by the next
+        self._when_dropped.detach()
         _OPEN.discard(self)
         if failed is not None and self.writer.error is None:  # else the writer's error (disk full) is the one
             raise failed
-        if orphans:
+        if orphans := self._tracker.orphan_calls:
             warnings.warn(
                 f"loopscope: {orphans} loop call(s) happened outside the model's forward() and were not "
                 "recorded (e.g. a custom decoding loop calling sub-modules directly)",
@@ -203,7 +190,8 @@ class Capture:
 
 # Captures not closed yet, closed at the interpreter's exit: a script that ends (or dies of an exception) without
 # close() would otherwise lose the runs still queued, and its daemon writer thread, frozen at shutdown while it holds
-# h5py's lock, could deadlock the interpreter's own cleanup of h5py objects.
+# h5py's lock, could deadlock the interpreter's own cleanup of h5py objects. Weak: one dropped unclosed with its
+# model is finished when collected (lifetime.py), and those are waited for here too.
 _OPEN: weakref.WeakSet[Capture] = weakref.WeakSet()
 
 
@@ -216,6 +204,7 @@ def _close_at_exit() -> None:
             capture.close()
         except BaseException as exc:  # at exit nobody can catch it: say it, then close the others
             print(f"loopscope: closing {capture.path} at exit failed: {first_line(exc)}", file=sys.stderr)
+    lifetime.finish_dropped()
 
 
 def _let_go_in_child() -> None:
@@ -227,6 +216,7 @@ def _let_go_in_child() -> None:
         if capture._pid != os.getpid():
             capture._stopped = capture._tracker.closed = capture._closed = True
             capture._installed.remove()
+            capture._when_dropped.detach()
             if capture._writer_lock is not None:  # the child's copy of the descriptor: the parent's lock stays
                 capture._writer_lock.release()
             _OPEN.discard(capture)

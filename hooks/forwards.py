@@ -6,6 +6,7 @@ an adaptive-exit evaluator's answers are read."""
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,37 @@ from torch import nn
 from ..errors import LoopscopeError
 from ..storage.write import messages
 from .transfer import DeviceTransfer, Stage
+from .user_frames import user_stacklevel
+
+
+@dataclass
+class CallInputs:
+    """What a whole call (generate(), an adapter's call method) was given, read once per call, not per forward:
+    its prompt's length (the run's tokens from there on were generated: chunked prefill, decoding loops of one's
+    own and direct calls of Huginn's decoding methods alike) and its [B, T] attention mask, which stands for the
+    mask of forwards given only other forms of it (a static cache's 4-D masks)."""
+
+    prompt: int | None = None
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, args, kwargs) -> CallInputs:
+        ids, embeds = find_inputs(args, kwargs)
+        prompt = ids.shape[-1] if ids is not None else None if embeds is None else embeds.shape[1]
+        mask = kwargs.get("attention_mask")
+        rows = None if ids is None else (1 if ids.dim() == 1 else ids.shape[0])
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == rows):
+            mask = None
+        return cls(prompt, mask)
+
+    def mask_of(self, first: int, tokens: int) -> torch.Tensor | None:
+        """The call's mask for the run's tokens ``first`` to ``first + tokens``: each decoded token attended (1)."""
+        if self.mask is None:
+            return None
+        rows, width = self.mask.shape
+        given = self.mask[:, first : first + tokens]
+        more = tokens - given.shape[1]
+        return given if not more else torch.cat([given, given.new_ones(rows, more)], dim=1)
 
 
 @dataclass
@@ -25,6 +57,7 @@ class Session:
     call: str
     run_ids: list[int]
     open_message: Any = None  # OpenRuns, sent once a token is stored (a call that stores none leaves no run)
+    inputs: CallInputs | None = None  # of the whole call (generate(), a call method); None for a forward() run
     offset: int = 0  # tokens stored so far
     forwards: int = 0
     tokens_seen: int = 0  # tokens computed so far: the next token's index in the run (and position, if none given)
@@ -69,6 +102,22 @@ class Forward:
             index = index.pin_memory().to(value.device, non_blocking=True) if value.is_cuda else index
             self.keep_on[value.device] = index
         return value.index_select(1, index)
+
+
+def stored_tokens(selection, session: Session, first: int, seen: int, tokens: int, fed_back: bool) -> np.ndarray | None:
+    """Indices of the forward's tokens to store (None: all): the run's tokens ``first + seen`` to ``first + tokens``
+    (``seen``: those recomputed, never stored again). Past the call's prompt a token was generated; where the
+    prompt's length is not known, a generate() call's forwards after its first are."""
+    keep = None
+    if not selection.everything:
+        indices = np.arange(first + seen, first + tokens)
+        prompt = session.inputs.prompt if session.inputs is not None else None
+        if prompt is None:
+            prompt = first + seen if fed_back else first + tokens
+        keep = selection.keep(prompt, indices)
+    if seen:
+        keep = np.arange(seen, tokens) if keep is None else keep + seen
+    return keep
 
 
 def find_inputs(args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -250,10 +299,22 @@ class TokenRecords:
         self.transfer = transfer
         self.tokenizer = tokenizer
         self._decode_copy = None
+        self._unread_mask = False  # a mask of another form, with no call mask to stand for it, was named
 
-    def message(self, session: Session, ids: torch.Tensor, mask, positions, keep) -> messages.Tokens:
-        """``ids`` [B, T], the forward's ``attention_mask=`` (any), its ``positions_for``, the stored ``keep``."""
-        mask = mask_for(mask, *ids.shape)
+    def message(self, session: Session, ids: torch.Tensor, given, positions, keep, first: int) -> messages.Tokens:
+        """``ids`` [B, T], the forward's ``attention_mask=`` (any), its ``positions_for``, the stored ``keep``,
+        the run's index of its first token. Without a [B, T] mask (a static cache's forwards get 4-D ones) the call's
+        stands for it; where neither is known the tokens are stored as attended, said once if a mask was given."""
+        mask = mask_for(given, *ids.shape)
+        if mask is None and session.inputs is not None:
+            mask = session.inputs.mask_of(first, ids.shape[1])
+        if mask is None and given is not None and not self._unread_mask:
+            self._unread_mask = True
+            warnings.warn(
+                f"loopscope: the forward's attention_mask ({type(given).__name__}) is not one [batch, tokens] "
+                "tensor; its tokens are stored as attended (attention_mask 1)",
+                stacklevel=user_stacklevel(),
+            )
         host_ids = self.transfer.to_host(ids, torch.int64)
         strings = decode = None
         if self.tokenizer is not None and ids.is_cuda:  # the ids are still on their way: text on the writer's thread

@@ -14,9 +14,31 @@ after them when a forward begins (:meth:`Installed.keep_last`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from torch import nn
+
+from ..errors import LoopscopeError
+
+
+class NotCopied:
+    """Base of the objects whose bound methods are the hooks a capture puts on a model. Copying the model
+    (``copy.deepcopy``, ``torch.save(model)``) reaches them first, through the model's own hooks: a copy would
+    record into the original's capture (its wrappers call the original model), and the copy's threads and locks
+    cannot be copied at all; so the attempt is one line instead. ``state_dict()`` and ``save_pretrained`` copy no
+    hook and keep working."""
+
+    def __deepcopy__(self, memo) -> NoReturn:
+        raise LoopscopeError(
+            "a model with a loopscope capture attached cannot be copied or pickled: close the capture "
+            "(cap.close()) before copying or saving the model object; attach again to the copy"
+        )
+
+    def __reduce_ex__(self, protocol) -> NoReturn:
+        self.__deepcopy__(None)
+
+    def __reduce__(self) -> NoReturn:
+        self.__deepcopy__(None)
 
 
 class Switchable:

@@ -278,7 +278,7 @@ def _check_selects(tokens, longest: int) -> None:
     if tokens is None or isinstance(tokens, str):
         return
     selection = TokenSelection.parse(tokens)
-    kept = selection.keep(False, np.arange(longest))
+    kept = selection.keep(longest, np.arange(longest))  # all given: none generated
     if kept is not None and not kept.size:
         raise LoopscopeError(
             f"{selection.describe()} select no token: the longest run has {longest} tokens (indices 0 to "

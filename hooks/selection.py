@@ -85,14 +85,15 @@ class TokenSelection:
         """Every token is stored (the default): :meth:`keep` is None whatever it is given."""
         return self.named == "all"
 
-    def keep(self, fed_back: bool, indices: np.ndarray) -> np.ndarray | None:
-        """Indices (into this forward's tokens) to store; None means every token. ``fed_back``: the forward decodes
-        tokens ``generate()`` produced; ``indices``: the run's token indices of this forward's tokens."""
+    def keep(self, prompt: int, indices: np.ndarray) -> np.ndarray | None:
+        """Indices (into this forward's tokens) to store; None means every token. ``prompt``: the run's tokens
+        before this index were given, those from it on generated; ``indices``: the run's indices of this forward's
+        tokens."""
         if self.named == "all":
             return None
         if self.named is not None:
-            wanted = fed_back == (self.named == "generated")
-            return None if wanted else np.empty(0, dtype=np.int64)
+            mask = indices >= prompt if self.named == "generated" else indices < prompt
+            return None if mask.all() else np.flatnonzero(mask)
         if self.span is not None:
             s = self.span
             mask = (indices >= s.start) & ((indices - s.start) % s.step == 0)

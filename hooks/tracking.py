@@ -27,9 +27,9 @@ from torch import nn
 
 from ..errors import CaptureWriteError, LoopscopeError
 from ..families.adapter import LoopAdapter, LoopSpec
-from ..storage.write import messages
+from ..storage.write import descriptors, messages
 from ..storage.write.writer import CaptureWriter
-from . import forwards, selection
+from . import forwards, install, selection
 from .forwards import Forward, Session
 from .install import Switchable
 from .recorder import StateRecorder
@@ -38,7 +38,7 @@ from .transfer import DeviceTransfer
 from .user_frames import user_stacklevel
 
 
-class Tracker:
+class Tracker(install.NotCopied):
     """The hook callbacks of one capture: which run, forward and step each call of the model and its loop is."""
 
     def __init__(
@@ -72,6 +72,7 @@ class Tracker:
         self._forward: Forward | None = None
         self._in_call = 0  # depth of generate()/call_methods calls; the outermost one makes the runs
         self._call_name = "forward"
+        self._call_inputs: forwards.CallInputs | None = None  # of the outermost generate()/call method running
         self._side_groups = False  # whether entry-method calls start groups of tokens in the current call
         self._in_forward = 0  # depth of the model's forward() calls running now
         self._nested = 0  # depth of model calls made inside its own forward(), which are not recorded
@@ -125,6 +126,7 @@ class Tracker:
             forwards.refuse_unfollowable_generate(self.model, args, kwargs)
         self._in_call += 1
         self._call_name = name
+        self._call_inputs = forwards.CallInputs.of(args, kwargs)  # prompt length and 2-D mask, once per call
         # Only decoding loops the adapter describes group tokens by entry-method calls (Huginn: adaptive exit);
         # others that bypass forward() (Huginn's diffusion-style sampler) leave their loop calls unrecorded.
         self._side_groups = name in self.adapter.call_methods or any(
@@ -135,10 +137,10 @@ class Tracker:
                 args, kwargs = self.adapter.watch_call(self.model, args, kwargs, self.on_exit_check)
             result = original(*args, **kwargs)
         except BaseException as exc:
-            self._in_call -= 1
+            self._in_call, self._call_inputs = self._in_call - 1, None
             self.abort(exc)
             raise
-        self._in_call -= 1
+        self._in_call, self._call_inputs = self._in_call - 1, None  # the session keeps what it needs of the call
         self._side_groups = False
         if self._forward is not None and self._forward.side:
             self._finish_forward()
@@ -224,16 +226,14 @@ class Tracker:
         batch, tokens = ids.shape
         if self._session is None:
             call = self._call_name if self._in_call else "forward"
+            descriptors.make_room(batch)  # one run file per row, open at once (one line where that cannot be)
             run_ids = list(range(self._next_run, self._next_run + batch))
             self._next_run += batch
-            attrs = {
-                "call": call,
-                "batch_size": batch,
-                "loops": [s.name for s in self.adapter.loops],
-                "step_stride": self._stride,
-            }
+            attrs = {"call": call, "batch_size": batch, "loops": [s.name for s in self.adapter.loops]}
+            attrs["step_stride"] = self._stride
             opening = messages.OpenRuns(run_ids, [{**attrs, "batch_row": b} for b in range(batch)])
-            self._session = Session(call=call, run_ids=run_ids, open_message=opening)
+            inputs = self._call_inputs if self._in_call else None
+            self._session = Session(call=call, run_ids=run_ids, open_message=opening, inputs=inputs)
             self.recorder.new_runs()
         session = self._session
         if len(session.run_ids) != batch:
@@ -247,11 +247,7 @@ class Tracker:
         seen = session.tokens_seen if fed_back and tokens > session.tokens_seen else 0
         first = session.tokens_seen - seen  # the run's index of this forward's first token
         positions = forwards.positions_for(kwargs, tokens, first)
-        keep = None
-        if not self._tokens.everything:
-            keep = self._tokens.keep(fed_back, np.arange(first + seen, first + tokens))
-        if seen:
-            keep = np.arange(seen, tokens) if keep is None else keep + seen
+        keep = forwards.stored_tokens(self._tokens, session, first, seen, tokens, fed_back)
         forward = self._forward = Forward(batch=batch, tokens=tokens, side=side, keep=keep)
         self.keep_hooks_last()
         for switch in self.entry_switches.values():
@@ -262,7 +258,8 @@ class Tracker:
         if session.open_message is not None:
             self.put(session.open_message)
             session.open_message = None
-        message = self._token_records.message(session, ids, kwargs.get("attention_mask"), positions, keep)
+        mask = kwargs.get("attention_mask")
+        message = self._token_records.message(session, ids, mask, positions, keep, first)
         forward.tokens_message = message  # sent with the forward's last messages (a side forward's: if it ran)
 
     def _finish_forward(self) -> None:

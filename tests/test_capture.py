@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from child_runs import run_script
 
 import loopscope
 from loopscope.errors import CaptureFileError, LoopNotFoundError, LoopscopeError
@@ -506,3 +507,50 @@ def test_a_call_of_the_model_inside_its_own_forward_is_not_recorded(
         (run,) = capture.runs
         assert run.num_tokens == prompt_ids.shape[1] and capture.meta["orphan_loop_calls"] == 0
         np.testing.assert_array_equal(run.states(), torch.stack(outer, dim=2)[0].numpy())
+
+
+_BIG_BATCH = """
+import resource, sys, torch, loopscope
+from loopscope.errors import LoopscopeError
+from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+path, soft, hard, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+register(); torch.manual_seed(0)
+model = RavenReferenceForCausalLM(tiny_config()).eval()
+ids = torch.randint(3, 100, (batch, 4))
+with torch.no_grad():
+    plain = model(ids, num_steps=2, init_scale=0.0).logits
+    with loopscope.attach(model, path):
+        try:
+            print("SAME", torch.equal(plain, model(ids, num_steps=2, init_scale=0.0).logits))
+        except LoopscopeError as exc:
+            print("REFUSED", exc)
+        model(ids[:2], num_steps=2)  # the capture goes on
+print("SOFT", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "outcome"),
+    [(800, 800, "kept"), (256, 4096, "raised"), (256, 256, "refused")],
+    ids=["one-descriptor-per-run", "soft-limit-raised", "refused-in-one-line"],
+)
+def test_a_batch_near_the_open_file_limit_keeps_every_run_or_is_refused_before_the_forward(
+    tmp_path, soft, hard, outcome
+):
+    """600 rows: 600 run files open at once. Each costs one descriptor (not two), the soft limit is raised toward
+    the hard one where needed, and where even that is too low the forward is refused in one line naming the batch
+    and ``ulimit -n``; a later small batch is still recorded."""
+    path = tmp_path / "big.h5"
+    code, out, err = run_script(_BIG_BATCH, path, soft, hard, 600, timeout=300)
+    assert code == 0, err
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    with loopscope.open(path) as capture:
+        runs = capture.runs
+        assert not capture.incomplete_runs
+    if outcome == "refused":
+        assert lines["REFUSED"].startswith("a batch of 600 rows") and "ulimit -n" in lines["REFUSED"]
+        assert len(runs) == 2
+    else:
+        assert lines["SAME"] == "True" and len(runs) == 602
+        assert (int(lines["SOFT"]) > soft) == (outcome == "raised")

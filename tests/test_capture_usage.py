@@ -5,12 +5,17 @@ Expected states come from plain hooks written here, never from loopscope itself.
 
 from __future__ import annotations
 
+import gc
+import os
 import threading
+import time
 import warnings
 
+import h5py
 import numpy as np
 import pytest
 import torch
+from child_runs import run_script
 from torch import nn
 
 import loopscope
@@ -287,3 +292,92 @@ def test_an_exit_evaluators_unreadable_answers_are_named_once_not_raised(referen
         (run,) = capture.runs
         np.testing.assert_array_equal(run.num_steps, np.full(run.num_tokens, 3))
         assert run.signal_names() == []
+
+
+_DROPPED_STUDY = """
+import gc, sys, torch, loopscope
+from loopscope.models.huginn_reference import RavenReferenceForCausalLM, register, tiny_config
+register()
+def study(path):  # the model and its capture are local: both are dropped when it returns, close() never called
+    torch.manual_seed(0)
+    model = RavenReferenceForCausalLM(tiny_config()).eval()
+    loopscope.attach(model, path, buffer_mb=256)
+    with torch.no_grad():
+        for _ in range(6):
+            model(torch.randint(3, 100, (4, 64)), num_steps=8)
+study(sys.argv[1]); gc.collect()
+"""
+
+
+def _linked_runs(path) -> list[str]:
+    with h5py.File(path, "r") as index:
+        return sorted(index["runs"]) if "runs" in index else []
+
+
+def test_a_capture_dropped_unclosed_with_its_model_keeps_and_links_every_run(tmp_path):
+    """README: a script that ends without close() keeps every run whose forward returned, linked into the index,
+    also when the capture and its model were collected first (both local to a function), and its writer thread ends
+    (one dropped capture leaves no thread or buffers behind)."""
+    path = tmp_path / "dropped.h5"
+    code, _, err = run_script(_DROPPED_STUDY, path, timeout=240)
+    assert code == 0, err
+    assert len(_linked_runs(path)) == 24
+    assert not [p for p in os.listdir(f"{path}.runs") if "partial" in p]
+    with loopscope.open(path) as capture:
+        assert len(capture.runs) == 24 and not capture.incomplete_runs
+
+    in_process = tmp_path / "in_process.h5"
+    writers = sum(t.name == "loopscope-writer" for t in threading.enumerate())  # other tests' captures, if any
+    namespace: dict = {}
+    exec(_DROPPED_STUDY.split("study(sys.argv[1])")[0], namespace)  # the same study() in this process
+    namespace["study"](in_process)
+    gc.collect()
+    deadline = time.monotonic() + 60  # finished on loopscope's closing thread, not at exit
+    while len(_linked_runs(in_process)) < 24 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_linked_runs(in_process)) == 24
+    while sum(t.name == "loopscope-writer" for t in threading.enumerate()) > writers:
+        assert time.monotonic() < deadline, "the dropped capture's writer thread never ended"
+        time.sleep(0.1)
+
+
+def test_a_relative_path_keeps_recording_after_the_working_folder_changes(reference_model, tmp_path, monkeypatch):
+    """attach(model, "rel.h5") then os.chdir() (a notebook's %cd): the runs go beside the index attach() made,
+    which links them; ``Capture.path`` is its absolute path."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    capture = loopscope.attach(reference_model, "rel.h5")
+    assert capture.path == str(tmp_path / "a" / "rel.h5")
+    monkeypatch.chdir(tmp_path / "b")
+    with torch.no_grad():
+        reference_model(torch.tensor([[5, 6, 7, 8]]), num_steps=2)
+        reference_model(torch.tensor([[5, 6, 7]]), num_steps=3)
+    capture.close()
+    assert not os.listdir(tmp_path / "b")
+    assert len(_linked_runs(tmp_path / "a" / "rel.h5")) == 2
+
+
+def test_copying_or_pickling_an_attached_model_is_one_line_and_its_weights_still_save(reference_model, tmp_path):
+    """copy.deepcopy(model) / torch.save(model) while attached: one LoopscopeError saying to close first (a copy
+    would record into the original's capture); state_dict() and save_pretrained keep working; after close() the
+    model copies as it did before."""
+    import copy
+    import io
+
+    capture = loopscope.attach(reference_model, tmp_path / "copy.h5")
+    for attempt in (lambda: copy.deepcopy(reference_model), lambda: torch.save(reference_model, io.BytesIO())):
+        with pytest.raises(LoopscopeError, match=r"close the capture \(cap.close\(\)\) before copying") as caught:
+            attempt()
+        assert "\n" not in str(caught.value)
+    weights = io.BytesIO()
+    torch.save(reference_model.state_dict(), weights)
+    reference_model.save_pretrained(tmp_path / "pretrained")
+    assert (tmp_path / "pretrained" / "config.json").exists()
+    with torch.no_grad():
+        reference_model(torch.tensor([[5, 6, 7]]), num_steps=2)  # still recording
+    capture.close()
+    twin = copy.deepcopy(reference_model)
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), reference_model.state_dict().values()))
+    with loopscope.open(tmp_path / "copy.h5") as stored:
+        assert len(stored.runs) == 1

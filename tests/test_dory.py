@@ -115,3 +115,40 @@ def test_generate_aligns_tokens_in_both_cache_modes(tmp_path, cache_mode):
         np.testing.assert_array_equal(run.forward_index, [0, 0, 0, 0, 1, 2, 3])
         np.testing.assert_array_equal(run.num_steps, np.full(7, 3))
         np.testing.assert_array_equal(run.states(), expected.numpy())
+
+
+@pytest.mark.parametrize("selection", ["prompt", "generated"])
+def test_chunked_prefill_tokens_are_prompt_tokens(tmp_path, selection):
+    """generate(prefill_chunk_size=3) runs an 8-token prompt as three forwards: every one of them is the prompt,
+    so tokens="prompt" keeps positions 0-7 and tokens="generated" only the decoded tokens fed back (8-10)."""
+    ids = torch.tensor([[1, 5, 6, 7, 9, 10, 11, 12]])
+    model = _dory()
+    plain = model.generate(ids, max_new_tokens=4, do_sample=False, prefill_chunk_size=3)
+    path = tmp_path / "chunked.h5"
+    with loopscope.attach(model, path, tokens=selection):
+        hooked = model.generate(ids, max_new_tokens=4, do_sample=False, prefill_chunk_size=3)
+    assert torch.equal(plain, hooked)
+    with loopscope.open(path) as capture:
+        (run,) = capture.runs
+        want = range(8) if selection == "prompt" else range(8, 11)
+        assert run.positions.tolist() == list(want)
+        assert run.token_ids.tolist() == hooked[0, list(want)].tolist()
+
+
+def test_a_static_cache_stores_the_mask_given_to_generate(tmp_path):
+    """generate(cache_implementation="static") gives the forwards 4-D masks only: the left padding is stored as
+    the 2-D mask given to generate() says (0), each decoded token as attended (1), as with a dynamic cache."""
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [8, 9, 10, 11, 12, 13]])
+    mask = (ids != 0).long()
+    stored = {}
+    for cache in ("dynamic", "static"):
+        model = _dory()
+        extra = {"cache_implementation": "static"} if cache == "static" else {}
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, **extra)
+        path = tmp_path / f"{cache}.h5"
+        with loopscope.attach(model, path):
+            hooked = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, **extra)
+        assert torch.equal(plain, hooked)
+        with loopscope.open(path) as capture:
+            stored[cache] = [run.attention_mask.tolist() for run in capture.runs]
+    assert stored["static"] == stored["dynamic"] == [[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8]

@@ -279,3 +279,27 @@ def test_huginns_decoders_called_by_name_are_captured_as_generate_is(
         np.testing.assert_array_equal(got.num_steps, want.num_steps)
         np.testing.assert_array_equal(got.states(), want.states())
         assert by_name.meta["orphan_loop_calls"] == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("generate", {"criterion": "kl", "exit_threshold": 1e-3}),
+        ("generate_with_adaptive_compute", {"criterion": "kl", "exit_threshold": 1e-3}),
+        ("generate_minimal", {}),
+    ],
+)
+def test_prompt_and_generated_tokens_are_told_apart_in_huginns_decoders(
+    reference_model, prompt_ids, tmp_path, method, options
+):
+    """tokens="prompt" keeps the prompt's tokens and tokens="generated" those decoded and fed back, whichever
+    decoder runs, called through generate() or by name (before, by name: every token counted as prompt)."""
+    prompt = prompt_ids.shape[1]
+    for selection in ("prompt", "generated"):
+        path = tmp_path / f"{selection}.h5"
+        with loopscope.attach(reference_model, path, tokens=selection):
+            getattr(reference_model, method)(prompt_ids, num_steps=6, max_new_tokens=4, do_sample=False, **options)
+        with loopscope.open(path) as capture:
+            (run,) = capture.runs
+            want = range(prompt) if selection == "prompt" else range(prompt, prompt + 3)
+            assert run.positions.tolist() == list(want)

@@ -26,39 +26,48 @@ except (AttributeError, OSError):  # not Linux/glibc
 
 
 class Reserve:
-    """Blocks reserved past the end of one open file, by its own descriptor (HDF5 keeps writing through its own)."""
+    """Blocks reserved past the end of one open file (HDF5 keeps writing through its own descriptor).
+
+    The file is opened again only while blocks are reserved, never held open: a batch's run files are all open at
+    once, and a second descriptor each halved the batch that fits the usual limit of 1024 open files."""
 
     def __init__(self, path: str):
-        self._fd: int | None = os.open(path, os.O_WRONLY) if _fallocate is not None else None
+        self._path: str | None = path if _fallocate is not None else None
         self._reserved_to = 0
         self._unasked = 0  # bytes of the last reserve not yet asked for: no fstat until they are
 
     def ahead(self, nbytes: int) -> None:
         """Make sure the next ``nbytes`` past the file's current end are reserved."""
-        if self._fd is None:
+        if self._path is None:
             return
         if nbytes <= self._unasked:  # a decoded token's writes: many fit one reserve (a hint, so no fstat each)
             self._unasked -= nbytes
             return
-        end = os.fstat(self._fd).st_size
-        if end + nbytes <= self._reserved_to:
-            self._unasked = self._reserved_to - end - nbytes
-            return
-        length = max(int(nbytes), MIN_RESERVE)
-        if _fallocate(self._fd, FALLOC_FL_KEEP_SIZE, end, length) != 0:
-            self.release()  # out of space or not supported: stop reserving, the writes report any real failure
-            return
-        self._reserved_to = end + length
-        self._unasked = length - nbytes
-
-    def release(self) -> None:
-        """Give back the blocks reserved past the end (call once HDF5 has closed the file) and close."""
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, os.fstat(fd).st_size)  # the same size: only the reserve past the end is freed
-        except OSError:
-            pass
+            fd = os.open(self._path, os.O_WRONLY)
+        except OSError:  # no descriptor left, say: reserving is only a speed-up
+            return
+        try:
+            end = os.fstat(fd).st_size
+            if end + nbytes <= self._reserved_to:
+                self._unasked = self._reserved_to - end - nbytes
+                return
+            length = max(int(nbytes), MIN_RESERVE)
+            if _fallocate(fd, FALLOC_FL_KEEP_SIZE, end, length) != 0:
+                self._path = None  # out of space or not supported: stop, the writes report any real failure
+                return
+            self._reserved_to = end + length
+            self._unasked = length - nbytes
         finally:
             os.close(fd)
+
+    def release(self, path: str | None = None) -> None:
+        """Give back the blocks reserved past the end, once HDF5 has closed the file (now at ``path``, if renamed)."""
+        if self._path is None or not self._reserved_to:
+            self._path = None
+            return
+        path, self._path = path or self._path, None
+        try:
+            os.truncate(path, os.stat(path).st_size)  # the same size: only the reserve past the end is freed
+        except OSError:
+            pass

@@ -348,10 +348,10 @@ class CaptureWriter:
         h = self._closing[run_id] = self._runs.pop(run_id)
         h.finish(self.inner_steps)
         write_attrs(h.group, {**schema.attrs_to_store(m.attrs), "n_tokens": h.n_tokens, "complete": m.complete})
-        self.layout.finish_run(run_id, h.group, complete=m.complete)
+        path = self.layout.finish_run(run_id, h.group, complete=m.complete)
         del self._closing[run_id]
         if h.reserve is not None:
-            h.reserve.release()
+            h.reserve.release(path)
 
     def abandon_open_runs(self) -> None:
         """Close files of runs that never completed (after a failure), leaving them marked partial."""
