@@ -23,12 +23,13 @@ from .user_frames import user_stacklevel
 @dataclass
 class CallInputs:
     """What a whole call (generate(), an adapter's call method) was given, read once per call, not per forward:
-    its prompt's length (the run's tokens from there on were generated: chunked prefill, decoding loops of one's
     own and direct calls of Huginn's decoding methods alike) and its [B, T] attention mask, which stands for the
-    mask of forwards given only other forms of it (a static cache's 4-D masks)."""
+    mask of forwards given only other forms of it (a static cache's 4-D masks). A cache passed in already holding
+    the prompt's first tokens (a chat's earlier turns) is not computed again: the run starts after them."""
 
-    prompt: int | None = None
+    prompt: int | None = None  # the run's tokens from this index on were generated (None: not known)
     mask: torch.Tensor | None = None
+    cached: int = 0  # the prompt's tokens the cache passed in already held: the run's token 0 is the call's this
 
     @classmethod
     def of(cls, args, kwargs) -> CallInputs:
@@ -38,16 +39,34 @@ class CallInputs:
         rows = None if ids is None else (1 if ids.dim() == 1 else ids.shape[0])
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == rows):
             mask = None
-        return cls(prompt, mask)
+        cached = cached_length(kwargs.get("past_key_values"))
+        if cached is None:  # a cache whose length cannot be read: where the run starts in the prompt is unknown
+            return cls(None, None)
+        return cls(None if prompt is None else max(prompt - cached, 0), mask, cached)
 
     def mask_of(self, first: int, tokens: int) -> torch.Tensor | None:
         """The call's mask for the run's tokens ``first`` to ``first + tokens``: each decoded token attended (1)."""
         if self.mask is None:
             return None
         rows, width = self.mask.shape
+        first += self.cached
         given = self.mask[:, first : first + tokens]
         more = tokens - given.shape[1]
         return given if not more else torch.cat([given, given.new_ones(rows, more)], dim=1)
+
+
+def cached_length(cache) -> int | None:
+    """Tokens a cache given to a call already holds: 0 for none, None where its length cannot be read."""
+    if cache is None:
+        return 0
+    try:
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)):  # the legacy form: per layer (key [B, heads, T, d], value)
+            return int(cache[0][0].shape[-2]) if len(cache) else 0
+    except (TypeError, ValueError, IndexError, AttributeError, RuntimeError):
+        pass
+    return None
 
 
 @dataclass

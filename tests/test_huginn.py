@@ -8,6 +8,8 @@ Expected values come from plain hooks written here, never from loopscope itself.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -302,4 +304,23 @@ def test_prompt_and_generated_tokens_are_told_apart_in_huginns_decoders(
         with loopscope.open(path) as capture:
             (run,) = capture.runs
             want = range(prompt) if selection == "prompt" else range(prompt, prompt + 3)
+            assert run.positions.tolist() == list(want)
+
+
+def test_prompt_and_generated_tokens_after_a_cache_that_holds_the_prompts_start(reference_model, prompt_ids, tmp_path):
+    """generate() given a cache holding the prompt's first tokens (a chat's earlier turn) computes the rest only:
+    the run starts there, and its prompt part ends where the prompt does, not the prompt's length later."""
+    cached, prompt = 4, prompt_ids.shape[1]
+    with torch.no_grad():
+        first = reference_model.generate(
+            prompt_ids[:, :cached], num_steps=3, max_new_tokens=1, do_sample=False, return_dict_in_generate=True
+        )
+    assert first.past_key_values.get_seq_length() == cached
+    for selection, want in (("prompt", range(cached, prompt)), ("generated", range(prompt, prompt + 3))):
+        path = tmp_path / f"{selection}.h5"
+        cache = copy.deepcopy(first.past_key_values)
+        with loopscope.attach(reference_model, path, tokens=selection), torch.no_grad():
+            reference_model.generate(prompt_ids, past_key_values=cache, num_steps=3, max_new_tokens=4, do_sample=False)
+        with loopscope.open(path) as capture:
+            (run,) = capture.runs
             assert run.positions.tolist() == list(want)
