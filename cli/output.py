@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +52,18 @@ def note_first_loop(run, doing: str) -> None:
 
 
 def friendly(fn):
-    """Turn LoopscopeError (and a missing file) into one line on stderr and exit code 1."""
+    """Turn LoopscopeError (and a missing file) into one line on stderr and exit code 1; warnings into one line each."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    for warning in caught:  # one line each, not Python's two naming loopscope's own source line
+                        said = str(warning.message).removeprefix("loopscope: ")
+                        errors.print(f"[yellow]warning:[/yellow] {text(for_cli(said))}", highlight=False)
         except LoopscopeError as exc:
             errors.print(f"[red]error:[/red] {text(for_cli(str(exc)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None

@@ -489,3 +489,15 @@ def test_a_convergence_table_that_fails_partway_leaves_no_file(reference_model, 
     result = CliRunner().invoke(app, ["convergence", str(path), "--out", str(out), "--reference", "1"])
     assert result.exit_code == 1 and "covers other tokens" in result.output
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_warning_on_the_command_line_is_one_line_naming_no_source_file(capture_path, tmp_path):
+    """A library warning during a command (here: a file named like an older page that is no figure, left in place)
+    is printed as one "warning:" line, not Python's two lines quoting loopscope's own source."""
+    from test_hostile_files import _child
+
+    (tmp_path / "fig-p01.png").write_text("my notes, not a figure")
+    code, out, err = _child("cli", "plot", capture_path, "--run", "1", "--out", tmp_path / "fig.png")
+    lines = err.strip().splitlines()
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("warning: left 1 file(s)"), out + err
+    assert ".py:" not in err and "UserWarning" not in err and (tmp_path / "fig-p01.png").exists()
