@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..analysis.metrics import DEFAULT_TOL, METRICS
-from ..errors import LoopscopeError
+from ..errors import LoopscopeError, MergeError
 from ..storage.display import human_bytes
 from . import lens as lens_command
 from . import plots
@@ -72,9 +72,13 @@ def info(
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Summarise a capture: model, loops, and one row per run."""
+    from ..storage.merge_output import cut_short
     from ..storage.reader import CaptureFile
     from ..storage.run_files import unexpected_files
 
+    merge_note = cut_short(str(file))  # a merge into it, killed while it swapped the old capture for the new
+    if merge_note and not (file.exists() or file.is_symlink()):
+        raise MergeError(f"no capture at {file}: a merge into it {merge_note}")
     with CaptureFile(file, missing=missing) as capture:
         meta = capture.meta
         console.print(f"[bold]{text(file)}[/bold]  format v{text(meta.get('format_version'))}  {capture_size(file)}")
@@ -109,6 +113,8 @@ def info(
         if strays:
             names = first_few(strays, 5)
             console.print(f"[yellow]ignored in the run folder (not run files): {text(names)}[/yellow]")
+        if merge_note:
+            console.print(f"[yellow]a merge into it {text(merge_note)}[/yellow]")
 
 
 @app.command()

@@ -62,12 +62,14 @@ def merge(
     """
     out = os.fspath(out)
     paths = [os.fspath(s) for s in sources]
-    _check_paths(out, paths, force, locking)
-    with contextlib.ExitStack() as stack:
+    _check_args(out, paths)
+    with merge_output.exclusive(out, locking), contextlib.ExitStack() as stack:  # from the checks to the swap
+        _check_paths(out, paths, force, locking)
         captures = [stack.enter_context(_open_source(p, locking)) for p in paths]
         plan = _plan(captures)
         if not plan:
             raise MergeError(f"none of the {len(paths)} source(s) has a complete run; nothing to merge")
+        merge_output.clear_leftovers(out)  # what a killed merge into ``out`` left (or a one-line error)
         state_bytes = _write(out, plan, captures, locking)
     size = os.path.getsize(out) + sum(os.path.getsize(p) for p, _ in run_files.list_run_files(out).values())
     return MergeSummary(
@@ -97,7 +99,8 @@ def _write(out: str, plan, captures: list[CaptureFile], locking) -> int:
 
 
 # ---- checks ---------------------------------------------------------------------------------------------------------
-def _check_paths(out: str, sources: list[str], force: bool, locking) -> None:
+def _check_args(out: str, sources: list[str]) -> None:
+    """What needs no lock: sources given once each, none of them the output or its lock file, a folder for it."""
     if not sources:
         raise MergeError("give at least one capture to merge")
     seen: dict[str, str] = {}
@@ -109,16 +112,30 @@ def _check_paths(out: str, sources: list[str], force: bool, locking) -> None:
         seen[key] = path
     if os.path.realpath(out) in seen:
         raise MergeError(f"output {out} is also a source; write the merged capture to a new file")
+    lock = out + merge_output.LOCK_SUFFIX
+    if os.path.realpath(lock) in seen:
+        source = seen[os.path.realpath(lock)]
+        raise MergeError(
+            f"source {source} is where merging into {out} takes its lock; write the merged capture to a new file"
+        )
     if os.path.isdir(out):
         raise MergeError(f"output {out} is a directory; pass a file name such as {out}/merged.h5")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise MergeError(f"cannot create {out}: directory {parent} does not exist; create it first")
+
+
+def _check_paths(out: str, sources: list[str], force: bool, locking) -> None:
+    """Under the merge lock: nothing the sources read is written over, and ``out`` is new or ``force``d."""
     read = [dependencies.capture_files([source], locking=locking) for source in sources]  # each walked once
     _check_output_spares_sources(out, dependencies.CaptureFiles.joined(read), force)  # first: no --force advice
     _check_sources_distinct(sources, read)
     if (os.path.exists(out) or run_files.list_run_files(out)) and not force:
         raise MergeError(f"{out} already exists; pass --force (force=True) to replace it")
+    try:
+        run_files.refuse_if_written(out, locking)  # --force would swap its run folder away under it
+    except LoopscopeError as exc:
+        raise MergeError(str(exc)) from None
 
 
 def _check_output_spares_sources(out: str, protected: dependencies.CaptureFiles, force: bool) -> None:
@@ -126,7 +143,7 @@ def _check_output_spares_sources(out: str, protected: dependencies.CaptureFiles,
     their index and run files, the files their runs map (followed through merges of merges: a source may map the
     very capture being replaced), or their run folders, which must not hold a capture of their own either."""
     advice = "write the merged capture to a new file, outside the sources' run folders"
-    for path in (out, out + ".tmp", run_files.runs_dir(out)):  # the index is written as OUT.tmp, then renamed
+    for path in (out, out + merge_output.LOCK_SUFFIX, run_files.runs_dir(out)):  # the lock file is removed at the end
         clash = protected.holding(path)
         if clash is not None:
             raise MergeError(f"output {clash}; {advice}" if path == out else f"output {out}: {clash}; {advice}")
@@ -230,9 +247,11 @@ def _check_same_readout(first: CaptureFile, other: CaptureFile) -> None:
 
 # ---- writing --------------------------------------------------------------------------------------------------------
 def _write_runs(out: str, staging: str, plan, captures, locking, capture_id: str) -> tuple[list[int], int]:
-    """Write the merged run files into ``staging``'s run folder; returns their numbers and the bytes mapped."""
+    """Write the merged run files into ``staging``'s run folder (renamed to ``out``'s once all is written);
+    returns their numbers and the bytes mapped."""
     files = run_files.RunFiles(staging, locking=locking, capture_id=capture_id)
-    out_dir = os.path.realpath(run_files.runs_dir(out))  # where they will be read from
+    # Where they will be read from: a run folder of its own beside ``out`` (never a link, as one there may be now).
+    out_dir = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(out))), os.path.basename(out) + ".runs")
     state_bytes = 0
     numbers = []
     for number, (position, run) in enumerate(plan):

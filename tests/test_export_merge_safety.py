@@ -15,8 +15,10 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import h5py
 import pytest
 from capture_copies import copy_capture as _copy
 
@@ -179,9 +181,9 @@ def _runs_folder_linked(tmp_path: Path) -> list[str]:
     return ["merge", "out.h5", "cap.h5", "--force"]
 
 
-def _source_index_as_tmp(tmp_path: Path) -> list[str]:
-    _copy(tmp_path / "cap.h5", tmp_path, "out.h5.tmp")  # the merge writes its index as OUT.tmp, then renames it
-    return ["merge", "out.h5", "out.h5.tmp"]
+def _source_index_as_lock(tmp_path: Path) -> list[str]:
+    _copy(tmp_path / "cap.h5", tmp_path, "out.h5.merge.lock")  # the merge locks OUT.merge.lock, then removes it
+    return ["merge", "out.h5", "out.h5.merge.lock"]
 
 
 def _hard_link_to_index(tmp_path: Path) -> list[str]:
@@ -200,7 +202,7 @@ MERGE_CASES = {
         r"output cap\.h5\.runs/m\.h5 is inside cap\.h5\.runs \(the run folder of capture cap\.h5\)",
     ),
     "its run folder is the source's": (_runs_folder_linked, r"out\.h5\.runs is cap\.h5\.runs \(the run folder of"),
-    "its index is written over a source": (_source_index_as_tmp, r"out\.h5\.tmp is the index of capture out\.h5\.tmp"),
+    "its lock file is a source": (_source_index_as_lock, r"source out\.h5\.merge\.lock is where merging into out\.h5"),
     "a hard link to the source's index": (_hard_link_to_index, r"output out\.h5 is cap\.h5 \(the index of capture"),
 }
 
@@ -226,3 +228,129 @@ def test_merge_refuses_sources_that_hold_the_same_runs(pristine, tmp_path):
     _refused(
         tmp_path, r"sources src/cap\.h5 and copy\.h5 hold the same runs", "merge", "twice.h5", "src/cap.h5", "copy.h5"
     )
+
+
+# ---- replacing a capture: never a mix of two, never both lost -------------------------------------------------------
+KILL_CHILD = """
+import os, signal, sys
+from loopscope.storage import merge
+calls, at = [0], int(sys.argv[1])
+def counted(real):
+    def rename(a, b):
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(a, b)
+    return rename
+os.rename, os.replace = counted(os.rename), counted(os.replace)
+merge.merge(sys.argv[2], sys.argv[3:], force=True)
+"""
+
+
+def _two_sources(pristine, tmp_path: Path) -> tuple[Path, list[Path], str]:
+    """a.h5 and b.h5, and m.h5 merged from a.h5 alone (2 runs); returns m.h5, [a, b] and m.h5's capture id."""
+    a, b = _copy(pristine, tmp_path, "a.h5"), _copy(pristine, tmp_path, "b.h5")
+    merge(tmp_path / "m.h5", [a])
+    return tmp_path / "m.h5", [a, b], _capture_id(tmp_path / "m.h5")
+
+
+def _capture_id(path: Path) -> str:
+    with h5py.File(path, "r") as file:
+        value = file.attrs.get("capture_id")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _which(out: Path, old_id: str) -> str:
+    """'old' (merged from a.h5), 'new' (from a.h5 and b.h5) or 'missing'; never an index beside other runs."""
+    if not out.exists():
+        return "missing"
+    own = _capture_id(out)
+    runs = sorted(Path(str(out) + ".runs").glob("*.h5"))
+    assert runs and all(_capture_id(run) == own for run in runs), (own, [_capture_id(run) for run in runs])
+    with loopscope.open(out) as capture:
+        assert len(capture.runs) == (2 if own == old_id else 4)
+        assert all(run.states().size > 0 for run in capture.runs)
+    return "old" if own == old_id else "new"
+
+
+@pytest.mark.parametrize("at", range(1, 10))
+def test_an_interrupt_while_force_replaces_a_capture_leaves_one_whole_capture(pristine, tmp_path, monkeypatch, at):
+    """Ctrl-C at any rename of ``merge --force`` (its runs put in place, the swap, its undoing) leaves the old
+    capture or the new one, whole, and nothing of the other beside it."""
+    out, sources, old_id = _two_sources(pristine, tmp_path)
+    calls = [0]
+
+    def counted(real):
+        def rename(a, b):
+            calls[0] += 1
+            if calls[0] == at:
+                raise KeyboardInterrupt
+            return real(a, b)
+
+        return rename
+
+    monkeypatch.setattr(os, "rename", counted(os.rename))
+    monkeypatch.setattr(os, "replace", counted(os.replace))
+    try:
+        merge(out, sources, force=True)
+    except (KeyboardInterrupt, MergeError):
+        assert at <= 8  # 4 run files renamed when written, then the 4 renames of the swap
+    else:
+        assert at > 8
+    monkeypatch.undo()
+    assert _which(out, old_id) == ("old" if at <= 8 else "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "a.h5.runs", "b.h5", "b.h5.runs", "m.h5", "m.h5.runs"]
+    merge(out, sources, force=True)
+    assert _which(out, old_id) == "new"
+
+
+@pytest.mark.parametrize("at", [3, 5, 6, 7, 8])
+def test_a_kill_while_force_replaces_a_capture_never_pairs_an_index_with_other_runs(pristine, tmp_path, at):
+    """SIGKILL at a rename: the capture at OUT is the old one, the new one, or none (the swap under way); the next
+    merge removes what was left of the new one, and names the old pieces with the commands that put them back."""
+    out, sources, old_id = _two_sources(pristine, tmp_path)
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, str(at), str(out), *map(str, sources)], timeout=TIMEOUT)
+    assert child.returncode == -9
+    state = _which(out, old_id)
+    assert state in ("old", "missing")
+    try:
+        merge(out, sources, force=True)
+    except MergeError as exc:
+        assert state == "missing" and "cut short" in str(exc) and len(str(exc).splitlines()) == 1
+        for source, target in re.findall(r"\bmv (\S+) ([^\s;,]+)", str(exc)):
+            os.rename(source, target)
+        assert _which(out, old_id) == "old"
+        merge(out, sources, force=True)
+    assert _which(out, old_id) == "new"
+    left = {p.name for p in tmp_path.iterdir()} - {"a.h5", "a.h5.runs", "b.h5", "b.h5.runs", "m.h5", "m.h5.runs"}
+    assert not left, left
+
+
+SLOW_CHILD = """
+import pathlib, sys, time
+from loopscope.storage import merge
+real = merge._write_runs
+def slow(*args, **kwargs):
+    pathlib.Path(sys.argv[1]).touch()
+    time.sleep(3)
+    return real(*args, **kwargs)
+merge._write_runs = slow
+merge.merge(sys.argv[2], sys.argv[3:], force=True)
+print("ok")
+"""
+
+
+def test_two_merges_into_one_output_at_once_refuse_the_second(pristine, tmp_path):
+    out, (a, b), old_id = _two_sources(pristine, tmp_path)
+    started = tmp_path / "started"
+    first = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHILD, str(started), str(out), str(a), str(b)], stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + TIMEOUT
+    while not started.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(MergeError, match=r"^another merge is writing \S*m\.h5; wait for it to finish$"):
+        merge(out, [a], force=True)
+    assert first.communicate(timeout=TIMEOUT)[0].strip() == "ok"
+    assert _which(out, old_id) == "new"
+    assert not (tmp_path / "m.h5.merge.lock").exists()
