@@ -38,3 +38,33 @@ def chunk_check_failed(exc: OSError) -> bool:
 
 def verify_hint(index_path: str) -> str:
     return f"`loopscope verify {index_path}` lists every damaged chunk"
+
+
+def damaged_read_message(ds, selection, where: str, index_path: str) -> str:
+    """One line naming ``where`` (run and loop), the tokens and steps of the damaged chunk of a read of ``ds`` (found
+    by checking the chunks the selection touches; the selection's own span where they cannot be checked here, as in
+    a merged run)."""
+    import h5py
+
+    from . import checksum
+
+    what = "chunk checksum mismatch"
+    try:
+        start, end = h5py._hl.selections.select(ds.shape, selection, ds).id.get_select_bounds()
+        span = [(start[0], end[0]), (start[1], end[1])]
+        if checksum.has_fletcher32(ds):
+            within = tuple((a, b + 1) for a, b in zip(start, end))
+            damaged = list(checksum.damaged_chunks(ds, within))
+            if damaged:
+                span = [damaged[0].span(0), damaged[0].span(1)]
+                if damaged[0].reason != "checksum mismatch":  # a chunk that could not even be read
+                    what = f"chunk {damaged[0].reason}"
+                if len(damaged) > 1:
+                    what += f" (and {len(damaged) - 1} more chunk(s) of this read)"
+            else:
+                what = "a chunk failed to decode"
+    except Exception:  # naming the place is best effort; the error itself stands
+        span = None
+    if span is not None:
+        where += f", tokens {span[0][0]}-{span[0][1]}, steps {span[1][0]}-{span[1][1]}"
+    return f"{where}: {what} (the file was damaged on disk); {verify_hint(index_path)}"

@@ -3,13 +3,18 @@
 Each run is its own HDF5 file, and a capture (or the many rank files a merge reads) can hold more runs than the
 process may have files open (``ulimit -n``: 1024 by default on Linux). So a run's file is opened when the run is
 used and kept open for the next use, but at most :func:`limit` of them at a time: opening one more closes the least
-recently used, which opens again, transparently, when its run is used again (``Run.group``).
+recently used, which opens again, transparently, when its run is used again (``Run.use``). The first time the limit
+is reached, the soft open-file limit is raised toward the hard one (``write/descriptors.py``), so closing is rare.
+
+A run in use is never closed: ``pin`` holds it open (``Run.use`` around each access to its h5py objects, a dataset
+that ``Run.dataset`` handed out for as long as that object lives), and closing skips pinned runs, letting the open
+files exceed the limit for a while rather than closing a file a thread is reading. All of it under one lock.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
-import functools
 import os
 import threading
 import weakref
@@ -17,6 +22,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import h5py
+
+from .write.descriptors import MARGIN, raise_soft_limit
 
 try:
     import resource
@@ -26,15 +33,18 @@ except ImportError:  # not POSIX: no limit to read, the ceiling below applies
 if TYPE_CHECKING:
     from .run import Run
 
-#: Open run files at most, whatever the limit: a read touches one run (two with a reference run) at a time.
-MAX_OPEN = 256
-#: A merged run also holds its source file open while it reads (a merge of merges, one per level): an eighth of the
-#: descriptors leaves room for those, the index, the Python process's own files and the caller's.
-SHARE = 8
+#: Open run files at most, whatever the limit (each holds HDF5's chunk cache while open).
+MAX_OPEN = 1024
+#: A merged run also holds its source files open while it reads: run files get half the descriptors left after a
+#: margin (the index, the Python process's own files and the caller's).
+SHARE = 2
 
-_lock = threading.RLock()
+lock = threading.RLock()  # every open, close and pin of a run file
 # id(run) -> a weak reference, least recently used first: a run dropped unclosed lets its file go as before
 _open: OrderedDict[int, weakref.ref] = OrderedDict()
+# pins to drop, from finalizers (which may run anywhere, even in a thread holding h5py's lock: they never wait here)
+_unpin_later: collections.deque = collections.deque()
+_raised = False  # the soft limit was raised once already (or there was no need)
 
 
 def limit() -> int:
@@ -44,50 +54,83 @@ def limit() -> int:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return MAX_OPEN
-    return max(2, min(MAX_OPEN, soft // SHARE))
+    margin = min(MARGIN, soft // 4)
+    return max(2, min(MAX_OPEN, (soft - margin) // SHARE))
+
+
+def pin(run: Run) -> h5py.File:
+    """``run``'s open file (opened here if closed), held open until :func:`unpin`; it is now the most recently used."""
+    with lock:
+        _drain()
+        run._pins += 1
+        try:
+            group = run._group
+            if group is None:
+                group = run._open()  # under the lock: two threads never both open the same run
+            elif id(run) in _open:
+                _open.move_to_end(id(run))
+            return group
+        except BaseException:
+            run._pins -= 1
+            raise
+
+
+def unpin(run: Run) -> None:
+    with lock:
+        run._pins -= 1
+
+
+def unpin_later(run: Run) -> None:
+    """:func:`unpin` from a finalizer: done at the next use of any run, without waiting for the lock now."""
+    _unpin_later.append(run)
+
+
+def _drain() -> None:
+    while _unpin_later:
+        _unpin_later.popleft()._pins -= 1
 
 
 def opening(run: Run) -> None:
-    """``run`` is about to open its file: the least recently used others are closed to make room for it."""
-    with _lock:
+    """``run`` is about to open its file (under the lock, from ``pin``): the least recently used others that no one
+    is using are closed to make room for it."""
+    global _raised
+    with lock:
+        _drain()
         _open.pop(id(run), None)
-        while len(_open) >= limit():
-            key, ref = _open.popitem(last=False)
-            oldest = ref()
-            if oldest is not None:
-                oldest.close()
-        _open[id(run)] = weakref.ref(run, functools.partial(_forget, id(run)))
-
-
-def used(run: Run) -> None:
-    """``run``'s open file was used: it is closed last."""
-    with _lock:
-        if id(run) in _open:
-            _open.move_to_end(id(run))
+        if len(_open) >= limit() and not _raised:
+            _raised = True
+            raise_soft_limit(SHARE * MAX_OPEN + MARGIN)
+        if len(_open) >= limit():
+            for key, ref in list(_open.items()):
+                other = ref()
+                if other is None:
+                    _open.pop(key, None)
+                elif other._pins <= 0:
+                    other.close()
+                if len(_open) < limit():
+                    break
+        _open[id(run)] = weakref.ref(run)  # dropped unclosed: its file closes with it; its entry goes here
 
 
 def closed(run: Run) -> None:
-    with _lock:
+    with lock:
         _open.pop(id(run), None)
 
 
-def _forget(key: int, ref: weakref.ref) -> None:
-    """A run was dropped without being closed (its file closes with it)."""
-    with _lock:
-        if _open.get(key) is ref:
-            del _open[key]
-
-
 def close_others(run: Run) -> bool:
-    """Close every open run file but ``run``'s (the process ran out of descriptors anyway); whether any was open."""
-    with _lock:
-        others = [(key, ref) for key, ref in _open.items() if key != id(run)]
-        for key, ref in others:
-            _open.pop(key, None)
+    """Close every open run file but ``run``'s and those in use (the process ran out of descriptors anyway); whether
+    any was closed."""
+    with lock:
+        _drain()
+        closed_any = False
+        for key, ref in list(_open.items()):
             other = ref()
-            if other is not None:
+            if other is None:
+                _open.pop(key, None)
+            elif other is not run and other._pins <= 0:
                 other.close()
-    return bool(others)
+                closed_any = True
+    return closed_any
 
 
 def out_of_descriptors(exc: BaseException) -> bool:

@@ -5,6 +5,9 @@ chunks that hold it. Every read is checked (layout, shapes, chunk checksums), so
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -13,7 +16,7 @@ import numpy as np
 
 from ..errors import CaptureFileError
 from . import checksum, layout, open_runs, safety, schema
-from .damage import chunk_check_failed, reading, verify_hint
+from .damage import chunk_check_failed, damaged_read_message, reading
 from .virtual import check_sources
 
 if TYPE_CHECKING:
@@ -32,19 +35,30 @@ class Run:
         self._checked: tuple[int, ...] | None = None  # the run file's signature when it was last checked
         self._sources_checked = False  # a merged run's states live in other files (virtual datasets)
         self._datasets: dict[str | None, h5py.Dataset] = {}  # checked states datasets, while the file is open
+        self._pins = 0  # uses of the open file under way (open_runs.py, under its lock): it is not closed meanwhile
+
+    @contextmanager
+    def use(self) -> Iterator[h5py.File]:
+        """The run's HDF5 group (the root of its run file), opened on use and held open until the block ends. Only
+        so many run files stay open at once (``open_runs.py``): one closed to make room for another's opens again
+        here, but never one in use, so threads may share runs."""
+        group = open_runs.pin(self)
+        try:
+            yield group
+        finally:
+            open_runs.unpin(self)
 
     @property
     def group(self) -> h5py.File:
-        """The run's HDF5 group (the root of its run file), opened on use. Only so many run files stay open at once
-        (``open_runs.py``): one closed to make room for another's opens again here."""
-        group = self._group
-        if group is None:
-            return self._open()
-        open_runs.used(self)
-        return group
+        """The run's open file, not held open: where another thread may read other runs, use ``with run.use()``."""
+        with self.use() as group:
+            return group
 
     def _open(self) -> h5py.File:
-        """Open the run file; checked (layout, that it is this run) unless it is the very file checked before."""
+        """Open the run file (``open_runs.pin``, under its lock); checked (layout, that it is this run) unless it is
+        the very file checked before. A merged run's sources are checked again on their next use: they may have been
+        replaced while the file was closed, though the run file was not."""
+        self._sources_checked = False
         open_runs.opening(self)
         try:
             try:
@@ -59,11 +73,13 @@ class Run:
         try:
             seen = open_runs.signature(group, self.path)
             if seen is None or seen != self._checked:
-                self._sources_checked = False
                 with reading(self.path):
                     weight = self.capture.readout.weight
                     attrs = layout.check_run(group, self.path, None if weight is None else len(weight))
-                    self._check_belongs(attrs)
+                    # a run file copied in from another capture (or renamed) is an error, not another run's data
+                    problem = safety.foreign_run(self.capture._attrs.get("capture_id"), attrs, self.index)
+                    if problem is not None:
+                        raise CaptureFileError(f"run file {self.path} {problem}")
                 self._checked = seen
         except BaseException:
             group.close()
@@ -74,28 +90,23 @@ class Run:
 
     def close(self) -> None:
         """Close the run's file (it opens again when the run is used)."""
-        self._datasets.clear()  # h5py objects of the file: invalid once it is closed
-        group, self._group = self._group, None
-        open_runs.closed(self)
-        if group is not None:
-            group.close()
-
-    def _check_belongs(self, attrs: dict) -> None:
-        """A run file copied in from another capture (or renamed) is an error, not another run's data."""
-        problem = safety.foreign_run(self.capture._attrs.get("capture_id"), attrs, self.index)
-        if problem is not None:
-            raise CaptureFileError(f"run file {self.path} {problem}")
+        with open_runs.lock:
+            self._datasets.clear()  # h5py objects of the file: invalid once it is closed
+            group, self._group = self._group, None
+            open_runs.closed(self)
+            if group is not None:
+                group.close()
 
     @property
     def attrs(self) -> dict:
-        with reading(self.path):
-            items = safety.read_attrs(self.group, self.path)
+        with self.use() as group, reading(self.path):
+            items = safety.read_attrs(group, self.path)
         return {k: schema.text_or(v, v.item() if isinstance(v, np.generic) else v) for k, v in items.items()}
 
     @property
     def loops(self) -> list[str]:
-        with reading(self.path):
-            present = set(self.group[schema.LOOPS].keys())
+        with self.use() as group, reading(self.path):
+            present = set(group[schema.LOOPS].keys())
         ordered = [name for name in self.capture.loop_names if name in present]
         return ordered + sorted(present - set(ordered))
 
@@ -106,11 +117,12 @@ class Run:
     @cached_property
     def tokens(self) -> list[str] | None:
         """Each token's text (when the capture had a tokenizer), from ``token_bytes`` cut at ``token_ends``."""
-        if "token_ends" not in self.group:
-            return None
-        ends = self._array("token_ends")
-        with reading(self.path):
-            data = self.group["token_bytes"][()].tobytes()
+        with self.use() as group:
+            if "token_ends" not in group:
+                return None
+            ends = self._array("token_ends")
+            with reading(self.path):
+                data = group["token_bytes"][()].tobytes()
         # bounds first, in the stored dtype: only then is int64 exact (and np.diff of unsigned ends would wrap)
         if ends.size and (ends.min() < 0 or ends.max() > len(data)):
             raise CaptureFileError(f"{self.path}: token_ends do not fit token_bytes; damaged")
@@ -134,16 +146,16 @@ class Run:
 
     def _array(self, name: str) -> np.ndarray:
         """A per-token dataset, read whole; checked to hold one integer per token."""
-        with reading(self.path):
-            data = self.group[name][()]
+        with self.use() as group, reading(self.path):
+            data = group[name][()]
         if data.shape != (self.num_tokens,) or data.dtype.kind not in "iu":
             raise CaptureFileError(f"{self.path}: dataset {name} has shape {data.shape}, dtype {data.dtype}; damaged")
         return data
 
     @property
     def num_tokens(self) -> int:
-        with reading(self.path):
-            return int(self.group["token_ids"].shape[0])
+        with self.use() as group, reading(self.path):
+            return int(group["token_ids"].shape[0])
 
     @property
     def num_steps(self) -> np.ndarray:
@@ -170,7 +182,8 @@ class Run:
     def step_iterations(self, loop: str | None = None) -> np.ndarray:
         """[T, K] the iteration each stored step holds (-1 past a token's last): ``min(k * stride, iterations)``."""
         iterations, last = self._num_steps(loop)
-        n_slots = self.dataset(loop).shape[1]
+        with self.use():
+            n_slots = self._states(loop).shape[1]
         labels = schema.stored_step_iterations(iterations, self.step_stride, n_slots)
         return np.where(np.arange(n_slots)[None, :] <= last[:, None], labels, -1)
 
@@ -181,7 +194,7 @@ class Run:
 
     def _num_steps(self, loop: str | None) -> tuple[np.ndarray, np.ndarray]:
         """(iterations as recorded, last stored step), validated against the states' shape."""
-        with reading(self.path):
+        with self.use(), reading(self.path):
             group = self._loop(loop)
             iterations = group["num_steps"][()]
             n_tokens, n_slots = group["states"].shape[:2]
@@ -200,13 +213,13 @@ class Run:
 
     def step_labels(self, loop: str | None = None) -> np.ndarray | None:
         """[K, D] nested-loop labels of each stored step (HRM's L loop: its (h, l) cycle), or None."""
-        with reading(self.path):
+        with self.use(), reading(self.path):
             group = self._loop(loop)
             return group["step_labels"][()] if "step_labels" in group else None
 
     def signal_names(self, loop: str | None = None) -> list[str]:
         """Per-token scalars recorded beside ``loop``'s states (e.g. ``exit_gate``, ``exit_value``)."""
-        with reading(self.path):
+        with self.use(), reading(self.path):
             group = self._loop(loop)
             return sorted(group[schema.SIGNALS]) if schema.SIGNALS in group else []
 
@@ -215,23 +228,32 @@ class Run:
         names = self.signal_names(loop)
         if name not in names:
             raise CaptureFileError(f"run {self.index} has no signal {name!r}; it has {names or 'none'}")
-        with reading(self.path):
-            ds = self._loop(loop)[schema.SIGNALS][name]
-            if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.shape[0] != self.num_tokens:
-                raise CaptureFileError(f"{self.path}: signal {name!r} is damaged")
-            virtual = ds.is_virtual
-        if virtual:
-            self._check_sources_once()
-        with reading(self.path):
-            return ds[()].astype(np.float32, copy=False)
+        with self.use():
+            with reading(self.path):
+                ds = self._loop(loop)[schema.SIGNALS][name]
+                if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.shape[0] != self.num_tokens:
+                    raise CaptureFileError(f"{self.path}: signal {name!r} is damaged")
+                virtual = ds.is_virtual
+            if virtual:
+                self._check_sources_once()
+            with reading(self.path):
+                return ds[()].astype(np.float32, copy=False)
 
     def dataset(self, loop: str | None = None) -> h5py.Dataset:
-        """The raw states dataset [T, K, H] of ``loop`` (stored dtype; bf16 as uint16 bits).
+        """The raw states dataset [T, K, H] of ``loop`` (stored dtype; bf16 as uint16 bits). The run's file is held
+        open while the object returned lives (until ``close``); ``read`` reads it checked."""
+        with self.use():
+            ds = h5py.Dataset(self._states(loop).id)
+            open_runs.pin(self)
+        weakref.finalize(ds, open_runs.unpin_later, self)
+        return ds
 
-        Looked up and checked once per open file: a streamed reader asks for it once per block."""
-        if loop in self._datasets:
-            open_runs.used(self)  # a run streamed block by block is the last whose file is closed
-            return self._datasets[loop]
+    def _states(self, loop: str | None) -> h5py.Dataset:
+        """The states dataset of ``loop``, within ``use()``: looked up and checked once per open file (a streamed
+        reader asks for it once per block)."""
+        ds = self._datasets.get(loop)
+        if ds is not None:
+            return ds
         with reading(self.path):
             ds = self._loop(loop)["states"]
             if not isinstance(ds, h5py.Dataset) or ds.ndim != 3 or ds.dtype.kind not in "fu":
@@ -247,27 +269,30 @@ class Run:
         loop's states checked, and where a loop's states or signals are virtual, the mappings walked (a dataset
         that maps itself, a source gone). The runs tables of ``info`` and Jupyter call it, so a run no command can
         read is never listed as sound."""
-        for loop in self.loops:
-            self.dataset(loop)  # checked; virtual states have their mappings walked
-            with reading(self.path):
-                signals = self._loop(loop).get(schema.SIGNALS)  # hard links only: the run file's open checked them
-                virtual = isinstance(signals, h5py.Group) and any(
-                    isinstance(ds, h5py.Dataset) and ds.is_virtual for ds in signals.values()
-                )
-            if virtual:
-                self._check_sources_once()
+        with self.use():
+            for loop in self.loops:
+                self._states(loop)  # checked; virtual states have their mappings walked
+                with reading(self.path):
+                    signals = self._loop(loop).get(schema.SIGNALS)  # hard links only: the file's open checked them
+                    virtual = isinstance(signals, h5py.Group) and any(
+                        isinstance(ds, h5py.Dataset) and ds.is_virtual for ds in signals.values()
+                    )
+                if virtual:
+                    self._check_sources_once()
 
     def _check_sources_once(self) -> None:
-        """A merged run reads other files through virtual datasets; HDF5 would read a missing one as NaN, silently."""
+        """A merged run reads other files through virtual datasets; HDF5 would read a missing one as NaN, silently.
+        Within ``use()``: checked again after each open of the run's file."""
         if not self._sources_checked:
             check_sources(self)
             self._sources_checked = True
 
     def logical_dtype(self, loop: str | None = None) -> str:
-        ds = self.dataset(loop)
-        stored = ds.dtype.newbyteorder("=")  # a byte order HDF5 converts on read changes no value
-        with reading(self.path):
-            value = ds.attrs.get("logical_dtype")
+        with self.use():
+            ds = self._states(loop)
+            stored = ds.dtype.newbyteorder("=")  # a byte order HDF5 converts on read changes no value
+            with reading(self.path):
+                value = ds.attrs.get("logical_dtype")
         if value is None:  # not written by loopscope, which always says: floats are what they store
             value = stored.name if stored.kind == "f" else "float32"
         value = schema.text_or(value, str(value))
@@ -282,7 +307,8 @@ class Run:
         return value
 
     def hidden_size(self, loop: str | None = None) -> int:
-        return int(self.dataset(loop).shape[2])
+        with self.use():
+            return int(self._states(loop).shape[2])
 
     def states(
         self, token: int | None = None, step: int | None = None, *, loop: str | None = None, raw: bool = False
@@ -294,8 +320,8 @@ class Run:
         holds the iterations it was carried through while the others ran on (mask with ``steps_of``). bfloat16
         captures are widened to float32 (exact) unless ``raw=True``, which returns the stored 16-bit patterns.
         """
-        ds = self.dataset(loop)
-        n_tokens, n_slots = ds.shape[0], ds.shape[1]
+        with self.use():
+            n_tokens, n_slots = self._states(loop).shape[:2]
         for name, value in (("token", token), ("step", step)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
                 raise CaptureFileError(f"{name}={value!r} must be an integer index")
@@ -321,7 +347,11 @@ class Run:
         ``out``: a C-contiguous array of the selection's shape and the stored dtype to read into and return. h5py
         reads a block into an existing array about 1.7x faster than into a new one, so streamed reads reuse one.
         """
-        ds = self.dataset(loop)
+        with self.use():
+            ds = self._states(loop)
+            return self._read(ds, selection, loop, out)
+
+    def _read(self, ds: h5py.Dataset, selection, loop: str | None, out: np.ndarray | None) -> np.ndarray:
         with reading(self.path):
             try:
                 if out is None:
@@ -336,33 +366,8 @@ class Run:
             except (OSError, checksum.ChunkMismatch) as exc:  # HDF5 checks each chunk's Fletcher-32 as it reads
                 if isinstance(exc, OSError) and not chunk_check_failed(exc):
                     raise
-                raise CaptureFileError(self._damaged_message(ds, selection, loop)) from None
-
-    def _damaged_message(self, ds: h5py.Dataset, selection, loop: str | None) -> str:
-        """One line naming the run, loop, tokens and steps of the damaged chunk (found by checking the chunks the
-        selection touches; the selection's own span where they cannot be checked here, as in a merged run)."""
-        name = loop if loop is not None else self.loops[0]
-        what = "chunk checksum mismatch"
-        try:
-            start, end = h5py._hl.selections.select(ds.shape, selection, ds).id.get_select_bounds()
-            span = [(start[0], end[0]), (start[1], end[1])]
-            if checksum.has_fletcher32(ds):
-                within = tuple((a, b + 1) for a, b in zip(start, end))
-                damaged = list(checksum.damaged_chunks(ds, within))
-                if damaged:
-                    span = [damaged[0].span(0), damaged[0].span(1)]
-                    if damaged[0].reason != "checksum mismatch":  # a chunk that could not even be read
-                        what = f"chunk {damaged[0].reason}"
-                    if len(damaged) > 1:
-                        what += f" (and {len(damaged) - 1} more chunk(s) of this read)"
-                else:
-                    what = "a chunk failed to decode"
-        except Exception:  # naming the place is best effort; the error itself stands
-            span = None
-        where = f"run {self.index}, loop {name}"
-        if span is not None:
-            where += f", tokens {span[0][0]}-{span[0][1]}, steps {span[1][0]}-{span[1][1]}"
-        return f"{where}: {what} (the file was damaged on disk); {verify_hint(self.capture.path)}"
+                where = f"run {self.index}, loop {loop if loop is not None else self.loops[0]}"
+                raise CaptureFileError(damaged_read_message(ds, selection, where, self.capture.path)) from None
 
     def decode(self, data: np.ndarray, loop: str | None = None) -> np.ndarray:
         """Stored representation -> float array (bf16 bit patterns become exact float32)."""

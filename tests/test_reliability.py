@@ -398,3 +398,133 @@ def test_merge_onto_a_full_disk_is_one_line_and_keeps_what_force_would_replace(t
                     ]
                     for run, states in zip(old.runs, before):
                         np.testing.assert_array_equal(run.states(), states)
+
+
+SHARED_RUNS_PRELUDE = CHILD_PRELUDE + textwrap.dedent(
+    """
+    import threading, numpy as np
+    from loopscope.errors import LoopscopeError
+    from loopscope.storage import open_runs
+    ids = torch.randint(3, 300, (1, 16)).repeat(8, 1)  # one prompt: any run is a reference for the others
+    cap = loopscope.attach(model, path)
+    with torch.no_grad():
+        for _ in range(6): model(ids, num_steps=4)
+    cap.close()
+    folder = os.path.dirname(path)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))  # far fewer descriptors than the capture has runs
+    """
+)
+
+
+def _shared_runs_child(tmp_path, body: str) -> list[str]:
+    """Run ``body`` in a child that captured 48 runs to ``path`` and may then have 40 files open; its output."""
+    child = subprocess.run(
+        [sys.executable, "-c", SHARED_RUNS_PRELUDE + textwrap.dedent(body), str(tmp_path / "c.h5")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0 and "DONE" in child.stdout, child.stdout + child.stderr[-3000:]
+    return child.stdout.splitlines()
+
+
+def test_threads_sharing_a_capture_read_every_run_while_run_files_close(tmp_path):
+    """A run file closed to make room for another is never one a thread is reading (it was closed between a thread's
+    lookup of the dataset and its read: "damaged or unreadable (invalid identifier type)")."""
+    lines = _shared_runs_child(
+        tmp_path,
+        """
+        capture = loopscope.open(path)
+        runs = capture.runs
+        expected = {run.index: float(np.nansum(run.states())) for run in runs}
+        errors = []
+
+        def work(k):
+            try:
+                for _ in range(20):
+                    for run in runs[k::4]:
+                        if float(np.nansum(run.states())) != expected[run.index]:
+                            errors.append(f"run {run.index} read other values")
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print("ERRORS", len(errors), errors[:2])
+        print("DONE")
+        """,
+    )
+    assert "ERRORS 0 []" in lines, lines
+
+
+def test_convergence_with_many_workers_under_few_open_files_matches_one_worker(tmp_path):
+    """``--workers 8`` reads runs on threads that share the bounded set of open run files: same CSV as one worker
+    (a worker's run file was closed under it: "damaged or unreadable (identifier is not of specified type)")."""
+    _shared_runs_child(tmp_path, 'print("DONE")')
+    cli = "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))\n"
+    cli += "from loopscope.cli.app import app; sys.argv[0] = 'loopscope'; app()"
+    for workers in (8, 1):
+        args = ["convergence", "c.h5", "--out", f"w{workers}.csv", "--workers", str(workers), "--reference", "0"]
+        child = subprocess.run(
+            [sys.executable, "-c", cli, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+        assert child.returncode == 0, (workers, child.stdout[-1500:] + child.stderr[-1500:])
+    one, eight = ((tmp_path / f"w{w}.csv").read_text() for w in (1, 8))
+    assert one == eight and len(one.splitlines()) == 3841  # a row per run, token and step
+
+
+def test_a_dataset_handed_out_stays_readable_after_more_runs_than_open_files_were_read(tmp_path):
+    """``Run.dataset()`` hands out an h5py object: its run's file is not closed while that object lives (it died
+    with a raw RuntimeError once more runs than the limit had been read)."""
+    lines = _shared_runs_child(
+        tmp_path,
+        """
+        capture = loopscope.open(path)
+        first = capture.runs[0]
+        expected = first.states(raw=True)
+        ds = first.dataset()
+        total = sum(float(np.nansum(run.states())) for run in capture.runs[1:])  # every other run's file opens
+        print("READABLE", np.array_equal(ds[()], expected, equal_nan=True))
+        del ds
+        total = sum(float(np.nansum(run.states())) for run in capture.runs[1:])
+        print("CLOSED", first._group is None and len(open_runs._open) <= open_runs.limit())  # let go once collected
+        print("DONE")
+        """,
+    )
+    assert "READABLE True" in lines and "CLOSED True" in lines, lines
+
+
+def test_a_merged_run_closed_and_opened_again_checks_its_sources_again(tmp_path):
+    """A merged run whose file was closed to make room for others checks its sources when it opens again: a source
+    captured again meanwhile is refused (it was read silently, since the merged run's own file had not changed)."""
+    lines = _shared_runs_child(
+        tmp_path,
+        """
+        from loopscope.storage import merge
+        import shutil
+        open_runs.MAX_OPEN = 2  # two run files open at most: reading the others closes run 0's
+        merge.merge(os.path.join(folder, "m.h5"), [path])
+        other = os.path.join(folder, "other.h5")
+        cap = loopscope.attach(model, other)
+        with torch.no_grad():
+            for _ in range(6): model(torch.randint(3, 300, (8, 16)), num_steps=4)
+        cap.close()
+        merged = loopscope.open(os.path.join(folder, "m.h5"))
+        run = merged.runs[0]
+        run.states()
+        for later in merged.runs[1:]:
+            later.states()
+        print("CLOSED", run._group is None)
+        shutil.rmtree(path + ".runs")
+        shutil.copytree(other + ".runs", path + ".runs")  # the source captured again, as mode="w" would
+        shutil.copy(other, path)
+        try:
+            run.states()
+            print("READ")
+        except LoopscopeError as exc:
+            print("REFUSED", "no longer the one merged" in str(exc) and "\\n" not in str(exc))
+        print("DONE")
+        """,
+    )
+    assert "CLOSED True" in lines and "REFUSED True" in lines, lines

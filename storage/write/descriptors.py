@@ -31,19 +31,30 @@ def make_room(batch: int) -> None:
     need = _open_descriptors() + batch + MARGIN
     if need <= soft:
         return
-    if hard == resource.RLIM_INFINITY or need <= hard:
-        try:
-            raised = max(need, 2 * soft)  # toward the hard limit, with room for the next batches
-            resource.setrlimit(
-                resource.RLIMIT_NOFILE, (raised if hard == resource.RLIM_INFINITY else min(raised, hard), hard)
-            )
-            return
-        except (ValueError, OSError):
-            pass
+    if raise_soft_limit(max(need, 2 * soft)) >= need:  # toward the hard limit, with room for the next batches
+        return
     raise LoopscopeError(
         f"a batch of {batch} rows records {batch} run files open at once, more than this process may open "
         f"(ulimit -n is {soft}, at most {hard}); raise it (ulimit -n {need}) or record a smaller batch"
     )
+
+
+def raise_soft_limit(want: int) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to ``want`` (at most the hard limit) if it is lower; the soft limit after.
+    The reader (``storage/open_runs.py``) shares it: the more run files may stay open, the fewer are closed."""
+    if resource is None:
+        return want
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return want if soft == resource.RLIM_INFINITY else soft
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def _open_descriptors() -> int:
