@@ -309,14 +309,7 @@ def test_captures_with_more_runs_than_open_files_read_merge_and_export(tmp_path)
     verified by a process allowed 40 open files (each run file used to stay open until the capture closed)."""
     prelude = CHILD_PRELUDE + "cap = loopscope.attach(model, path)\nwith torch.no_grad():\n"
     prelude += "    for _ in range(6): model(torch.randint(3, 300, (8, 4)), num_steps=2)\ncap.close()\n"
-    child = subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(FEW_FILES_BODY), str(tmp_path / "c.h5")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert child.returncode == 0 and "DONE" in child.stdout, child.stdout + child.stderr[-3000:]
-    lines = child.stdout.splitlines()
+    lines = _child_lines(prelude + textwrap.dedent(FEW_FILES_BODY), tmp_path / "c.h5")
     assert lines[0].split()[:3] == ["c.h5", "48", "48"] and lines[1].split()[:3] == ["m.h5", "48", "48"], lines
     assert lines[0].split()[3] == lines[1].split()[3], lines  # the merged capture reads the same states
 
@@ -418,12 +411,12 @@ SHARED_RUNS_PRELUDE = CHILD_PRELUDE + textwrap.dedent(
 
 def _shared_runs_child(tmp_path, body: str) -> list[str]:
     """Run ``body`` in a child that captured 48 runs to ``path`` and may then have 40 files open; its output."""
-    child = subprocess.run(
-        [sys.executable, "-c", SHARED_RUNS_PRELUDE + textwrap.dedent(body), str(tmp_path / "c.h5")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return _child_lines(SHARED_RUNS_PRELUDE + textwrap.dedent(body), tmp_path / "c.h5")
+
+
+def _child_lines(script: str, path) -> list[str]:
+    """The output lines of ``script`` run in a child with ``path`` as its argument, which must end with DONE."""
+    child = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
     assert child.returncode == 0 and "DONE" in child.stdout, child.stdout + child.stderr[-3000:]
     return child.stdout.splitlines()
 
