@@ -100,15 +100,9 @@ def opening(run: Run) -> None:
         if len(_open) >= limit() and not _raised:
             _raised = True
             raise_soft_limit(SHARE * MAX_OPEN + MARGIN)
-        if len(_open) >= limit():
-            for key, ref in list(_open.items()):
-                other = ref()
-                if other is None:
-                    _open.pop(key, None)
-                elif other._pins <= 0:
-                    other.close()
-                if len(_open) < limit():
-                    break
+        most = limit()
+        if len(_open) >= most:
+            _close_unused(run, until=most - 1)
         _open[id(run)] = weakref.ref(run)  # dropped unclosed: its file closes with it; its entry goes here
 
 
@@ -122,14 +116,22 @@ def close_others(run: Run) -> bool:
     any was closed."""
     with lock:
         _drain()
-        closed_any = False
-        for key, ref in list(_open.items()):
-            other = ref()
-            if other is None:
-                _open.pop(key, None)
-            elif other is not run and other._pins <= 0:
-                other.close()
-                closed_any = True
+        return _close_unused(run, until=0)
+
+
+def _close_unused(run: Run, until: int) -> bool:
+    """Close run files no one uses, least recently used first, but ``run``'s, until ``until`` are left open (or
+    none is left to close); drop the entries of runs collected meanwhile. Whether any was closed. Under the lock."""
+    closed_any = False
+    for key, ref in list(_open.items()):
+        if len(_open) <= until:
+            break
+        other = ref()
+        if other is None:
+            _open.pop(key, None)
+        elif other is not run and other._pins <= 0:
+            other.close()
+            closed_any = True
     return closed_any
 
 
