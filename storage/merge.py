@@ -85,17 +85,11 @@ def merge(
 
 def _write(out: str, plan, captures: list[CaptureFile], locking) -> int:
     """Write the merged capture whole, then put it in place (``merge_output.py``); returns the bytes mapped."""
-    mapped = []
-
-    def runs(staging: str, capture_id: str) -> list[int]:
-        numbers, state_bytes = _write_runs(out, staging, plan, captures, locking, capture_id)
-        mapped.append(state_bytes)
-        return numbers
-
-    merge_output.write_capture(
-        out, runs, lambda capture_id, numbers: _index_image(out, captures, plan, capture_id, numbers)
+    return merge_output.write_capture(
+        out,
+        lambda staging, capture_id: _write_runs(out, staging, plan, captures, locking, capture_id),
+        lambda capture_id, numbers: _index_image(out, captures, plan, capture_id, numbers),
     )
-    return mapped[0]
 
 
 # ---- checks ---------------------------------------------------------------------------------------------------------
@@ -288,8 +282,8 @@ def _write_runs(out: str, staging: str, plan, captures, locking, capture_id: str
         except BaseException:
             dst.close()
             raise
-        path = files.finish_run(number, dst, complete=True)
-        numbers.append(int(os.path.basename(path).split(".")[0]))  # in a folder of its own: ``number`` itself
+        files.finish_run(number, dst, complete=True)
+        numbers.append(number)  # the staging folder is this merge's own: no other writer takes a number there
     return numbers, state_bytes
 
 

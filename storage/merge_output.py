@@ -23,6 +23,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 try:
     import fcntl
@@ -34,17 +35,20 @@ import h5py
 from ..errors import MergeError, disk_full, first_line, os_reason
 from . import run_files, safety, schema
 
+Written = TypeVar("Written")  # what the caller's run writer reports back (merge: the bytes mapped)
+
 LOCK_SUFFIX = ".merge.lock"
 _PIECE = r"\.(new|old)-(\d+)-([0-9a-f]{8})(\.runs)?"
 
 
 def write_capture(
     out: str,
-    write_runs: Callable[[str, str], list[int]],
+    write_runs: Callable[[str, str], tuple[list[int], Written]],
     index_image: Callable[[str, list[int]], bytes],
-) -> None:
+) -> Written:
     """``write_runs(index, capture_id)`` writes the run files as those of the capture indexed at ``index`` (beside
-    ``out``) and returns their numbers; ``index_image(capture_id, numbers)`` gives the index's bytes. The capture id
+    ``out``) and returns their numbers and what this returns; ``index_image(capture_id, numbers)`` gives the index's
+    bytes. The capture id
     is a new one: the merged capture's run files are recognised as its own (``safety.foreign_run``). Call it holding
     :func:`exclusive`, after :func:`clear_leftovers`."""
     capture_id = uuid.uuid4().hex
@@ -53,7 +57,7 @@ def write_capture(
     done: list[tuple[str, str]] = []  # the swap's renames made so far
     try:
         os.mkdir(run_files.runs_dir(new))
-        numbers = write_runs(new, capture_id)
+        numbers, written = write_runs(new, capture_id)
         image = index_image(capture_id, numbers)
         with open(new, "wb") as index:
             index.write(image)
@@ -76,6 +80,7 @@ def write_capture(
             raise MergeError(f"cannot write {out} ({reason}); {hint}") from None
         raise
     _remove_old(out, old)
+    return written
 
 
 def _undo(out: str, new: str, old: str, done: list[tuple[str, str]]) -> None:
