@@ -90,7 +90,8 @@ def open_reference_run(run: Run, reference, stack: contextlib.ExitStack) -> Run 
             raise LoopscopeError(
                 f"reference={text!r}: use 'final', a run index of this capture, or an existing capture file[:run]"
             )
-        other = stack.enter_context(CaptureFile(path))
+        opened = run.capture  # as the analysed capture was: --missing skip and locking reach the reference too
+        other = stack.enter_context(CaptureFile(path, locking=opened.locking, missing=opened.missing))
         if index is None:
             if not other.runs:
                 raise LoopscopeError(f"reference={text!r}: {path} has no complete runs")

@@ -32,6 +32,7 @@ class CaptureFile:
             raise CaptureFileError(f"missing={missing!r} is not one of {', '.join(map(repr, MISSING))}")
         self.missing = missing
         run_files.check_locking(locking)
+        self.locking = locking  # a reference capture named by path is opened as this one was
         self._open_kwargs: dict[str, Any] = {} if locking is None else {"locking": locking}
         self._file = safety.open_h5(self.path, **self._open_kwargs)
         # Read the whole (small) index now and let go of it, so a capture still running can link its runs in.

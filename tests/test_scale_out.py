@@ -288,6 +288,14 @@ def test_dask_reads_the_runs_that_are_there_with_missing_skip(two_run_capture, t
     with loopscope.open(path, missing="skip") as capture:
         expected = [token_metrics(capture.run(1), reference=1)]
     assert_same_metrics(expected, dd.token_metrics(path, reference=1, missing="skip", scheduler="sync"))
+    # and a reference named by file is opened as the capture was: its own missing run file is skipped too
+    by_file = f"{path}:1"
+    for extra in ([], ["--workers", "2"]):
+        out = tmp_path / f"by_file{len(extra)}.csv"
+        command = ["convergence", str(path), "--missing", "skip", "--reference", by_file, "--out", str(out), *extra]
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.output
+    assert_same_metrics(expected, dd.token_metrics(path, reference=by_file, missing="skip", scheduler="sync"))
 
 
 # ---- (c) errors ------------------------------------------------------------------------------------------------------
