@@ -122,7 +122,7 @@ def info(
 def capture(
     model: str = typer.Argument(..., help="A local model directory or a hub id (loaded with AutoModelForCausalLM)."),
     out: Path = typer.Option(..., "--out", help="Capture file to write (.h5)."),
-    prompt: str | None = typer.Option(None, "--prompt", help="Prompt text (one run)."),
+    prompt: list[str] | None = typer.Option(None, "--prompt", help="Prompt text (one run each; repeat for more)."),
     prompt_file: Path | None = typer.Option(
         None, "--prompt-file", help="One prompt per line (one run each).", readable=False
     ),

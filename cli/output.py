@@ -22,9 +22,7 @@ from ..storage.display import files_size
 from ..storage.run_files import list_run_files
 from ..storage.safety import clean
 
-MISSING_HELP = (
-    "Run files the index links but the folder lacks: error, or skip them and read the rest (in a --reference file too)."
-)
+MISSING_HELP = "Run files the index links but the folder lacks: error, or skip them and read the rest."
 
 console = Console(soft_wrap=True, emoji=False)  # paths are printed whole, never wrapped
 errors = Console(stderr=True, soft_wrap=True, emoji=False)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import LoopscopeError
 from ..storage.write import messages
+from .call_arguments import call_arguments
 from .transfer import DeviceTransfer, Stage
 from .user_frames import user_stacklevel
 
@@ -30,6 +31,7 @@ class CallInputs:
     prompt: int | None = None  # the run's tokens from this index on were generated (None: not known)
     mask: torch.Tensor | None = None
     cached: int = 0  # the prompt's tokens the cache passed in already held: the run's token 0 is the call's this
+    arguments: str = "{}"  # the call's settings as JSON (``call_arguments.py``), stored with each of its runs
 
     @classmethod
     def of(cls, args, kwargs) -> CallInputs:
@@ -40,9 +42,10 @@ class CallInputs:
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == rows):
             mask = None
         cached = cached_length(kwargs.get("past_key_values"))
+        arguments = call_arguments(kwargs)
         if cached is None:  # a cache whose length cannot be read: where the run starts in the prompt is unknown
-            return cls(None, None)
-        return cls(None if prompt is None else max(prompt - cached, 0), mask, cached)
+            return cls(None, None, arguments=arguments)
+        return cls(None if prompt is None else max(prompt - cached, 0), mask, cached, arguments)
 
     def mask_of(self, first: int, tokens: int) -> torch.Tensor | None:
         """The call's mask for the run's tokens ``first`` to ``first + tokens``: each decoded token attended (1)."""

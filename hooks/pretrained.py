@@ -12,7 +12,7 @@ import inspect
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +38,10 @@ class CaptureSummary:
     device: str
 
 
-def read_prompts(prompt: str | None, prompt_file: str | os.PathLike | None) -> list[str]:
-    """``prompt`` and/or one prompt per non-empty line of ``prompt_file``; an error when that leaves none."""
-    prompts = [prompt] if prompt is not None else []
+def read_prompts(prompt: str | Sequence[str] | None, prompt_file: str | os.PathLike | None) -> list[str]:
+    """``prompt`` (one text or several) and/or one prompt per non-empty line of ``prompt_file``; an error when that
+    leaves none."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt or ())
     if prompt_file is not None:
         try:
             with open(prompt_file, encoding="utf-8") as handle:

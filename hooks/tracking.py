@@ -229,10 +229,11 @@ class Tracker(install.NotCopied):
             descriptors.make_room(batch)  # one run file per row, open at once (one line where that cannot be)
             run_ids = list(range(self._next_run, self._next_run + batch))
             self._next_run += batch
-            attrs = {"call": call, "batch_size": batch, "loops": [s.name for s in self.adapter.loops]}
-            attrs["step_stride"] = self._stride
-            opening = messages.OpenRuns(run_ids, [{**attrs, "batch_row": b} for b in range(batch)])
             inputs = self._call_inputs if self._in_call else None
+            arguments = inputs.arguments if inputs is not None else forwards.call_arguments(kwargs)
+            attrs = {"call": call, "batch_size": batch, "loops": [s.name for s in self.adapter.loops]}
+            attrs.update(step_stride=self._stride, call_arguments=arguments)
+            opening = messages.OpenRuns(run_ids, [{**attrs, "batch_row": b} for b in range(batch)])
             self._session = Session(call=call, run_ids=run_ids, open_message=opening, inputs=inputs)
             self.recorder.new_runs()
         session = self._session

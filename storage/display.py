@@ -143,6 +143,11 @@ def _readable_run_rows(run: Run) -> list[tuple[str, str]]:
     signals = [name for loop in run.loops for name in run.signal_names(loop)]
     if signals:
         rows.append(("signals", ", ".join(signals)))
+    from . import schema  # as in _call: not at the top
+
+    arguments = schema.text_or(attrs.get("call_arguments"), "")  # the call's settings (hooks/call_arguments.py)
+    if arguments not in ("", "{}"):
+        rows.append(("call arguments", _cut(arguments)))
     if "source_file" in attrs:
         rows.append(("merged from", f"{attrs['source_file']}, run {attrs.get('source_run', '?')}"))
     tokens = run.tokens

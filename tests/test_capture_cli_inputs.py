@@ -15,6 +15,7 @@ import torch
 from test_messages import _cli  # one line and exit code 1 per error, never a traceback
 from typer.testing import CliRunner
 
+import loopscope
 from loopscope.cli.app import app
 from loopscope.hooks import pretrained
 from loopscope.models import ouro_reference
@@ -173,3 +174,17 @@ def test_missing_tokenizer_is_named(saved, tmp_path):
         shutil.copyfile(saved / name, folder / name)
     code, output = _cli("capture", folder, "--prompt", "hi", "--out", tmp_path / "o.h5")
     assert code == 1 and "has no tokenizer" in output and "no_tokenizer" in output
+
+
+def test_repeated_prompts_are_one_run_each_before_the_prompt_file(saved, tmp_path):
+    """--prompt may be repeated (it once kept only the last, silently); the file's prompts follow."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Third one.\n", encoding="utf-8")
+    out = tmp_path / "o.h5"
+    args = ("capture", saved, "--prompt", "First.", "--prompt", "Second one.", "--prompt-file", prompts)
+    code, output = _cli(*args, "--steps", "2", "--max-new-tokens", "0", "--out", out)
+    assert code == 0, output
+    with loopscope.open(out) as capture:
+        texts = ["".join(run.tokens) for run in capture.runs]
+        assert [json.loads(run.attrs["call_arguments"])["num_steps"] for run in capture.runs] == [2, 2, 2]
+    assert [t.strip() for t in texts] == ["First.", "Second one.", "Third one."]
