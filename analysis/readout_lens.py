@@ -254,7 +254,8 @@ def _load(directory: Path, trust_remote_code: bool) -> nn.Module:
 
     _known_model_types()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+        # in the checkpoint's own dtype, as the captured model ran (transformers 4.x would widen bf16 to float32)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=trust_remote_code, dtype="auto")
     except (OSError, ValueError, KeyError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = "" if trust_remote_code else " (a model with its own code needs trust_remote_code=True)"

@@ -512,3 +512,19 @@ def test_lens_csv_keeps_a_prediction_text_with_a_lone_surrogate(tmp_path):
     assert result.to_csv(tmp_path / "lens.csv") == 1
     text = (tmp_path / "lens.csv").read_text(encoding="utf-8")
     assert "é?" in text and "?ü" in text
+
+
+def test_coda_lens_from_a_bf16_checkpoint_is_that_models_own_logits(new_reference_model, prompt_ids, tmp_path):
+    """The checkpoint is loaded in its stored dtype: the last step of a prefill run is the bf16 model's own logits
+    (transformers 4.x loads float32 unless told, which once gave a float32 model's answers)."""
+    model = new_reference_model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "c.h5"
+    with loopscope.attach(model, path), torch.no_grad():
+        torch.manual_seed(0)
+        logits = model(prompt_ids, num_steps=8).logits[0].double()
+    with loopscope.open(path) as capture:
+        result = lens(capture.runs[0], str(tmp_path / "ckpt"), "coda")
+    top = torch.topk(torch.softmax(logits, -1), 5)
+    np.testing.assert_array_equal(result.top_ids[:, -1], top.indices.numpy())
+    np.testing.assert_allclose(result.top_probs[:, -1], top.values.numpy(), rtol=RTOL)
