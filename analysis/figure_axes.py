@@ -340,8 +340,10 @@ def _pdf_pages(figures, path: str) -> None:
 
 
 def prompt_rows(run) -> int | None:
-    """How many of a generate() run's rows are its prompt (the first forward's tokens), if it has both kinds."""
-    if schema.as_text(run.attrs.get("call")) != "generate":  # absent when not text (a damaged attribute)
+    """How many of a decoding run's rows are its prompt (the first forward's tokens), if it has both kinds: a
+    generate() run's, or one of a family's decoder called by name (Huginn's generate_minimal, ...)."""
+    call = schema.as_text(run.attrs.get("call"))  # None when not text (a damaged attribute)
+    if call is None or call == "forward":  # a forward() run is one pass: every token is its prompt
         return None
     prompt = int(np.sum(run.forward_index == 0))
     return prompt if 0 < prompt < run.num_tokens else None

@@ -58,7 +58,12 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
             "signal exit_value: the exit criterion's value per check, on the last position of each forward",
         ),
         entry_methods=("embed_inputs",),
-        call_methods=("forward_with_adaptive_compute", "generate_with_adaptive_compute", "generate_minimal"),
+        call_methods=(
+            "forward_with_adaptive_compute",
+            "generate_with_adaptive_compute",
+            "generate_minimal",
+            "generate_speculative",
+        ),
         exit_evaluator_kwargs=EXIT_EVALUATOR_KWARGS,
         watch_call=watch_exits,
         coda_method="predict_from_latents" if callable(getattr(model, "predict_from_latents", None)) else None,

@@ -45,7 +45,7 @@ class RunView:
     run: int
     loop: str
     loops: int  # how many loops the run has: the label names the loop only when there are several
-    call: str  # "generate" or "forward"
+    call: str  # "forward", "generate" or a family's method called by name
     tokens: list[str]  # each row's whole token text ("" when the capture stored none)
     token_ids: np.ndarray  # [T]
     positions: np.ndarray  # [T]

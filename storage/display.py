@@ -134,8 +134,8 @@ def _readable_run_rows(run: Run) -> list[tuple[str, str]]:
     run.check()
     attrs = run.attrs
     call = _call(run)
-    if call == "generate":
-        prompt = int((run.forward_index == 0).sum())
+    prompt = int((run.forward_index == 0).sum())
+    if call == "generate" or (call not in ("prefill", "?") and prompt < run.num_tokens):  # or a decoder by name
         call += f" ({prompt} prompt + {run.num_tokens - prompt} generated tokens)"
     rows = [("call", call), ("tokens", str(run.num_tokens)), ("steps (min-max)", steps_text(run))]
     if run.loops:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import loopscope
+from loopscope.analysis.figure_axes import prompt_rows
 from loopscope.models.huginn_reference import RavenReferenceForCausalLM, tiny_config
 
 
@@ -281,6 +282,38 @@ def test_huginns_decoders_called_by_name_are_captured_as_generate_is(
         np.testing.assert_array_equal(got.num_steps, want.num_steps)
         np.testing.assert_array_equal(got.states(), want.states())
         assert by_name.meta["orphan_loop_calls"] == 0
+        # figures part the prompt from the decoded tokens for it as for generate() (it was generate()'s alone)
+        assert prompt_rows(got) == prompt_rows(want) == prompt_ids.shape[1]
+
+
+class SpeculativeShaped(RavenReferenceForCausalLM):
+    """Huginn's ``generate_speculative`` drives forward() itself, token by token with its cache (a prefill, then a
+    draft and a verifying pass per token in the real code); called by name it is one decoding call, not a
+    forward() run per pass."""
+
+    def generate_speculative(self, input_ids, max_new_tokens: int = 3, num_steps: int = 4, **kwargs):
+        with torch.no_grad():
+            out = self(input_ids, num_steps=num_steps, use_cache=True)
+            ids = input_ids
+            for _ in range(max_new_tokens):
+                ids = torch.cat([ids, out.logits[:, -1:].argmax(-1)], dim=1)
+                out = self(ids[:, -1:], num_steps=num_steps, past_key_values=out.past_key_values, use_cache=True)
+        return ids
+
+
+def test_huginns_speculative_decoder_called_by_name_is_one_run(new_reference_model, prompt_ids, tmp_path):
+    plain = new_reference_model()
+    model = SpeculativeShaped(plain.config).eval()
+    model.load_state_dict(plain.state_dict())
+    want = model.generate_speculative(prompt_ids)
+    path = tmp_path / "s.h5"
+    with loopscope.attach(model, path, tokens="generated"):
+        got = model.generate_speculative(prompt_ids)
+    assert torch.equal(got, want)
+    with loopscope.open(path) as capture:
+        (run,) = capture.runs  # a forward() run per pass before, and none with tokens="generated"
+        assert run.attrs["call"] == "generate_speculative"
+        assert run.positions.tolist() == list(range(prompt_ids.shape[1], got.shape[1]))  # each token fed back
 
 
 @pytest.mark.parametrize(
