@@ -187,12 +187,15 @@ def _cmap():
 
 def _log_scale(d: np.ndarray, zeros: str, LogNorm, floor: float | None = None):
     """(shared LogNorm, array to draw, colour-bar note) for distances ``d`` under the chosen zero handling.
-    ``floor``: where clipped zeros go, when a colour scale shared with other data sets it (a compare panel)."""
+    ``floor``: where clipped zeros go, when a colour scale shared with other data sets it (a compare panel).
+    Clipped zeros go a decade below the smallest distance, so s* never shares a colour with its nearest state
+    (with one iteration, or distances within a decade, it once took the colour of every other cell)."""
     positive = d[np.isfinite(d) & (d > 0)]
+    has_zeros = bool(np.any(d == 0))
     if floor is None:
         floor = float(positive.min()) if positive.size else 1e-12
+        floor = floor / 10 if has_zeros and zeros == "clip" and positive.size else floor
     ceiling = float(positive.max()) if positive.size else 1.0
-    has_zeros = bool(np.any(d == 0))
     if zeros == "clip":
         shown = np.where(d == 0, floor, d)
         note = "; zeros (s* itself) shown at the floor" if has_zeros else ""

@@ -239,14 +239,15 @@ def test_convergence_of_a_run_of_several_loops_says_which_it_measured(hrm_captur
 
 def test_compare_draws_both_panels_zeros_at_the_shared_floor(tmp_path, drawn):
     """--zeros clip: each panel's s* cells (distance 0) sit at the floor the one colour bar names, not at the
-    panel's own smallest distance (run A's 1e-2 would read as 'not converged' beside run B's 1e-6)."""
+    panel's own smallest distance (run A's 1e-2 would read as 'not converged' beside run B's 1e-6); that floor is a
+    decade below the smallest distance of both, so s* has a colour of its own."""
     a = np.array([[10.0, 1.0, 1e-2, 0.0], [10.0, 2.0, 2e-2, 0.0]])
     b = np.array([[10.0, 1e-3, 1e-6, 0.0], [10.0, 1e-3, 1e-6, 0.0]])
     figures.compare(a, b, tmp_path / "c.png", zeros="clip")
     fig = drawn.pop()
     for ax in [ax for ax in fig.axes if ax.images][:2]:
         image = ax.images[0]
-        assert image.norm.vmin == pytest.approx(1e-6)
+        assert image.norm.vmin == pytest.approx(1e-7)
         np.testing.assert_allclose(image.get_array()[:, 3], image.norm.vmin)
 
 
@@ -327,3 +328,14 @@ def test_a_prompt_ending_with_a_page_is_marked_on_the_next_page_only(tmp_path, d
     assert PROMPT_NOTE not in first.axes[0].get_title() and not first.axes[0].lines
     assert second.axes[0].get_title().endswith(f"\n({PROMPT_NOTE})")
     assert [list(line.get_ydata()) for line in second.axes[0].lines] == [[-0.5, -0.5]]
+
+
+def test_s_star_has_a_colour_of_its_own_when_distances_span_less_than_a_decade(tmp_path, drawn):
+    """One iteration: s0 is ~28 from s*, s* is 0. The zeros once sat at the smallest distance (27.6), the colour of
+    every other cell; now a decade below it."""
+    d = np.array([[27.6, 0.0], [28.6, 0.0]])
+    figures.heatmap(d, tmp_path / "h.png", zeros="clip")
+    image = [ax for ax in drawn.pop().axes if ax.images][0].images[0]
+    colours = image.cmap(image.norm(image.get_array()))
+    assert image.norm.vmin == pytest.approx(2.76)
+    assert not np.allclose(colours[:, 1], colours[:, 0], atol=0.05)
