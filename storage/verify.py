@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import h5py
 
 from ..errors import CaptureFileError, LoopscopeError, first_line
-from . import checksum, run_files, safety, schema, virtual
+from . import checksum, layout, run_files, safety, schema, virtual
 from .damage import verify_hint
 from .reader import CaptureFile
 
@@ -86,10 +86,10 @@ def _check_file(result: VerifyResult, run: int | None, path: str, kwargs: dict, 
     result.files += 1
     try:
         with safety.open_regular(path, **kwargs) as f:  # a FIFO named like a run file would block HDF5 forever
-            if run is not None:
-                stranger = _belongs_elsewhere(f, run, ours)
-                if stranger is not None:  # its chunks may be sound, but the reader refuses it as this run
-                    result.damaged.append(Finding(run, path, "", "", stranger))
+            if run is not None:  # its chunks may be sound, but the reader refuses it as this run
+                refused = _belongs_elsewhere(f, run, ours) or _not_a_run(f, path)
+                if refused is not None:
+                    result.damaged.append(Finding(run, path, "", "", refused))
             datasets: list[h5py.Dataset] = []
 
             def visit(name, obj):
@@ -119,16 +119,33 @@ def _belongs_elsewhere(f: h5py.File, run: int, ours: str) -> str | None:
     return safety.foreign_run(ours, attrs, run)
 
 
+def _not_a_run(f: h5py.File, path: str) -> str | None:
+    """What the reader's layout check says of a run file (no run file at all: another HDF5 file under its name, the
+    index copied there; datasets missing or of the wrong shape), or None. Metadata only: no chunk is read here."""
+    try:
+        layout.check_run(f, path)
+    except CaptureFileError as exc:
+        return _without_path(str(exc), path)
+    return None
+
+
 def _mappings_problem(f: h5py.File, path: str) -> str | None:
     """What is wrong with the virtual datasets of ``f`` and the files they map (see ``virtual.check_mappings``), or
     None; missing sources are not a problem here, they are listed per dataset."""
     try:
         virtual.check_mappings(f, path)
     except LoopscopeError as exc:
-        text = str(exc)
-        prefix = f"{safety.clean(path)}: "
-        return text[len(prefix) :] if text.startswith(prefix) else text
+        return _without_path(str(exc), path)
     return None
+
+
+def _without_path(text: str, path: str) -> str:
+    """A reader's message without the file's name at its start: the finding's row names the file already."""
+    where = safety.clean(path)
+    for prefix in (f"{where}: ", f"{where} "):
+        if text.startswith(prefix):
+            return text[len(prefix) :]
+    return text
 
 
 def _check_dataset(result: VerifyResult, run, path: str, ds: h5py.Dataset, kwargs: dict, seen: set) -> None:

@@ -326,6 +326,29 @@ def test_incomplete_run_files_are_a_warning_not_damage(reference_model, tokenize
     assert CliRunner().invoke(app, ["verify", str(path)]).exit_code == 1
 
 
+@pytest.mark.parametrize("stand_in", ["empty HDF5 file", "the index", "no token_ids"])
+def test_a_file_that_is_no_run_under_a_run_files_name_fails_verify(reference_model, tokenizer, tmp_path, stand_in):
+    """Its chunks are sound, so verify once said ok while every reader refused the run ("not a loopscope run
+    file"): verify now applies the reader's layout check to each run file."""
+    path = _capture(reference_model, tokenizer, tmp_path / "c.h5", new_tokens=3)
+    run_file = run_files.list_run_files(str(path))[0][0]
+    if stand_in == "empty HDF5 file":
+        os.remove(run_file)
+        h5py.File(run_file, "w").close()
+    elif stand_in == "the index":
+        os.replace(run_file, run_file + ".bak")
+        with open(path, "rb") as src, open(run_file, "wb") as dst:
+            dst.write(src.read())
+    else:
+        with h5py.File(run_file, "r+") as f:
+            del f["token_ids"]
+    result = verify_capture(path)
+    assert [(f.run, f.dataset) for f in result.damaged] == [(0, "")]
+    assert ("no 'token_ids'" if stand_in == "no token_ids" else "not a loopscope run file") in result.damaged[0].problem
+    cli = CliRunner().invoke(app, ["verify", str(path)])
+    assert cli.exit_code == 1 and "Traceback" not in cli.output
+
+
 def test_a_flipped_bit_in_token_ids_is_detected(reference_model, tokenizer, tmp_path):
     path = _capture(reference_model, tokenizer, tmp_path / "c.h5", new_tokens=3)
     run_file = run_files.list_run_files(str(path))[1][0]
