@@ -236,7 +236,10 @@ def curves(
     ax.set_ylabel(_t(ylabel))
     ax.set_title(_t(title or "Mean convergence over tokens"))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a legend of nothing makes matplotlib warn
+        ax.legend(fontsize=8)
+    else:  # every series was NaN (states that blew up) or empty
+        ax.text(0.5, 0.5, "no finite values to draw", transform=ax.transAxes, ha="center", va="center")
     return _save_pages(plt, [fig], out)
 
 

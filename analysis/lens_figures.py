@@ -158,19 +158,23 @@ def settling_figure(result: LensResult, *, title: str | None = None):
     plt, _ = _pyplot()
     if result.num_tokens == 0:
         raise LoopscopeError("nothing to draw: the lens has no tokens")
-    values = np.asarray(result.settling_iteration, dtype=np.int64)
+    every_token = np.asarray(result.settling_iteration, dtype=np.int64)
+    values = every_token[every_token >= 0]  # a token whose last state is NaN or infinite never settles
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    edges = np.arange(values.min(), values.max() + 2) - 0.5
-    ax.hist(values, bins=edges, color="#3b528b", edgecolor="white")
-    ax.axvline(values.mean(), color="#fde725", linewidth=2, label=f"mean {values.mean():.1f}")
-    ax.legend()
-    every = _tick_every(len(edges) - 1)
-    ax.set_xticks(np.arange(-(-values.min() // every) * every, values.max() + 1, every))
+    if values.size:
+        edges = np.arange(values.min(), values.max() + 2) - 0.5
+        ax.hist(values, bins=edges, color="#3b528b", edgecolor="white")
+        ax.axvline(values.mean(), color="#fde725", linewidth=2, label=f"mean {values.mean():.1f}")
+        ax.legend()
+        every = _tick_every(len(edges) - 1)
+        ax.set_xticks(np.arange(-(-values.min() // every) * every, values.max() + 1, every))
+        ax.set_xlim(edges[0], edges[-1])
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("Settling iteration: the first from which the top-1 prediction is the final one")
     ax.set_ylabel("Tokens")
-    ax.set_title(_t(title or f"Settling iteration per token ({result.kind} lens)"))
+    unsettled = every_token.size - values.size
+    note = f"\n{unsettled} token(s) left out: no prediction at their last step (NaN state)" if unsettled else ""
+    ax.set_title(_t((title or f"Settling iteration per token ({result.kind} lens)") + note))
     return fig
 
 

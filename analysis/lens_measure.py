@@ -10,6 +10,10 @@ import torch
 from ..storage.reader import Run
 from .lens_result import LensResult
 
+#: The measures' key for [b, K] flags of steps read out from a NaN or infinite state (NaN log-probabilities): their
+#: top-k ids and ranks would be arbitrary, so :func:`assemble` blanks them.
+NONFINITE = "nonfinite"
+
 #: Float64 log-probabilities measured at a time (a token or a few): small enough to stay in cache between passes.
 SUB_BYTES = 4 << 20
 
@@ -35,6 +39,7 @@ def step_measures(
         "kl_previous": kl(previous) if previous is not None else np.full(len(target), np.nan),
         "final_rank": (logp > target_logp).sum(-1).numpy(),  # tokens strictly more probable than the target
         "final_prob": target_logp[:, 0].exp().numpy(),
+        NONFINITE: torch.isnan(logp).any(-1).numpy(),
     }
 
 
@@ -83,6 +88,7 @@ def _fused(logp: torch.Tensor, last: torch.Tensor, top_k: int) -> dict[str, np.n
         "kl_previous": kl_previous.numpy(),
         "final_rank": (logp > target_logp).sum(-1).numpy(),  # tokens strictly more probable than the target
         "final_prob": target_logp[..., 0].exp().numpy(),
+        NONFINITE: torch.isnan(logp).any(-1).numpy(),
     }
 
 
@@ -95,10 +101,19 @@ def _stepwise(logp: torch.Tensor, last: torch.Tensor, top_k: int) -> dict[str, n
 
 
 def assemble(run: Run, loop: str, kind: str, parts: dict[str, np.ndarray], last: np.ndarray) -> LensResult:
-    """A LensResult from measures over every token, blanked past each token's last step."""
+    """A LensResult from measures over every token, blanked past each token's last step and at steps from a NaN or
+    infinite state (no prediction: ids and ranks -1, the rest NaN). A token whose last step is such has no final
+    prediction to compare with: its ranks, final-token probabilities and KL to the last step are blank throughout."""
     past = np.arange(parts["entropy"].shape[1])[None, :] > last[:, None]
-    for value in parts.values():
-        value[past] = -1 if value.dtype.kind in "iu" else np.nan
+    blown = np.asarray(parts.pop(NONFINITE, np.zeros_like(past)), dtype=bool) & ~past
+    no_final = blown[np.arange(len(last)), last] if len(last) else np.zeros(0, dtype=bool)
+    for name, value in parts.items():
+        blank = past | blown
+        if name in ("final_rank", "final_prob", "kl_final"):
+            blank = blank | no_final[:, None]
+        elif name == "kl_previous":
+            blank = blank | np.pad(blown[:, :-1], ((0, 0), (1, 0)))  # against a blank previous step
+        value[blank] = -1 if value.dtype.kind in "iu" else np.nan
     iterations = run.step_iterations(loop)
     steps = iterations.max(axis=0) if iterations.size else np.zeros(parts["entropy"].shape[1], dtype=np.int64)
     return LensResult(

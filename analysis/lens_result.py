@@ -4,7 +4,8 @@ Per token t and stored step k (slot k of the states, ``iterations[t, k]`` its it
 probabilities, the entropy, KL(p_k || p_final) (the quantity Huginn's ``kl`` exit criterion thresholds),
 KL(p_k || p_(k-1)), and the rank and probability of the token the last step predicts. Per token, the *settling
 step*: the first stored step from which the top-1 prediction never changes again. Slots past a token's last step
-are NaN (floats) or -1 (ids, ranks).
+are NaN (floats) or -1 (ids, ranks); so are steps read out from a NaN or infinite state, which predict nothing (the
+CSV leaves their cells empty; a token whose last step is one never settles).
 """
 
 from __future__ import annotations
@@ -96,20 +97,40 @@ class LensResult:
         return self.top_ids[..., 0]
 
     @property
+    def run(self) -> int:
+        """The run's index, as :class:`~loopscope.analysis.metrics.TokenMetrics` names it (for warnings)."""
+        return self.run_index
+
+    @property
+    def nonfinite_steps(self) -> np.ndarray:
+        """[T, K] bool: steps a token ran whose state was NaN or infinite (no prediction: top-1 id -1)."""
+        ran = np.arange(self.top_ids.shape[1])[None, :] <= np.asarray(self.last)[:, None]
+        return ran & (self.top1 < 0)
+
+    def nonfinite_tokens(self) -> np.ndarray:
+        """Indices of tokens with a NaN or infinite state at a step they ran."""
+        return np.nonzero(self.nonfinite_steps.any(axis=1))[0]
+
+    @property
     def settling(self) -> np.ndarray:
-        """[T] int64: the first stored step from which the top-1 token stays the last step's top-1."""
+        """[T] int64: the first stored step from which the top-1 token stays the last step's top-1; a step without
+        a prediction (NaN state) never counts as settled, and a token whose last step has none never settles
+        (its last step + 1)."""
         top1, last = self.top1, self.last
         out = np.zeros(len(last), dtype=np.int64)
         for t, end in enumerate(last):
-            changed = np.flatnonzero(top1[t, : end + 1] != top1[t, end])
+            changed = np.flatnonzero((top1[t, : end + 1] != top1[t, end]) | (top1[t, : end + 1] < 0))
             out[t] = changed[-1] + 1 if changed.size else 0
         return out
 
     @property
     def settling_iteration(self) -> np.ndarray:
         """[T] int64: :attr:`settling` as an iteration of the loop (differs from it with ``step_stride``), each
-        token's own."""
-        return self.step_iterations[np.arange(self.num_tokens), self.settling]
+        token's own; -1 for a token that never settles."""
+        settling, last = self.settling, np.asarray(self.last)
+        rows = np.arange(self.num_tokens)
+        held = self.step_iterations[rows, np.minimum(settling, last)]
+        return np.where(settling > last, -1, held)
 
     def to_csv(self, path: str | os.PathLike, *, append: bool = False) -> int:
         """One row per token and stored step it ran (``CSV_COLUMNS``); returns the rows written."""
@@ -133,6 +154,8 @@ class LensResult:
         text = "" if self.tokens is None else self.tokens[t]
         predicted = "" if self.top1_text is None else str(self.top1_text[t, k])
         position = t if self.positions is None else int(self.positions[t])
+        if self.top_ids[t, k, 0] < 0:  # a NaN or infinite state: no prediction, no rank, not settled
+            return [self.run_index, self.loop, self.kind, t, position, text, k, iteration, *[""] * 11]
         return [
             self.run_index,
             self.loop,
@@ -148,7 +171,7 @@ class LensResult:
             _number(self.entropy[t, k]),
             _number(self.kl_final[t, k]),
             _number(self.kl_previous[t, k]),
-            int(self.final_rank[t, k]),
+            "" if self.final_rank[t, k] < 0 else int(self.final_rank[t, k]),
             _number(self.final_prob[t, k]),
             int(k >= settling),
             " ".join(str(int(i)) for i in self.top_ids[t, k]),

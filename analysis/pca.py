@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..errors import LoopscopeError
 from ..storage.reader import Run
@@ -55,6 +56,8 @@ def trajectory_pca(
         raise LoopscopeError(f"basis={basis!r} is not one of {', '.join(BASES)}")
     if not tokens:
         raise LoopscopeError("select at least one token for the PCA")
+    if len({t % max(run.num_tokens, 1) for t in tokens}) < len(tokens):  # one trajectory drawn twice says nothing
+        raise LoopscopeError(f"tokens={list(tokens)} names a token twice; name each token once")
     to_space = space_fn(run, resolve_space(run, space))
     n = run.num_tokens
     held = run.step_iterations(loop)  # [T, K]: with a step stride, row k is not iteration k
@@ -101,7 +104,9 @@ def block_trajectories(x: np.ndarray, last: np.ndarray, n_components: int = 2) -
     centred -= (centred.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)[:, None])[:, None, :]
     centred[~valid] = 0.0
     count = min(n_components, n_slots)
-    values, vectors = np.linalg.eigh(centred @ centred.transpose(0, 2, 1))  # ascending
+    # thousands of tiny problems: on a busy machine, BLAS threads cost 4-25x the arithmetic they share
+    with threadpool_limits(limits=1, user_api="blas"):
+        values, vectors = np.linalg.eigh(centred @ centred.transpose(0, 2, 1))  # ascending
     variance = np.maximum(values[:, ::-1][:, :count], 0.0)  # [B, C] sums of squares along each component
     sigma = np.sqrt(variance)
     axes = np.einsum("bkh,bkc->bch", centred, vectors[:, :, ::-1][:, :, :count])

@@ -75,8 +75,9 @@ def split_file_run(text: str) -> tuple[str, int | None]:
     return text, None
 
 
-def open_reference_run(run: Run, reference, stack: contextlib.ExitStack) -> Run | None:
-    """The run that holds s*, or None for ``"final"``. Files opened here are closed by ``stack``."""
+def open_reference_run(run: Run, reference, stack: contextlib.ExitStack, name: str = "reference") -> Run | None:
+    """The run that holds s*, or None for ``"final"``. Files opened here are closed by ``stack``. ``name``: the
+    option the value came from, for messages (``plot --kind compare`` reads ``--other`` through here)."""
     if isinstance(reference, Run):
         return reference
     if isinstance(reference, (int, np.integer)) and not isinstance(reference, bool):
@@ -87,14 +88,16 @@ def open_reference_run(run: Run, reference, stack: contextlib.ExitStack) -> Run 
             return None
         path, index = split_file_run(text)
         if not os.path.exists(path):
+            final = "'final', " if name == "reference" else ""
             raise LoopscopeError(
-                f"reference={text!r}: use 'final', a run index of this capture, or an existing capture file[:run]"
+                f"{name}={text!r}: {path} does not exist; use {final}a run index of this capture, "
+                "or an existing capture file[:run]"
             )
         opened = run.capture  # as the analysed capture was: --missing skip and locking reach the reference too
         other = stack.enter_context(CaptureFile(path, locking=opened.locking, missing=opened.missing))
         if index is None:
             if not other.runs:
-                raise LoopscopeError(f"reference={text!r}: {path} has no complete runs")
+                raise LoopscopeError(f"{name}={text!r}: {path} has no complete runs")
             return other.runs[0]
         return other.run(index)
     raise LoopscopeError(
@@ -113,10 +116,16 @@ def check_reference(run: Run, reference_run: Run, loop: str | None) -> np.ndarra
     size, ref_size = run.hidden_size(loop), reference_run.hidden_size(loop)
     if size != ref_size:
         raise LoopscopeError(
-            f"reference run {reference_run.index} has states of size {ref_size}, run {run.index} {size}; "
+            f"{_reference_name(run, reference_run)} has states of size {ref_size}, run {run.index} {size}; "
             "use a reference captured from the same model"
         )
     return rows
+
+
+def _reference_name(run: Run, reference_run: Run) -> str:
+    """'reference run N', and its file when it is another capture's: both sides may well be "run 0"."""
+    own, other = run.capture.path, reference_run.capture.path
+    return f"reference run {reference_run.index}" + ("" if own == other else f" of {other}")
 
 
 def _rows_by_position(run: Run, reference_run: Run) -> np.ndarray | None:
@@ -130,13 +139,13 @@ def _rows_by_position(run: Run, reference_run: Run) -> np.ndarray | None:
     found = rows >= 0
     if not np.array_equal(reference_run.token_ids[rows[found]], run.token_ids[found]):
         raise LoopscopeError(
-            f"reference run {reference_run.index} covers other tokens than run {run.index} at the same positions; "
+            f"{_reference_name(run, reference_run)} covers other tokens than run {run.index} at the same positions; "
             "capture the same prompt (the reference may be longer, but must start with the same tokens)"
         )
     if not found.all():
         missing = int(positions[np.argmin(found)])
         raise LoopscopeError(
-            f"reference run {reference_run.index} has {len(ref_positions)} token(s) and run {run.index} has "
+            f"{_reference_name(run, reference_run)} has {len(ref_positions)} token(s) and run {run.index} has "
             f"{len(positions)}, none at position {missing}; the reference must cover at least the run's tokens: "
             "capture it on the same prompt with at least as many new tokens"
         )
@@ -149,13 +158,13 @@ def _rows_by_order(run: Run, reference_run: Run) -> np.ndarray:
     k = len(ref_ids)
     if not np.array_equal(ref_ids[: min(k, n)], run.token_ids[: min(k, n)]):
         raise LoopscopeError(
-            f"reference run {reference_run.index} covers other tokens than run {run.index} (it has {k} token(s), "
+            f"{_reference_name(run, reference_run)} covers other tokens than run {run.index} (it has {k} token(s), "
             f"run {run.index} {n}); "
             "capture the same prompt (the reference may be longer, but must start with the same tokens)"
         )
     if k < n:
         raise LoopscopeError(
-            f"reference run {reference_run.index} has {k} token(s) and run {run.index} has {n}; the reference must "
+            f"{_reference_name(run, reference_run)} has {k} token(s) and run {run.index} has {n}; the reference must "
             "cover at least the run's tokens: capture it on the same prompt with at least as many new tokens"
         )
     return np.arange(n)

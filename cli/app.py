@@ -202,7 +202,7 @@ def plot(
     tokens: str | None = typer.Option(
         None,
         "--tokens",
-        help="pca: token indices, e.g. 3,7,12 (default: fastest, median and slowest to converge).",
+        help="pca: token indices, e.g. 3,7,-1 (negative: from the last); default fastest, median, slowest to converge.",
     ),
     basis: str = typer.Option("token", "--basis", help="pca: components per token, or shared by the tokens shown."),
     metric: str = typer.Option("distance", "--metric", help="curves: " + ", ".join(METRICS) + "."),
@@ -391,8 +391,8 @@ def verify(file: Path = typer.Argument(..., help="A capture file (.h5).", readab
 
 
 def _selected_runs(capture, indices: list[int] | None) -> list:
-    """The runs named by repeated ``--run`` options, or every complete run when none is given."""
-    return [capture.run(i) for i in indices] if indices else capture.runs
+    """The runs named by repeated ``--run`` options (each once), or every complete run when none is given."""
+    return capture.select(indices, "--run") if indices else capture.runs
 
 
 def main() -> None:

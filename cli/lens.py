@@ -17,7 +17,7 @@ from ..analysis.figures import FORMATS, check_figure_path
 from ..analysis.lens_result import KINDS
 from ..errors import LoopscopeError
 from ..storage.outputs import write_whole
-from .output import MISSING_HELP, console, friendly, text
+from .output import MISSING_HELP, console, friendly, text, warn_nonfinite
 
 WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
@@ -54,6 +54,7 @@ def lens(
     with CaptureFile(file, missing=missing) as capture:
         refuse_capture_files(capture, [out] if table else figure_paths(out))  # before the model loads
         result = _read(capture.run(run), model, kind, loop, top_k, trust_remote_code)
+    warn_nonfinite(result)  # their steps predict nothing: blank in figures, empty in the CSV
     if table:
         rows = write_whole(out, result.to_csv)  # renamed once whole: a failure leaves no half table
         console.print(f"wrote [bold]{text(out)}[/bold] ({rows} rows, {kind} lens, run {result.run_index})")

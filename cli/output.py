@@ -91,7 +91,7 @@ CLI_WORDING = tuple(
         ),
         (r"pass dtype='float32' to attach\(\) to store one dtype", "pass --dtype float32 to run in one dtype"),
         (r"trust_remote_code=True", "--trust-remote-code"),
-        (r"\b(mode|missing|space|kind|tokens)='([^']*)'", r"--\1 \2"),
+        (r"\b(mode|missing|space|kind|tokens|reference|other)='([^']*)'", r"--\1 \2"),
         (r"\bstep_stride=(-?\d+)", r"--step-stride \1"),
         (r"\btop_k=(-?\d+)", r"--top-k \1"),
         (r"\btokens= ", "--tokens "),

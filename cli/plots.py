@@ -92,7 +92,7 @@ def _compare(fig: _Figure) -> list:
     if fig.options.other is None:
         raise LoopscopeError("--kind compare needs --other: a run index or FILE[:RUN]")
     first = fig.first
-    second = open_reference_run(first, parse_reference(fig.options.other), fig.stack)
+    second = open_reference_run(first, parse_reference(fig.options.other), fig.stack, name="other")
     if second is None:  # --other final: there is no second run to draw
         raise LoopscopeError("--kind compare needs --other: a run index or FILE[:RUN] (not 'final')")
     if second.index == first.index and _same_file(first, second):
@@ -206,8 +206,8 @@ def _pca(fig: _Figure) -> list:
     from ..analysis.pca import trajectory_pca
 
     first, options = fig.first, fig.options
-    if options.tokens:
-        selected = _parse_tokens(options.tokens)
+    if options.tokens is not None:  # given, even as "": never quietly the default tokens instead
+        selected = _parse_tokens(options.tokens, first.num_tokens)
     else:
         selected = _typical_tokens(fig.metrics(first, CONVERGENCE_METRIC), options.tol)
     trajectories = trajectory_pca(first, selected, space=options.space, loop=options.loop, basis=options.basis)
@@ -244,18 +244,30 @@ def draw(file: Path, kind: str, runs: list[int], out: Path | None, missing: str,
     reference = parse_reference(options.reference)
     with CaptureFile(file, missing=missing) as capture, contextlib.ExitStack() as stack:
         refuse_capture_files(capture, [out])  # before drawing it
-        chosen = [capture.run(i) for i in runs]
+        chosen = capture.select(runs, "--run")  # a run given twice would be drawn twice
         loops = chosen[0].loops if chosen else []
         if len(loops) > 1 and options.loop is None:
             note_first_loop(chosen[0], "drawing")
         return PLOTS[kind](_Figure(Path(file).name, chosen, reference, out, options, stack))
 
 
-def _parse_tokens(text: str) -> list[int]:
+def _parse_tokens(text: str, n_tokens: int) -> list[int]:
+    """``--tokens 3,7,-1`` -> [3, 7, -1]; none, or one token named twice (``3,3``, or ``2,-1`` of three), is refused:
+    a trajectory drawn twice hides nothing but says nothing either."""
     try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
+        chosen = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
         raise LoopscopeError(f"--tokens {text}: give token indices separated by commas, e.g. 3,7,12") from None
+    if not chosen:
+        raise LoopscopeError(f"--tokens {text!r}: give token indices separated by commas, e.g. 3,7,12, or leave it out")
+    seen: dict[int, int] = {}
+    for t in chosen:
+        own = t % n_tokens if n_tokens and -n_tokens <= t < n_tokens else t  # out of range: the PCA says so
+        if own in seen:
+            again = f"token {t} is given twice" if seen[own] == t else f"{seen[own]} and {t} both name token {own}"
+            raise LoopscopeError(f"--tokens {text}: {again}; name each token once")
+        seen[own] = t
+    return chosen
 
 
 def _typical_tokens(m, tol: float) -> list[int]:

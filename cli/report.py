@@ -41,6 +41,8 @@ def report(
     if model is not None:
         check_model_dir(model)
     with CaptureFile(file, missing=missing) as capture, console.status("computing the report…") as status:
+        if run:
+            capture.select(run, "--run")  # a run given twice: said as the command line gave it
         written = write_report(
             capture,
             out,

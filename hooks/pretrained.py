@@ -187,10 +187,11 @@ def capture_prompts(
     check_counts(steps, max_new_tokens, seed=seed, tokens=capture_options.get("tokens"))
     extra: dict[str, Any] = {}
     if criterion is not None or exit_threshold is not None:
-        if not max_new_tokens or not hasattr(model, "generate_with_adaptive_compute"):
-            raise LoopscopeError(
-                "--criterion/--exit-threshold need a model with Huginn's adaptive generate and --max-new-tokens > 0"
-            )
+        if not hasattr(model, "generate_with_adaptive_compute"):
+            name = type(model).__name__
+            raise LoopscopeError(f"--criterion/--exit-threshold need Huginn's adaptive generate; {name} has none")
+        if not max_new_tokens:  # the exit applies to generated tokens only: say just that
+            raise LoopscopeError("--criterion/--exit-threshold act on generated tokens: give --max-new-tokens > 0")
         if exit_threshold is not None and not (math.isfinite(exit_threshold) and exit_threshold >= 0):
             raise LoopscopeError(f"--exit-threshold {exit_threshold}: give a number >= 0 (or leave it out: auto)")
         extra["criterion"] = criterion or "kl"

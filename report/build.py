@@ -42,7 +42,7 @@ def write_report(
     refuse_capture_files(capture, [out])  # before any work: the page must not replace the data it shows
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise LoopscopeError(f"top_k={top_k!r} must be a positive integer: predictions shown per step, e.g. {TOP_K}")
-    chosen = [capture.run(i) for i in runs] if runs else capture.runs
+    chosen = capture.select(runs) if runs else capture.runs  # each once: a run given twice is refused
     if not chosen:
         raise LoopscopeError(f"{capture.path} holds no complete runs to report; capture some first")
     resolve_space(chosen[0], space)  # a bad space, or readout where no norm was stored: one line before any work

@@ -8,13 +8,14 @@ which read lazily; the readout norm it loads is a :class:`ReadoutNorm` (``readou
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
 import h5py
 import numpy as np
 
-from ..errors import CaptureFileError
+from ..errors import CaptureFileError, LoopscopeError
 from . import layout, run_files, safety, schema
 from .damage import reading
 from .readout import ReadoutNorm
@@ -174,6 +175,23 @@ class CaptureFile:
                 f"its complete runs are {_number_list(numbers)}"
             )
         raise CaptureFileError(f"{self.path} has no run {index}; its complete runs are {_number_list(numbers)}")
+
+    def select(self, indices: Sequence[int], what: str = "run") -> list[Run]:
+        """The runs ``indices`` name (as :meth:`run` reads each), in order; one named twice (``1, 1``, or ``0, -3``
+        of three runs) is refused, since it would be measured, drawn or exported twice. ``what`` names the option
+        in the message (the CLI's ``--run``)."""
+        chosen: list[Run] = []
+        given: dict[int, int] = {}
+        for index in indices:
+            run = self.run(index)
+            if run.index in given:
+                first = given[run.index]
+                if first == index:
+                    raise LoopscopeError(f"{what} {index} is given twice; name each run once")
+                raise LoopscopeError(f"{what} {first} and {what} {index} both name run {run.index}; name each run once")
+            given[run.index] = int(index)
+            chosen.append(run)
+        return chosen
 
     def close(self) -> None:
         for run in self.__dict__.get("runs", []):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
+import unicodedata
 
 import h5py
 import numpy as np
@@ -37,7 +37,7 @@ MIN_CHUNK_BYTES = 4096  # smaller states chunks are refused once a dataset spans
 MANY_CHUNKS = 1 << 16
 MAX_MAPPINGS = 1 << 16  # selections of one virtual dataset (``merge`` writes one per dataset)
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_INVISIBLE = frozenset(("Cc", "Cf", "Zl", "Zp"))  # controls, format (bidi overrides), line/paragraph separators
 
 
 MISSING = "no such file"
@@ -109,8 +109,17 @@ def open_h5(path: str | os.PathLike, error=CaptureFileError, what: str = "", **k
 
 
 def clean(text) -> str:
-    """Text from a file as inert characters: control codes (C0, DEL, C1) shown as ``\\x1b``-style escapes."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    """Text from a file as inert characters: control codes (C0, DEL, C1) and invisible format characters (a bidi
+    override would reorder the rest of a terminal line) shown as ``\\x1b``, ``\\u202e``-style escapes."""
+    text = str(text)
+    if text.isprintable():  # the common case: every hidden category is unprintable, so nothing to escape
+        return text
+    return "".join(_escaped(c) if unicodedata.category(c) in _INVISIBLE else c for c in text)
+
+
+def _escaped(c: str) -> str:
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def figure_text(text) -> str:

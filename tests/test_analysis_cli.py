@@ -501,3 +501,50 @@ def test_a_warning_on_the_command_line_is_one_line_naming_no_source_file(capture
     lines = err.strip().splitlines()
     assert code == 0 and len(lines) == 1 and lines[0].startswith("warning: left 1 file(s)"), out + err
     assert ".py:" not in err and "UserWarning" not in err and (tmp_path / "fig-p01.png").exists()
+
+
+def _refused(args, needle):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1 and needle in result.output and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_run_given_twice_is_refused_by_every_command_that_takes_several(capture_path, tmp_path):
+    """Measured, drawn or shown twice, a run would count double downstream (each CSV row twice): one line instead,
+    whether the same number is repeated or a negative index names it again; nothing is written."""
+    twice, alias = ["--run", "1", "--run", "1"], ["--run", "0", "--run", "-2"]
+    for args in (
+        ["convergence", capture_path, "--out", tmp_path / "m.csv"],
+        ["plot", capture_path, "--kind", "curves", "--out", tmp_path / "c.png"],
+        ["report", capture_path, "--out", tmp_path / "r.html"],
+        ["export", capture_path, "--format", "npz", "--out", tmp_path / "e.npz"],
+    ):
+        _refused([*args, *twice], "--run 1 is given twice")
+        _refused([*args, *alias], "--run 0 and --run -2 both name run 0")
+    assert not any(tmp_path.iterdir())
+    from loopscope.report import write_report
+
+    with loopscope.open(capture_path) as capture, pytest.raises(loopscope.LoopscopeError, match="run 1 is given"):
+        write_report(capture, tmp_path / "r.html", runs=[1, 1])
+
+
+def test_pca_tokens_are_named_once_and_never_quietly_replaced(capture_path, tmp_path):
+    """``--tokens 3,3`` (or 2 and -1 of a run whose last token is 2) would draw one trajectory twice, and
+    ``--tokens ""`` silently drew the default tokens: both refused in one line. -1 is the last token (documented)."""
+    from loopscope.analysis import trajectory_pca
+
+    with loopscope.open(capture_path) as capture:
+        n = capture.run(0).num_tokens
+        with pytest.raises(loopscope.LoopscopeError, match="names a token twice"):
+            trajectory_pca(capture.run(0), [1, 1 - n])
+    base = ["plot", capture_path, "--kind", "pca", "--out", tmp_path / "p.png", "--tokens"]
+    _refused([*base, "1,1"], "--tokens 1,1: token 1 is given twice")
+    _refused([*base, f"{n - 1},-1"], f"{n - 1} and -1 both name token {n - 1}")
+    _refused([*base, ""], "--tokens '': give token indices")
+    _refused([*base, " , "], "give token indices")
+    assert not (tmp_path / "p.png").exists()
+    _ok([*base, "0,-1"])
+    import typer
+
+    plot = typer.main.get_command(app).commands["plot"]  # type: ignore[attr-defined]
+    assert any("--tokens" in p.opts and "negative: from the last" in p.help for p in plot.params)

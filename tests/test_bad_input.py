@@ -152,6 +152,9 @@ def test_nan_and_inf_states_are_analysed_and_flagged(reference_model, prompt_ids
     assert code == 0 and "NaN or infinite" in output and (tmp_path / "blown.png").exists()
     code, output = _cli("convergence", path, "--out", tmp_path / "blown.csv")
     assert code == 0
+    for kind in ("curves", "exits"):  # nothing finite to label: no legend, so no matplotlib warning either
+        code, output = _cli("plot", path, "--kind", kind, "--out", tmp_path / f"{kind}.png")
+        assert code == 0 and "legend" not in output and output.count("warning:") == 1, output
 
 
 def test_capture_paths_and_modes(reference_model, prompt_ids, tmp_path):

@@ -118,8 +118,8 @@ def test_export_api_refuses_the_same(pristine, tmp_path):
 
 
 def test_export_of_a_run_named_twice_writes_it_once(pristine, tmp_path):
-    """``--run 0 --run -2`` of two runs names run 0 twice: exported once (each name twice was a safetensors file no
-    reader loads, and an npz with duplicate members)."""
+    """``runs=[0, -2]`` of two runs names run 0 twice: exported once (each name twice was a safetensors file no
+    reader loads, and an npz with duplicate members); ``export --run 1 --run -1`` is refused in one line."""
     import zipfile
 
     from safetensors.numpy import load_file
@@ -135,7 +135,9 @@ def test_export_of_a_run_named_twice_writes_it_once(pristine, tmp_path):
     proc = _cli(
         "export", pristine, "--format", "npz", "--run", "1", "--run", "-1", "--out", tmp_path / "c.npz", cwd=tmp_path
     )
-    assert proc.returncode == 0 and "from 1 run(s)" in proc.stdout, proc.stdout + proc.stderr
+    # the command line refuses it, as every command with a repeatable --run does: a run given twice is a slip
+    assert proc.returncode == 1 and "--run 1 and --run -1 both name run 1" in proc.stderr, proc.stdout + proc.stderr
+    assert not (tmp_path / "c.npz").exists()
 
 
 def test_export_default_out_that_is_the_capture_itself(pristine, tmp_path):

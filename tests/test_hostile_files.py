@@ -302,6 +302,11 @@ def test_escape_sequences_from_files_never_reach_the_terminal(pristine, tmp_path
     assert r"\x1b]52;c;ZXZpbA==\x07\x1b[2J\x9b31m" in out, out
     line = cli_error("no such file", "info", tmp_path / "gone\x1b[2J.h5")
     assert "\x1b" not in line and r"\x1b[2J" in line
+    # invisible format characters: a right-to-left override reorders the rest of the line, U+2028/9 break it
+    _set_attrs(path, model_class=np.bytes_("\u202eRTL\u2066x\u2028y\u2029\u200b".encode()))
+    code, out, err = _child("cli", "info", path)
+    assert code == 0 and not any(c in out + err for c in "\u202e\u2066\u2028\u2029\u200b"), out + err
+    assert r"\u202eRTL\u2066x\u2028y\u2029\u200b" in out, out
 
 
 def test_deleted_run_files_and_folders_are_named(pristine, tmp_path):

@@ -528,3 +528,67 @@ def test_coda_lens_from_a_bf16_checkpoint_is_that_models_own_logits(new_referenc
     top = torch.topk(torch.softmax(logits, -1), 5)
     np.testing.assert_array_equal(result.top_ids[:, -1], top.indices.numpy())
     np.testing.assert_allclose(result.top_probs[:, -1], top.values.numpy(), rtol=RTOL)
+
+
+def _blown_capture(path) -> tuple[int, int]:
+    """A demo-model capture whose token 1 has a NaN state mid-loop and token 2 a NaN last state (h5py rewrites the
+    chunk checksums); returns the number of tokens and stored steps."""
+    import h5py
+
+    from loopscope.models.demo import build_demo_model
+
+    model, tok = build_demo_model()
+    ids = tok("A looped model iterates.", return_tensors="pt").input_ids
+    with loopscope.attach(model, path, tokenizer=tok), torch.no_grad():
+        model(ids, num_steps=4)
+    with h5py.File(f"{path}.runs/000000.h5", "a") as f:
+        states = f["loops/core/states"]
+        states[1, 2] = np.nan
+        states[2, -1] = np.inf
+        return states.shape[0], states.shape[1]
+
+
+def test_nan_and_inf_states_predict_nothing_and_never_settle(tmp_path):
+    """A step from a NaN or infinite state has no prediction: id and rank -1, the rest NaN, never settled, empty CSV
+    cells, and the same warning as the other commands (not an arbitrary top-1 of a NaN row, rank 0, settled)."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from loopscope.cli.app import app
+    from loopscope.models.demo import MODEL_DIR
+
+    path = tmp_path / "blown.h5"
+    n_tokens, n_slots = _blown_capture(path)
+    with loopscope.open(path) as capture:
+        results = [lens(capture.runs[0], MODEL_DIR, kind) for kind in ("logit", "coda")]
+    for r in results:  # the coda attends over the sequence: token 1's NaN reaches later tokens at that step
+        blank = r.top1 < 0
+        assert blank[1, 2] and blank[2, -1] and (r.final_rank[blank] == -1).all() and np.isnan(r.entropy[blank]).all()
+        assert np.isnan(r.top_probs[blank]).all() and np.isnan(r.kl_final[blank]).all()
+        assert np.isnan(r.kl_previous[1, 3]) and np.all(r.final_rank[2] == -1) and np.isnan(r.final_prob[2]).all()
+        assert np.isnan(r.kl_final[2]).all() and r.settling[2] == n_slots and r.settling_iteration[2] == -1
+        assert r.settling[1] >= 3 and not any(blank[t, r.settling[t] :].any() for t in range(n_tokens))
+    logit = results[0]
+    assert logit.nonfinite_tokens().tolist() == [1, 2] and logit.nonfinite_steps.sum() == 2 and logit.settling[1] == 3
+    out = tmp_path / "lens.csv"
+    result = CliRunner().invoke(app, ["lens", str(path), "--model", str(MODEL_DIR), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "run 0: 2 token(s) have NaN or infinite states (first: token 1)" in result.output
+    with open(out, newline="") as handle:
+        rows = {(int(row["token_index"]), int(row["step"])): row for row in csv.DictReader(handle)}
+    for key in ((1, 2), (2, n_slots - 1)):
+        blank = ("top1_id", "top1_text", "top1_prob", "final_token_rank", "settled", "topk_ids", "topk_probs")
+        assert all(rows[key][name] == "" for name in blank), rows[key]
+    assert rows[(1, 1)]["settled"] == "0" and rows[(2, 0)]["settled"] == "0" and rows[(2, 0)]["final_token_rank"] == ""
+    assert rows[(1, 3)]["settled"] == "1" and rows[(0, 0)]["top1_id"] != ""
+    figure = tmp_path / "lens.png"
+    result = CliRunner().invoke(app, ["lens", str(path), "--model", str(MODEL_DIR), "--out", str(figure)])
+    assert result.exit_code == 0 and (tmp_path / "lens_settling.png").exists(), result.output
+    from loopscope.report import write_report
+    from loopscope.report.page import page_data, unpacked
+
+    with loopscope.open(path) as capture:  # the report's lens panel gets no prediction there either
+        page = page_data(write_report(capture, tmp_path / "r.html", model=MODEL_DIR))["runs"][0]["lens"]
+    top_ids = unpacked(page["top_ids"])
+    assert (top_ids[1, 2] == -1).all() and (top_ids[2, -1] == -1).all() and (top_ids[0] >= 0).all()

@@ -277,3 +277,23 @@ def test_appending_to_an_empty_capture_whose_folder_was_lost_recreates_it(refere
         reference_model(prompt_ids, num_steps=2)
     with loopscope.open(path) as capture:
         assert [run.num_tokens for run in capture.runs] == [prompt_ids.shape[1]]
+
+
+def test_messages_name_the_option_and_the_file_at_fault(capture_path, two_run_capture, tmp_path):
+    """--other is named as --other with the missing file said; a reference from another capture names that file
+    (both sides are often "run 0"); --criterion without new tokens says only that."""
+    from loopscope.models.demo import MODEL_DIR
+
+    code, output = _cli("plot", capture_path, "--kind", "compare", "--other", "nope.h5:0", "--out", tmp_path / "c.png")
+    assert code == 1 and "--other nope.h5:0: nope.h5 does not exist" in output and "reference" not in output, output
+    code, output = _cli("plot", capture_path, "--reference", tmp_path / "nope.h5", "--out", tmp_path / "c.png")
+    assert code == 1 and f"--reference {tmp_path / 'nope.h5'}: " in output and "does not exist" in output, output
+    other = two_run_capture(tmp_path / "other.h5", "Entirely different words here, and more of them.", 3, 2, 2)
+    code, output = _cli("plot", capture_path, "--run", 1, "--reference", f"{other}:1", "--out", tmp_path / "r.png")
+    assert code == 1 and f"reference run 1 of {other} covers other tokens than run 1" in output, output
+    code, output = _cli("plot", capture_path, "--run", 0, "--reference", 1, "--out", tmp_path / "s.png")
+    assert code == 1 and "reference run 1 has" in output and " of " not in output.split(";")[0], output
+    args = ["capture", MODEL_DIR, "--prompt", "hi", "--steps", 2, "--criterion", "kl", "--out", tmp_path / "x.h5"]
+    code, output = _cli(*args)
+    assert code == 1 and "give --max-new-tokens > 0" in output and "need Huginn" not in output, output
+    assert not (tmp_path / "x.h5").exists()

@@ -84,6 +84,27 @@ def test_trajectories_of_any_depth_in_one_batch_match_a_per_token_svd():
     assert np.isnan(projections[4]).all()
 
 
+def test_trajectories_solve_their_small_problems_on_one_blas_thread(monkeypatch):
+    """Thousands of tiny ``eigh`` calls run 4-25x slower on OpenBLAS's default threads than on one (on a busy
+    machine): the batch runs on one (numpy's thread count seen from inside the call), the setting is restored after,
+    and the numbers are the same."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    if not blas_threads():
+        pytest.skip("numpy here uses no BLAS threadpoolctl can see")
+    seen, eigh = [], np.linalg.eigh
+    monkeypatch.setattr(np.linalg, "eigh", lambda a: (seen.append(blas_threads()), eigh(a))[1])  # numpy's, not ours
+    with threadpool_limits(limits=2, user_api="blas"):
+        states = np.random.default_rng(1).normal(size=(40, 40, 16)).cumsum(axis=1)
+        projections, explained = block_trajectories(states, np.full(40, 39), 2)
+        assert seen and all(threads == 1 for threads in seen[0]) and set(blas_threads()) == {2}
+    values, vectors = eigh((c := states - states.mean(axis=1, keepdims=True)) @ c.transpose(0, 2, 1))
+    np.testing.assert_allclose(explained[:, 0] * np.einsum("bkh,bkh->b", c, c), values[:, -1], rtol=1e-12)
+
+
 def test_hostile_token_text_stays_data():
     text = _json({"tokens": ["</script><script>alert(1)</script>", "<!--", "\u2028"]})
     assert "</script" not in text and "<!--" not in text

@@ -218,9 +218,17 @@ def test_a_long_run_gets_an_overview_that_moves_the_window(browser, tokenizer, t
 
 
 class HostileTokenizer:
-    """Token texts that would run as script or markup if the page ever treated them as HTML."""
+    """Token texts that would run as script or markup if the page ever treated them as HTML, and invisible format
+    characters (a right-to-left override, a line separator) that would reorder or break the panel's title."""
 
-    TEXTS = ("</script><script>window.pwned = 1</script>", "<img src=x onerror=window.pwned=2>", "<b>b</b>", "&lt;")
+    TEXTS = (
+        "</script><script>window.pwned = 1</script>",
+        "<img src=x onerror=window.pwned=2>",
+        "<b>b</b>",
+        "&lt;",
+        "\u202eRTL\u200f",
+        "a\u2028b\u2029",
+    )
 
     def decode(self, ids) -> str:
         return self.TEXTS[int(ids[0]) % len(self.TEXTS)]
@@ -235,12 +243,12 @@ def test_hostile_token_text_is_shown_as_text(browser, new_reference_model, tmp_p
     assert page.driver.execute_script("return window.pwned") is None
     assert not page.find_all("#heatmap img, #token-panel img, b")  # no element made from a token's text
     view = page_data(report)["runs"][0]
-    for t in range(4):
+    for t in range(len(HostileTokenizer.TEXTS)):
         text = HostileTokenizer.TEXTS[t]
         assert view["tokens"][t] == text
         tip = page.hover("heatmap", t, 8, 1, 4)
         assert view["labels"][t] in tip  # the characters themselves, cut to a label's length
         page.click("heatmap", t, 8, 1, 4)
-        assert page.find("#token-title").text == f"Token {t}: {json.dumps(text)}"
+        assert page.find("#token-title").text == f"Token {t}: {json.dumps(text)}"  # "\u202eRTL\u200f" as escapes
     assert page.driver.execute_script("return window.pwned") is None
     page.errors()

@@ -64,6 +64,15 @@
     return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
   }
 
+  // A token as quoted text with invisible format characters (bidi overrides, U+2028/9) escaped, as its axis labels
+  // are: a right-to-left override would otherwise reorder the rest of the line.
+  function quoted(text) {
+    return JSON.stringify(text).replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu, (c) => {
+      const code = c.codePointAt(0).toString(16);
+      return code.length > 4 ? "\\U" + code.padStart(8, "0") : "\\u" + code.padStart(4, "0");
+    });
+  }
+
   function tokenName(v, t) {
     const label = v.labels[t];
     return label ? label : "id " + v.token_ids[t];
@@ -202,7 +211,7 @@
     panel.hidden = false;
     const text = v.tokens[t];
     document.getElementById("token-title").textContent =
-      "Token " + t + ": " + (text ? JSON.stringify(text) : "id " + v.token_ids[t]);
+      "Token " + t + ": " + (text ? quoted(text) : "id " + v.token_ids[t]);
     const part = v.prompt === null ? "" : t < v.prompt ? " · prompt" : " · generated";
     document.getElementById("token-facts").textContent = "position " + v.positions[t] + " · id " + v.token_ids[t] +
       " · " + v.iterations[t * v.K + v.last[t]] + " iterations" + part + " · " + v.label;
@@ -266,9 +275,11 @@
       row.appendChild(element("td", String(v.iterations[t * v.K + s])));
       for (let j = 0; j < k; j++) {
         const id = lens.top_ids[base + j];
-        const word = id < 0 ? "" : (lens.vocab[String(id)] ?? "id " + id);
-        const cell = element("td", JSON.stringify(word) + " " + (100 * lens.top_probs[base + j]).toFixed(1) + "%",
-          j === 0 ? "top1" : "");
+        const word = lens.vocab[String(id)] ?? "id " + id;
+        // id -1 within a token's steps: a NaN or infinite state, which predicts nothing
+        const shown = id < 0 ? (j === 0 ? "no prediction (NaN state)" : "–")
+          : quoted(word) + " " + (100 * lens.top_probs[base + j]).toFixed(1) + "%";
+        const cell = element("td", shown, j === 0 ? "top1" : "");
         row.appendChild(cell);
       }
       row.appendChild(element("td", number(lens.kl_final[t * v.K + s]), "p"));
