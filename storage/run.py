@@ -159,7 +159,8 @@ class Run:
 
     @property
     def num_steps(self) -> np.ndarray:
-        """Iterations each token ran in the primary loop ([T] int)."""
+        """Iterations each token ran in the primary loop ([T] int); with a step stride, its last stored step (the
+        index of its last row in :meth:`states`; :meth:`iterations_of` gives the iterations)."""
         return self.steps_of(None)
 
     @property
