@@ -15,6 +15,7 @@ from . import data, page
 
 SUFFIXES = (".html", ".htm")
 TOP_K = 3  # lens predictions per step in the token panel
+MAX_TOP_K = 50  # more is no table to read, and the page grows with it (100000 made a 40 MB page)
 
 
 def write_report(
@@ -40,8 +41,11 @@ def write_report(
     """
     out = check_out(out)
     refuse_capture_files(capture, [out])  # before any work: the page must not replace the data it shows
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise LoopscopeError(f"top_k={top_k!r} must be a positive integer: predictions shown per step, e.g. {TOP_K}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+        raise LoopscopeError(
+            f"top_k={top_k!r}: give 1 to {MAX_TOP_K}, the predictions the page shows per step (e.g. {TOP_K}); "
+            "for more, write the lens table (loopscope lens --out lens.csv --top-k N)"
+        )
     chosen = capture.select(runs) if runs else capture.runs  # each once: a run given twice is refused
     if not chosen:
         raise LoopscopeError(f"{capture.path} holds no complete runs to report; capture some first")

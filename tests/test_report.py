@@ -143,6 +143,7 @@ def test_the_command_writes_the_page_and_checks_its_input(demo, tmp_path):
         (["--out", str(tmp_path / "s.html"), "--model", str(tmp_path / "none")], "no such directory"),
         (["--out", str(tmp_path / "s.html"), "--run", "7"], "has no run 7"),
         (["--out", str(tmp_path / "s.html"), "--top-k", "0"], "--top-k 0"),
+        (["--out", str(tmp_path / "s.html"), "--top-k", "100000"], "give 1 to 50"),  # a 40 MB page before
     ):
         result = runner.invoke(app, ["report", str(path), *args])
         assert result.exit_code == 1, result.output
