@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import tracemalloc
 
 import numpy as np
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 import loopscope
 from loopscope.analysis import METRICS, convergence, figures, token_metrics, trajectory_pca
+from loopscope.analysis import reference as reference_module
 from loopscope.analysis.measures import UPDATE_METRICS, block_measures
 from loopscope.analysis.metrics import METRIC_HELP
 from loopscope.cli.app import app
@@ -132,6 +134,32 @@ def test_reference_in_another_file_and_longer_sequence(capture_path, reference_m
                 token_metrics(short, reference=bad)
         with pytest.raises(LoopscopeError, match="has no run 9; its complete runs are 0-2"):
             token_metrics(short, reference=9)
+
+
+def test_a_reference_of_another_model_with_the_same_width_is_refused(
+    capture_path, new_reference_model, tokenizer, tmp_path
+):
+    """Another checkpoint of the same architecture (here: its final norm scaled) stores another readout norm; each
+    side was read out by its own, so identical states once measured 4.0 apart at s*. It is refused in one line, as
+    merge refuses it; a bf16-rounded copy of the same norm (a bf16 capture of the same model) is not."""
+    other_model = new_reference_model()
+    with torch.no_grad():
+        other_model.transformer.ln_f.weight.mul_(1.5)
+    other = tmp_path / "other.h5"
+    with loopscope.attach(other_model, other), torch.no_grad():
+        other_model(tokenizer(PROMPT, return_tensors="pt").input_ids, num_steps=4)
+    with loopscope.open(capture_path) as capture:
+        with pytest.raises(LoopscopeError, match="captured with another readout norm"):
+            token_metrics(capture.runs[1], reference=f"{other}:0")
+    command = ["convergence", str(capture_path), "--run", "1", "--reference", f"{other}:0"]
+    result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "m.csv")])
+    assert result.exit_code == 1 and "another readout norm" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    with loopscope.open(capture_path) as capture, loopscope.open(other) as ref:
+        weight = torch.tensor(capture.readout.weight).bfloat16().float().numpy()
+        rounded = dataclasses.replace(capture.readout, weight=weight)
+        assert reference_module._same_norm(capture.readout, rounded)
+        assert not reference_module._same_norm(capture.readout, ref.readout)
 
 
 def test_convergence_steps_follow_their_definition(capture_path):
