@@ -145,6 +145,7 @@ class Capture:
             self._stopped = self._tracker.closed = True
             self._installed.remove()
             self._tracker.end_session(complete=False)
+            self._tracker.gate.warn_skipped()  # name the forwards other threads ran meanwhile, unrecorded
         failed = self._ending.finish(self._tracker.orphan_calls)
         self._closed = True  # not before: a close cut short (Ctrl-C) is finished by the next
         self._when_dropped.detach()

@@ -36,7 +36,7 @@ def resolve_adapter(model: nn.Module, loop: str | Sequence[str] | LoopAdapter | 
             _check_path(model, spec.exit)
         return loop
     if loop is not None:
-        paths = [loop] if isinstance(loop, str) else list(loop)
+        paths = [loop] if isinstance(loop, str) else list(loop) if isinstance(loop, (list, tuple)) else []
         if not paths or not all(isinstance(p, str) and p for p in paths):
             raise LoopNotFoundError(
                 f"loop={loop!r} is not a module path; pass a dotted module path such as 'model.layers.3' (or a list)"
@@ -45,6 +45,12 @@ def resolve_adapter(model: nn.Module, loop: str | Sequence[str] | LoopAdapter | 
         for path in paths:
             _check_path(model, path)
             specs.append(LoopSpec(name=_loop_name(path, len(paths)), exit=path))
+        exits = [id(model.get_submodule(path.split(TIED)[-1])) for path in paths]
+        if len(set(exits)) < len(paths) or len({spec.name for spec in specs}) < len(specs):
+            raise LoopNotFoundError(
+                f"loop={loop!r} names one module twice (a path given twice, or two paths of one shared module): "
+                "each call would be two loops' iteration; name each loop once"
+            )
         return LoopAdapter(family="custom", loops=tuple(specs), steps_from="loop= override")
     return families.match(model) or probe(model)
 

@@ -201,6 +201,20 @@ def num_beams(model: nn.Module, args, kwargs) -> int:
     return int(generate_setting(model, args, kwargs, "num_beams") or 1)
 
 
+#: Said once when a forward stores tokens but no call of its loop reached the hooks (its run holds no iterations).
+UNHOOKED = (
+    "a forward of the model ran without any call of its loop reaching loopscope's hooks, so its run holds no "
+    "iterations. A torch.compile'd model does this when it reuses graphs compiled without hooks (an earlier "
+    "compile of the same class): set torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling, or "
+    "call torch._dynamo.reset() before attach(); otherwise check loop= names the module each iteration calls"
+)
+
+#: Said when close() ends a session while a forward runs (called from another thread than the forward's).
+CUT_SHORT = (
+    "close() ended a forward that was still running (in another thread): its run(s) are left incomplete "
+    "(.partial.h5, which readers skip); close the capture after the model's call returns to keep them"
+)
+
 #: generate() settings that switch on assisted (speculative) decoding in transformers.
 ASSISTED_DECODING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
 
@@ -303,14 +317,16 @@ def mask_for(mask, batch: int, tokens: int) -> torch.Tensor | None:
 
 def positions_for(kwargs, tokens: int, offset: int) -> torch.Tensor | int:
     """The forward's positions: ``position_ids`` ([B, T], or [1, T] for every row), else ``cache_position``
-    ([1, T]), else the first position, the others counted from it (the writer makes the arrays)."""
+    ([1, T]), else the first position, the others counted from it (the writer makes the arrays): the length of a
+    cache passed in (a hand-written decoding loop: each token's forward is a run of its own, at its place in the
+    sequence, not at 0), else ``offset``."""
     position_ids = kwargs.get("position_ids")
     if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == tokens:
         return position_ids if position_ids.dim() == 2 else position_ids.reshape(-1, tokens)
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel() == tokens:
         return cache_position.reshape(1, tokens)
-    return offset
+    return cached_length(kwargs.get("past_key_values")) or offset
 
 
 class TokenRecords:

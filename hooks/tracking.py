@@ -277,6 +277,8 @@ class Tracker(install.NotCopied):
             if not self._in_call:
                 self.end_session(complete=True)
             return
+        if not any(forward.steps.values()):  # the loop's hooks never fired: say so, once (the run stays, empty)
+            self._warn_once(forwards.UNHOOKED)
         self.recorder.record_finals(session, forward, self.adapter.loops)  # may wait for a slab: not held back
         with self.writer.together():  # a decoded token: one queue operation and one wake-up of the writer, not three
             self.put(forward.take_tokens())  # made by _begin_forward for every forward that stores tokens
@@ -299,11 +301,11 @@ class Tracker(install.NotCopied):
 
     def end_session(self, complete: bool) -> None:
         """The runs of the current call end (complete or cut short); a session that stored nothing made no runs."""
-        if self.closed:  # the capture closes: name the forwards other threads ran meanwhile
-            self.gate.warn_skipped()
         if self._session is None:
             return
         if self._forward is not None:  # an interrupted forward: its staged slabs go back unwritten, its tokens count
+            if self.closed and not self.gate.this_thread.owns:  # close() from another thread, mid-forward
+                self._warn_once(forwards.CUT_SHORT)
             self.transfer.release(self._forward.stages.values())
             if not self._forward.side and (tokens := self._forward.take_tokens()) is not None:
                 self.put(tokens)
@@ -347,8 +349,8 @@ class Tracker(install.NotCopied):
             if gate.others and not gate.this_thread.owns:  # another thread's unrecorded forward
                 return
             forward = self._forward
-            if forward is None:
-                self.orphan_calls += 1
+            if forward is None:  # outside any forward; after close() it is a forward close() cut short (said)
+                self.orphan_calls += not self.closed
                 return
             if self._nested:
                 return

@@ -381,3 +381,86 @@ def test_copying_or_pickling_an_attached_model_is_one_line_and_its_weights_still
     assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), reference_model.state_dict().values()))
     with loopscope.open(tmp_path / "copy.h5") as stored:
         assert len(stored.runs) == 1
+
+
+def test_a_hand_written_decoding_loop_stores_each_token_at_its_place(reference_model, prompt_ids, tmp_path):
+    """model(token, past_key_values=cache) token by token: each forward is a run of its own, and its token sits at
+    the cache's length, where the model puts it (it was stored at position 0, the run's own index)."""
+    path, prompt = tmp_path / "c.h5", prompt_ids.shape[1]
+    with loopscope.attach(reference_model, path), torch.no_grad():
+        out = reference_model(prompt_ids, num_steps=3, use_cache=True)
+        for _ in range(3):
+            token = out.logits[:, -1:].argmax(-1)
+            out = reference_model(token, num_steps=3, past_key_values=out.past_key_values, use_cache=True)
+    with loopscope.open(path) as capture:
+        assert [run.positions.tolist() for run in capture.runs] == [
+            list(range(prompt)),
+            [prompt],
+            [prompt + 1],
+            [prompt + 2],
+        ]
+
+
+def test_a_compiled_model_that_skips_the_hooks_is_named_not_recorded_empty_in_silence(new_reference_model, tmp_path):
+    """torch.compile reuses graphs compiled without hooks (dynamo skips hook guards by default): after one compiled
+    model of the class ran unhooked, a fresh compiled one runs its loop past loopscope's hooks. Its run holds no
+    iterations; that is said once, with what to do (it was silent)."""
+    torch._dynamo.reset()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    try:
+        with torch.no_grad():
+            torch.compile(new_reference_model(), backend="eager")(ids, num_steps=3)
+            model = torch.compile(new_reference_model(), backend="eager")
+            with warnings.catch_warnings(record=True) as caught, loopscope.attach(model, tmp_path / "c.h5"):
+                warnings.simplefilter("always")
+                model(ids, num_steps=3)
+                model(ids, num_steps=3)
+    finally:
+        torch._dynamo.reset()
+    said = [m for m in _messages(caught) if "reaching loopscope's hooks" in m]
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        try:
+            recorded = capture.runs[0].num_steps.size > 0
+        except LoopscopeError:  # "recorded no loop iterations"
+            recorded = False
+    if recorded:  # a torch whose compiled graphs honour hooks added later: nothing to say
+        assert not said
+    else:
+        assert len(said) == 1 and "skip_nnmodule_hook_guards = False" in said[0]
+
+
+def test_close_from_another_thread_mid_forward_names_the_cut_short_run(reference_model, prompt_ids, tmp_path):
+    """close() while another thread's forward is in its loop: the forward's outputs are unchanged, its run is left
+    incomplete, and that is what the warning says (it blamed a 'custom decoding loop' for orphan loop calls)."""
+    with torch.no_grad():
+        plain = reference_model(prompt_ids, num_steps=4, init_scale=0).logits
+    paused, resume, result = threading.Event(), threading.Event(), {}
+
+    def pause(module, args, output):
+        if not paused.is_set():
+            paused.set()
+            assert resume.wait(30)
+
+    def forward():
+        with torch.no_grad():
+            result["logits"] = reference_model(prompt_ids, num_steps=4, init_scale=0).logits
+
+    cap = loopscope.attach(reference_model, tmp_path / "c.h5")
+    pauser = reference_model.transformer.core_block[0].register_forward_hook(pause)
+    worker = threading.Thread(target=forward)
+    worker.start()
+    try:
+        assert paused.wait(30)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cap.close()
+    finally:
+        resume.set()
+        worker.join(30)
+        pauser.remove()
+    assert torch.equal(result["logits"], plain)
+    said = _messages(caught)
+    assert any("close() ended a forward that was still running" in m for m in said), said
+    assert not any("outside the model's forward()" in m for m in said), said
+    with loopscope.open(tmp_path / "c.h5") as capture:
+        assert capture.runs == [] and len(capture.incomplete_runs) == 1

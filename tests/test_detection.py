@@ -344,7 +344,14 @@ def test_override_errors_name_what_to_do(tmp_path):
         loopscope.attach(model, tmp_path / "e.h5", loop="blocks.0|blocks.7")
     with pytest.raises(LoopNotFoundError, match="not a module path"):
         loopscope.attach(model, tmp_path / "e.h5", loop=[])
+    with pytest.raises(LoopNotFoundError, match="not a module path"):  # was: TypeError, 'int' is not iterable
+        loopscope.attach(model, tmp_path / "e.h5", loop=3)
+    model.shared = model.blocks[0]  # one module under a second name
+    for twice in (["blocks.0", "blocks.0"], ["blocks.0", "shared"]):  # a path twice; two paths of one shared module
+        with pytest.raises(LoopNotFoundError, match="names one module twice"):  # was: a TypeError in the forward
+            loopscope.attach(model, tmp_path / "e.h5", loop=twice)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not (tmp_path / "e.h5").exists()
 
 
 class DrawsFromPython(Looped):
