@@ -89,8 +89,9 @@ def _measures(
         norms.append((dist, every))
         if "distance" in wanted:
             values["distance"] = dist
-        if "relative_distance" in wanted:
-            values["relative_distance"] = dist / star_norm
+        if "relative_distance" in wanted:  # 0 where s_k is s* (a pad's all-zero states: 0 / 0), at any scale
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values["relative_distance"] = np.where(dist == 0, 0.0, dist / star_norm)
     if wanted & {"step_delta", *UPDATE_METRICS}:
         updates = np.subtract(states[:, 1:], states[:, :-1], out=work[:, 1:])  # u_k, k >= 1
         delta = np.full(states.shape[:2], np.nan)

@@ -540,3 +540,18 @@ def test_the_convergence_table_counts_iterations_with_a_step_stride(reference_mo
         converged = [int(row["converged_at"]) for row in csv.DictReader(f) if row["step"] == "0"]
     row = " ".join(result.output.split())
     assert "20-20 (1 in 3 kept)" in row and f"│ {np.median(converged):g} │" in row
+
+
+def test_a_token_whose_states_are_all_zero_has_converged_not_never(tmp_path):
+    """A pad token of a batch run by Dory, HRM-Text or Inkling-2 has all-zero states at every step: its distance
+    to s* is 0 throughout, so its relative distance is 0, not 0 / 0 (it was NaN, and counted as never converged);
+    a state away from an all-zero s* is infinitely far, relatively."""
+    rng = np.random.default_rng(0)
+    states = np.zeros((3, 4, 8))
+    states[1] = rng.normal(size=(4, 8))
+    states[2, :3] = rng.normal(size=(3, 8))  # s* (its last state) is zero, earlier states are not
+    for dtype in (np.float64, np.float32):
+        m = block_measures(states.astype(dtype), np.array([3, 3, 3]))
+        np.testing.assert_array_equal(m["relative_distance"][0], 0.0)
+        assert np.isinf(m["relative_distance"][2, :3]).all() and m["relative_distance"][2, 3] == 0
+        assert np.isfinite(m["relative_distance"][1]).all()
