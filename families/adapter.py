@@ -32,7 +32,9 @@ class LoopSpec:
     s0_parameter: str | None = None
     output_index: int = 0  # element of a tuple output that is the state
     nesting: tuple[str, ...] = ()  # label names for nested loops, e.g. ("h", "l")
-    inner_steps: int | None = None  # iterations of this loop per outer iteration, for nested labels
+    # iterations of this loop per outer iteration, for nested labels; or the outer loop's name, when the count is
+    # this loop's steps over the outer one's in each run (HRM-Text: it follows L_cycles changed after attach())
+    inner_steps: int | str | None = None
     # Per-token scalars recorded beside the states, as (signal name, dotted module path): each call of the module
     # during a forward stores its output ([B, T] or [B, T, 1]) at the loop's current step, e.g. Ouro's exit gate.
     signals: tuple[tuple[str, str], ...] = ()

@@ -40,7 +40,7 @@ def adapter(model: nn.Module) -> LoopAdapter | None:
                 exit=prefix + "L_module",
                 s0_parameter=prefix + "z_L_init",
                 nesting=("h", "l"),
-                inner_steps=int(config.L_cycles),
+                inner_steps="H",  # L steps per H step, counted in each run (L_cycles may change after attach)
                 no_lens="HRM-Text's L stream only feeds the H stream: no head reads its states",
             ),
         ),

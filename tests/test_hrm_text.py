@@ -85,6 +85,23 @@ def test_two_streams_with_labels(tmp_path, forward_recorder):
     assert info.exit_code == 0 and "H 2-2, L 6-6" in info.output  # each loop's own step range
 
 
+def test_labels_follow_cycles_changed_after_attach(tmp_path):
+    """HRM-Text reads L_cycles (and H_cycles) at every forward, so a researcher may give it more cycles after
+    attach(): each run's (h, l) labels come from that run's own step counts (they were fixed at attach, and ran past
+    the H cycles that exist)."""
+    model = _hrm(h_cycles=2, l_cycles=3)
+    ids = torch.randint(3, 100, (1, 4))
+    with loopscope.attach(model, tmp_path / "hrm.h5"), torch.no_grad():
+        for h_cycles, l_cycles in ((2, 3), (2, 2), (3, 4)):
+            model.config.H_cycles, model.config.L_cycles = h_cycles, l_cycles
+            model(ids)
+    with loopscope.open(tmp_path / "hrm.h5") as capture:
+        for run, (h_cycles, l_cycles) in zip(capture.runs, ((2, 3), (2, 2), (3, 4))):
+            want = [[-1, -1]] + [list(divmod(k, l_cycles)) for k in range(h_cycles * l_cycles)]
+            assert run.steps_of("L").tolist() == [h_cycles * l_cycles] * 4
+            assert run.step_labels("L").tolist() == want
+
+
 def test_generate_every_token_exact_and_outputs_unchanged(tmp_path, forward_recorder):
     """Each decoded token has H_cycles and H_cycles * L_cycles steps, the states the model computed for it, and
     generate() returns the same tokens and logits with and without the capture."""

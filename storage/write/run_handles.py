@@ -136,9 +136,10 @@ class RunHandles:
         ds[start:end] = values
         return ds
 
-    def finish(self, inner_steps: dict[str, int]) -> None:
+    def finish(self, inner_steps: dict[str, int | str]) -> None:
         """Write out what waits (assembled chunks, per-token metadata) and trim every dataset to what was recorded;
-        a loop with ``inner_steps`` (nested) gets its steps' (outer, inner) labels."""
+        a loop with ``inner_steps`` (nested) gets its steps' (outer, inner) labels: that many steps per outer one,
+        or, given the outer loop's name, its steps over the outer loop's in this run."""
         for loop in self.loops.values():
             loop["stager"].flush_all()
         self.flush_pending()
@@ -164,6 +165,9 @@ class RunHandles:
             states = loop["states"]
             _resize(states, (n, loop["max_step"] + 1, states.shape[2]))
             inner = inner_steps.get(name)
+            if isinstance(inner, str):  # the outer loop's name: as many steps per outer step as this run ran
+                outer = self.loops[inner]["max_step"] if inner in self.loops else 0
+                inner = loop["max_step"] // outer if outer and loop["max_step"] % outer == 0 else None
             if inner:
                 labels = nested_labels(loop["max_step"], inner)
                 loop["group"].create_dataset(

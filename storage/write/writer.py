@@ -71,7 +71,7 @@ class CaptureWriter:
         *,
         queue_size: int = 256,
         compression: str | None = None,
-        inner_steps: dict[str, int] | None = None,
+        inner_steps: dict[str, int | str] | None = None,
         checksums: bool = True,
     ):
         self.layout = layout
