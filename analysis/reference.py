@@ -150,11 +150,15 @@ def _reference_name(run: Run, reference_run: Run) -> str:
 
 def _rows_by_position(run: Run, reference_run: Run) -> np.ndarray | None:
     positions, ref_positions = run.positions, reference_run.positions
-    if positions.ndim != 1 or ref_positions.ndim != 1 or len(np.unique(ref_positions)) != len(ref_positions):
+    if positions.ndim != 1 or ref_positions.ndim != 1 or len(np.unique(positions)) != len(positions):
         return None
-    if len(np.unique(positions)) != len(positions):
-        return None
-    where = {int(p): i for i, p in enumerate(ref_positions.tolist())}
+    candidates = np.arange(len(ref_positions))
+    if len(np.unique(ref_positions)) != len(ref_positions):  # a left-padded row: its pads repeat positions
+        mask = reference_run.attention_mask  # the tokens it attended to have positions of their own
+        candidates = np.flatnonzero(mask != 0) if mask.shape == ref_positions.shape else candidates[:0]
+        if not candidates.size or len(np.unique(ref_positions[candidates])) != len(candidates):
+            return None
+    where = {int(ref_positions[i]): int(i) for i in candidates}
     rows = np.array([where.get(int(p), -1) for p in positions.tolist()], dtype=np.int64)
     found = rows >= 0
     if not np.array_equal(reference_run.token_ids[rows[found]], run.token_ids[found]):

@@ -555,3 +555,22 @@ def test_a_token_whose_states_are_all_zero_has_converged_not_never(tmp_path):
         np.testing.assert_array_equal(m["relative_distance"][0], 0.0)
         assert np.isinf(m["relative_distance"][2, :3]).all() and m["relative_distance"][2, 3] == 0
         assert np.isfinite(m["relative_distance"][1]).all()
+
+
+def test_a_left_padded_row_that_stored_some_tokens_is_measured_against_the_same_tokens(new_hrm_text_model, tmp_path):
+    """A padded row's pads repeat positions, so s* was looked up by order, from the pads on: a tokens="generated"
+    run of the padded row was refused as 'another prompt'. The reference's attended tokens have positions of their
+    own; the same computation captured whole gives each stored token its own final state as s*."""
+    model = new_hrm_text_model()
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0  # row 0 left-padded
+    full, generated = tmp_path / "full.h5", tmp_path / "gen.h5"
+    for path, tokens in ((full, "all"), (generated, "generated")):
+        with loopscope.attach(model, path, tokens=tokens):
+            model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with loopscope.open(generated) as capture:
+        for row in (0, 1):
+            m = token_metrics(capture.runs[row], reference=f"{full}:{row}")
+            last = capture.runs[row].num_steps
+            np.testing.assert_array_equal(m.distance[np.arange(len(last)), last], 0.0)
