@@ -315,18 +315,19 @@ def mask_for(mask, batch: int, tokens: int) -> torch.Tensor | None:
     return None
 
 
-def positions_for(kwargs, tokens: int, offset: int) -> torch.Tensor | int:
+def positions_for(kwargs, tokens: int, offset: int, own_run: bool) -> torch.Tensor | int:
     """The forward's positions: ``position_ids`` ([B, T], or [1, T] for every row), else ``cache_position``
-    ([1, T]), else the first position, the others counted from it (the writer makes the arrays): the length of a
-    cache passed in (a hand-written decoding loop: each token's forward is a run of its own, at its place in the
-    sequence, not at 0), else ``offset``."""
+    ([1, T]), else the first position, the others counted from it (the writer makes the arrays): for a forward that
+    is a run of its own (``own_run``), the length of a cache passed in (a hand-written decoding loop: each token at
+    its place in the sequence, not at 0), else ``offset``. Inside a call the run counts its tokens itself: a cache's
+    length is not read per decoded token (Huginn's cache walks every entry to tell it)."""
     position_ids = kwargs.get("position_ids")
     if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == tokens:
         return position_ids if position_ids.dim() == 2 else position_ids.reshape(-1, tokens)
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel() == tokens:
         return cache_position.reshape(1, tokens)
-    return cached_length(kwargs.get("past_key_values")) or offset
+    return (own_run and cached_length(kwargs.get("past_key_values"))) or offset
 
 
 class TokenRecords:

@@ -247,7 +247,7 @@ class Tracker(install.NotCopied):
         # recorded are new to the run (the others were recorded when they were first computed)
         seen = session.tokens_seen if fed_back and tokens > session.tokens_seen else 0
         first = session.tokens_seen - seen  # the run's index of this forward's first token
-        positions = forwards.positions_for(kwargs, tokens, first)
+        positions = forwards.positions_for(kwargs, tokens, first, not self._in_call)
         keep = forwards.stored_tokens(self._tokens, session, first, seen, tokens, fed_back)
         forward = self._forward = Forward(batch=batch, tokens=tokens, side=side, keep=keep)
         self.keep_hooks_last()
