@@ -2,18 +2,16 @@
 
 Labels are the point of the product, so this module owns them:
 
-* a *run* is one batch row of one ``forward()`` call, or of one whole ``generate()`` call (prefill and every
-  decoded token in order), or of one call of a method the adapter names (``call_methods``, e.g. Huginn's
-  ``forward_with_adaptive_compute``);
+* a *run* is one batch row of one call: ``forward()``, ``generate()`` (prefill and every decoded token in order) or
+  a method the adapter names (``call_methods``, e.g. Huginn's ``forward_with_adaptive_compute``);
 * within one forward of the model, the exit module's k-th call is step k of every token that forward computes;
   step 0 is s0, read before the first iteration. Decoding loops that bypass ``forward()`` (Huginn's adaptive
   exit) are grouped by the adapter's ``entry_methods`` instead: each call starts the next group of tokens;
-* token ids come from the forward's ``input_ids``; positions from ``cache_position``/``position_ids``;
-* ``tokens=`` and ``step_stride=`` choose what is stored (``selection.py``), on the device, before any copy;
+* token ids come from the forward's ``input_ids``; positions from ``cache_position``/``position_ids``; ``tokens=``
+  and ``step_stride=`` choose what is stored (``selection.py``), on the device, before any copy;
 * ``model.forward(...)`` called directly is recorded as ``model(...)`` is; one thread's calls at a time (threads.py).
 
-Hooks only read tensors (detached, copied into host slabs), so the model's outputs are bit-identical with and
-without loopscope.
+Hooks only read tensors (detached, copied into host slabs): outputs are bit-identical with and without loopscope.
 """
 
 from __future__ import annotations
@@ -311,6 +309,8 @@ class Tracker(install.NotCopied):
                 self.put(tokens)
         session, self._session, self._forward = self._session, None, None
         if session.open_message is not None:  # nothing was stored: no runs, and their numbers are free again
+            if self._tokens.indices is not None or self._tokens.span is not None:  # indices past the call's tokens
+                self._warn_once(f"tokens= kept none of a {session.call} call's {session.tokens_seen} tokens: no run")
             if self._next_run == session.run_ids[-1] + 1:
                 self._next_run = session.run_ids[0]
             return

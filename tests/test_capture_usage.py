@@ -464,3 +464,18 @@ def test_close_from_another_thread_mid_forward_names_the_cut_short_run(reference
     assert not any("outside the model's forward()" in m for m in said), said
     with loopscope.open(tmp_path / "c.h5") as capture:
         assert capture.runs == [] and len(capture.incomplete_runs) == 1
+
+
+def test_token_indices_past_a_calls_tokens_are_named_not_silent(reference_model, tmp_path):
+    """tokens=[100] on a 3-token forward stores nothing and makes no run: said once (it was silent); a named
+    selection that a call has none of (tokens="generated" on a forward) is the user's choice, not said."""
+    for tokens, said in (([100], 1), ("generated", 0)):
+        path = tmp_path / f"{said}.h5"
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            with loopscope.attach(reference_model, path, tokens=tokens):
+                reference_model(torch.tensor([[1, 2, 3]]), num_steps=3)
+                reference_model(torch.tensor([[1, 2, 3]]), num_steps=3)
+        assert len([m for m in _messages(caught) if "kept none of a forward call's 3 tokens" in m]) == said
+        with loopscope.open(path) as capture:
+            assert capture.runs == []
