@@ -346,7 +346,7 @@ def prompt_rows(run) -> int | None:
     """How many of a decoding run's rows are its prompt (the first forward's tokens), if it has both kinds: a
     generate() run's, or one of a family's decoder called by name (Huginn's generate_minimal, ...)."""
     call = schema.as_text(run.attrs.get("call"))  # None when not text (a damaged attribute)
-    if call is None or call == "forward":  # a forward() run is one pass: every token is its prompt
+    if call is None or call in schema.PREFILL_CALLS:  # one pass over the prompt: every token is prompt
         return None
     prompt = int(np.sum(run.forward_index == 0))
     return prompt if 0 < prompt < run.num_tokens else None

@@ -56,15 +56,16 @@ def trajectory_pca(
         raise LoopscopeError(f"basis={basis!r} is not one of {', '.join(BASES)}")
     if not tokens:
         raise LoopscopeError("select at least one token for the PCA")
-    if len({t % max(run.num_tokens, 1) for t in tokens}) < len(tokens):  # one trajectory drawn twice says nothing
-        raise LoopscopeError(f"tokens={list(tokens)} names a token twice; name each token once")
-    to_space = space_fn(run, resolve_space(run, space))
     n = run.num_tokens
-    held = run.step_iterations(loop)  # [T, K]: with a step stride, row k is not iteration k
-    centred, centres = [], []
     for t in tokens:
         if not -n <= t < n:
             raise LoopscopeError(f"token {t} is out of range: run {run.index} has {n} tokens (use 0..{n - 1})")
+    if len({t % n for t in tokens}) < len(tokens):  # one trajectory drawn twice says nothing
+        raise LoopscopeError(f"tokens={list(tokens)} names a token twice; name each token once")
+    to_space = space_fn(run, resolve_space(run, space))
+    held = run.step_iterations(loop)  # [T, K]: with a step stride, row k is not iteration k
+    centred, centres = [], []
+    for t in tokens:
         x = np.asarray(to_space(run.states(token=t, loop=loop)), dtype=np.float64)
         if not np.isfinite(x).all():
             raise LoopscopeError(

@@ -31,7 +31,10 @@ def call_arguments(kwargs: dict) -> str:
     """The call's keyword settings as JSON text (an object, keys sorted); ``{}`` when it had none."""
     texts = {}
     for name, value in kwargs.items():
-        setting = _LEFT_OUT if name in INPUTS else _setting(value, depth=0)
+        try:  # someone else's objects: a setting that cannot be read is left out, never the call's failure
+            setting = _LEFT_OUT if name in INPUTS else _setting(value, depth=0)
+        except Exception:
+            setting = _LEFT_OUT
         if setting is not _LEFT_OUT:
             texts[str(name)] = json.dumps(setting, sort_keys=True, allow_nan=False)
     # an attribute, so bounded: the shortest settings first while they fit (one huge list cannot crowd out the rest)
@@ -47,8 +50,8 @@ def call_arguments(kwargs: dict) -> str:
 def _setting(value, depth: int):
     """``value`` as JSON-ready data, or ``_LEFT_OUT``. Non-finite floats become text ("nan", "inf") so the JSON
     stays strict; depth is bounded so a self-referencing list cannot recurse forever."""
-    if value is None or isinstance(value, bool):
-        return value
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
     if isinstance(value, str):
         return value if len(value) <= MAX_TEXT else _LEFT_OUT
     if isinstance(value, (int, np.integer)):
@@ -57,9 +60,12 @@ def _setting(value, depth: int):
         return float(value) if math.isfinite(value) else str(float(value))
     if isinstance(value, torch.dtype):
         return str(value)
-    if isinstance(value, torch.Tensor):
-        small = value.device.type == "cpu" and value.numel() <= MAX_TENSOR and not value.is_complex()
+    if isinstance(value, torch.Tensor):  # dense CPU tensors only: sparse, quantized or nested ones have no list
+        plain = value.layout == torch.strided and not (value.is_quantized or value.is_nested or value.is_complex())
+        small = plain and value.device.type == "cpu" and value.numel() <= MAX_TENSOR
         return _setting(value.detach().tolist(), depth + 1) if small and depth < 3 else _LEFT_OUT
+    if isinstance(value, np.ndarray):
+        return _setting(value.tolist(), depth + 1) if value.size <= MAX_TENSOR and depth < 3 else _LEFT_OUT
     if depth >= 3:
         return _LEFT_OUT
     if isinstance(value, (list, tuple)) and len(value) <= MAX_ITEMS:

@@ -14,7 +14,7 @@ the file says so.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ def resolve_adapter(model: nn.Module, loop: str | Sequence[str] | LoopAdapter | 
             _check_path(model, spec.exit)
         return loop
     if loop is not None:
-        paths = [loop] if isinstance(loop, str) else list(loop) if isinstance(loop, (list, tuple)) else []
+        paths = [loop] if isinstance(loop, str) else list(loop) if isinstance(loop, Iterable) else []
         if not paths or not all(isinstance(p, str) and p for p in paths):
             raise LoopNotFoundError(
                 f"loop={loop!r} is not a module path; pass a dotted module path such as 'model.layers.3' (or a list)"

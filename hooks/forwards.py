@@ -203,10 +203,10 @@ def num_beams(model: nn.Module, args, kwargs) -> int:
 
 #: Said once when a forward stores tokens but no call of its loop reached the hooks (its run holds no iterations).
 UNHOOKED = (
-    "a forward of the model ran without any call of its loop reaching loopscope's hooks, so its run holds no "
-    "iterations. A torch.compile'd model does this when it reuses graphs compiled without hooks (an earlier "
-    "compile of the same class): set torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling, or "
-    "call torch._dynamo.reset() before attach(); otherwise check loop= names the module each iteration calls"
+    "a forward of the model recorded no iteration of its loop, so its run holds none. If you did not ask for 0 "
+    "iterations: a torch.compile'd model does this when it reuses graphs compiled without hooks (an earlier "
+    "compile of the same class), so set torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling, "
+    "or call torch._dynamo.reset() before attach(); else check that loop= names the module each iteration calls"
 )
 
 #: Said when close() ends a session while a forward runs (called from another thread than the forward's).

@@ -122,9 +122,9 @@ class Tracker(install.NotCopied):
     def _record_call(self, name: str, original, args, kwargs):
         if name == "generate":  # num_beams > 1, assisted decoding: one line, before anything runs
             forwards.refuse_unfollowable_generate(self.model, args, kwargs)
-        self._in_call += 1
-        self._call_name = name
         self._call_inputs = forwards.CallInputs.of(args, kwargs)  # prompt length and 2-D mask, once per call
+        self._in_call += 1  # after: nothing between here and the try below may raise (the count would stay up)
+        self._call_name = name
         # Only decoding loops the adapter describes group tokens by entry-method calls (Huginn: adaptive exit);
         # others that bypass forward() (Huginn's diffusion-style sampler) leave their loop calls unrecorded.
         self._side_groups = name in self.adapter.call_methods or any(

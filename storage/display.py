@@ -131,11 +131,14 @@ def _run_rows(run: Run) -> tuple[list[tuple[str, str]], bool]:
 
 
 def _readable_run_rows(run: Run) -> list[tuple[str, str]]:
+    from . import schema  # as in _call: not at the top
+
     run.check()
     attrs = run.attrs
     call = _call(run)
     prompt = int((run.forward_index == 0).sum())
-    if call == "generate" or (call not in ("prefill", "?") and prompt < run.num_tokens):  # or a decoder by name
+    decoding = call not in ("prefill", "?", *schema.PREFILL_CALLS) and prompt < run.num_tokens  # a decoder by name
+    if call == "generate" or decoding:
         call += f" ({prompt} prompt + {run.num_tokens - prompt} generated tokens)"
     rows = [("call", call), ("tokens", str(run.num_tokens)), ("steps (min-max)", steps_text(run))]
     if run.loops:
@@ -143,8 +146,6 @@ def _readable_run_rows(run: Run) -> list[tuple[str, str]]:
     signals = [name for loop in run.loops for name in run.signal_names(loop)]
     if signals:
         rows.append(("signals", ", ".join(signals)))
-    from . import schema  # as in _call: not at the top
-
     arguments = schema.text_or(attrs.get("call_arguments"), "")  # the call's settings (hooks/call_arguments.py)
     if arguments not in ("", "{}"):
         rows.append(("call arguments", _cut(arguments)))

@@ -31,6 +31,9 @@ import numpy as np
 
 FORMAT_NAME = "loopscope-capture"
 RUN_FORMAT_NAME = "loopscope-run"
+#: Run ``call`` values of one pass over the prompt (every token is prompt): a forward(), and Huginn's token-by-token
+#: prefill. Any other call (generate(), a family's decoder called by name) decodes after its first forward.
+PREFILL_CALLS = ("forward", "forward_with_adaptive_compute")
 FORMAT_VERSION = 1
 
 # The HDF5 object versions every file is written with (h5py's ``libver``): HDF5 1.10's, so the tools and libraries of

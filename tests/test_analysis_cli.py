@@ -537,6 +537,8 @@ def test_pca_tokens_are_named_once_and_never_quietly_replaced(capture_path, tmp_
         n = capture.run(0).num_tokens
         with pytest.raises(loopscope.LoopscopeError, match="names a token twice"):
             trajectory_pca(capture.run(0), [1, 1 - n])
+        with pytest.raises(loopscope.LoopscopeError, match=f"token {n} is out of range"):  # not "twice" (n % n)
+            trajectory_pca(capture.run(0), [0, n])
     base = ["plot", capture_path, "--kind", "pca", "--out", tmp_path / "p.png", "--tokens"]
     _refused([*base, "1,1"], "--tokens 1,1: token 1 is given twice")
     _refused([*base, f"{n - 1},-1"], f"{n - 1} and -1 both name token {n - 1}")

@@ -11,6 +11,7 @@ import torch
 
 import loopscope
 from loopscope.analysis import token_metrics
+from loopscope.analysis.figure_axes import prompt_rows
 from loopscope.errors import LoopscopeError
 
 
@@ -192,6 +193,8 @@ def test_prompt_and_generated_in_a_token_by_token_forward(reference_model, promp
             )
         with loopscope.open(path) as capture:
             assert sum(r.num_tokens for r in capture.runs) == expected
+            if capture.runs:  # and figures draw no prompt/generated line in it (a group per token is no decoding)
+                assert prompt_rows(capture.runs[0]) is None
 
 
 def test_step_stride_under_inference_mode(reference_model, prompt_ids, reference_recorder, tmp_path):

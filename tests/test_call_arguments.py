@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import torch
 from transformers import GenerationConfig
 
@@ -53,11 +54,26 @@ def test_only_settings_are_kept_and_the_text_stays_strict_json_and_bounded():
         "dtype": torch.bfloat16,
         "label": "x" * 5000,
         "streamer": object(),
+        "sparse": torch.eye(2).to_sparse(),  # no list to make of these: left out, not the call's failure
+        "flag": np.bool_(True),
+        "zero_d": np.array(3),
     }
     stored = json.loads(call_arguments(kwargs))  # strict JSON: no NaN token
-    assert stored == {"temperature": "nan", "scale": 0.5, "dtype": "torch.bfloat16"}
+    assert stored == {"temperature": "nan", "scale": 0.5, "dtype": "torch.bfloat16", "flag": True, "zero_d": 3}
     big = {f"setting_{i}": "y" * 900 for i in range(40)}
     text = call_arguments({"num_steps": 32, **big})
     kept = json.loads(text)
     assert len(text) <= MAX_JSON and kept["num_steps"] == 32 and 0 < len(kept) < 41
     assert math.isclose(json.loads(call_arguments({"t": torch.tensor([1.5, 2.0])}))["t"][0], 1.5)
+
+
+def test_a_call_given_an_unreadable_tensor_runs_and_is_recorded(reference_model, prompt_ids, tmp_path):
+    """A sparse tensor among a call's keywords once raised inside loopscope (the call failed, and every later forward
+    was taken for part of that call: nothing more was recorded)."""
+    path = tmp_path / "c.h5"
+    with loopscope.attach(reference_model, path), torch.no_grad():
+        reference_model.generate_minimal(prompt_ids, num_steps=2, max_new_tokens=1, extra=torch.eye(2).to_sparse())
+        reference_model(prompt_ids, num_steps=2)
+    with loopscope.open(path) as capture:
+        assert [run.attrs["call"] for run in capture.runs] == ["generate_minimal", "forward"]
+        assert json.loads(capture.runs[0].attrs["call_arguments"])["num_steps"] == 2

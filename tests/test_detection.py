@@ -322,7 +322,7 @@ def test_override_with_several_paths_records_each(tmp_path):
     model = Nested()
     ids = torch.randint(0, 16, (1, 4))
     seen, handles = _hand_capture(model.inner, [model.inner])
-    with loopscope.attach(model, tmp_path / "o.h5", loop=["outer", "inner"]) as cap:
+    with loopscope.attach(model, tmp_path / "o.h5", loop=iter(["outer", "inner"])) as cap:  # any iterable
         with torch.no_grad():
             model(ids)
     for handle in handles:
