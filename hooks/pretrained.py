@@ -238,6 +238,7 @@ def _run_prompts(model, capture, encoded, device, seed, max_new_tokens, pad, ext
     """One generate() (or forward) per prompt, with ``capture`` attached; a model's refusal becomes one line."""
     with capture, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="loopscope: .* closed the capture")  # the error below says it
+        warnings.filterwarnings("ignore", message="loopscope: tokens= kept none")  # checked before and after, here
         for i, ids in enumerate(encoded):
             if seed is not None:
                 torch.manual_seed(seed)
