@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import LoopscopeError, first_line
 from ..families.adapter import LoopSpec
 from ..storage.reader import Run
+from ..storage.readout import same_parameters
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -127,8 +128,7 @@ def _check_norm(theirs: torch.Tensor | None, ours: np.ndarray, folder: Path, mod
     for the base one) has a head of the right size too, and would give other predictions without a word."""
     if theirs is None:  # saved under another name: nothing to compare
         return
-    found = theirs.double().numpy().reshape(-1)
-    if found.shape != ours.reshape(-1).shape or not np.allclose(found, ours.reshape(-1), rtol=2**-7, atol=1e-6):
+    if not same_parameters(theirs.double().numpy(), ours):
         raise LoopscopeError(
             f"{folder} holds another {module}.weight than the captured model's: it is not the checkpoint the capture "
             "was made with; pass that one"

@@ -119,27 +119,13 @@ def check_reference(run: Run, reference_run: Run, loop: str | None) -> np.ndarra
             f"{_reference_name(run, reference_run)} has states of size {ref_size}, run {run.index} {size}; "
             "use a reference captured from the same model"
         )
-    if not _same_norm(run.capture.readout, reference_run.capture.readout):  # each side would be read out by its own
+    ours, theirs = run.capture.readout, reference_run.capture.readout  # each side would be read out by its own
+    if ours is not theirs and not ours.same_as(theirs, rounded=True):  # bf16 rounding of one model's norm passes
         raise LoopscopeError(
             f"{_reference_name(run, reference_run)} was captured with another readout norm than run {run.index} "
             "(other weights: another model or checkpoint); use a reference captured from the same model"
         )
     return rows
-
-
-def _same_norm(ours, theirs) -> bool:
-    """Two captures' readout norms are one model's: the same kind and parameters, up to the rounding of a model run
-    in bfloat16 or float16 (a bf16 capture against an fp32 one of the same checkpoint is fine)."""
-    if ours is theirs:
-        return True
-    if (ours.kind, ours.eps, ours.weight_offset) != (theirs.kind, theirs.eps, theirs.weight_offset):
-        return False
-    for a, b in ((ours.weight, theirs.weight), (ours.bias, theirs.bias)):
-        if (a is None) != (b is None):
-            return False
-        if a is not None and (a.shape != b.shape or not np.allclose(a, b, rtol=2**-7, atol=1e-6)):
-            return False
-    return True
 
 
 def _reference_name(run: Run, reference_run: Run) -> str:

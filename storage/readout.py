@@ -10,6 +10,11 @@ import numpy as np
 
 from ..errors import CaptureFileError
 
+#: How far one model's norm parameters may differ between two captures (or a capture and its checkpoint): the
+#: rounding of a model run in bfloat16 or float16 (bf16 keeps 8 bits of mantissa), no more.
+LOW_PRECISION_RTOL = 2**-7
+LOW_PRECISION_ATOL = 1e-6
+
 
 @dataclass(frozen=True)
 class ReadoutNorm:
@@ -38,14 +43,14 @@ class ReadoutNorm:
             float(readout.get("weight_offset", 0.0)),
         )
 
-    def same_as(self, other: ReadoutNorm) -> bool:
-        """Whether two norms read states out identically: kind, eps, offset and every parameter, exactly."""
+    def same_as(self, other: ReadoutNorm, *, rounded: bool = False) -> bool:
+        """Whether two norms read states out identically: kind, eps, offset and every parameter, exactly; with
+        ``rounded``, parameters equal up to :func:`same_parameters`' rounding (one model, captured in bf16 once)."""
         if (self.kind, self.eps, self.weight_offset) != (other.kind, other.eps, other.weight_offset):
             return False
+        equal = same_parameters if rounded else np.array_equal
         pairs = ((self.weight, other.weight), (self.bias, other.bias))
-        return all(
-            (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b)) for a, b in pairs
-        )
+        return all((a is None and b is None) or (a is not None and b is not None and equal(a, b)) for a, b in pairs)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Apply the norm over the last axis, in float64 (NaN/Inf states give NaN, silently: analysis flags them)."""
@@ -80,3 +85,9 @@ class ReadoutNorm:
 def _mean_square(x: np.ndarray) -> np.ndarray:
     """Mean of squares over the last axis, keeping it: each row's dot with itself (BLAS, no squared temporary)."""
     return np.matmul(x[..., None, :], x[..., :, None])[..., 0] / x.shape[-1]
+
+
+def same_parameters(a: np.ndarray, b: np.ndarray) -> bool:
+    """One model's norm parameters, up to the rounding of a model run in bfloat16 or float16."""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=LOW_PRECISION_RTOL, atol=LOW_PRECISION_ATOL))

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 import loopscope
 from loopscope.analysis import METRICS, convergence, figures, token_metrics, trajectory_pca
-from loopscope.analysis import reference as reference_module
 from loopscope.analysis.measures import UPDATE_METRICS, block_measures
 from loopscope.analysis.metrics import METRIC_HELP
 from loopscope.cli.app import app
@@ -158,8 +157,8 @@ def test_a_reference_of_another_model_with_the_same_width_is_refused(
     with loopscope.open(capture_path) as capture, loopscope.open(other) as ref:
         weight = torch.tensor(capture.readout.weight).bfloat16().float().numpy()
         rounded = dataclasses.replace(capture.readout, weight=weight)
-        assert reference_module._same_norm(capture.readout, rounded)
-        assert not reference_module._same_norm(capture.readout, ref.readout)
+        assert capture.readout.same_as(rounded, rounded=True)
+        assert not capture.readout.same_as(ref.readout, rounded=True)
 
 
 def test_convergence_steps_follow_their_definition(capture_path):
