@@ -329,7 +329,7 @@ def export(
     missing: str = typer.Option("error", "--missing", help=MISSING_HELP),
 ):
     """Write the states and token data to .npz or .safetensors, streamed (bf16 stays bf16 in safetensors)."""
-    from ..storage.export import FORMATS, unique_runs
+    from ..storage.export import FORMATS
     from ..storage.export import export as export_capture
     from ..storage.reader import CaptureFile
 
@@ -337,7 +337,7 @@ def export(
         raise LoopscopeError(f"--format {format}: use one of {', '.join(FORMATS)}")
     with CaptureFile(file, missing=missing) as capture:  # first: "." or "" is a directory, not a name to suffix
         out = out if out is not None else Path(file).with_suffix("." + format)
-        chosen = unique_runs(_selected_runs(capture, run))
+        chosen = _selected_runs(capture, run)  # a run named twice is refused there
         total = sum(r.dataset(loop).size * r.dataset(loop).dtype.itemsize for r in chosen for loop in r.loops)
         with progress(f"exporting to {text(out.name)}", max(total, 1)) as advance:
             names = export_capture(capture, out, format, runs=[r.index for r in chosen], progress=advance)
