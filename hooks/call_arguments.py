@@ -29,22 +29,23 @@ _LEFT_OUT = object()
 
 def call_arguments(kwargs: dict) -> str:
     """The call's keyword settings as JSON text (an object, keys sorted); ``{}`` when it had none."""
-    texts = {}
+    settings = {}
     for name, value in kwargs.items():
         try:  # someone else's objects: a setting that cannot be read is left out, never the call's failure
             setting = _LEFT_OUT if name in INPUTS else _setting(value, depth=0)
         except Exception:
             setting = _LEFT_OUT
         if setting is not _LEFT_OUT:
-            texts[str(name)] = json.dumps(setting, sort_keys=True, allow_nan=False)
+            settings[str(name)] = setting
     # an attribute, so bounded: the shortest settings first while they fit (one huge list cannot crowd out the rest)
-    kept, size = [], 2
-    for name, text in sorted(texts.items(), key=lambda item: len(item[0]) + len(item[1])):
-        size += len(json.dumps(name)) + len(text) + 4
+    sizes = {name: len(json.dumps({name: value}, sort_keys=True)) for name, value in settings.items()}
+    kept, size = {}, 2
+    for name in sorted(settings, key=sizes.__getitem__):
+        size += sizes[name]  # '{"name": value}' minus its braces, plus the ", " joining it to the others
         if size > MAX_JSON:
             break
-        kept.append((name, text))
-    return "{" + ", ".join(f"{json.dumps(name)}: {text}" for name, text in sorted(kept)) + "}"
+        kept[name] = settings[name]
+    return json.dumps(kept, sort_keys=True, allow_nan=False)
 
 
 def _setting(value, depth: int):
