@@ -23,10 +23,11 @@ from .user_frames import user_stacklevel
 
 @dataclass
 class CallInputs:
-    """What a whole call (generate(), an adapter's call method) was given, read once per call, not per forward:
-    own and direct calls of Huginn's decoding methods alike) and its [B, T] attention mask, which stands for the
-    mask of forwards given only other forms of it (a static cache's 4-D masks). A cache passed in already holding
-    the prompt's first tokens (a chat's earlier turns) is not computed again: the run starts after them."""
+    """What a whole call (generate(), an adapter's call method such as Huginn's decoders) was given, read once per
+    call, not per forward: its prompt's length (tokens past it were generated), its [B, T] attention mask, which
+    stands for the mask of forwards given only other forms of it (a static cache's 4-D masks), and its settings. A
+    cache passed in already holding the prompt's first tokens (a chat's earlier turns) is not computed again: the
+    run starts after them."""
 
     prompt: int | None = None  # the run's tokens from this index on were generated (None: not known)
     mask: torch.Tensor | None = None
@@ -51,7 +52,7 @@ class CallInputs:
         """The call's mask for the run's tokens ``first`` to ``first + tokens``: each decoded token attended (1)."""
         if self.mask is None:
             return None
-        rows, width = self.mask.shape
+        rows = self.mask.shape[0]
         first += self.cached
         given = self.mask[:, first : first + tokens]
         more = tokens - given.shape[1]
