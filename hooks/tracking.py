@@ -309,7 +309,7 @@ class Tracker(install.NotCopied):
                 self.put(tokens)
         session, self._session, self._forward = self._session, None, None
         if session.open_message is not None:  # nothing was stored: no runs, and their numbers are free again
-            if self._tokens.indices is not None or self._tokens.span is not None:  # indices past the call's tokens
+            if self._tokens.named is None:  # token indices past the call's tokens (a named selection is a choice)
                 self._warn_once(f"tokens= kept none of a {session.call} call's {session.tokens_seen} tokens: no run")
             if self._next_run == session.run_ids[-1] + 1:
                 self._next_run = session.run_ids[0]
