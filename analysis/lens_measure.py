@@ -107,13 +107,11 @@ def assemble(run: Run, loop: str, kind: str, parts: dict[str, np.ndarray], last:
     past = np.arange(parts["entropy"].shape[1])[None, :] > last[:, None]
     blown = np.asarray(parts.pop(NONFINITE, np.zeros_like(past)), dtype=bool) & ~past
     no_final = blown[np.arange(len(last)), last] if len(last) else np.zeros(0, dtype=bool)
+    blank = past | blown  # every measure's; some measures blank more
+    more = {name: no_final[:, None] for name in ("final_rank", "final_prob", "kl_final")}
+    more["kl_previous"] = np.pad(blown[:, :-1], ((0, 0), (1, 0)))  # against a blank previous step
     for name, value in parts.items():
-        blank = past | blown
-        if name in ("final_rank", "final_prob", "kl_final"):
-            blank = blank | no_final[:, None]
-        elif name == "kl_previous":
-            blank = blank | np.pad(blown[:, :-1], ((0, 0), (1, 0)))  # against a blank previous step
-        value[blank] = -1 if value.dtype.kind in "iu" else np.nan
+        value[blank | more[name] if name in more else blank] = -1 if value.dtype.kind in "iu" else np.nan
     iterations = run.step_iterations(loop)
     steps = iterations.max(axis=0) if iterations.size else np.zeros(parts["entropy"].shape[1], dtype=np.int64)
     return LensResult(
